@@ -1,0 +1,151 @@
+"""One attention layer's cache.
+
+A layer stores, per batch row and KV head, a sequence of keys/values in *storage order*: context
+tokens first (possibly a subset, after a method dropped some), then tokens appended later
+(question, answer), always in arrival order. ``positions`` holds each stored token's true
+position (the rotary phase already baked into its key) and ``valid`` marks padding or ragged
+slots that attention must ignore. Subclasses change how keys/values are *stored* (quantized,
+ragged per head) but always hand attention a dense ``(B, H, L, D)`` view through :meth:`dense`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by tensors' storage as laid out (numel × element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class KVLayer(CacheLayerMixin):
+    """What every lcbench cache layer provides to the attention function and to methods."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    positions: torch.Tensor | None  # (B, H, L) long: true position of each stored token
+    valid: torch.Tensor | None  # (B, H, L) bool, or None when every slot is valid
+
+    # --- storage contract -----------------------------------------------------------------
+    @abstractmethod
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               valid: torch.Tensor | None) -> None:
+        """Store new tokens (B, H, q, D) at the end; ``positions``/``valid`` are (B, q)."""
+
+    @abstractmethod
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as dense (B, H, L, D) tensors for attention (dequantized if stored packed)."""
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes of the stored key/value payload (including quantization scales), measured from the
+        tensors held. Bookkeeping (positions, validity) is not counted."""
+
+    @abstractmethod
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the stored slots ``index`` (B, H, K), per row and head, in storage order."""
+
+    @abstractmethod
+    def crop_to(self, length: int) -> None:
+        """Forget every slot at storage index ``>= length`` (undo appended tokens)."""
+
+    @abstractmethod
+    def repeat_rows(self, n: int) -> "KVLayer":
+        """A new layer holding each batch row ``n`` times (turns that share a context)."""
+
+    # --- derived --------------------------------------------------------------------------
+    def seq_len(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[-1]
+
+    def kept_tokens(self) -> torch.Tensor:
+        """(B, H) number of valid stored tokens per row and head."""
+        if self.positions is None:
+            return torch.zeros(0)
+        if self.valid is None:
+            b, h, n = self.positions.shape
+            return torch.full((b, h), n, dtype=torch.long)
+        return self.valid.sum(-1)
+
+    # --- transformers' CacheLayerMixin ----------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:  # storage is created in append
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("lcbench layers are updated through KVCache.update")
+
+    def get_seq_length(self) -> int:
+        return self.seq_len()
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seq_len() + query_length, 0
+
+    def crop(self, max_length: int) -> None:
+        self.crop_to(max_length if max_length >= 0 else self.seq_len() + max_length)
+
+
+class DenseLayer(KVLayer):
+    """Keys and values stored as they are, in the model's dtype. Per-head selection keeps the same
+    number of tokens in every head, so storage stays rectangular and bytes fall with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = None
+        self.valid = None
+
+    def append(self, keys, values, positions, valid):
+        b, h, q, _ = keys.shape
+        pos = positions[:, None, :].expand(b, h, q)
+        new_valid = None if valid is None else valid[:, None, :].expand(b, h, q)
+        if self.keys is None:
+            self.keys, self.values, self.positions = keys, values, pos.contiguous()
+            self.valid = None if new_valid is None else new_valid.contiguous()
+            self.is_initialized = True
+            return
+        if new_valid is not None or self.valid is not None:
+            old = self.valid if self.valid is not None else torch.ones_like(self.positions, dtype=torch.bool)
+            add = new_valid if new_valid is not None else torch.ones_like(pos, dtype=torch.bool)
+            self.valid = torch.cat([old, add], dim=-1)
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        self.positions = torch.cat([self.positions, pos], dim=-1)
+
+    def dense(self):
+        return self.keys, self.values
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.keys, self.values)
+
+    def select(self, index):
+        index, _ = index.sort(dim=-1)
+        gather = index[..., None].expand(*index.shape, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, gather).contiguous()
+        self.values = self.values.gather(2, gather).contiguous()
+        self.positions = self.positions.gather(2, index)
+        if self.valid is not None:
+            self.valid = self.valid.gather(2, index)
+            if bool(self.valid.all()):
+                self.valid = None
+
+    def crop_to(self, length):
+        self.keys = self.keys[:, :, :length]
+        self.values = self.values[:, :, :length]
+        self.positions = self.positions[:, :, :length]
+        if self.valid is not None:
+            self.valid = self.valid[:, :, :length]
+
+    def repeat_rows(self, n):
+        out = type(self).__new__(type(self))
+        KVLayer.__init__(out)
+        out.__dict__.update({k: v for k, v in self.__dict__.items()})
+        for name in ("keys", "values", "positions", "valid"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.repeat_interleave(n, dim=0))
+        return out

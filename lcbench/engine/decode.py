@@ -1,0 +1,83 @@
+"""Greedy decoding on an lcbench cache, for a batch of rows that may end at different times."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .state import DECODE, ForwardState
+
+
+def forward(model, ids: torch.Tensor, positions: torch.Tensor, state: ForwardState,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward pass of ``ids`` (B, q) at true ``positions`` through lcbench's attention;
+    returns the logits of the last position (B, V)."""
+    state.cache.set_incoming(positions, valid)
+    out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+                lcbench_state=state, **{_cache_kwarg(model): state.cache})
+    return out.logits[:, -1, :]
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_for(cls) -> str:
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` in model forwards."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _cache_kwarg(model) -> str:
+    return _cache_kwarg_for(type(model))
+
+
+@dataclass
+class RowOutput:
+    tokens: list[int]
+    text: str
+    stopped_by: str  # "eos", "stop", "length"
+
+
+def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Tensor,
+                  next_positions: torch.Tensor, max_new_tokens: list[int], eos_ids: set[int],
+                  stops: list[tuple[str, ...]]) -> list[RowOutput]:
+    """Decode greedily from ``first_logits`` (B, V); row ``i`` stops at an EOS id, one of
+    ``stops[i]`` (cut from the text), or after ``max_new_tokens[i]`` tokens (``model.generate``'s
+    rules for EOS and length)."""
+    state.phase = DECODE
+    rows = first_logits.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    why = ["length"] * rows
+    cut: list[str | None] = [None] * rows
+    logits = first_logits
+    positions = next_positions.clone()
+    step = 0
+    while True:
+        nxt = logits.argmax(-1)
+        for i in range(rows):
+            if done[i]:
+                continue
+            t = int(nxt[i])
+            if t in eos_ids:
+                done[i], why[i] = True, "eos"
+                continue
+            tokens[i].append(t)
+            if stops[i]:
+                text = tokenizer.decode(tokens[i], skip_special_tokens=True)
+                hit = [text.index(s) for s in stops[i] if s in text]
+                if hit:
+                    done[i], why[i], cut[i] = True, "stop", text[: min(hit)]
+                    continue
+            if len(tokens[i]) >= max_new_tokens[i]:
+                done[i] = True
+        step += 1
+        if all(done):
+            break
+        logits = forward(model, nxt[:, None], positions[:, None], state)
+        positions += 1
+    out = []
+    for i in range(rows):
+        text = cut[i] if cut[i] is not None else tokenizer.decode(tokens[i], skip_special_tokens=True)
+        out.append(RowOutput(tokens[i], text, why[i]))
+    return out

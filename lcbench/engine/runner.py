@@ -1,0 +1,242 @@
+"""One sample through the whole pipeline (DESIGN.md "The data flow of one run"):
+
+text stage → render → prefill the context part (cache stages compress each layer as it
+finishes) → per turn, prefill the question part on the compressed cache and decode greedily.
+In multi-request mode the turns of a context decode together as one batch, each row starting
+from the same compressed context; in multi-turn mode they run in order with gold history.
+Every turn yields one record with quality inputs, timings, KV bytes and memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..cache import KVCache
+from ..errors import CompressionShortfall
+from ..methods.base import TextInput
+from ..methods.chain import Chain
+from ..tasks.sample import Sample
+from .decode import forward, greedy_decode
+from .prompt import RenderedPrompt, render
+from .state import PREFILL, QUESTION, ForwardState
+from .timing import MemoryMeter, Stopwatch
+
+
+@dataclass
+class EngineConfig:
+    query_aware: bool = False
+    batch_size: int = 8  # rows (turns) decoded together
+    check_ratio: bool = True
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one token's keys+values take in a dense cache of this model (all layers)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = torch.finfo(model.dtype).bits // 8
+    return 2 * cfg.num_hidden_layers * heads * head_dim * elem
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for source in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if source is None:
+            continue
+        ids.update(source if isinstance(source, (list, tuple)) else [source])
+    return ids
+
+
+class Engine:
+    """Runs samples for one (model, method chain) pair; the model must use lcbench attention
+    (see :func:`lcbench.models.loading.use_lcbench_attention`)."""
+
+    def __init__(self, model, tokenizer, chain: Chain, config: EngineConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chain = chain
+        self.config = config or EngineConfig()
+        self.device = next(model.parameters()).device
+        self.clock = Stopwatch(self.device)
+        self.memory = MemoryMeter(self.device)
+        self.eos = eos_token_ids(model, tokenizer)
+        self.num_layers = (model.config.get_text_config() if hasattr(model.config, "get_text_config")
+                           else model.config).num_hidden_layers
+        self.bytes_per_token = kv_bytes_per_token(model)
+
+    # --- helpers --------------------------------------------------------------------------
+    def _state(self, cache: KVCache) -> ForwardState:
+        return ForwardState(cache=cache, stages=self.chain.stages, needs=self.chain.needs, timer=self.clock)
+
+    def _tensor(self, rows: list[list[int]], pad: int = 0):
+        """Left-pad rows into (B, q) ids and validity."""
+        q = max(len(r) for r in rows)
+        ids = torch.full((len(rows), q), pad, dtype=torch.long)
+        valid = torch.zeros((len(rows), q), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, q - len(r):] = torch.tensor(r)
+                valid[i, q - len(r):] = True
+        return ids.to(self.device), valid.to(self.device)
+
+    def _prefill(self, ids: list[int], protected: int) -> tuple[KVCache, dict[str, float], torch.Tensor]:
+        """Prefill ``ids`` into a new cache; cache stages compress it during this pass."""
+        cache = KVCache(self.num_layers)
+        state = self._state(cache)
+        state.phase = PREFILL
+        state.compressing = bool(state.cache_stages)
+        state.protected = protected
+        times: dict[str, float] = {}
+        start = self.clock.now()
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(len(ids), device=self.device)[None]
+        with torch.inference_mode():
+            logits = forward(self.model, x, pos, state)
+        total = self.clock.now() - start
+        times["compress_s"] = state.compress_seconds
+        times["prefill_s"] = total - state.compress_seconds
+        self.memory.sample()
+        return cache, times, logits, state.stats
+
+    # --- one sample -----------------------------------------------------------------------
+    def run(self, sample: Sample, multi_turn: bool, skip_turns: set[int] = frozenset()) -> list[dict[str, Any]]:
+        """Records for every turn of ``sample`` not in ``skip_turns``."""
+        for stage in self.chain.stages:
+            stage.begin_sample()
+        self.memory.reset()
+        cfg = self.config
+        text_times: dict[str, float] = {}
+        text_in = TextInput(sample.context, [t.question for t in sample.turns] if cfg.query_aware else [],
+                            self.tokenizer, cfg.query_aware)
+        with self.clock.region(text_times, "text_s"):
+            for stage in self.chain.stages:
+                if "text" in stage.stages:
+                    text_in = stage.compress_text(text_in)
+        prompt = render(self.tokenizer, sample, text_in.context, multi_turn)
+        original = prompt if text_in.context == sample.context else render(self.tokenizer, sample, sample.context, multi_turn)
+        common = {
+            "context_tokens_original": len(original.context_ids),
+            "context_tokens": len(prompt.context_ids),
+            "text_s": text_times.get("text_s", 0.0),
+        }
+        if multi_turn:
+            return self._run_multi_turn(sample, prompt, original, common, skip_turns)
+        if cfg.query_aware:
+            return [self._run_query_aware(sample, k, prompt, original, common)
+                    for k in range(len(sample.turns)) if k not in skip_turns]
+        return self._run_multi_request(sample, prompt, common, skip_turns)
+
+    def _measure(self, cache: KVCache, full_tokens: int, rows: int = 1) -> dict[str, float]:
+        kv = cache.nbytes() / rows
+        full = full_tokens * self.bytes_per_token
+        return {"kv_bytes": int(kv), "kv_bytes_full": int(full), "kept_tokens": cache.kept_tokens(),
+                "achieved_ratio": 1.0 - kv / full if full else 0.0}
+
+    def _check(self, measured: dict[str, float], stats: dict[str, float]) -> None:
+        if not self.config.check_ratio:
+            return
+        requested = self.chain.requested_ratio
+        achieved = measured["achieved_ratio"]
+        if "attention_density" in stats and not (self.chain.has("cache") or self.chain.has("text")):
+            achieved = 1.0 - stats["attention_density"]
+        if requested - achieved > self.chain.tolerance:
+            raise CompressionShortfall(
+                f"method '{self.chain.name}' achieved a compression ratio of {achieved:.3f} but "
+                f"{requested:.3f} was requested (tolerance {self.chain.tolerance:.3f}): this is a failed run, "
+                f"not a score. Fix the method, or request a ratio it can reach."
+            )
+
+    def _record(self, k: int, sample: Sample, out, times: dict, measured: dict, common: dict,
+                input_tokens: int, rows: int) -> dict[str, Any]:
+        turn = sample.turns[k]
+        decode_tokens = len(out.tokens)
+        ttft = common["text_s"] + times["prefill_s"] + times["compress_s"] + times["question_prefill_s"]
+        return {
+            "sample_id": sample.id, "turn": k, "meta": sample.meta,
+            "prediction": out.text, "answers": turn.answers, "stopped_by": out.stopped_by,
+            "input_tokens": input_tokens, **common, **measured,
+            "requested_ratio": self.chain.requested_ratio,
+            "prefill_s": times["prefill_s"], "compress_s": times["compress_s"],
+            "question_prefill_s": times["question_prefill_s"], "ttft_s": ttft,
+            "decode_tokens": decode_tokens, "decode_s": times["decode_s"],
+            "decode_tok_s": decode_tokens / times["decode_s"] if times["decode_s"] > 0 else None,
+            "batch_rows": rows, "peak_memory_mb": self.memory.peak_mb(), "memory_kind": self.memory.kind,
+            **{k2: v for k2, v in times.items() if k2 not in ("prefill_s", "compress_s", "question_prefill_s", "decode_s")},
+        }
+
+    def _decode_rows(self, cache: KVCache, turn_ids: list[list[int]], start: int, turns, stats) -> tuple[list, dict]:
+        """Prefill question parts (left-padded, one row each) on ``cache`` and decode them together."""
+        times: dict[str, float] = {}
+        state = self._state(cache)
+        state.phase = QUESTION
+        state.stats = stats
+        ids, valid = self._tensor(turn_ids)
+        q = ids.shape[1]
+        lengths = torch.tensor([len(t) for t in turn_ids], device=self.device)
+        pos = start + torch.arange(q, device=self.device)[None, :] - (q - lengths)[:, None]
+        pos = pos.clamp(min=0)
+        with torch.inference_mode():
+            with self.clock.region(times, "question_prefill_s"):
+                logits = forward(self.model, ids, pos, state, valid)
+            with self.clock.region(times, "decode_s"):
+                outs = greedy_decode(self.model, self.tokenizer, state, logits, start + lengths,
+                                     [t.max_new_tokens for t in turns], self.eos, [t.stop for t in turns])
+        self.memory.sample()
+        return outs, times
+
+    def _run_multi_request(self, sample, prompt: RenderedPrompt, common, skip_turns) -> list[dict]:
+        cache, times, _, stats = self._prefill(prompt.context_ids, protected=0)
+        measured = self._measure(cache, common["context_tokens_original"])
+        self._check(measured, stats)
+        todo = [k for k in range(len(sample.turns)) if k not in skip_turns]
+        records = []
+        n_ctx = len(prompt.context_ids)
+        for start in range(0, len(todo), max(1, self.config.batch_size)):
+            group = todo[start: start + max(1, self.config.batch_size)]
+            rows = cache.repeat_rows(len(group))
+            outs, t2 = self._decode_rows(rows, [prompt.turn_ids[k] for k in group], n_ctx,
+                                         [sample.turns[k] for k in group], stats)
+            for k, out in zip(group, outs):
+                rec = self._record(k, sample, out, {**times, **t2}, {**measured, **stats}, common,
+                                   n_ctx + len(prompt.turn_ids[k]), len(group))
+                records.append(rec)
+        return records
+
+    def _run_query_aware(self, sample, k, prompt, original, common) -> dict:
+        """SnapKV's original protocol: compress after the question is prefilled (no sharing)."""
+        q_ids = prompt.turn_ids[k]
+        ids = prompt.context_ids + q_ids
+        cache, times, logits, stats = self._prefill(ids, protected=len(q_ids))
+        measured = self._measure(cache, common["context_tokens_original"] + len(q_ids))
+        self._check(measured, stats)
+        state = self._state(cache)
+        state.stats = stats
+        t2 = {"question_prefill_s": 0.0}
+        with torch.inference_mode(), self.clock.region(t2, "decode_s"):
+            outs = greedy_decode(self.model, self.tokenizer, state, logits,
+                                 torch.tensor([len(ids)], device=self.device), [sample.turns[k].max_new_tokens],
+                                 self.eos, [sample.turns[k].stop])
+        return self._record(k, sample, outs[0], {**times, **t2}, {**measured, **stats}, common, len(ids), 1)
+
+    def _run_multi_turn(self, sample, prompt, original, common, skip_turns) -> list[dict]:
+        """SCBench multi-turn: each turn sees the context, earlier questions and gold answers."""
+        cache, times, _, stats = self._prefill(prompt.context_ids, protected=0)
+        measured = self._measure(cache, common["context_tokens_original"])
+        self._check(measured, stats)
+        position = len(prompt.context_ids)
+        records = []
+        for k, turn in enumerate(sample.turns):
+            lengths = cache.seq_lengths()
+            outs, t2 = self._decode_rows(cache, [prompt.turn_ids[k]], position, [turn], stats)
+            position += len(prompt.turn_ids[k])
+            if k not in skip_turns:
+                records.append(self._record(k, sample, outs[0], {**times, **t2}, {**measured, **stats}, common,
+                                            position, 1))
+            # forget the generated answer; the next turn's text carries the gold answer instead
+            cache.crop_to([min(n + len(prompt.turn_ids[k]), layer.seq_len())
+                           for n, layer in zip(lengths, cache.layers)])
+        return records

@@ -1,0 +1,102 @@
+"""A method chain ``a+b+c``: stage components composed left to right (DESIGN.md).
+
+The one budget knob ``--ratio r`` is the fraction of the context's KV memory the *chain* should
+remove. With several compressing components, each gets ``1 - (1 - r) ** (1 / n)`` so the
+product of what they keep is ``1 - r``; a ``name.ratio=x`` method-arg overrides one component.
+What the chain achieves is measured, never multiplied out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError
+from ..params import parse_kv
+from .base import Needs, Stage
+from .registry import METHODS
+
+
+def split_chain(text: str) -> list[str]:
+    names = [n.strip() for n in text.split("+") if n.strip()]
+    if not names:
+        raise UserError("--method is empty. Fix: name a method, e.g. --method snapkv (see `lcbench ls methods`).")
+    return names
+
+
+def split_method_args(names: list[str], text: str | None) -> list[dict[str, str]]:
+    """``window_size=32`` applies to every component that has it; ``snapkv.window_size=32`` to one."""
+    raw = parse_kv(text, "--method-args")
+    per: list[dict[str, str]] = [dict() for _ in names]
+    for key, value in raw.items():
+        if "." in key:
+            owner, _, param = key.partition(".")
+            if owner not in names:
+                raise UserError(f"--method-args names '{owner}.{param}', but '{owner}' is not in the chain {'+'.join(names)}.")
+            per[names.index(owner)][param] = value
+            continue
+        takers = [i for i, n in enumerate(names) if any(p.name == key for p in METHODS.get(n).params) or key == "ratio"]
+        if not takers:  # let the first component raise its did-you-mean error
+            takers = [0]
+        for i in takers:
+            per[i][key] = value
+    return per
+
+
+@dataclass
+class Chain:
+    stages: list[Stage]
+    requested_ratio: float
+
+    @classmethod
+    def build(cls, spec: list[dict[str, Any]], ratio: float) -> "Chain":
+        """From resolved component specs ``[{"name":..., "ratio":..., "args":{...}}]``."""
+        stages = []
+        for item in spec:
+            stage_cls = METHODS.get(item["name"])
+            stages.append(stage_cls(ratio=item["ratio"], **item["args"]))
+        return cls(stages, ratio)
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.name for s in self.stages)
+
+    @property
+    def needs(self) -> Needs:
+        out = Needs()
+        for s in self.stages:
+            out = out.merge(s.needs)
+        return out
+
+    @property
+    def tolerance(self) -> float:
+        compressing = [s for s in self.stages if s.ratio > 0]
+        return max((s.tolerance for s in compressing), default=0.05)
+
+    def has(self, stage: str) -> bool:
+        return any(stage in s.stages for s in self.stages)
+
+
+def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[dict[str, Any]]:
+    """Resolve a chain to component specs with every default filled in (for the RunSpec)."""
+    names = split_chain(method)
+    per_args = split_method_args(names, method_args)
+    classes = [METHODS.get(n) for n in names]
+    compressing = [i for i, c in enumerate(classes) if c.family != "baseline" or c.name == "random"]
+    n = max(1, len([i for i in compressing if "ratio" not in per_args[i]]))
+    fixed_keep = 1.0
+    for i in compressing:
+        if "ratio" in per_args[i]:
+            fixed_keep *= 1.0 - float(per_args[i]["ratio"])
+    target_keep = (1.0 - ratio) / fixed_keep if fixed_keep > 0 else 1.0
+    share = 1.0 - min(1.0, target_keep) ** (1.0 / n)
+    out = []
+    for i, (name, cls) in enumerate(zip(names, classes)):
+        args = dict(per_args[i])
+        r = args.pop("ratio", None)
+        comp_ratio = float(r) if r is not None else (share if i in compressing else 0.0)
+        if not 0.0 <= comp_ratio < 1.0:
+            raise UserError(f"method '{name}': ratio must be in [0, 1), got {comp_ratio}.")
+        stage = cls(ratio=comp_ratio, **args)  # validates names and types
+        out.append({"name": name, "ratio": round(comp_ratio, 6), "args": stage.args})
+    return out

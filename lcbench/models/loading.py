@@ -1,0 +1,104 @@
+"""Load a causal LM and its tokenizer, and switch it to lcbench's attention function.
+
+``--model`` is a registered name (``lcbench ls models``) or anything ``from_pretrained``
+accepts (a hub id or a local folder); ``--model-args`` passes ``dtype``, ``attn_implementation``
+(the implementation *wrapped* for plain passes, default sdpa), ``gguf_file``, ``revision``,
+``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..params import Param, ParamSet
+from ..registry import Registry
+
+MODELS: Registry = Registry("model", "lcbench.models")
+MODELS.add("smollm2-135m-instruct", "lcbench.models.default:load_smollm2")
+MODELS.add("tiny-random-llama", "lcbench.models.tiny:load_tiny_random_llama")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+MODEL_PARAMS = ParamSet((
+    Param("dtype", str, "auto", "torch dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"),
+    Param("gguf_file", str, None, "GGUF file inside the model folder/repo (transformers dequantizes it)"),
+    Param("revision", str, None, "hub revision"),
+    Param("trust_remote_code", bool, False, "allow the model repo's own code"),
+    Param("local_files_only", bool, False, "never touch the network"),
+))
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str  # where it came from (hub id, folder, gguf), for the RunSpec
+    info: dict = field(default_factory=dict)
+
+    @property
+    def max_length(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name in (None, "auto"):
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise UserError(f"dtype '{name}' is not known. Fix: use float32, bfloat16 or float16.") from None
+
+
+def resolve_device(device: str | None) -> str:
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was requested but no CUDA device is available. Fix: --device cpu.")
+    return device
+
+
+def use_lcbench_attention(model) -> None:
+    """Route every attention call of ``model`` through lcbench's registered attention function."""
+    from ..engine import attention  # noqa: F401  (registers the function)
+
+    model.set_attn_implementation(attention.ATTENTION_NAME)
+
+
+def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> LoadedModel:
+    """``from_pretrained`` by hub id or local path, exactly as users expect."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = resolve_dtype(args.get("dtype"), device)
+    kw = {k: args[k] for k in ("gguf_file", "revision", "trust_remote_code", "local_files_only") if args.get(k) is not None}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+    except OSError as exc:
+        raise UserError(
+            f"could not load model '{name_or_path}': {str(exc).splitlines()[0]} "
+            f"Fix: pass a local folder with config.json and weights, a reachable hub id, or a registered "
+            f"name (`lcbench ls models`)."
+        ) from None
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, name_or_path, name_or_path, {"dtype": str(dtype).replace("torch.", "")})
+
+
+def load_model(name: str, model_args: dict[str, str] | None, device: str | None = None) -> LoadedModel:
+    """Load ``name`` (registered or ``from_pretrained``) on ``device`` with lcbench attention."""
+    device = resolve_device(device)
+    args = MODEL_PARAMS.resolve(model_args or {}, f"model '{name}'")
+    if name in MODELS:
+        loaded = MODELS.get(name)(args, device)
+    else:
+        loaded = load_pretrained(name, args, device)
+    if loaded.tokenizer.pad_token_id is None:
+        loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+    use_lcbench_attention(loaded.model)
+    return loaded

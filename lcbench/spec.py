@@ -1,0 +1,90 @@
+"""RunSpec: everything that determines a run's results, fully resolved (every default filled in),
+serializable, and hashed into the run id (HELM/inspect-style). A short command line expands to
+a full spec that can be written down and replayed with ``lcbench run --spec spec.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lcbench
+
+# fields that change how a run executes but not what it computes
+_NOT_HASHED = ("output_path", "batch_size")
+
+
+@dataclass
+class RunSpec:
+    model: str
+    model_args: dict[str, Any]
+    method: list[dict[str, Any]]  # [{"name", "ratio", "args"}] in chain order
+    ratio: float
+    task: str
+    task_args: dict[str, Any]
+    task_version: str
+    task_template_hash: str
+    limit: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    query_aware: bool = False
+    mode: str = "multi_request"
+    batch_size: int = 8
+    output_path: str = "results"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method_name(self) -> str:
+        return "+".join(m["name"] for m in self.method)
+
+    def hashed_fields(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in _NOT_HASHED:
+            d.pop(k, None)
+        return d
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.hashed_fields(), sort_keys=True, default=str).encode()
+        digest = hashlib.sha256(blob).hexdigest()[:10]
+        model = self.model.rstrip("/").split("/")[-1]
+        return f"{self.task}__{self.method_name}__r{self.ratio:g}__{model}__{digest}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance()}
+
+    @classmethod
+    def from_json(cls, payload: dict[str, Any]) -> "RunSpec":
+        return cls(**payload["spec"])
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=lcbench.REPO_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """Library versions, git revision and hardware, written beside the spec."""
+    import importlib.metadata as md
+
+    import torch
+
+    versions = {}
+    for pkg in ("lcbench", "torch", "transformers", "datasets", "numpy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+          "cpu_threads": torch.get_num_threads(), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        hw["gpu"] = torch.cuda.get_device_name(0)
+    return {"versions": versions, "git_revision": _git_revision(), "hardware": hw}
