@@ -1,17 +1,18 @@
-"""The method registry. Built-ins are listed here lazily; plugins use the entry-point group
-``lcbench.methods`` (value ``"package.module:StageClass"``)."""
+"""The method registry. Each family package lists its built-ins in a ``BUILTIN`` dict of
+``name → "module:Class"`` (imported lazily); plugins use the entry-point group ``lcbench.methods``
+(value ``"package.module:StageClass"``)."""
 
 from __future__ import annotations
+
+import importlib
 
 from ..registry import Registry
 
 METHODS: Registry = Registry("method", "lcbench.methods")
+METHODS.add("full", "lcbench.methods.baseline:Full")
 
-_BUILTIN = {
-    "full": "lcbench.methods.baseline:Full",
-    "random": "lcbench.methods.dropping.random:RandomDrop",
-    "streamingllm": "lcbench.methods.dropping.streamingllm:StreamingLLM",
-    "snapkv": "lcbench.methods.dropping.snapkv:SnapKV",
-}
-for _name, _target in _BUILTIN.items():
-    METHODS.add(_name, _target)
+FAMILY_PACKAGES = ("dropping", "quantization", "prompt", "soft", "sparse")
+for _family in FAMILY_PACKAGES:
+    _module = importlib.import_module(f"lcbench.methods.{_family}")
+    for _name, _target in getattr(_module, "BUILTIN", {}).items():
+        METHODS.add(_name, _target)

@@ -1,0 +1,3 @@
+"""Prompt compression: text-stage components that shorten the context before the model sees it."""
+
+BUILTIN: dict[str, str] = {}

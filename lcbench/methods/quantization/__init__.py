@@ -1,0 +1,3 @@
+"""KV-cache quantization: cache-stage components that store keys/values in fewer bits."""
+
+BUILTIN: dict[str, str] = {}

@@ -1,0 +1,3 @@
+"""Soft compression: continuous representations (merged KV, pooled embeddings) in place of tokens."""
+
+BUILTIN: dict[str, str] = {}

@@ -1,0 +1,3 @@
+"""Sparse attention: prefill/decode attention that computes only selected blocks."""
+
+BUILTIN: dict[str, str] = {}
