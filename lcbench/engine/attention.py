@@ -63,12 +63,14 @@ def dense_attention(module, query, key, value, mask, scaling):
 
 
 def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: float,
-            layer_idx: int, num_layers: int, protected: int) -> LayerObservation:
+            layer_idx: int, num_layers: int, protected: int, module=None) -> LayerObservation:
     """Collect what the cache stages need from this layer's compressing pass."""
     L = layer.seq_len()
     q_len = query.shape[2]
     seen = LayerObservation(layer_idx=layer_idx, num_layers=num_layers, num_groups=groups,
-                            context_length=L - protected, protected=protected)
+                            context_length=L - protected, protected=protected, module=module)
+    if needs.queries:
+        seen.queries = query
     if needs.window or needs.full_attention_sum:
         keys = repeat_kv(key, groups).float()
         valid = None if layer.valid is None else layer.valid.repeat_interleave(groups, dim=1)
@@ -128,7 +130,7 @@ def lcbench_attention(module, query, key, value, attention_mask, scaling=None, d
         start = state.timer.now()
         groups = getattr(module, "num_key_value_groups", 1)
         seen = observe(state.needs, query, key, layer, groups, scaling, idx, len(cache.layers),
-                       state.protected)
+                       state.protected, module=module)
         for stage in state.cache_stages:
             layer = stage.compress_layer(layer, seen)
         cache.layers[idx] = layer

@@ -33,16 +33,18 @@ class Needs:
     ``window``: attention probabilities of the last ``window`` queries over every key (SnapKV,
     PyramidKV, AdaKV, TOVA use it); ``window_queries``: those query states themselves
     (post-rotary; Expected Attention, Q-Filters); ``full_attention_sum``: the attention every key
-    received, summed over all prefill queries (H2O), computed block by block.
+    received, summed over all prefill queries (H2O), computed block by block; ``queries``: every
+    query state of the pass (post-rotary; Expected Attention, Q-Filters, Compactor, the kvpress bridge).
     """
 
     window: int = 0
     window_queries: bool = False
     full_attention_sum: bool = False
+    queries: bool = False
 
     def merge(self, other: "Needs") -> "Needs":
         return Needs(max(self.window, other.window), self.window_queries or other.window_queries,
-                     self.full_attention_sum or other.full_attention_sum)
+                     self.full_attention_sum or other.full_attention_sum, self.queries or other.queries)
 
 
 @dataclass
@@ -51,7 +53,8 @@ class LayerObservation:
 
     Tensors are per batch row; ``window_attention`` is (B, Hq, w, L) over the keys in storage
     order of the layer at the time of the pass, ``window_queries`` (B, Hq, w, D),
-    ``attention_sum`` (B, Hq, L). ``num_groups`` = query heads per KV head.
+    ``attention_sum`` (B, Hq, L), ``queries`` (B, Hq, q, D). ``num_groups`` = query heads per KV head;
+    ``module`` is the layer's attention module (its ``config`` gives the rotary embedding).
     """
 
     layer_idx: int
@@ -63,6 +66,8 @@ class LayerObservation:
     window_queries: torch.Tensor | None = None
     attention_sum: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    queries: torch.Tensor | None = None
+    module: Any = None
 
 
 @dataclass
