@@ -11,12 +11,13 @@ import torch
 from .state import DECODE, ForwardState
 
 
-def forward(model, ids: torch.Tensor, positions: torch.Tensor, state: ForwardState,
-            valid: torch.Tensor | None = None) -> torch.Tensor:
-    """One forward pass of ``ids`` (B, q) at true ``positions`` through lcbench's attention;
-    returns the logits of the last position (B, V)."""
+def forward(model, ids: torch.Tensor | None, positions: torch.Tensor, state: ForwardState,
+            valid: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward pass of ``ids`` (B, q) — or of ``inputs_embeds`` (B, q, hidden) in their place —
+    at true ``positions`` through lcbench's attention; returns the logits of the last position (B, V)."""
     state.cache.set_incoming(positions, valid)
-    out = model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1,
+    inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1,
                 lcbench_state=state, **{_cache_kwarg(model): state.cache})
     return out.logits[:, -1, :]
 

@@ -95,12 +95,33 @@ class Engine:
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         pos = torch.arange(len(ids), device=self.device)[None]
         with torch.inference_mode():
-            logits = forward(self.model, x, pos, state)
+            logits = self._prefill_forward(x, pos, state, len(ids) - protected)
         total = self.clock.now() - start
         times["compress_s"] = state.compress_seconds
         times["prefill_s"] = total - state.compress_seconds
         self.memory.sample()
-        return cache, times, logits, state.stats
+        return cache, times, logits, self._stage_stats(state.stats)
+
+    def _prefill_forward(self, x, pos, state: ForwardState, context_length: int):
+        """Prefill the ids, unless a ``context_inputs`` stage hands embeddings in their place (or
+        writes the context's KV itself); that stage's own time counts as compression."""
+        for stage in self.chain.stages:
+            if "context_inputs" not in stage.stages:
+                continue
+            start = self.clock.now()
+            inputs = stage.context_inputs(self.model, x, context_length, state.cache)
+            state.compress_seconds += self.clock.now() - start
+            if inputs is not None:
+                if inputs.embeds is None:
+                    return None
+                return forward(self.model, None, inputs.positions, state, inputs_embeds=inputs.embeds)
+        return forward(self.model, x, pos, state)
+
+    def _stage_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Merge what the stages measured on this sample (:meth:`Stage.sample_stats`) into ``stats``."""
+        for stage in self.chain.stages:
+            stats.update(stage.sample_stats())
+        return stats
 
     # --- one sample -----------------------------------------------------------------------
     def run(self, sample: Sample, multi_turn: bool, skip_turns: set[int] = frozenset()) -> list[dict[str, Any]]:
@@ -111,7 +132,7 @@ class Engine:
         cfg = self.config
         text_times: dict[str, float] = {}
         text_in = TextInput(sample.context, [t.question for t in sample.turns] if cfg.query_aware else [],
-                            self.tokenizer, cfg.query_aware)
+                            self.tokenizer, cfg.query_aware, model=self.model)
         with self.clock.region(text_times, "text_s"):
             for stage in self.chain.stages:
                 if "text" in stage.stages:
@@ -122,6 +143,7 @@ class Engine:
             "context_tokens_original": len(original.context_ids),
             "context_tokens": len(prompt.context_ids),
             "text_s": text_times.get("text_s", 0.0),
+            "text_peak_memory_mb": self.memory.peak_mb(),  # the compressor's cost (same kind as peak_memory_mb)
         }
         if multi_turn:
             return self._run_multi_turn(sample, prompt, original, common, skip_turns)
@@ -185,6 +207,7 @@ class Engine:
             with self.clock.region(times, "decode_s"):
                 outs = greedy_decode(self.model, self.tokenizer, state, logits, start + lengths,
                                      [t.max_new_tokens for t in turns], self.eos, [t.stop for t in turns])
+        self._stage_stats(stats)
         self.memory.sample()
         return outs, times
 
@@ -220,6 +243,7 @@ class Engine:
             outs = greedy_decode(self.model, self.tokenizer, state, logits,
                                  torch.tensor([len(ids)], device=self.device), [sample.turns[k].max_new_tokens],
                                  self.eos, [sample.turns[k].stop])
+        self._stage_stats(stats)
         return self._record(k, sample, outs[0], {**times, **t2}, {**measured, **stats}, common, len(ids), 1)
 
     def _run_multi_turn(self, sample, prompt, original, common, skip_turns) -> list[dict]:

@@ -4,6 +4,8 @@ Stages, in the order a sample meets them:
 
 ``text``               :meth:`Stage.compress_text` rewrites the context text (prompt compression).
 ``prefill_attention``  :meth:`Stage.prefill_attention` may replace attention during prefill (sparse).
+``context_inputs``     :meth:`Stage.context_inputs` may prefill the context as input embeddings (or
+                       write its KV directly) instead of token ids (soft compression).
 ``cache``              :meth:`Stage.compress_layer` turns one layer's full cache into the kept one,
                        called as soon as that layer finished its prefill (so peak memory falls).
 ``decode``             :meth:`Stage.decode_attention` / :meth:`Stage.after_decode_step` select or
@@ -23,7 +25,7 @@ import torch
 from ..cache.layer import KVLayer
 from ..params import Param, ParamSet
 
-STAGES = ("text", "prefill_attention", "cache", "decode")
+STAGES = ("text", "context_inputs", "prefill_attention", "cache", "decode")
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,26 @@ class LayerObservation:
 @dataclass
 class TextInput:
     """The text stage's view of a sample: the context part and, only in query-aware mode, the
-    questions. ``tokenizer`` is the *target model's* (the achieved ratio is counted in it)."""
+    questions. ``tokenizer`` is the *target model's* (the achieved ratio is counted in it);
+    ``model`` is the target model when the engine runs the stage (a compressor LM may default to it)."""
 
     context: str
     questions: list[str]
     tokenizer: Any
     query_aware: bool
+    model: Any = None
+
+
+@dataclass
+class ContextInputs:
+    """What the engine prefills instead of the token ids (:meth:`Stage.context_inputs`).
+
+    ``embeds`` (1, m, hidden) input embeddings at true ``positions`` (1, m); ``None`` when the
+    stage already wrote everything into the cache and nothing is left to prefill.
+    """
+
+    embeds: torch.Tensor | None
+    positions: torch.Tensor | None
 
 
 class Stage:
@@ -110,6 +126,12 @@ class Stage:
     def compress_text(self, text: TextInput) -> TextInput:
         return text
 
+    def context_inputs(self, model, ids: torch.Tensor, context_length: int, cache) -> ContextInputs | None:
+        """Replace the prefill of ``ids`` (1, L; the first ``context_length`` are the context, the
+        rest the protected question) by input embeddings, or write the context's KV into ``cache``
+        (a :class:`~lcbench.cache.KVCache`) directly; None keeps the token ids."""
+        return None
+
     def prefill_attention(self, module, query, key, value, mask, scaling: float,
                           layer_idx: int) -> torch.Tensor | None:
         """Return the attention output (B, q, Hq, D) to replace dense attention, or None."""
@@ -127,6 +149,11 @@ class Stage:
     def after_decode_step(self, layer: KVLayer, layer_idx: int, query: torch.Tensor) -> KVLayer:
         """Evict after a decode step; return the (possibly new) layer object."""
         return layer
+
+    def sample_stats(self) -> dict[str, float]:
+        """What the stage measured on the current sample (e.g. ``attention_density``); the engine
+        merges it into the sample's stats after the prefill and again after decoding."""
+        return {}
 
     # --- description ----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
