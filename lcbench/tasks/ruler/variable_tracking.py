@@ -1,0 +1,99 @@
+"""RULER's variable tracking (``scripts/data/synthetic/variable_tracking.py`` at NVIDIA/RULER@c3f5e3b;
+spec §2.3): chains ``VAR X = 12345``, ``VAR Y = VAR X `` hidden in noise; the model lists every
+variable that holds the queried value. A one-shot example (3-letter variables, value 12345, at
+most 500 tokens) precedes the task template, renamed afresh for every sample.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Any
+
+from ...errors import UserError
+from .protocol import PROTOCOL, Generator, Rendered, split_template
+from .sizing import estimate_units, fit_units
+
+_VT = PROTOCOL["variable_tracking"]
+
+
+class VariableTrackingGenerator(Generator):
+    def __init__(self, task: str, spec: dict[str, Any], length: int, seed: int, tokenizer: Any):
+        super().__init__(task, spec, length, seed)
+        inc = _VT["incremental"]
+        self.probe = inc["short"] if length < inc["short_below"] else inc["noise"]
+        self.num_chains, self.num_hops = int(self.args["num_chains"]), int(self.args["num_hops"])
+        self.lower = self.num_hops + 1  # one position per link of a chain
+        self.head, self.tail = split_template(self.template["template"])
+        self.icl_text, self.icl_vars = self._icl_example(tokenizer)
+
+    def _chains(self, rng: random.Random, icl: bool) -> tuple[list[list[str]], list[list[str]]]:
+        letters = _VT["icl_var_letters"] if icl else _VT["var_letters"]
+        hops = min(_VT["icl_max_hops"], self.num_hops) if icl else self.num_hops
+        need = (hops + 1) * self.num_chains
+        names: list[str] = []
+        while len(names) < need:
+            name = "".join(rng.choices(string.ascii_uppercase, k=letters))
+            if name not in names:
+                names.append(name)
+        var_sets, chains = [], []
+        for c in range(self.num_chains):
+            chain_vars = names[c * (hops + 1):(c + 1) * (hops + 1)]
+            lo, hi = _VT["value_range"]
+            value = _VT["icl_value"] if icl else str(rng.randint(lo, hi))
+            chain = [f"VAR {chain_vars[0]} = {value}"]
+            chain += [f"VAR {chain_vars[j + 1]} = VAR {chain_vars[j]} " for j in range(hops)]
+            var_sets.append(chain_vars)
+            chains.append(chain)
+        return var_sets, chains
+
+    def _context(self, rng: random.Random, chains: list[list[str]], n: int) -> str:
+        sentences = [_VT["noise"]] * n
+        for chain in chains:
+            positions = sorted(rng.sample(range(len(sentences)), len(chain)))
+            for j, pos in enumerate(positions):
+                sentences.insert(pos + j, chain[j])
+        return "\n".join(sentences).replace(". \n", ".\n")
+
+    def _icl_example(self, tokenizer: Any) -> tuple[str, list[str]]:
+        """The one-shot example: task template + answer prefix (no chat wrapper), sized to at most
+        500 tokens, followed by its answer: ``input + " " + " ".join(outputs) + "\\n"``."""
+        hops = min(_VT["icl_max_hops"], self.num_hops)
+
+        def text(n: int) -> tuple[str, list[str]]:
+            rng = random.Random(f"ruler:{self.seed}:vt:icl")
+            var_sets, chains = self._chains(rng, icl=True)
+            context = self._context(rng, chains, n)
+            value = chains[0][0].split("=")[-1].strip()
+            prefix = self.template["answer_prefix"].format(num_v=hops + 1, query=value)
+            return self.head + context + self.tail.format(query=value) + prefix, var_sets[0]
+
+        def count(n: int) -> int:
+            return len(tokenizer(text(n)[0], add_special_tokens=False)["input_ids"])
+
+        budget, probe = _VT["icl_max_seq_length"], _VT["incremental"]["icl"]
+        try:
+            n = fit_units(count, budget, estimate_units(count, budget, probe), hops + 1, None, "ruler vt example")
+        except UserError:  # upstream falls back to `incremental` noises when nothing fits
+            n = max(hops + 1, probe)
+        example, outputs = text(n)
+        return example + " " + " ".join(outputs) + "\n", outputs
+
+    def _randomized_icl(self, rng: random.Random) -> str:
+        """Upstream ``randomize_icl``: fresh names for the example's answer variables (replaced
+        everywhere they occur) and a fresh value for 12345."""
+        icl = self.icl_text
+        for name in self.icl_vars:
+            icl = icl.replace(name, "".join(rng.choices(string.ascii_uppercase, k=len(name))))
+        lo, hi = _VT["value_range"]
+        return icl.replace(_VT["icl_value"], str(rng.randint(lo, hi)))
+
+    def build(self, index: int, n: int) -> Rendered:
+        rng = self.rng(index)
+        var_sets, chains = self._chains(rng, icl=False)
+        icl = self._randomized_icl(rng)
+        context = self._context(rng, chains, n)
+        value = chains[0][0].split("=")[-1].strip()
+        prefix = self.template["answer_prefix"].format(num_v=self.num_hops + 1, query=value)
+        return Rendered(icl + self.head, context, self.tail.format(query=value), prefix, list(var_sets[0]),
+                        {"value": value})
