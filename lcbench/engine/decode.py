@@ -41,10 +41,14 @@ class RowOutput:
 
 def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Tensor,
                   next_positions: torch.Tensor, max_new_tokens: list[int], eos_ids: set[int],
-                  stops: list[tuple[str, ...]]) -> list[RowOutput]:
+                  stops: list[tuple[str, ...]], min_new_tokens: list[int] | None = None,
+                  stop_ids: list[tuple[int, ...]] | None = None) -> list[RowOutput]:
     """Decode greedily from ``first_logits`` (B, V); row ``i`` stops at an EOS id, one of
-    ``stops[i]`` (cut from the text), or after ``max_new_tokens[i]`` tokens (``model.generate``'s
-    rules for EOS and length)."""
+    ``stops[i]`` (cut from the text), one of ``stop_ids[i]`` (kept in the text, like an extra
+    ``eos_token_id`` of ``model.generate``), or after ``max_new_tokens[i]`` tokens; before
+    ``min_new_tokens[i]`` tokens EOS and ``stop_ids[i]`` are masked (``generate``'s ``min_length``)."""
+    min_new_tokens = min_new_tokens or [0] * first_logits.shape[0]
+    stop_ids = stop_ids or [()] * first_logits.shape[0]
     state.phase = DECODE
     rows = first_logits.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -55,6 +59,11 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
     positions = next_positions.clone()
     step = 0
     while True:
+        early = [i for i in range(rows) if not done[i] and len(tokens[i]) < min_new_tokens[i]]
+        if early:
+            logits = logits.clone()
+            for i in early:
+                logits[i, sorted(eos_ids | set(stop_ids[i]))] = float("-inf")
         nxt = logits.argmax(-1)
         for i in range(rows):
             if done[i]:
@@ -64,6 +73,9 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
                 done[i], why[i] = True, "eos"
                 continue
             tokens[i].append(t)
+            if t in stop_ids[i]:
+                done[i], why[i] = True, "stop"
+                continue
             if stops[i]:
                 text = tokenizer.decode(tokens[i], skip_special_tokens=True)
                 hit = [text.index(s) for s in stops[i] if s in text]

@@ -206,7 +206,8 @@ class Engine:
                 logits = forward(self.model, ids, pos, state, valid)
             with self.clock.region(times, "decode_s"):
                 outs = greedy_decode(self.model, self.tokenizer, state, logits, start + lengths,
-                                     [t.max_new_tokens for t in turns], self.eos, [t.stop for t in turns])
+                                     [t.max_new_tokens for t in turns], self.eos, [t.stop for t in turns],
+                                     [t.min_new_tokens for t in turns], [t.stop_token_ids for t in turns])
         self._stage_stats(stats)
         self.memory.sample()
         return outs, times
@@ -242,7 +243,8 @@ class Engine:
         with torch.inference_mode(), self.clock.region(t2, "decode_s"):
             outs = greedy_decode(self.model, self.tokenizer, state, logits,
                                  torch.tensor([len(ids)], device=self.device), [sample.turns[k].max_new_tokens],
-                                 self.eos, [sample.turns[k].stop])
+                                 self.eos, [sample.turns[k].stop], [sample.turns[k].min_new_tokens],
+                                 [sample.turns[k].stop_token_ids])
         self._stage_stats(stats)
         return self._record(k, sample, outs[0], {**times, **t2}, {**measured, **stats}, common, len(ids), 1)
 

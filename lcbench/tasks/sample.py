@@ -23,6 +23,11 @@ class Turn:
     answer_prefix: str = ""
     stop: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    # token ids that end generation like EOS but stay in the prediction (LongBench samsum passes
+    # eos_token_id=[eos, id of "\n"] to generate), and HF's min_length: EOS and these ids are
+    # masked until this many tokens are generated
+    stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
