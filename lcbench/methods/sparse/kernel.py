@@ -1,0 +1,143 @@
+"""Block-sparse causal attention that computes only the selected blocks (plain torch, CPU or GPU).
+
+A :class:`BlockPattern` says, per batch row and KV head, which key blocks of ``block_size``
+tokens each query block attends, plus optional single key columns (MInference's vertical
+lines). The query heads of one KV head share its pattern, so the ``g`` query heads of a group are
+stacked as ``g·block_size`` query rows over one gathered key set (GQA costs nothing extra).
+Queries are processed one block at a time: the selected key blocks (and columns) are gathered
+and attended with SDPA under the causal mask of the diagonal block, so the work done — and the
+time — falls with the density. The result equals dense attention restricted to the pattern's
+mask (:meth:`BlockPattern.dense_mask`) up to floating-point summation order.
+
+MInference (Jiang et al., NeurIPS 2024, arXiv:2407.02490) computes its patterns with Triton
+kernels over the same block/column structure; this is the portable equivalent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_block_pairs(length: int, block_size: int, device=None) -> torch.Tensor:
+    """(nb, nb) number of causal (query ≥ key) token pairs inside each block pair, counting only
+    the ``length`` real tokens (the last block may be partial)."""
+    nb = math.ceil(length / block_size)
+    sizes = torch.full((nb,), block_size, dtype=torch.long, device=device)
+    sizes[-1] = length - (nb - 1) * block_size
+    pairs = sizes[:, None] * sizes[None, :]
+    pairs = torch.tril(pairs, diagonal=-1)
+    return pairs + torch.diag(sizes * (sizes + 1) // 2)
+
+
+@dataclass
+class BlockPattern:
+    """Which (query block, key block) pairs and which key columns are computed.
+
+    ``blocks`` (B, Hkv, nb, nb) bool, lower-triangular with the diagonal always set (every query
+    sees at least itself); ``columns`` (B, Hkv, C) long key indices that every later query block
+    also attends (MInference vertical lines), or None.
+    """
+
+    blocks: torch.Tensor
+    block_size: int
+    length: int
+    columns: torch.Tensor | None = None
+
+    def __post_init__(self):
+        nb = self.blocks.shape[-1]
+        eye = torch.eye(nb, dtype=torch.bool, device=self.blocks.device)
+        self.blocks = (self.blocks & torch.ones_like(eye).tril()) | eye
+
+    def column_pairs(self) -> torch.Tensor:
+        """(B, Hkv) pairs that the columns add beyond the selected blocks."""
+        if self.columns is None or self.columns.shape[-1] == 0:
+            return torch.zeros(self.blocks.shape[:2], dtype=torch.long, device=self.blocks.device)
+        nb = self.blocks.shape[-1]
+        bs = self.block_size
+        rows = torch.full((nb,), bs, dtype=torch.long, device=self.blocks.device)
+        rows[-1] = self.length - (nb - 1) * bs
+        col_block = self.columns // bs  # (B, Hkv, C)
+        covered = self.blocks.gather(3, col_block[:, :, None, :].expand(-1, -1, nb, -1))  # (B, Hkv, nb, C)
+        later = torch.arange(nb, device=col_block.device)[:, None] > col_block[:, :, None, :]
+        return ((later & ~covered).long() * rows[:, None]).sum((2, 3))
+
+    def pair_counts(self) -> tuple[torch.Tensor, int]:
+        """Computed causal pairs per (row, KV head), and the total causal pairs of one head."""
+        pairs = causal_block_pairs(self.length, self.block_size, self.blocks.device)
+        computed = (self.blocks.long() * pairs).sum((2, 3)) + self.column_pairs()
+        return computed, self.length * (self.length + 1) // 2
+
+    def density(self) -> float:
+        """Fraction of the causal (query, key) pairs that are computed."""
+        computed, total = self.pair_counts()
+        return float(computed.float().mean()) / total
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B, Hkv, L, L) bool: the element mask the pattern computes (for checks; O(L²) memory)."""
+        L, bs = self.length, self.block_size
+        idx = torch.arange(L, device=self.blocks.device) // bs
+        mask = self.blocks[:, :, idx][:, :, :, idx]
+        if self.columns is not None:
+            cols = torch.zeros(mask.shape[:2] + (L,), dtype=torch.bool, device=mask.device)
+            cols.scatter_(2, self.columns, True)
+            mask = mask | cols[:, :, None, :]
+        return mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+
+
+def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           pattern: BlockPattern, scaling: float) -> torch.Tensor:
+    """Causal attention of ``query`` (B, Hq, L, D) over ``key``/``value`` (B, Hkv, L, D) computing
+    only ``pattern``; returns (B, L, Hq, D) like transformers' attention functions."""
+    B, Hq, L, D = query.shape
+    Hkv = key.shape[1]
+    g = Hq // Hkv
+    bs = pattern.block_size
+    nb = math.ceil(L / bs)
+    pad = nb * bs - L
+    if pad:  # padded keys lie after every real query, so the causal mask hides them
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+    kb = key.reshape(B, Hkv, nb, bs, D)
+    vb = value.reshape(B, Hkv, nb, bs, D)
+    qv = query.reshape(B, Hkv, g, nb * bs, D)
+    out = query.new_empty(B, Hkv, g, nb * bs, D)
+    counts = pattern.blocks.sum(-1)  # (B, Hkv, nb)
+    order = pattern.blocks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices  # selected first, ascending
+    offs = torch.arange(bs, device=query.device)
+    q_offs = offs.repeat(g)  # row r of a stacked group block is query offset r % bs
+    diag_rows = q_offs[:, None] >= offs[None, :]  # (g·bs, bs) causal mask of the diagonal block
+    bi = torch.arange(B, device=query.device)[:, None, None]
+    hi = torch.arange(Hkv, device=query.device)[None, :, None]
+    cols = pattern.columns if pattern.columns is not None and pattern.columns.shape[-1] else None
+    if cols is not None:
+        gather = cols[..., None].expand(-1, -1, -1, D)
+        kc, vc = key.gather(2, gather), value.gather(2, gather)
+        col_block = cols // bs
+    for i in range(nb):
+        S = int(counts[:, :, i].max())
+        idx = order[:, :, i, :S]  # (B, Hkv, S)
+        padded = torch.arange(S, device=idx.device) >= counts[:, :, i, None]
+        ks = kb[bi, hi, idx].reshape(B, Hkv, S * bs, D)
+        vs = vb[bi, hi, idx].reshape(B, Hkv, S * bs, D)
+        qg = qv[:, :, :, i * bs:(i + 1) * bs].reshape(B, Hkv, g * bs, D)
+        if not bool(padded.any()) and bool((idx == idx[:1, :1]).all()):
+            # one pattern for all heads; the diagonal block is the last one
+            mask = torch.cat([diag_rows.new_ones(g * bs, (S - 1) * bs), diag_rows], dim=1)
+        else:
+            kpos = (idx[..., None] * bs + offs).reshape(B, Hkv, 1, S * bs)
+            live = (~padded)[..., None].expand(-1, -1, -1, bs).reshape(B, Hkv, 1, S * bs)
+            mask = (kpos <= (i * bs + q_offs)[:, None]) & live
+        if cols is not None:
+            seen = (cols < i * bs) & ~pattern.blocks[:, :, i].gather(2, col_block)
+            if bool(seen.any()):
+                ks = torch.cat([ks, kc], dim=2)
+                vs = torch.cat([vs, vc], dim=2)
+                mask = torch.cat([mask.expand(B, Hkv, g * bs, -1),
+                                  seen[:, :, None, :].expand(-1, -1, g * bs, -1)], dim=-1)
+        o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask, scale=scaling)
+        out[:, :, :, i * bs:(i + 1) * bs] = o.view(B, Hkv, g, bs, D)
+    out = out[..., :L, :].reshape(B, Hq, L, D)
+    return out.transpose(1, 2).contiguous()

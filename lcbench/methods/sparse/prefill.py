@@ -1,0 +1,93 @@
+"""The shared part of every sparse-prefill method: when to replace dense attention, how ``--ratio``
+becomes a density target, and the density bookkeeping that lands in the records.
+
+``--ratio r`` asks for attention density ``1 − r``: the fraction of the causal (query, key) pairs
+of the context prefill that are computed, averaged over layers and KV heads. Each method builds
+its pattern for the largest density not above the target (the pattern families are discrete, so
+the achieved density is at most the target and as close as the pattern allows). The full KV cache
+is kept: sparse prefill saves time, not memory — records show ``attention_density`` next to the
+unchanged ``kv_bytes``.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import Callable
+
+import torch
+
+from ...params import Param
+from ..base import Stage
+from .kernel import BlockPattern, block_sparse_attention
+
+BLOCK_SIZE = Param("block_size", int, None, "tokens per query/key block of the sparse pattern")
+
+
+def densest_within(target: float, build: Callable[[float], BlockPattern], lo: float, hi: float,
+                   integer: bool, steps: int = 24) -> BlockPattern:
+    """The pattern ``build(x)`` for x in [lo, hi] with the largest density ≤ ``target`` (density
+    grows with x); ``build(lo)`` when even that is denser than the target."""
+    best = build(lo)
+    if best.density() > target:
+        return best
+    top = build(hi)
+    if top.density() <= target:
+        return top
+    for _ in range(steps):
+        if (integer and hi - lo <= 1) or (not integer and hi - lo < 1e-4):
+            break
+        mid = (lo + hi) // 2 if integer else (lo + hi) / 2
+        pattern = build(mid)
+        if pattern.density() <= target:
+            lo, best = mid, pattern
+        else:
+            hi = mid
+    return best
+
+
+class SparsePrefill(Stage, metaclass=ABCMeta):
+    """Base of the sparse-prefill methods: subclasses implement :meth:`pattern`.
+
+    The pattern replaces attention only where the whole sequence is being prefilled from an
+    empty cache (the context pass; in query-aware mode the context with its question). Question
+    parts prefilled later on top of a cache, and decoding, stay dense.
+    """
+
+    stages = ("prefill_attention",)
+
+    def begin_sample(self) -> None:
+        self._computed = 0.0
+        self._total = 0.0
+
+    def target_density(self) -> float:
+        return 1.0 - self.ratio
+
+    @abstractmethod
+    def pattern(self, query: torch.Tensor, key: torch.Tensor, groups: int, scaling: float) -> BlockPattern:
+        """The pattern for one layer: ``query`` (B, Hq, L, D), ``key`` (B, Hkv, L, D)."""
+
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx):
+        L = key.shape[2]
+        if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
+            return None
+        heads = key.shape[0] * key.shape[1]
+        total = heads * L * (L + 1) / 2
+        if self.ratio <= 0 or mask is not None or L <= self.args["block_size"]:
+            self._count(total, total)
+            return None
+        pattern = self.pattern(query, key, getattr(module, "num_key_value_groups", 1), scaling)
+        computed, _ = pattern.pair_counts()
+        self._count(float(computed.sum()), total)
+        return block_sparse_attention(query, key, value, pattern, scaling)
+
+    def _count(self, computed: float, total: float) -> None:
+        if not hasattr(self, "_total"):
+            self.begin_sample()
+        self._computed += computed
+        self._total += total
+
+    def sample_stats(self) -> dict[str, float]:
+        if not getattr(self, "_total", 0.0):
+            return {}
+        density = self._computed / self._total
+        return {"attention_density": density, "prefill_attention_density": density}
