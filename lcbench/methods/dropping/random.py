@@ -1,28 +1,24 @@
-"""Random eviction: the floor every scoring method must beat."""
+"""Random eviction: the floor every scoring method must beat (kvpress's RandomPress baseline)."""
 
 import torch
 
 from ...params import Param
-from ..base import Stage
-from .select import keep_top
+from ..presets import from_preset
+from .scoring import ScoringDrop
 
 
-class RandomDrop(Stage):
-    """Keeps a uniformly random subset of the context tokens per KV head (seeded)."""
+@from_preset("kv_dropping.toml")
+class RandomDrop(ScoringDrop):
+    """Keeps a uniformly random subset of the context tokens per KV head (seeded per sample)."""
 
     name = "random"
-    family = "kv_dropping"
-    summary = "uniformly random token eviction (a floor)"
-    paper = "baseline used by kvpress (NVIDIA, 2024) and most KV-dropping papers"
-    stages = ("cache",)
-    params = (Param("seed", int, 0, "seed of the random scores"),)
+    params = (Param("seed", int, None, "seed of the random scores"),)
 
     def begin_sample(self):
         self._gen = torch.Generator().manual_seed(self.args["seed"])
 
-    def compress_layer(self, layer, seen):
+    def scores(self, layer, seen):
         if not hasattr(self, "_gen"):
             self.begin_sample()
         b, h, _ = layer.positions.shape
-        scores = torch.rand((b, h, seen.context_length), generator=self._gen).to(layer.positions.device)
-        return keep_top(layer, scores, self.ratio, seen)
+        return torch.rand((b, h, seen.context_length), generator=self._gen).to(layer.positions.device)

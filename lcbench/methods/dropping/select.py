@@ -10,19 +10,36 @@ from ...cache.layer import KVLayer
 from ..base import LayerObservation, keep_count
 
 
-def keep_top(layer: KVLayer, scores: torch.Tensor, ratio: float, seen: LayerObservation) -> KVLayer:
-    """Keep ``keep_count(context, ratio)`` context slots with the highest ``scores`` (B, H, Lc) in
-    each row and KV head, plus the protected tail, and return the layer."""
-    n_ctx = seen.context_length
-    if ratio <= 0 or n_ctx <= 1:
+def context_slots(layer: KVLayer, seen: LayerObservation) -> int:
+    """Context slots the layer holds now (an earlier stage of the chain may have dropped some)."""
+    return layer.seq_len() - seen.protected
+
+
+def align(scores: torch.Tensor, layer: KVLayer, seen: LayerObservation) -> torch.Tensor:
+    """Scores (B, H, n) computed over the slots of the compressing pass, re-indexed to the slots
+    the layer holds now. In the pass a context token's slot is its position, so when an earlier
+    stage already dropped tokens, each kept slot takes the score at its position."""
+    n = context_slots(layer, seen)
+    if scores.shape[-1] == n:
+        return scores
+    index = layer.positions[..., :n].clamp(max=scores.shape[-1] - 1)
+    return scores.gather(-1, index.to(scores.device))
+
+
+def keep_top(layer: KVLayer, scores: torch.Tensor, ratio: float, seen: LayerObservation,
+             keep: int | None = None) -> KVLayer:
+    """Keep ``keep`` (default ``keep_count(context, ratio)``) context slots with the highest
+    ``scores`` (B, H, Lc) in each row and KV head, plus the protected tail, and return the layer."""
+    n_ctx = context_slots(layer, seen)
+    if (ratio <= 0 and keep is None) or n_ctx <= 1:
         return layer
-    scores = scores[..., :n_ctx].float()
+    scores = align(scores[..., : seen.context_length], layer, seen).float()
     if layer.valid is not None:
         scores = scores.masked_fill(~layer.valid[..., :n_ctx], float("-inf"))
         n_real = int(layer.valid[..., :n_ctx].sum(-1).max())
     else:
         n_real = n_ctx
-    k = keep_count(n_real, ratio)
+    k = keep_count(n_real, ratio) if keep is None else max(1, min(n_ctx, keep))
     index = scores.topk(k, dim=-1).indices
     if seen.protected:
         b, h, _ = index.shape
@@ -36,3 +53,18 @@ def group_mean(per_query_head: torch.Tensor, groups: int) -> torch.Tensor:
     """Average a (B, Hq, ...) statistic over the query heads of each KV head → (B, Hkv, ...)."""
     b, hq = per_query_head.shape[:2]
     return per_query_head.reshape(b, hq // groups, groups, *per_query_head.shape[2:]).mean(2)
+
+
+def force_keep(scores: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+    """Scores with slots ``start:stop`` raised above every other (always kept)."""
+    scores = scores.clone()
+    scores[..., start:stop] = float("inf")
+    return scores
+
+
+def query_positions(seen: LayerObservation, device=None) -> torch.Tensor:
+    """(q,) true positions of the queries of the compressing pass. The pass starts from an empty
+    cache, so a slot's index in it is its position (what :func:`align` relies on too)."""
+    total = seen.context_length + seen.protected
+    q = seen.queries.shape[2] if seen.queries is not None else total
+    return torch.arange(total - q, total, device=device)

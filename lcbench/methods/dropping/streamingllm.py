@@ -1,28 +1,47 @@
 """StreamingLLM: attention sinks + the most recent tokens.
 
 Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024
-(arXiv:2309.17453). The first ``n_sink`` tokens and the latest tokens are kept.
+(arXiv:2309.17453). The first ``n_sink`` tokens and the latest context tokens are kept. With
+``rolling`` the cache then stays at its size during decoding: each generated token evicts the
+oldest non-sink token (the paper's rolling KV cache; positions stay the true ones, as kvpress
+does without its KeyRerotationPress).
 """
 
 import torch
 
 from ...params import Param
-from ..base import Stage
-from .select import keep_top
+from ..presets import from_preset
+from .decode_eviction import EvictingLayer
+from .scoring import ScoringDrop
 
 
-class StreamingLLM(Stage):
+@from_preset("kv_dropping.toml")
+class StreamingLLM(ScoringDrop):
     name = "streamingllm"
-    family = "kv_dropping"
-    summary = "keep attention-sink tokens and a recent window"
-    paper = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024 (arXiv:2309.17453)"
-    stages = ("cache",)
-    params = (Param("n_sink", int, 4, "initial tokens always kept (attention sinks)"),)
+    stages = ("cache", "decode")
+    params = (
+        Param("n_sink", int, None, "initial tokens always kept (attention sinks)"),
+        Param("rolling", bool, None, "evict the oldest non-sink token for every generated token"),
+    )
 
-    def compress_layer(self, layer, seen):
+    def scores(self, layer, seen):
         n = seen.context_length
         b, h, _ = layer.positions.shape
-        # score = storage index (recent first), with the sinks above everything
+        # score = slot index (recent first), with the sinks above everything
         scores = torch.arange(n, device=layer.positions.device, dtype=torch.float32).expand(b, h, n).clone()
         scores[..., : self.args["n_sink"]] = float(n + 1)
-        return keep_top(layer, scores, self.ratio, seen)
+        return scores
+
+    def after_decode_step(self, layer, layer_idx, query):
+        if self.ratio <= 0 or not self.args["rolling"]:
+            return layer
+        layer = EvictingLayer.wrap(layer)
+        m = layer.evictable()
+        sinks = self.args["n_sink"]
+        if m <= sinks:
+            return layer
+        b, h, _ = layer.positions.shape
+        priority = torch.arange(m, device=layer.positions.device, dtype=torch.float32)
+        priority[:sinks] = float("inf")
+        layer.evict(priority.expand(b, h, m))
+        return layer
