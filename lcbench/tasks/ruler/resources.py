@@ -1,10 +1,11 @@
 """Word lists, essays and the sentence splitter RULER's generators draw on.
 
 - Key words: RULER's ``words = sorted(set(f"{adj}-{noun}"))`` over wonderwords 2.2.0
-  (912 adjectives × 6,786 nouns, 6,175,260 distinct strings) and ``random.choice(words)``.
-  Building that list costs ~15 s and ~0.8 GB, so :class:`AdjNounWords` draws the same uniform
-  distribution without it: a random (adjective, noun) pair, accepted with probability
-  1/multiplicity of the joined string (a few strings arise from two pairs through hyphens).
+  (912 adjectives of which 910 distinct × 6,786 nouns = 6,175,260 distinct strings) and
+  ``random.choice(words)``. Building that list costs ~15 s and ~0.8 GB, so :class:`AdjNounWords`
+  draws the same uniform distribution without it: a random pair of distinct adjective and noun,
+  accepted with probability 1/multiplicity of the joined string (how many pairs join to it
+  through hyphens; 1 for every string of wonderwords 2.2.0).
 - CWE words: ``sorted(set(nouns + adjs + verbs))`` (8,169 words).
 - Essays: RULER's ``PaulGrahamEssays.json`` (``{"text": ...}``), a folder of ``*.txt`` essays
   (sorted) or one text file, split as ``re.sub(r"\\s+", " ", text).split(" ")``.
@@ -44,8 +45,8 @@ class AdjNounWords:
 
     def __init__(self) -> None:
         lists = word_lists()
-        self.adjs, self.nouns = lists["adjective"], lists["noun"]
-        self._adj_set, self._noun_set = set(self.adjs), set(self.nouns)
+        self._adj_set, self._noun_set = set(lists["adjective"]), set(lists["noun"])
+        self.adjs, self.nouns = sorted(self._adj_set), sorted(self._noun_set)
 
     def multiplicity(self, word: str) -> int:
         """How many (adjective, noun) pairs join to ``word``."""

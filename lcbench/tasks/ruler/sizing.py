@@ -55,7 +55,12 @@ def fit_units(count: Callable[[int], int], budget: int, start: int, lower: int, 
         while good + step <= top and fits(good + step):
             good += step
             step *= 2
-        bad = good + step if good + step <= top else None
+        if good + step <= top:
+            bad = good + step
+        elif good == top or fits(top):
+            return top
+        else:
+            bad = top
     else:
         bad, step = start, 1
         while bad - step >= lower and not fits(bad - step):
@@ -70,8 +75,6 @@ def fit_units(count: Callable[[int], int], budget: int, start: int, lower: int, 
                 f"{what}: even the smallest haystack ({lower} units, {cache.get(lower, count(lower))} tokens) does "
                 f"not fit the budget of {budget} tokens. Fix: request a longer context length."
             )
-    if bad is None:
-        return good
     while bad - good > 1:
         mid = (good + bad) // 2
         if fits(mid):
