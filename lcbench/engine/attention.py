@@ -100,8 +100,10 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
     return seen
 
 
-def lcbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The function transformers calls per layer when ``attn_implementation="lcbench"``."""
+def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The function transformers calls per layer when ``attn_implementation="lcbench"``. Its
+    signature is ``sdpa_attention_forward``'s (``dropout`` before ``scaling``), which wrappers of
+    registered attention functions (kvpress patches every one on import) pass positionally."""
     state: ForwardState | None = kwargs.get("lcbench_state")
     if state is None:  # the model used outside lcbench's engine: behave as plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
