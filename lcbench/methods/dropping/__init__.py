@@ -1,7 +1,7 @@
 """KV-cache dropping: cache-stage components that keep a subset of the context's tokens.
 
 Each method scores the context slots of a layer right after that layer's prefill attention and
-keeps the best ``keep_count(n, ratio)`` per KV head (:mod:`.select`); presets (paper, defaults)
+keeps the best ``(1 − ratio)`` share per KV head (:mod:`.select`); presets (paper, defaults)
 are in ``methods/kv_dropping.toml``.
 """
 

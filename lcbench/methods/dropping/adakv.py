@@ -2,7 +2,7 @@
 
 Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient
 LLM Inference" (arXiv:2407.11550). A layer keeps ``H · k`` tokens in all (``k`` =
-``keep_count(n, ratio)``), chosen by one top-k over the scores of *all* its KV heads, so heads
+the uniform budget of :func:`.select.context_budget`), chosen by one top-k over the scores of *all* its KV heads, so heads
 whose attention is concentrated give budget to heads whose attention is spread; every head keeps
 at least its ``alpha_safeguard · k`` best tokens. The scorer is another dropping method's score
 (SnapKV by default, as in the paper's Ada-SnapKV). Heads then hold different numbers of tokens:
@@ -14,11 +14,11 @@ import torch
 
 from ...cache.ragged import RaggedLayer
 from ...params import Param
-from ..base import Stage, keep_count
+from ..base import Stage
 from ..presets import from_preset
 from .expected_attention import ExpectedAttention
 from .knorm import KNorm
-from .select import align, context_slots
+from .select import align, context_budget, context_slots
 from .snapkv import SnapKV
 from .tova import TOVA
 
@@ -67,11 +67,9 @@ class AdaKV(Stage):
         if self.ratio <= 0 or n <= 1:
             return layer
         scores = align(self.scorer.scores(layer, seen)[..., : seen.context_length], layer, seen).float()
-        n_real = n
         if layer.valid is not None:
             scores = scores.masked_fill(~layer.valid[..., :n], float("-inf"))
-            n_real = int(layer.valid[..., :n].sum(-1).max())
-        k = keep_count(n_real, self.ratio)
+        k = context_budget(layer, seen, self.ratio)
         keep = headwise_keep(scores, k, max(1, int(k * self.args["alpha_safeguard"])))
         tail = torch.ones((*keep.shape[:2], seen.protected), dtype=torch.bool, device=keep.device)
         return RaggedLayer.from_layer(layer, torch.cat([keep, tail], dim=-1))

@@ -13,11 +13,11 @@ layer's ``scaling`` (1/√d when the module has none).
 import torch
 
 from ...params import Param
-from ..base import Needs, keep_count
+from ..base import Needs
 from ..presets import from_preset
 from .decode_eviction import EvictingLayer
 from .scoring import ScoringDrop
-from .select import context_slots, force_keep, group_mean, keep_top
+from .select import context_budget, force_keep, group_mean, keep_top
 
 TRACK = "h2o"
 
@@ -38,8 +38,7 @@ class H2O(ScoringDrop):
         self._scaling: dict[int, float] = {}
 
     def _recent_tokens(self, layer, seen) -> int:
-        n = context_slots(layer, seen)
-        return int(round(keep_count(n, self.ratio) * self.args["recent_ratio"]))
+        return int(round(context_budget(layer, seen, self.ratio) * self.args["recent_ratio"]))
 
     def scores(self, layer, seen):
         n = seen.context_length

@@ -22,7 +22,7 @@ class ScoringDrop(Stage):
         """(B, H_kv, n) importance of the ``n`` context slots of the compressing pass."""
 
     def budget(self, layer: KVLayer, seen: LayerObservation) -> int | None:
-        """Context tokens this layer keeps per head; ``None`` = ``keep_count(context, ratio)``."""
+        """Context tokens this layer keeps per head; ``None`` = :func:`.select.context_budget`."""
         return None
 
     def compress_layer(self, layer: KVLayer, seen: LayerObservation) -> KVLayer:

@@ -15,6 +15,20 @@ def context_slots(layer: KVLayer, seen: LayerObservation) -> int:
     return layer.seq_len() - seen.protected
 
 
+def real_context_slots(layer: KVLayer, seen: LayerObservation) -> int:
+    """Context slots holding real tokens (not padding), the most over rows and heads."""
+    n = context_slots(layer, seen)
+    return n if layer.valid is None else int(layer.valid[..., :n].sum(-1).max())
+
+
+def context_budget(layer: KVLayer, seen: LayerObservation, ratio: float) -> int:
+    """Context tokens to keep per head so that, with the protected tail (the question in
+    query-aware mode) kept too, the layer holds ``keep_count(real + protected, ratio)`` tokens —
+    the engine measures the ratio over both."""
+    n_real = real_context_slots(layer, seen)
+    return max(1, min(n_real, keep_count(n_real + seen.protected, ratio) - seen.protected))
+
+
 def align(scores: torch.Tensor, layer: KVLayer, seen: LayerObservation) -> torch.Tensor:
     """Scores (B, H, n) computed over the slots of the compressing pass, re-indexed to the slots
     the layer holds now. In the pass a context token's slot is its position, so when an earlier
@@ -28,7 +42,7 @@ def align(scores: torch.Tensor, layer: KVLayer, seen: LayerObservation) -> torch
 
 def keep_top(layer: KVLayer, scores: torch.Tensor, ratio: float, seen: LayerObservation,
              keep: int | None = None) -> KVLayer:
-    """Keep ``keep`` (default ``keep_count(context, ratio)``) context slots with the highest
+    """Keep ``keep`` (default :func:`context_budget`) context slots with the highest
     ``scores`` (B, H, Lc) in each row and KV head, plus the protected tail, and return the layer."""
     n_ctx = context_slots(layer, seen)
     if (ratio <= 0 and keep is None) or n_ctx <= 1:
@@ -36,10 +50,7 @@ def keep_top(layer: KVLayer, scores: torch.Tensor, ratio: float, seen: LayerObse
     scores = align(scores[..., : seen.context_length], layer, seen).float()
     if layer.valid is not None:
         scores = scores.masked_fill(~layer.valid[..., :n_ctx], float("-inf"))
-        n_real = int(layer.valid[..., :n_ctx].sum(-1).max())
-    else:
-        n_real = n_ctx
-    k = keep_count(n_real, ratio) if keep is None else max(1, min(n_ctx, keep))
+    k = context_budget(layer, seen, ratio) if keep is None else max(1, min(n_ctx, keep))
     index = scores.topk(k, dim=-1).indices
     if seen.protected:
         b, h, _ = index.shape

@@ -1,0 +1,32 @@
+"""Per-token integer KV quantization (int8, int4): every token's keys and values are quantized
+over groups of ``group_size`` channels (one scale and zero each), as in Hugging Face
+transformers' ``QuantizedCache`` (Quanto/HQQ backends, per-token axis) and the KV-quantization
+baselines of KIVI (Liu et al., ICML 2024, arXiv:2402.02750). The most recent ``window`` tokens
+stay in full precision; ``window=-1`` lets the ratio choose it (:mod:`.plan`)."""
+
+from ...params import Param
+from ..presets import from_preset
+from .plan import QuantizeStage
+
+PER_TOKEN_PARAMS = (
+    Param("group_size", int, None, "channels sharing one scale (the whole head when it does not divide it)"),
+    Param("window", int, None, "recent tokens kept in full precision; -1 = the longest the ratio allows"),
+)
+
+
+@from_preset("kv_quantization.toml")
+class Int8(QuantizeStage):
+    name = "int8"
+    params = PER_TOKEN_PARAMS
+
+    def bits_options(self):
+        return (8,)
+
+
+@from_preset("kv_quantization.toml")
+class Int4(QuantizeStage):
+    name = "int4"
+    params = PER_TOKEN_PARAMS
+
+    def bits_options(self):
+        return (4,)
