@@ -17,6 +17,32 @@ from .sizing import estimate_units, fit_units
 _VT = PROTOCOL["variable_tracking"]
 
 
+def var_names(rng: random.Random, count: int, letters: int) -> list[str]:
+    """``count`` distinct random upper-case names of ``letters`` letters."""
+    names: list[str] = []
+    while len(names) < count:
+        name = "".join(rng.choices(string.ascii_uppercase, k=letters))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def chain_statements(names: list[str], value: str) -> list[str]:
+    """``VAR A = value``, then ``VAR B = VAR A `` (with upstream's trailing space) for each hop."""
+    return [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(len(names) - 1)]
+
+
+def hide_chains(rng: random.Random, chains: list[list[str]], sentences: list[str]) -> str:
+    """Insert each chain's statements in order at sorted random positions among the noise
+    sentences, join with newlines (upstream: then ``replace(". \\n", ".\\n")``)."""
+    sentences = list(sentences)
+    for chain in chains:
+        positions = sorted(rng.sample(range(len(sentences)), len(chain)))
+        for j, pos in enumerate(positions):
+            sentences.insert(pos + j, chain[j])
+    return "\n".join(sentences).replace(". \n", ".\n")
+
+
 class VariableTrackingGenerator(Generator):
     def __init__(self, task: str, spec: dict[str, Any], length: int, seed: int, tokenizer: Any):
         super().__init__(task, spec, length, seed)
@@ -30,30 +56,18 @@ class VariableTrackingGenerator(Generator):
     def _chains(self, rng: random.Random, icl: bool) -> tuple[list[list[str]], list[list[str]]]:
         letters = _VT["icl_var_letters"] if icl else _VT["var_letters"]
         hops = min(_VT["icl_max_hops"], self.num_hops) if icl else self.num_hops
-        need = (hops + 1) * self.num_chains
-        names: list[str] = []
-        while len(names) < need:
-            name = "".join(rng.choices(string.ascii_uppercase, k=letters))
-            if name not in names:
-                names.append(name)
+        names = var_names(rng, (hops + 1) * self.num_chains, letters)
         var_sets, chains = [], []
         for c in range(self.num_chains):
             chain_vars = names[c * (hops + 1):(c + 1) * (hops + 1)]
             lo, hi = _VT["value_range"]
             value = _VT["icl_value"] if icl else str(rng.randint(lo, hi))
-            chain = [f"VAR {chain_vars[0]} = {value}"]
-            chain += [f"VAR {chain_vars[j + 1]} = VAR {chain_vars[j]} " for j in range(hops)]
             var_sets.append(chain_vars)
-            chains.append(chain)
+            chains.append(chain_statements(chain_vars, value))
         return var_sets, chains
 
     def _context(self, rng: random.Random, chains: list[list[str]], n: int) -> str:
-        sentences = [_VT["noise"]] * n
-        for chain in chains:
-            positions = sorted(rng.sample(range(len(sentences)), len(chain)))
-            for j, pos in enumerate(positions):
-                sentences.insert(pos + j, chain[j])
-        return "\n".join(sentences).replace(". \n", ".\n")
+        return hide_chains(rng, chains, [_VT["noise"]] * n)
 
     def _icl_example(self, tokenizer: Any) -> tuple[str, list[str]]:
         """The one-shot example: task template + answer prefix (no chat wrapper), sized to at most
