@@ -3,8 +3,8 @@
 The estimate is the one block-sparse prefill methods share (MInference's ``block_sparse``
 pattern, Jiang et al., arXiv:2407.02490; FlexPrefill, SeerAttention refine it): mean-pool the
 queries and keys of every block, score block pairs by the pooled dot product (averaged over the
-query heads of each KV head), and let query block i keep its top ``⌈ρ·(i+1)⌉`` causal key blocks.
-The diagonal block and the first (sink) block are always kept; ρ is searched so the density meets
+query heads of each KV head), and let query block i keep, besides its diagonal block and the first
+(sink) block, its top ``⌈ρ·(i+1)⌉`` causal key blocks; ρ is searched so the density meets
 ``1 − ratio``.
 """
 
@@ -53,9 +53,10 @@ class BlockTopK(SparsePrefill):
         scores = scores.masked_fill((j == i) | (j == 0), float("inf"))
         rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)  # rank of block j in row i
         row = torch.arange(1, nb + 1, device=key.device, dtype=torch.float32)[:, None]
+        forced = torch.where(row > 1, 2.0, 1.0)  # the diagonal and the sink block rank first
 
         def build(rho: float) -> BlockPattern:
-            keep = torch.clamp(torch.ceil(rho * row), min=1)
+            keep = forced + torch.ceil(rho * row)
             return BlockPattern((rank < keep) & (j <= i), bs, L)
 
         return densest_within(self.target_density(), build, 0.0, 1.0, integer=False)

@@ -7,7 +7,8 @@ by the upper bound ``Σ_d max(q_d·min_d, q_d·max_d)`` of its dot product with 
 and attends only the top pages (the page holding the newest tokens always). The first
 ``dense_layers`` layers stay dense, as in the paper; the other layers' page budget is sized so the
 density over all layers meets ``1 − ratio``. The full KV cache is kept (Quest saves memory
-*traffic*, not memory). Selection is per query head; page bounds are per KV head.
+*traffic*, not memory). With grouped-query attention a page is selected per KV head, by the
+largest bound among the query heads of its group (one gather serves the whole group).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ...params import Param
-from ..base import Stage, keep_count
+from ..base import Stage
 from ..presets import from_preset
 
 
@@ -71,7 +72,7 @@ class Quest(Stage):
         """Pages to keep in a layer, and the mean density over all layers this budget gives."""
         pages = math.ceil(length / self.args["page_size"])
         share = self._sparse_share(layers)
-        keep = keep_count(pages, 1.0 - share) if share < 1.0 else pages
+        keep = max(1, int(pages * share))  # at most the target, like the prefill patterns
         dense = min(self.args["dense_layers"], layers)
         return keep, (dense + (layers - dense) * keep / pages) / layers
 
@@ -90,32 +91,34 @@ class Quest(Stage):
         if keep >= P:
             self._count(layer, None)
             return None
+        full = (L // ps) * ps  # whole pages; a partial newest page is always attended
+        pick = keep - (1 if L > full else 0)
         kmin, kmax = self._page_bounds(layer_idx, layer, keys, ps)
-        q = query.float().reshape(B, Hkv, g, D)
-        bound = torch.maximum(q[:, :, :, None, :] * kmin[:, :, None], q[:, :, :, None, :] * kmax[:, :, None]).sum(-1)
-        empty = torch.isinf(kmin).all(-1)[:, :, None, :]  # (B, Hkv, 1, P): no valid key (bound is inf/nan)
-        bound = bound.masked_fill(empty, float("-inf"))
-        bound[..., P - 1] = float("inf")  # the newest page
-        pages = bound.topk(keep, dim=-1).indices  # (B, Hkv, g, keep)
-        slots = (pages[..., None] * ps + torch.arange(ps, device=keys.device)).reshape(B, Hkv, g * keep * ps)
-        live = slots < L
+        q = query.float().reshape(B, Hkv, g, 1, D)
+        bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, Hkv, P_full)
         if layer.valid is not None:
-            live = live & layer.valid.gather(2, slots.clamp(max=L - 1))
-        slots = slots.clamp(max=L - 1)
-        gather = slots[..., None].expand(-1, -1, -1, D)
-        k_sel = keys.gather(2, gather).reshape(B, Hkv, g, keep * ps, D)
-        v_sel = values.gather(2, gather).reshape(B, Hkv, g, keep * ps, D)
-        live = live.reshape(B, Hkv, g, 1, keep * ps)
-        out = F.scaled_dot_product_attention(query.reshape(B, Hkv, g, 1, D), k_sel, v_sel,
-                                             attn_mask=live, scale=scaling)
-        self._count(layer, live)
+            bound = bound.masked_fill(torch.isinf(kmin).all(-1), float("-inf"))  # pages with no valid key
+        if L == full:
+            bound[..., -1] = float("inf")  # the newest page
+        pages = bound.topk(pick, dim=-1).indices  # (B, Hkv, pick)
+        bi = torch.arange(B, device=keys.device)[:, None, None]
+        hi = torch.arange(Hkv, device=keys.device)[None, :, None]
+
+        def take(t: torch.Tensor) -> torch.Tensor:  # the picked whole pages, then the partial page
+            paged = t[:, :, :full].reshape(B, Hkv, full // ps, ps, *t.shape[3:])[bi, hi, pages]
+            return torch.cat([paged.reshape(B, Hkv, pick * ps, *t.shape[3:]), t[:, :, full:]], dim=2)
+
+        k_sel, v_sel = take(keys), take(values)
+        live = None if layer.valid is None else take(layer.valid)
+        out = F.scaled_dot_product_attention(query.reshape(B, Hkv, g, D), k_sel, v_sel,
+                                             attn_mask=None if live is None else live[:, :, None, :], scale=scaling)
+        self._count(layer, float(B * Hkv * k_sel.shape[2]) if live is None else float(live.sum()))
         return out.reshape(B, Hq, 1, D).transpose(1, 2)
 
     def _page_bounds(self, layer_idx: int, layer, keys: torch.Tensor, ps: int):
-        """Page bounds of ``layer``, computed incrementally: full pages are reused while the stored
-        prefix is unchanged (checked on the stored positions); only new pages are computed."""
-        L = keys.shape[2]
-        full = (L // ps) * ps
+        """Bounds of the whole pages of ``layer``, computed incrementally: pages are reused while the
+        stored prefix is unchanged (checked on the stored positions); only new pages are computed."""
+        full = (keys.shape[2] // ps) * ps
         cached = self._bounds.get(layer_idx)
         reuse = 0
         if cached is not None:
@@ -123,23 +126,20 @@ class Quest(Stage):
             if done <= full and positions.shape[:2] == layer.positions.shape[:2] and \
                     torch.equal(positions, layer.positions[..., :done]):
                 reuse = done
-        valid = layer.valid
+        valid = None if layer.valid is None else layer.valid[:, :, reuse:full]
+        new_min, new_max = page_bounds(keys[:, :, reuse:full], valid, ps)
         if reuse:
-            new_min, new_max = page_bounds(keys[:, :, reuse:], None if valid is None else valid[:, :, reuse:], ps)
-            kmin, kmax = torch.cat([kmin, new_min], 2), torch.cat([kmax, new_max], 2)
-        else:
-            kmin, kmax = page_bounds(keys, valid, ps)
-        n_full = full // ps
-        self._bounds[layer_idx] = (full, layer.positions[..., :full].clone(), kmin[:, :, :n_full], kmax[:, :, :n_full])
-        return kmin, kmax
+            new_min, new_max = torch.cat([kmin, new_min], 2), torch.cat([kmax, new_max], 2)
+        self._bounds[layer_idx] = (full, layer.positions[..., :full].clone(), new_min, new_max)
+        return new_min, new_max
 
-    def _count(self, layer, live: torch.Tensor | None) -> None:
-        """Accumulate attended and stored valid tokens (per row and query head)."""
+    def _count(self, layer, attended: float | None) -> None:
+        """Accumulate attended and stored valid tokens, summed over rows and KV heads (None: all)."""
         if not hasattr(self, "_stored"):
             self.begin_sample()
         stored = float(layer.kept_tokens().float().sum())
         self._stored += stored
-        self._selected += stored if live is None else float(live.sum()) / live.shape[2]
+        self._selected += stored if attended is None else attended
 
     def sample_stats(self) -> dict[str, float]:
         if getattr(self, "_stored", 0.0):

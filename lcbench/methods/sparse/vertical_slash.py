@@ -3,7 +3,8 @@
 The pattern is estimated from the last ``last_queries`` queries: their attention over all keys
 (causal), summed over those queries, scores every key column (*vertical* lines) and, summed along
 diagonals, every query−key offset (*slash* lines). The first ``sink_columns`` columns and the
-``local_slashes`` nearest diagonals are always taken (MInference forces them the same way). The
+``local_slashes`` nearest diagonals are always taken (MInference forces them the same way; a
+target density below what they cost is not met, and the engine's ratio check says so). The
 top verticals are computed as single key columns; the top slashes as the key blocks covering
 them (offset o covers block-diagonals ⌊o/b⌋ and, if o is not a multiple of b, the next), as
 MInference's kernel does. Scores are averaged over the query heads of each KV head (GQA).
@@ -77,9 +78,9 @@ class VerticalSlash(SparsePrefill):
         s_order = slash.argsort(dim=-1, descending=True)
         per = self.args["slash_per_vertical"]
 
-        def build(scale: float) -> BlockPattern:
-            n_v = int(round(scale * L))
-            n_s = max(1, min(L, int(round(scale * L * per))))
+        def build(scale: float) -> BlockPattern:  # the forced lines always, then the top scored ones
+            n_v = min(L, self.args["sink_columns"] + int(round(scale * L)))
+            n_s = max(1, min(L, self.args["local_slashes"] + int(round(scale * L * per))))
             blocks = slash_blocks(s_order[..., :n_s], nb, bs)
             columns = v_order[..., :n_v].sort(dim=-1).values
             return BlockPattern(blocks, bs, L, columns)
