@@ -106,6 +106,12 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     registered attention functions (kvpress patches every one on import) pass positionally."""
     state: ForwardState | None = kwargs.get("lcbench_state")
     if state is None:  # the model used outside lcbench's engine: behave as plain SDPA
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if attention_mask is None and 1 < q_len < kv_len:
+            # transformers makes no mask for a custom attention name, and SDPA's is_causal aligns
+            # top-left: queries appended to a cache (chunked prefill) need the bottom-right causal mask
+            rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+            attention_mask = (torch.arange(kv_len, device=query.device)[None, :] <= rows)[None, None]
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling)
     idx = module.layer_idx
