@@ -49,13 +49,13 @@ class Chain:
     requested_ratio: float
 
     @classmethod
-    def build(cls, spec: list[dict[str, Any]], ratio: float) -> "Chain":
+    def build(cls, spec: list[dict[str, Any]], ratio: float | None = None) -> "Chain":
         """From resolved component specs ``[{"name":..., "ratio":..., "args":{...}}]``."""
         stages = []
         for item in spec:
             stage_cls = METHODS.get(item["name"])
             stages.append(stage_cls(ratio=item["ratio"], **item["args"]))
-        return cls(stages, ratio)
+        return cls(stages, chain_ratio(spec) if ratio is None else ratio)
 
     @property
     def name(self) -> str:
@@ -75,6 +75,14 @@ class Chain:
 
     def has(self, stage: str) -> bool:
         return any(stage in s.stages for s in self.stages)
+
+
+def chain_ratio(spec: list[dict[str, Any]]) -> float:
+    """The ratio a resolved chain requests in all: 1 − Π(1 − rᵢ) (0 for ``full``)."""
+    keep = 1.0
+    for item in spec:
+        keep *= 1.0 - item["ratio"]
+    return round(1.0 - keep, 6)
 
 
 def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[dict[str, Any]]:

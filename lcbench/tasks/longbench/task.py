@@ -141,16 +141,14 @@ class LongBench(LongBenchBase):
     name = "longbench"
     summary = "LongBench v1, 21 datasets (en/zh/code), LongBench's templates, truncation and scorers"
     params = common_params("all 21")
-    config_suffix = ""
-
-    def dataset_list(self) -> list[str]:
-        return PROTOCOL["datasets"]
+    config_suffix = ""  # the hub config / file name is <dataset><suffix>
+    datasets_key = "datasets"  # the list in tasks/longbench.json
 
     def samples(self, env: TaskEnv) -> list[Sample]:
         out = []
         n = self.args["n_per_dataset"]
         chat_tokens = chat_overhead(env.tokenizer)
-        for dataset in pick_datasets(self.args["datasets"], self.dataset_list(), self.name):
+        for dataset in pick_datasets(self.args["datasets"], PROTOCOL[self.datasets_key], self.name):
             config = dataset + self.config_suffix
             rows = data.load_rows(config, self.data_dir(env))
             for index, row in enumerate(rows[:n] if n > 0 else rows):
@@ -169,9 +167,7 @@ class LongBenchE(LongBench):
     summary = "LongBench-E, 13 datasets bucketed by length (0-4k/4-8k/8k+)"
     params = common_params("the 13 LongBench-E datasets")
     config_suffix = "_e"
-
-    def dataset_list(self) -> list[str]:
-        return PROTOCOL["e_datasets"]
+    datasets_key = "e_datasets"
 
     def aggregate(self, records: list[dict]) -> dict[str, float]:
         return e_scores(records)

@@ -1,0 +1,120 @@
+"""The ``lcbench`` command line (typer + rich). Flags follow lm-evaluation-harness where it fits.
+
+Bad input (unknown names, misspelled or mistyped parameters, a ratio outside [0, 1), an
+unwritable output path) prints one paragraph naming the fix and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="lcbench: long-context compression methods × task suites, with quality, latency and memory.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(r) for r in _split(text)]
+    except ValueError:
+        raise UserError(f"--ratio '{text}' is not a number (or a comma-separated list of numbers). Fix: --ratio 0.5") from None
+
+
+@app.command()
+def run(
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="registered name, hub id or local folder"),
+    model_args: Optional[str] = typer.Option(None, "--model-args", help="k=v,... e.g. dtype=bfloat16,gguf_file=x.gguf"),
+    method: str = typer.Option("full", "--method", help="method chain a+b; several runs: comma-separated"),
+    method_args: Optional[str] = typer.Option(None, "--method-args", help="k=v,... or name.k=v for one component"),
+    task: str = typer.Option("niah", "--task", help="task name; several: comma-separated"),
+    task_args: Optional[str] = typer.Option(None, "--task-args", help="k=v,... (lists use ';')"),
+    ratio: str = typer.Option("0.5", "--ratio", help="fraction of the context KV memory removed, in [0,1); list allowed"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="first N samples only"),
+    batch_size: int = typer.Option(8, "--batch-size", help="turns sharing a context decoded together"),
+    output_path: str = typer.Option("results", "--output-path", help="folder of run folders"),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: auto)"),
+    query_aware: bool = typer.Option(False, "--query-aware", help="compress after the question is prefilled"),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="replay a spec.json (other flags ignored)"),
+) -> None:
+    """Evaluate method chains on tasks; print a table; write results/<run-id>/."""
+    from .evaluate import ModelPool, build_spec, evaluate
+    from .report.table import render_table, run_rows
+    from .spec import RunSpec
+
+    if spec is not None:
+        try:
+            specs = [RunSpec.from_json(json.loads(spec.read_text()))]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise UserError(f"--spec {spec}: not a readable lcbench spec.json ({exc}).") from None
+    else:
+        specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, ratio=r,
+                            task=t, task_args=task_args, limit=limit, seed=seed, device=device, dtype=dtype,
+                            query_aware=query_aware, batch_size=batch_size, output_path=output_path)
+                 for t in _split(task) for r in _ratios(ratio) for m in _split(method)]
+    pool = ModelPool()
+    folders = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as bar:
+        for s in specs:
+            job = bar.add_task(f"{s.task} · {s.method_name} · r={s.ratio:g}", total=None)
+            outcome = evaluate(s, pool, progress=lambda i, n, job=job: bar.update(job, completed=i, total=n))
+            folders.append(outcome.folder)
+    render_table(run_rows(folders), console)
+    console.print(f"records: {', '.join(str(f) for f in folders)}")
+
+
+@app.command("ls")
+def ls(what: str = typer.Argument(..., help="methods | tasks | models")) -> None:
+    """List registered methods, tasks or models with their parameters."""
+    from .describe import describe_registry
+
+    describe_registry(what, console)
+
+
+@app.command()
+def report(run_dirs: list[Path] = typer.Argument(..., help="run folders (or folders containing them)")) -> None:
+    """Print the table of saved runs."""
+    from .report.table import render_table, run_rows
+
+    render_table(run_rows(run_dirs), console)
+
+
+def main() -> None:
+    """Console entry point: user errors become one paragraph on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted (results written so far are kept; re-run the same command to resume)")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One run from a RunSpec: task → samples → engine → scored records in the run store → summary.
+
+This is what ``lcbench run`` calls once per (method, ratio, task). It resumes: turns already in
+``samples.jsonl`` are skipped, so a killed run re-run with the same spec ends with exactly one
+record per turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .engine.runner import Engine, EngineConfig
+from .errors import UserError
+from .methods.chain import Chain, chain_ratio, resolve_chain
+from .models.loading import DEFAULT_MODEL, MODEL_PARAMS, LoadedModel, load_model, resolve_device, resolve_dtype
+from .params import parse_kv
+from .results.store import RunStore
+from .results.summary import summarize
+from .spec import RunSpec
+from .tasks.base import TaskEnv
+from .tasks.registry import TASKS
+
+
+def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, method: str = "full",
+               method_args: str | None = None, ratio: float = 0.5, task: str = "niah",
+               task_args: str | None = None, limit: int | None = None, seed: int = 0,
+               device: str | None = None, dtype: str | None = None, query_aware: bool = False,
+               batch_size: int = 8, output_path: str = "results") -> RunSpec:
+    """Expand command-line values into a fully resolved RunSpec (every default filled in)."""
+    if not 0.0 <= ratio < 1.0:
+        raise UserError(f"--ratio {ratio} is outside [0, 1): it is the fraction of the context's KV memory "
+                        f"removed (0 = none, 0.75 = keep a quarter). Fix: pass e.g. --ratio 0.5.")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: must be a positive number of samples.")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be ≥ 1.")
+    margs = parse_kv(model_args, "--model-args")
+    if dtype:
+        margs["dtype"] = dtype
+    dev = resolve_device(device)
+    margs = MODEL_PARAMS.resolve(margs, f"model '{model}'")
+    margs["dtype"] = str(resolve_dtype(margs["dtype"], dev)).replace("torch.", "")
+    chain = resolve_chain(method, method_args, ratio)
+    task_cls = TASKS.get(task)
+    task_obj = task_cls(**parse_kv(task_args, "--task-args"))
+    return RunSpec(model=model, model_args=margs, method=chain, ratio=chain_ratio(chain), task=task,
+                   task_args=task_obj.args, task_version=task_obj.version,
+                   task_template_hash=task_obj.template_hash(), limit=limit, seed=seed, device=dev,
+                   dtype=margs["dtype"], query_aware=query_aware, mode=task_obj.mode,
+                   batch_size=batch_size, output_path=output_path)
+
+
+@dataclass
+class RunOutcome:
+    spec: RunSpec
+    folder: Path
+    summary: dict[str, Any]
+    new_records: int
+
+
+class ModelPool:
+    """Keeps the last loaded model so several runs in one command load it once."""
+
+    def __init__(self):
+        self._key = None
+        self._loaded: LoadedModel | None = None
+
+    def get(self, spec: RunSpec) -> LoadedModel:
+        key = (spec.model, tuple(sorted(spec.model_args.items())), spec.device)
+        if key != self._key:
+            self._loaded = load_model(spec.model, {k: v for k, v in spec.model_args.items() if v is not None},
+                                      spec.device)
+            self._key = key
+        return self._loaded
+
+
+def evaluate(spec: RunSpec, models: ModelPool | None = None,
+             progress: Callable[[int, int], None] | None = None) -> RunOutcome:
+    """Run (or resume) ``spec``; returns the folder and its summary."""
+    torch.manual_seed(spec.seed)
+    folder = Path(spec.output_path) / spec.run_id
+    store = RunStore(folder)
+    store.open(spec.to_json())
+    loaded = (models or ModelPool()).get(spec)
+    task = TASKS.get(spec.task)(**spec.task_args)
+    env = TaskEnv(tokenizer=loaded.tokenizer, model_name=spec.model, model_max_length=loaded.max_length,
+                  seed=spec.seed, data_dir=None)
+    samples = task.samples(env)
+    if spec.limit is not None:
+        samples = samples[: spec.limit]
+    chain = Chain.build(spec.method, spec.ratio)
+    engine = Engine(loaded.model, loaded.tokenizer, chain,
+                    EngineConfig(query_aware=spec.query_aware, batch_size=spec.batch_size))
+    done = store.done_turns()
+    multi_turn = spec.mode == "multi_turn"
+    written = 0
+    for i, sample in enumerate(samples):
+        skip = done.get(sample.id, set())
+        if len(skip) < len(sample.turns):
+            for record in engine.run(sample, multi_turn, skip_turns=skip):
+                turn = sample.turns[record["turn"]]
+                record.update(task.score(sample, turn, record["prediction"]))
+                record.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
+                               "model": spec.model})
+                store.append(record)
+                written += 1
+        if progress:
+            progress(i + 1, len(samples))
+    wanted = {s.id for s in samples}
+    records = [r for r in store.records() if r["sample_id"] in wanted]
+    summary = summarize(records, task.aggregate(records))
+    summary.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
+                    "ratio": spec.ratio, "model": spec.model, "query_aware": spec.query_aware})
+    store.write_json(RunStore.SUMMARY, summary)
+    return RunOutcome(spec, folder, summary, written)

@@ -1,0 +1,1 @@
+"""Tables, plots and the leaderboard, built from stored results only (never by running a model)."""

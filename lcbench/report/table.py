@@ -1,0 +1,87 @@
+"""The summary table of runs: one row per run (task × method × ratio × model) with quality,
+achieved compression, latency and memory side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from ..results.store import RunStore, find_runs
+
+COLUMNS = {
+    "task": "task", "method": "method", "ratio": "ratio", "n": "n",
+    "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
+    "ttft_s": "TTFT s", "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
+}
+
+
+def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run folder found under ``paths``, from its summary.json."""
+    rows = []
+    for folder in find_runs(paths):
+        store = RunStore(folder)
+        spec = store.spec()
+        try:
+            summary = store.summary()
+        except Exception:  # a run that never finished: summarize what it holds
+            from ..results.summary import summarize
+
+            summary = summarize(store.records())
+        overall = summary.get("overall", {})
+        records = store.records()
+        mem_kind = records[0].get("memory_kind") if records else None
+        s = spec["spec"]
+        rows.append({
+            "task": s["task"], "method": "+".join(m["name"] for m in s["method"]), "ratio": s["ratio"],
+            "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
+            "score": overall.get("score"), "score_ci": overall.get("score_ci"),
+            "achieved_ratio": overall.get("achieved_ratio"),
+            "kv_mb": overall["kv_bytes"] / 2**20 if overall.get("kv_bytes") is not None else None,
+            "ttft_s": overall.get("ttft_s"), "decode_tok_s": overall.get("decode_tok_s"),
+            "peak_memory_mb": overall.get("peak_memory_mb"), "memory_kind": mem_kind,
+            "attention_density": overall.get("attention_density"),
+            "run_id": spec["run_id"], "folder": str(folder),
+        })
+    df = pd.DataFrame(rows)
+    return df.sort_values(["task", "model", "ratio", "method"]).reset_index(drop=True)
+
+
+def _fmt(value, key: str) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if key in ("n",):
+        return str(int(value))
+    if isinstance(value, float):
+        if key in ("ratio", "achieved_ratio"):
+            return f"{value:.2f}"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def render_table(df: pd.DataFrame, console: Console | None = None, title: str = "lcbench results") -> None:
+    """Print the runs as a rich table (memory column labelled CPU RSS or CUDA peak)."""
+    console = console or Console()
+    kinds = set(df.get("memory_kind", pd.Series(dtype=object)).dropna())
+    mem_label = {"cpu_rss": "peak RSS MB (CPU)", "cuda_peak_allocated": "peak CUDA MB"}.get(
+        next(iter(kinds)) if len(kinds) == 1 else "", "peak MB")
+    models = sorted(set(df["model"])) if "model" in df else []
+    table = Table(title=f"{title} — model: {', '.join(models)}" if models else title)
+    for key, label in COLUMNS.items():
+        table.add_column(mem_label if key == "peak_memory_mb" else label, overflow="fold",
+                         justify="left" if key in ("task", "method") else "right")
+    for _, row in df.iterrows():
+        cells = []
+        for k in COLUMNS:
+            cell = _fmt(row.get(k), k)
+            if k == "score" and isinstance(row.get("score_ci"), (list, tuple)):
+                lo, hi = row["score_ci"]
+                cell = f"{row['score']:.2f} [{lo:.2f},{hi:.2f}]"
+            if k == "method" and row.get("query_aware"):
+                cell += " (qa)"
+            cells.append(cell)
+        table.add_row(*cells)
+    console.print(table)

@@ -1,0 +1,162 @@
+"""Needle in a haystack (gkamradt/LLMTest_NeedleInAHaystack@7b90d28; shared/specs/suites.md §3).
+
+Grid: context length × depth. The haystack (essays from a folder, sorted — upstream globs in
+filesystem order — or lcbench's built-in filler) is repeated until long enough, cut to the length
+in the *target* tokenizer, shortened by the 200-token buffer, and the needle is inserted at the
+depth, moved back to just after a sentence end (a token that encodes '.'), exactly as upstream.
+
+Scoring deviates from upstream, which uses an LLM judge (gpt-3.5-turbo, 1–10) that is not
+available offline: ``score`` is the fraction of the needle's content words found in the
+normalized answer (1.0 for a full match); ``score_10`` maps it onto the judge's 1–10 scale. For the
+passkey needle the score is exact containment of the key. Both are labelled as lcbench deviations.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import protocol_file
+from ..errors import UserError
+from ..params import Param
+from .base import Task, TaskEnv
+from .sample import Sample, Turn
+
+PROTOCOL = tomllib.loads(protocol_file("tasks", "niah.toml").read_text())
+_STOPWORDS = frozenset("a an and the is in on of to do at by for it be with what thing best sit".split())
+
+BUILTIN = {"niah": "lcbench.tasks.niah:NeedleInAHaystack"}
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).replace(",", ";").split(";") if x.strip()]
+    except ValueError:
+        raise UserError(f"niah: {what} must be numbers separated by ';', got {text!r}.") from None
+
+
+def content_words(text: str) -> list[str]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return [w for w in words if w not in _STOPWORDS]
+
+
+def needle_recall(prediction: str, needle: str) -> float:
+    """Fraction of the needle's content words present in the prediction (lcbench deviation)."""
+    want = set(content_words(needle))
+    have = set(content_words(prediction))
+    return len(want & have) / len(want) if want else 0.0
+
+
+def load_haystack(path: str | None) -> str:
+    """Essays from a folder of ``*.txt`` (sorted) or one text/JSON file; the built-in filler if None."""
+    if not path:
+        sentences = PROTOCOL["builtin_haystack"]["sentences"]
+        return " ".join(sentences) + " "
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise UserError(f"niah: haystack folder '{p}' has no .txt files. Fix: point haystack= at a folder of essays "
+                            f"(e.g. ../shared/data/niah/PaulGrahamEssays).")
+        return "".join(f.read_text(encoding="utf-8") for f in files)
+    if p.is_file():
+        text = p.read_text(encoding="utf-8")
+        if p.suffix == ".json":
+            import json
+
+            text = json.loads(text)["text"]
+        return text
+    raise UserError(f"niah: haystack '{p}' does not exist. Fix: pass a folder of .txt essays or a text file.")
+
+
+class NeedleInAHaystack(Task):
+    name = "niah"
+    suite = "niah"
+    version = PROTOCOL["version"]
+    source = "gkamradt/LLMTest_NeedleInAHaystack@7b90d28"
+    summary = "needle in a haystack, length × depth grid (offline scorer: lcbench deviation from the LLM judge)"
+    params = (
+        Param("lengths", str, PROTOCOL["defaults"]["lengths"], "context lengths in target tokens, ';'-separated"),
+        Param("depths", str, PROTOCOL["defaults"]["depths"], "needle depths in percent, ';'-separated"),
+        Param("linspace", str, None, "upstream grid 'min;max;n' for lengths (overrides lengths), e.g. 1000;16000;35"),
+        Param("needle", str, "passkey", "'passkey' (random key per sample) or 'sandwich' (upstream default)",
+              ("passkey", "sandwich")),
+        Param("haystack", str, None, "folder of essays or a text file; default: built-in filler"),
+        Param("max_new_tokens", int, PROTOCOL["defaults"]["max_new_tokens"], "tokens to generate (upstream 300)"),
+        Param("repeats", int, 1, "samples per (length, depth) cell, with different keys"),
+    )
+
+    def _grid(self) -> tuple[list[int], list[float]]:
+        if self.args["linspace"]:
+            lo, hi, n = _floats(self.args["linspace"], "linspace")
+            lengths = [int(x) for x in np.round(np.linspace(lo, hi, int(n))).astype(int)]
+        else:
+            lengths = [int(x) for x in _floats(self.args["lengths"], "lengths")]
+        depths = _floats(self.args["depths"], "depths")
+        if any(d < 0 or d > 100 for d in depths):
+            raise UserError("niah: depths are percentages in [0, 100].")
+        if any(n <= PROTOCOL["upstream"]["final_context_length_buffer"] + 20 for n in lengths):
+            raise UserError("niah: each length must exceed the 200-token buffer (use ≥ 300).")
+        return lengths, depths
+
+    def protocol_payload(self) -> Any:
+        return {"protocol": PROTOCOL, "args": self.args, "version": self.version}
+
+    @staticmethod
+    def insert_needle(tokenizer, haystack_ids: list[int], needle: str, length: int, depth: float) -> str:
+        """Upstream ``insert_needle``: cut to length − buffer, insert at depth, back to a period."""
+        needle_ids = tokenizer(needle, add_special_tokens=False)["input_ids"]
+        ctx = haystack_ids[:length]
+        limit = length - PROTOCOL["upstream"]["final_context_length_buffer"]
+        if len(ctx) + len(needle_ids) > limit:
+            ctx = ctx[: limit - len(needle_ids)]
+        if depth >= 100:
+            ids = ctx + needle_ids
+        else:
+            period = set(tokenizer(".", add_special_tokens=False)["input_ids"])
+            ip = int(len(ctx) * depth / 100)
+            while ip > 0 and ctx[ip - 1] not in period:
+                ip -= 1
+            ids = ctx[:ip] + needle_ids + ctx[ip:]
+        return tokenizer.decode(ids)
+
+    def samples(self, env: TaskEnv) -> list[Sample]:
+        lengths, depths = self._grid()
+        up = PROTOCOL["upstream"]
+        haystack = load_haystack(self.args["haystack"])
+        tok = env.tokenizer
+        unit = tok(haystack, add_special_tokens=False)["input_ids"]
+        reps = max(lengths) // max(1, len(unit)) + 1
+        hay_ids = (unit * reps)[: max(lengths)] if len(unit) * reps >= max(lengths) else unit * reps
+        rng = random.Random(env.seed)
+        out = []
+        for length in lengths:
+            for depth in depths:
+                for r in range(self.args["repeats"]):
+                    if self.args["needle"] == "passkey":
+                        key = str(rng.randint(10000, 99999))
+                        needle = PROTOCOL["passkey"]["needle"].format(key=key)
+                        question, answers = PROTOCOL["passkey"]["retrieval_question"], [key]
+                    else:
+                        needle, question = up["needle"], up["retrieval_question"]
+                        answers = [needle.strip()]
+                    context = self.insert_needle(tok, hay_ids, needle, length, depth)
+                    sid = f"niah-L{length}-D{depth:g}" + (f"-r{r}" if self.args["repeats"] > 1 else "")
+                    turn = Turn(question="\n\n" + question + up["question_suffix"], answers=answers,
+                                max_new_tokens=self.args["max_new_tokens"], scorer=self.args["needle"])
+                    out.append(Sample(sid, context, [turn], system=up["system"],
+                                      meta={"dataset": "niah", "length": length, "depth": depth,
+                                            "length_bucket": length, "needle": self.args["needle"]}))
+        return out
+
+    def score(self, sample: Sample, turn: Turn, prediction: str) -> dict[str, float]:
+        if turn.scorer == "passkey":
+            s = float(turn.answers[0] in prediction)
+        else:
+            s = needle_recall(prediction, turn.answers[0])
+        return {"score": s, "score_10": round(1 + 9 * s)}

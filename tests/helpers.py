@@ -1,0 +1,11 @@
+"""Small builders shared by tests."""
+
+from lcbench.tasks.sample import Sample, Turn
+
+FILLER = "The quick brown fox jumps over the lazy dog. A needle hides in a haystack of essays. "
+
+
+def make_sample(n_turns: int = 1, repeat: int = 12, max_new_tokens: int = 10, sid: str = "s0") -> Sample:
+    turns = [Turn(question=f"\n\nQuestion: What is the special magic number {i}? Answer:", answers=[f"{7421 + i}"],
+                  max_new_tokens=max_new_tokens, scorer="passkey") for i in range(n_turns)]
+    return Sample(sid, "Read the following text carefully. " + FILLER * repeat, turns)

@@ -1,0 +1,36 @@
+"""A method that achieves far less compression than requested fails the run, by name."""
+
+import pytest
+
+from lcbench.errors import CompressionShortfall
+from lcbench.methods.base import Stage
+from lcbench.methods.registry import METHODS
+from tests.conftest import engine_for
+from tests.helpers import make_sample
+
+
+class MasksOnly(Stage):
+    """Claims to compress but stores everything (what lcbench must catch)."""
+
+    name = "masks_only_test"
+    family = "kv_dropping"
+    stages = ("cache",)
+
+
+def test_shortfall_fails_the_run(tiny):
+    METHODS.add("masks_only_test", MasksOnly)
+    model, tok = tiny
+    engine = engine_for(model, tok, "masks_only_test", 0.5)
+    with pytest.raises(CompressionShortfall, match="achieved a compression ratio of 0.000 but 0.500"):
+        engine.run(make_sample(1), False)
+
+
+def test_chain_ratio_splits_multiplicatively():
+    from lcbench.methods.chain import chain_ratio, resolve_chain
+
+    spec = resolve_chain("snapkv+random", None, 0.75)
+    assert [round(c["ratio"], 4) for c in spec] == [0.5, 0.5]
+    assert chain_ratio(spec) == pytest.approx(0.75)
+    spec = resolve_chain("snapkv+random", "snapkv.ratio=0.5", 0.75)
+    assert [round(c["ratio"], 4) for c in spec] == [0.5, 0.5]
+    assert resolve_chain("full", None, 0.75)[0]["ratio"] == 0.0
