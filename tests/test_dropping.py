@@ -28,7 +28,7 @@ from lcbench.models.loading import use_lcbench_attention
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from lcbench.tasks.sample import Sample, Turn
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the CI machine is shared; one thread is steadier
 RATIOS = (0.25, 0.5, 0.75, 0.9)
 CONTEXT = "Read the following text carefully. " + " ".join(
     f"The special magic number is {i * 7919 % 10000}. The quick brown fox jumps over the lazy dog." for i in range(40))
@@ -123,11 +123,15 @@ def test_achieved_ratio_within_tolerance(model, tok, method):
         assert records[0]["kv_bytes"] < records[0]["kv_bytes_full"]
 
 
+@pytest.fixture(scope="module")
+def full_records(model, tok):
+    return run(model, tok, "full", 0.0, sample=make_sample(max_new_tokens=12))
+
+
 @pytest.mark.parametrize("method", sorted(DROPPING) + sorted(QUANTIZATION))
-def test_ratio_zero_is_token_identical_to_full(model, tok, method):
-    sample = make_sample(max_new_tokens=12)
-    full = run(model, tok, "full", 0.0, sample=sample)
-    got = run(model, tok, method, 0.0, sample=sample)
+def test_ratio_zero_is_token_identical_to_full(model, tok, full_records, method):
+    full = full_records
+    got = run(model, tok, method, 0.0, sample=make_sample(max_new_tokens=12))
     assert [r["prediction"] for r in got] == [r["prediction"] for r in full]
     assert [r["stopped_by"] for r in got] == [r["stopped_by"] for r in full]
     assert got[0]["kv_bytes"] == full[0]["kv_bytes"]
@@ -182,8 +186,11 @@ def test_knorm_keeps_the_lowest_norm_keys(model, tok):
     for layer_full, layer in zip(full.layers, cache.layers):
         norms = layer_full.keys.float().norm(dim=-1)[0]  # (H, n)
         for head in range(norms.shape[0]):
-            expect = sorted(norms[head].argsort()[: round(len(ids) * 0.5)].tolist())
-            assert kept_positions(layer, head=head) == expect
+            kept = kept_positions(layer, head=head)
+            dropped = sorted(set(range(len(ids))) - set(kept))
+            assert len(kept) == round(len(ids) * 0.5)
+            # RoPE keeps norms, so repeated tokens tie: compare values, not index sets
+            assert norms[head, kept].max() <= norms[head, dropped].min() + 1e-5
 
 
 def test_h2o_keeps_the_recent_half_of_its_budget(model, tok):
