@@ -129,6 +129,12 @@ class MiniLongBench(LongBenchBase):
             return proto["opencompass_prompts"].get(dataset, proto["prompts"][dataset])
         return proto["prompts"][dataset]
 
+    def protocol_payload(self) -> Any:
+        payload = super().protocol_payload()
+        payload["minilongbench"] = MINI
+        payload["opencompass_prompts"] = longbench_protocol()["opencompass_prompts"]
+        return payload
+
     # --- data -------------------------------------------------------------------------------
     def _shared_rows(self, path: Path) -> dict[tuple[str, int], dict[str, Any]]:
         """Rows of ``minilongbench_237.jsonl``; items without a context/input split (repobench-p,

@@ -34,7 +34,7 @@ def common_params(default_datasets: str) -> tuple[Param, ...]:
     return (
         Param("datasets", list, [], f"';'-separated datasets (default: {default_datasets})"),
         Param("data_dir", str, None, "local data: a folder of <dataset>.jsonl in LongBench's released format "
-                                     "(default: the run's --data-dir, else the Hugging Face hub)"),
+                                     "(default: the run's data folder if it has one, else the Hugging Face hub)"),
         Param("chat", str, "auto", "chat template: auto (LongBench's no-chat list), always, never",
               ("auto", "always", "never")),
         Param("max_length", int, 0, "middle-truncation budget in tokens (0: model2maxlen.json, else the model window)"),
