@@ -1,0 +1,159 @@
+"""KV quantization: packing, KIVI/int reconstruction error within the bound of the bit width,
+bytes held (packed codes + float16 scales + window), the ratio → (bits, window) mapping, and the
+layer contract (append/flush, crop, select, repeat) that appended question/answer tokens need."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_dropping import CONTEXT, context_ids, make_sample, prefill, run  # noqa: F401  (fixtures below)
+from test_dropping import model, tok  # noqa: F401
+
+from lcbench.cache.quantized import QuantizedLayer, QuantSpec, pack, unpack
+from lcbench.errors import CompressionShortfall
+from lcbench.methods.chain import Chain, resolve_chain
+from lcbench.methods.quantization.plan import plan
+
+RATIOS = (0.25, 0.5, 0.75, 0.9)
+
+
+def random_kv(tokens: int = 128, head_dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys with outlier channels (what KIVI's per-channel keys are for) and plain values."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn((1, 2, tokens, head_dim), generator=gen)
+    keys[..., 3] *= 20  # an outlier channel
+    values = torch.randn((1, 2, tokens, head_dim), generator=gen)
+    return keys, values
+
+
+def layer_of(keys, values, spec: QuantSpec) -> QuantizedLayer:
+    positions = torch.arange(keys.shape[2]).expand(keys.shape[:3])
+    return QuantizedLayer.from_dense(keys, values, positions, None, spec)
+
+
+def group_bound(x: torch.Tensor, bits: int, shape: tuple[int, ...], dim: int) -> torch.Tensor:
+    """Per element: (max − min) / (2 (2^bits − 1)) of its group, plus float16 rounding of the
+    scale and zero (2^-10 of the group's largest magnitude)."""
+    grouped = x.reshape(shape)
+    lo, hi = grouped.amin(dim, keepdim=True), grouped.amax(dim, keepdim=True)
+    bound = (hi - lo) / (2 * (2**bits - 1)) + 2**-10 * torch.maximum(lo.abs(), hi.abs()) + 1e-6
+    return bound.expand_as(grouped).reshape(x.shape)
+
+
+def test_pack_unpack_round_trip():
+    gen = torch.Generator().manual_seed(0)
+    for bits in (2, 4, 8):
+        codes = torch.randint(0, 2**bits, (3, 5, 16), generator=gen, dtype=torch.uint8)
+        packed = pack(codes, bits)
+        assert packed.shape[-1] == 16 * bits // 8 and packed.dtype == torch.uint8
+        assert torch.equal(unpack(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kivi_error_within_the_bound_of_its_bit_width(bits):
+    keys, values = random_kv()
+    layer = layer_of(keys, values, QuantSpec(bits, "channel", 32, 0))
+    k, v = layer.dense()
+    b, h, t, d = keys.shape
+    key_bound = group_bound(keys, bits, (b, h, t // 32, 32, d), 3)  # per channel over 32 tokens
+    value_bound = group_bound(values, bits, (b, h, t, 1, d), 4)  # per token (16 channels < group 32)
+    assert ((k - keys).abs() <= key_bound).all()
+    assert ((v - values).abs() <= value_bound).all()
+    # the bound is tight: the worst error is at least a quarter of it somewhere
+    assert ((k - keys).abs() / key_bound).max() > 0.25
+    # per-channel keys beat per-token keys on outlier channels (KIVI's point)
+    per_token = layer_of(keys, values, QuantSpec(bits, "token", 16, 0)).dense()[0]
+    assert (k - keys).abs().mean() < (per_token - keys).abs().mean()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_token_error_within_the_bound(bits):
+    keys, values = random_kv()
+    layer = layer_of(keys, values, QuantSpec(bits, "token", 8, 0))
+    k, v = layer.dense()
+    b, h, t, d = keys.shape
+    assert ((k - keys).abs() <= group_bound(keys, bits, (b, h, t, 2, 8), 4)).all()
+    assert ((v - values).abs() <= group_bound(values, bits, (b, h, t, 2, 8), 4)).all()
+
+
+def test_bytes_held_are_the_packed_ones():
+    keys, values = random_kv(tokens=64)
+    layer = layer_of(keys, values, QuantSpec(2, "channel", 32, 0))
+    # per head: key codes 64·16/4 = 256, value codes 256, key scale+zero (64/32)·16·2·2 = 128,
+    # value scale+zero 64·1·2·2 = 256 (one group per token: 32 does not divide 16) → 896; two heads
+    assert layer.nbytes() == 1792
+    assert layer.spec.nbytes(1, 2, 64, 16, 4) == 1792
+    assert keys.numel() * 4 * 2 == 16384  # the float32 original
+    windowed = layer_of(keys, values, QuantSpec(2, "channel", 32, 20))  # 44 past the window → 32 quantized
+    assert windowed.quantized == 32 and windowed.nbytes() == windowed.spec.nbytes(1, 2, 64, 16, 4)
+
+
+def test_window_stays_full_precision_through_appends_and_flushes_by_groups():
+    keys, values = random_kv(tokens=100)
+    spec = QuantSpec(2, "channel", 32, 16)
+    layer = layer_of(keys[:, :, :60], values[:, :, :60], spec)
+    assert layer.quantized == 32  # 60 − 16 = 44 → one whole group
+    for t in range(60, 100):  # decoding, one token at a time
+        layer.append(keys[:, :, t:t + 1], values[:, :, t:t + 1], torch.tensor([[t]]), None)
+        assert layer.seq_len() == t + 1
+        assert 16 <= layer.rkeys.shape[2] < 16 + 32
+    assert layer.quantized == 64
+    k, _ = layer.dense()
+    assert torch.equal(k[:, :, 64:], keys[:, :, 64:])  # the window is exact
+    assert torch.equal(layer.positions[0, 0], torch.arange(100))
+
+
+def test_crop_select_and_repeat_keep_the_contract():
+    keys, values = random_kv(tokens=96)
+    layer = layer_of(keys, values, QuantSpec(4, "channel", 32, 8))
+    seen_by_attention = layer.dense()[0]
+    copy = layer.repeat_rows(3)
+    assert torch.equal(copy.dense()[0][2], seen_by_attention[0]) and copy.nbytes() == 3 * layer.nbytes()
+    layer.crop_to(40)  # inside the quantized part: the cut group returns to the window as it was seen
+    assert layer.seq_len() == 40 and layer.quantized == 32
+    assert torch.equal(layer.dense()[0], seen_by_attention[:, :, :40])
+    layer.select(torch.arange(0, 40, 2).expand(1, 2, 20))
+    assert layer.positions[0, 0].tolist() == list(range(0, 40, 2))
+    assert (layer.dense()[0] - keys[:, :, 0:40:2]).abs().max() < 3.0
+
+
+def test_plan_picks_the_most_bits_then_the_longest_window():
+    keys, values = random_kv(tokens=1024, head_dim=64)
+    dense = layer_of(keys, values, QuantSpec(8, "token", 64, 1024))  # window = everything: not quantized
+    assert dense.quantized == 0
+    spec = plan(dense, 0.5, (4, 2), "channel", 32, -1)
+    assert spec.bits == 4 and spec.window > 0
+    achieved = 1 - spec.nbytes(1, 2, 1024, 64, 4) / dense.nbytes()
+    assert 0.5 <= achieved < 0.5 + 0.03
+    assert plan(dense, 0.87, (4, 2), "channel", 32, -1).bits == 2
+    assert plan(dense, 0.99, (4, 2), "channel", 32, -1) == QuantSpec(2, "channel", 32, 0)
+
+
+# --- through the engine ----------------------------------------------------------------------
+LONG = make_sample(context=CONTEXT + " " + CONTEXT, turns=1, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("method", ["kivi", "int8", "int4"])
+def test_achieved_ratio_within_tolerance_where_reachable(model, tok, method):  # noqa: F811
+    stage = Chain.build(resolve_chain(method, None, 0.5), 0.5).stages[0]
+    n = len(context_ids(tok, LONG.context))
+    cfg = model.config
+    reachable = stage.max_ratio(cfg.num_key_value_heads, n, cfg.head_dim, model.dtype)
+    for ratio in RATIOS:
+        if ratio - stage.tolerance > reachable:
+            with pytest.raises(CompressionShortfall):
+                run(model, tok, method, ratio, sample=LONG)
+            continue
+        rec = run(model, tok, method, ratio, sample=LONG)[0]
+        assert abs(rec["achieved_ratio"] - ratio) <= stage.tolerance, (method, ratio, rec["achieved_ratio"])
+        assert rec["kept_tokens"] == rec["context_tokens"]  # quantization keeps every token
+
+
+def test_quantized_cache_decodes_multi_turn_and_batched(model, tok):  # noqa: F811
+    sample = make_sample(turns=3, max_new_tokens=6)
+    for multi_turn in (False, True):
+        recs = run(model, tok, "kivi", 0.6, sample=sample, multi_turn=multi_turn)
+        assert len(recs) == 3 and all(abs(r["achieved_ratio"] - 0.6) <= 0.06 for r in recs)
+    int8 = run(model, tok, "int8", 0.5, sample=sample)
+    full = run(model, tok, "full", 0.0, sample=sample)
+    assert [r["prediction"] for r in int8] == [r["prediction"] for r in full]  # 8 bits: same greedy answers
