@@ -1,0 +1,109 @@
+"""KV-cache methods side by side: compression time vs prefill time and KV bytes held vs full.
+
+Every KV-dropping and KV-quantization method (and the chains ``snapkv+kivi``, ``pyramidkv+int8``,
+and ``kvpress:SnapKVPress`` when kvpress is installed) compresses the same ~4K-token context
+(Paul Graham essays from ../shared/data/niah) at ``--ratio`` through lcbench's engine, exactly as
+a run does: one compressing prefill (the cache stage runs on each layer right after its
+attention, and its time — observations included — is the compression time), then a one-token
+answer. Reported per method: the measured ratio, KV bytes held and their share of the full
+cache, prefill time, compression time and compression as % of prefill. On a shared CPU the
+timings move with the machine's load; the bytes do not.
+
+    python benchmarks/methods.py                        # SmolLM2-135M-Instruct, 4K, ratio 0.5
+    python benchmarks/methods.py --methods snapkv,kivi --context-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from lcbench.engine.runner import Engine, EngineConfig
+from lcbench.methods.chain import Chain, resolve_chain
+from lcbench.methods.dropping import BUILTIN as DROPPING
+from lcbench.methods.quantization import BUILTIN as QUANTIZATION
+from lcbench.models.loading import load_model
+from lcbench.tasks.sample import Sample, Turn
+
+ESSAYS = Path(__file__).resolve().parents[2] / "shared" / "data" / "niah" / "PaulGrahamEssays"
+CHAINS = ["snapkv+kivi", "pyramidkv+int8"]
+
+
+def essay_context(tokenizer, tokens: int) -> str:
+    """The first ``tokens`` tokens of the essays (sorted by file name), as text."""
+    ids: list[int] = []
+    for path in sorted(ESSAYS.glob("*.txt")):
+        ids += tokenizer(path.read_text(), add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            break
+    return tokenizer.decode(ids[:tokens])
+
+
+def default_methods() -> list[str]:
+    methods = ["full", *DROPPING, *QUANTIZATION, *CHAINS]
+    try:
+        import kvpress  # noqa: F401
+
+        methods.append("kvpress:SnapKVPress")
+    except ImportError:
+        pass
+    return methods
+
+
+def measure(loaded, sample: Sample, method: str, ratio: float) -> dict:
+    r = 0.0 if method == "full" else ratio
+    engine = Engine(loaded.model, loaded.tokenizer, Chain.build(resolve_chain(method, None, r), r),
+                    EngineConfig(check_ratio=False))
+    start = time.perf_counter()
+    rec = engine.run(sample, multi_turn=False)[0]
+    rec["wall_s"] = time.perf_counter() - start
+    return rec
+
+
+def row(method: str, rec: dict) -> list[str]:
+    share = rec["kv_bytes"] / rec["kv_bytes_full"]
+    return [method, f"{rec['achieved_ratio']:.3f}", f"{rec['kept_tokens']:.0f}", f"{rec['kv_bytes'] / 2**20:.1f}",
+            f"{100 * share:.1f}%", f"{rec['prefill_s']:.2f}", f"{rec['compress_s']:.2f}",
+            f"{100 * rec['compress_s'] / rec['prefill_s']:.1f}%"]
+
+
+HEADER = ["method", "ratio", "kept tok", "KV MB", "KV vs full", "prefill s", "compress s", "compress/prefill"]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(HEADER, widths)) + " |"
+    print(line)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--context-tokens", type=int, default=4096 - 40, help="context tokens before the chat template")
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--methods", default=None, help="comma-separated (default: all KV methods and chains)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, {}, "cpu")
+    sample = Sample("essays", essay_context(loaded.tokenizer, args.context_tokens),
+                    [Turn(question="What is the main point of the text?", answers=[""], max_new_tokens=1, scorer="none")])
+    methods = args.methods.split(",") if args.methods else default_methods()
+    print(f"model {args.model} ({loaded.model.dtype}, CPU, {args.threads} threads), ratio {args.ratio}", flush=True)
+    rows = []
+    for method in methods:
+        rec = measure(loaded, sample, method, args.ratio)
+        rows.append(row(method, rec))
+        print("  " + "  ".join(rows[-1]), flush=True)
+    print(f"\ncontext: {rec['context_tokens']} tokens; full KV cache {rec['kv_bytes_full'] / 2**20:.1f} MB\n")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
