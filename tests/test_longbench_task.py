@@ -37,7 +37,8 @@ def test_samples_from_fixture_folder():
                                        "passage_retrieval_zh/0", "lcc/0"]  # pred.py's dataset order
     hp = by_id["hotpotqa/0"]
     assert hp.chat and not by_id["trec/0"].chat and not by_id["lcc/0"].chat
-    assert hp.context.startswith("Answer the question based on the given passages.") and hp.context.endswith("1841.\n")
+    assert hp.context.startswith("Answer the question based on the given passages.") and hp.context.endswith("1841.")
+    assert hp.turns[0].question.startswith("\n\n\nAnswer the question")  # the context's "\n" moved over
     assert hp.turns[0].question.endswith("Question: In which town was the builder of the Lighthouse of Varne born?\nAnswer:")
     assert hp.turns[0].max_new_tokens == 32 and hp.turns[0].scorer == "qa_f1_score"
     assert hp.meta["dataset"] == "hotpotqa" and hp.meta["index"] == 0 and not hp.meta["truncated"]

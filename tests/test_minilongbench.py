@@ -83,7 +83,7 @@ def test_loads_all_237_rows_with_the_exact_prompts():
         assert s.context + s.turns[0].question == origin, s.id
     by_id = {s.id: s for s in samples}
     assert by_id["trec/0"].meta["all_classes"][0] == "Food" and not by_id["trec/0"].chat
-    assert by_id["repobench-p/0"].turns[0].question == "Next line of code:\n"  # whole code is the context
+    assert by_id["repobench-p/0"].turns[0].question == "\n\nNext line of code:\n"  # all the code is context
     assert by_id["samsum/0"].turns[0].stop_token_ids == ()  # no newline stop in MiniLongBench's runs
     assert by_id["qasper/0"].context.startswith("Answer the question based on the given passages.")
 

@@ -16,7 +16,7 @@ reproduce the tail verbatim, and a window so small that the cut reaches into a l
 (triviaqa's and lsht's inputs carry a passage). Then the split is the last occurrence of the
 template's literal text after ``{context}`` past the cut (``"suffix-search"``), or else the cut
 itself (``"cut"``). The joined text is upstream's in every case; only where compression may act
-moves.
+moves. Trailing whitespace of the context goes to the question part (see :func:`_split`).
 """
 
 from __future__ import annotations
@@ -62,20 +62,27 @@ def _literal_after_context(template: str) -> str:
     return tail.split("{", 1)[0]
 
 
+def _split(prompt: str, at: int, n_tokens: int, truncated: bool, how: str) -> RenderedPrompt:
+    """Split ``prompt`` at ``at``, moved back over the context's trailing whitespace: the engine
+    tokenizes the two parts separately, and a whitespace run cut in two (context ending in "\n",
+    question starting with "\n\n") would tokenize differently from upstream's single pass."""
+    at = len(prompt[:at].rstrip()) or at
+    return RenderedPrompt(prompt[:at], prompt[at:], n_tokens, truncated, how)
+
+
 def render_prompt(tokenizer, template: str, row: dict[str, Any], max_length: int) -> RenderedPrompt:
     """Render, middle-truncate to ``max_length`` tokens and split one row (see module docstring)."""
     context_part, question_part = render_parts(template, row)
     prompt, n_tokens, head = middle_truncate(tokenizer, context_part + question_part, max_length)
     if head is None:
-        return RenderedPrompt(context_part, question_part, n_tokens, False, "template")
+        return _split(prompt, len(context_part), n_tokens, False, "template")
     if prompt.endswith(question_part) and len(prompt) - len(question_part) >= len(head):
-        cut = len(prompt) - len(question_part)
-        return RenderedPrompt(prompt[:cut], prompt[cut:], n_tokens, True, "template")
+        return _split(prompt, len(prompt) - len(question_part), n_tokens, True, "template")
     literal = _literal_after_context(template)
     at = prompt.rfind(literal) if literal else -1
     if at >= len(head):
-        return RenderedPrompt(prompt[:at], prompt[at:], n_tokens, True, "suffix-search")
-    return RenderedPrompt(head, prompt[len(head):], n_tokens, True, "cut")
+        return _split(prompt, at, n_tokens, True, "suffix-search")
+    return _split(prompt, len(head), n_tokens, True, "cut")
 
 
 def chat_overhead(tokenizer) -> int:
