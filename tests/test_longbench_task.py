@@ -143,22 +143,34 @@ def test_longbench_e_buckets():
     assert not any(k.startswith("en/") for k in agg)
 
 
-def test_end_to_end_two_datasets_through_the_engine():
+def _run(task, samples, method: str = "snapkv") -> list[dict]:
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
     from lcbench.models.loading import use_lcbench_attention
 
     torch.set_num_threads(2)
-    task = LongBench(datasets="hotpotqa;trec", n_per_dataset=2)
-    samples = task.samples(env())
     model = tiny_llama()
     use_lcbench_attention(model)
-    engine = Engine(model, tiny_tokenizer(), Chain.build(resolve_chain("snapkv", None, 0.5), 0.5), EngineConfig())
+    engine = Engine(model, tiny_tokenizer(), Chain.build(resolve_chain(method, None, 0.5), 0.5), EngineConfig())
     records = []
     for sample in samples:
         for rec in engine.run(sample, multi_turn=False):
             rec.update(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
             records.append(rec)
+    return records
+
+
+def test_longbench_e_end_to_end():
+    task = LongBenchE(datasets="trec")
+    records = _run(task, task.samples(env()), "streamingllm")
+    agg = task.aggregate(records)
+    assert {"trec", "trec/0-4k", "trec/4-8k", "trec/8k+", "0-4k", "Few-shot/8k+"} <= set(agg)
+
+
+def test_end_to_end_two_datasets_through_the_engine():
+    task = LongBench(datasets="hotpotqa;trec", n_per_dataset=2)
+    samples = task.samples(env())
+    records = _run(task, samples)
     assert [r["sample_id"] for r in records] == ["hotpotqa/0", "hotpotqa/1", "trec/0", "trec/1"]
     assert all(0.0 <= r["score"] <= 100.0 and r["decode_tokens"] <= r_max for r, r_max in
                zip(records, [32, 32, 64, 64]))

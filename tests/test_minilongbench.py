@@ -228,7 +228,8 @@ def test_end_to_end_two_datasets_through_the_engine():
 @pytest.mark.slow
 @needs_shared
 def test_smollm2_tokenizer_keeps_every_question_part_intact():
-    """With SmolLM2's tokenizer and an 8k window, the cut always falls inside the context."""
+    """With SmolLM2's tokenizer and an 8k window the cut always falls inside the context, and the
+    two parts tokenize exactly as the whole prompt does."""
     import importlib.metadata as md
 
     from transformers import AutoTokenizer
@@ -240,3 +241,6 @@ def test_smollm2_tokenizer_keeps_every_question_part_intact():
     samples = MiniLongBench(data_dir=str(SHARED)).samples(env)
     assert Counter(s.meta["split"] for s in samples) == {"template": 237}
     assert sum(s.meta["truncated"] for s in samples) > 100
+    for s in samples:  # the engine tokenizes the parts separately: same tokens as upstream's one pass
+        parts = [t for text in (s.context, s.turns[0].question) for t in tok(text, add_special_tokens=False)["input_ids"]]
+        assert parts == tok(s.context + s.turns[0].question, add_special_tokens=False)["input_ids"], s.id
