@@ -56,7 +56,7 @@ def summarize(records: list[dict[str, Any]], task_aggregate: dict[str, float] | 
     """The ``summary.json`` payload."""
     return {
         "overall": describe(records),
-        "task": task_aggregate or {},
+        "aggregate": task_aggregate or {},
         "by_dataset": group(records, lambda r: r.get("meta", {}).get("dataset")),
         "by_length": group(records, lambda r: r.get("meta", {}).get("length_bucket")),
         "by_turn": group(records, lambda r: r.get("turn")),
