@@ -1,0 +1,76 @@
+"""Needle in a haystack: the upstream context build (buffer, depth, back to a period) and the
+offline scorer (a labelled deviation from the LLM judge)."""
+
+import pytest
+
+from lcbench.errors import UserError
+from lcbench.models.tiny import tiny_tokenizer
+from lcbench.tasks.base import TaskEnv
+from lcbench.tasks.niah import NeedleInAHaystack, needle_recall
+
+
+def _env(tok, seed=0):
+    return TaskEnv(tokenizer=tok, model_name="tiny", model_max_length=4096, seed=seed)
+
+
+def test_grid_ids_and_meta():
+    tok = tiny_tokenizer()
+    samples = NeedleInAHaystack(lengths="400;600", depths="0;50;100").samples(_env(tok))
+    assert [s.id for s in samples] == [f"niah-L{n}-D{d}" for n in (400, 600) for d in (0, 50, 100)]
+    assert samples[4].meta == {"dataset": "niah", "length": 600, "depth": 50.0, "length_bucket": 600,
+                               "needle": "passkey"}
+
+
+def test_context_length_buffer_and_sentence_boundary():
+    tok = tiny_tokenizer()
+    task = NeedleInAHaystack(lengths="500", depths="50", needle="sandwich")
+    s = task.samples(_env(tok))[0]
+    needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    assert needle in s.context
+    n = len(tok(s.context, add_special_tokens=False)["input_ids"])
+    assert 500 - 200 - 8 <= n <= 500 - 200  # upstream keeps length − 200 tokens (re-tokenizing may merge a few)
+    before = s.context[: s.context.index(needle)].rstrip("\n")
+    assert before.endswith(".")  # moved back to just after a period
+
+
+def test_depth_zero_and_hundred():
+    tok = tiny_tokenizer()
+    first, last = NeedleInAHaystack(lengths="500", depths="0;100").samples(_env(tok))
+    key0, key1 = first.turns[0].answers[0], last.turns[0].answers[0]
+    assert first.context.lstrip("\n").startswith(f"The pass key is {key0}.")
+    assert last.context.rstrip("\n").endswith(f"{key1} is the pass key.")
+
+
+def test_deterministic_for_a_seed_and_varies_across_seeds():
+    tok = tiny_tokenizer()
+    task = NeedleInAHaystack(lengths="400", depths="0;50", repeats=2)
+    a, b = task.samples(_env(tok, 1)), task.samples(_env(tok, 1))
+    assert [s.context for s in a] == [s.context for s in b]
+    c = task.samples(_env(tok, 2))
+    assert [s.turns[0].answers for s in a] != [s.turns[0].answers for s in c]
+
+
+def test_essay_haystack_from_shared_data(shared_data):
+    tok = tiny_tokenizer()
+    s = NeedleInAHaystack(lengths="800", depths="25", haystack=str(shared_data / "niah" / "PaulGrahamEssays")
+                          ).samples(_env(tok))[0]
+    assert "The pass key is" in s.context and len(s.context) > 600
+
+
+def test_scorers():
+    needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    assert needle_recall(needle, needle) == 1.0
+    assert needle_recall("Eat a sandwich in Dolores Park.", needle) == pytest.approx(4 / 8)
+    assert needle_recall("I don't know.", needle) == 0.0
+    task = NeedleInAHaystack()
+    s = task.samples(_env(tiny_tokenizer()))[0]
+    key = s.turns[0].answers[0]
+    assert task.score(s, s.turns[0], f"The pass key is {key}.") == {"score": 1.0, "score_10": 10}
+    assert task.score(s, s.turns[0], "The pass key is 12.") == {"score": 0.0, "score_10": 1}
+
+
+def test_bad_grid():
+    with pytest.raises(UserError, match="exceed the 200-token buffer"):
+        NeedleInAHaystack(lengths="100").samples(_env(tiny_tokenizer()))
+    with pytest.raises(UserError, match="does not exist"):
+        NeedleInAHaystack(haystack="/no/such/folder").samples(_env(tiny_tokenizer()))
