@@ -88,11 +88,19 @@ def ls(what: str = typer.Argument(..., help="methods | tasks | models")) -> None
 
 
 @app.command()
-def report(run_dirs: list[Path] = typer.Argument(..., help="run folders (or folders containing them)")) -> None:
-    """Print the table of saved runs."""
-    from .report.table import render_table, run_rows
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders (or folders containing them)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write tables (CSV/Markdown/LaTeX) and plots here"),
+    group_by: str = typer.Option("dataset,length,turn", "--group-by", help="table columns: dataset, length, turn"),
+    formats: str = typer.Option("csv,md,tex", "--format", help="files written with -o: csv, md, tex"),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="with -o: PNG+SVG plots in <output>/plots"),
+) -> None:
+    """Print the runs and their scores grouped by dataset, length and turn (95% bootstrap CIs)."""
+    from .report.build import build_report
 
-    render_table(run_rows(run_dirs), console)
+    written = build_report(run_dirs, console, output, tuple(_split(group_by)), tuple(_split(formats)), plots)
+    if written:
+        console.print(f"wrote {len(written)} files under {output}")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from ..results.store import RunStore, find_runs
+from .frame import load_runs
 
 COLUMNS = {
     "task": "task", "method": "method", "ratio": "ratio", "n": "n",
@@ -22,29 +22,20 @@ COLUMNS = {
 def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run folder found under ``paths``, from its summary.json."""
     rows = []
-    for folder in find_runs(paths):
-        store = RunStore(folder)
-        spec = store.spec()
-        try:
-            summary = store.summary()
-        except Exception:  # a run that never finished: summarize what it holds
-            from ..results.summary import summarize
-
-            summary = summarize(store.records())
-        overall = summary.get("overall", {})
-        records = store.records()
-        mem_kind = records[0].get("memory_kind") if records else None
-        s = spec["spec"]
+    for run in load_runs(paths):
+        overall = run.summary.get("overall", {})
+        s = run.spec
         rows.append({
-            "task": s["task"], "method": "+".join(m["name"] for m in s["method"]), "ratio": s["ratio"],
+            "task": s["task"], "method": run.method, "ratio": s["ratio"],
             "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
             "score": overall.get("score"), "score_ci": overall.get("score_ci"),
             "achieved_ratio": overall.get("achieved_ratio"),
             "kv_mb": overall["kv_bytes"] / 2**20 if overall.get("kv_bytes") is not None else None,
             "ttft_s": overall.get("ttft_s"), "decode_tok_s": overall.get("decode_tok_s"),
-            "peak_memory_mb": overall.get("peak_memory_mb"), "memory_kind": mem_kind,
+            "peak_memory_mb": overall.get("peak_memory_mb"),
+            "memory_kind": run.records[0].get("memory_kind") if run.records else None,
             "attention_density": overall.get("attention_density"),
-            "run_id": spec["run_id"], "folder": str(folder),
+            "run_id": run.run_id, "folder": str(run.folder),
         })
     df = pd.DataFrame(rows)
     return df.sort_values(["task", "model", "ratio", "method"]).reset_index(drop=True)

@@ -1,0 +1,86 @@
+"""Writing report tables: CSV (numbers), Markdown and LaTeX (formatted, escaped), and rich tables
+in the terminal. Markdown is written here (pipes escaped) rather than through ``tabulate``, so a
+report needs nothing beyond pandas; LaTeX goes through pandas' Styler with ``escape="latex"``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import UserError
+from .grouped import GroupedTable
+
+FORMATS = ("csv", "md", "tex")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table; ``|`` and newlines in cells are escaped."""
+
+    def cell(x) -> str:
+        return str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+    head = [cell(c) for c in df.columns]
+    align = ["---" if c in ("model", "method", "task") else "---:" for c in df.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs LaTeX tabular (``\\usepackage{booktabs}``); every cell and header escaped."""
+    styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    return styler.to_latex(hrules=True, caption=_latex_escape(caption), column_format="".join("l" if c in ("model", "method", "task") else "r" for c in df.columns))
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def check_formats(formats: tuple[str, ...]) -> None:
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise UserError(f"--format {','.join(sorted(unknown))}: choose among {', '.join(FORMATS)}.")
+
+
+def write_table(table: GroupedTable, out_dir: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """``<out_dir>/<table.name>.{csv,md,tex}``; returns the paths written."""
+    check_formats(formats)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write the report to '{out_dir}': {exc.strerror or exc}. "
+                        f"Fix: pass a writable folder with --output.") from None
+    written = []
+    for fmt in formats:
+        path = out_dir / f"{table.name}.{fmt}"
+        if fmt == "csv":
+            table.numeric.to_csv(path, index=False)
+        elif fmt == "md":
+            path.write_text(f"### {table.title}\n\n" + to_markdown(table.display), encoding="utf-8")
+        else:
+            path.write_text(to_latex(table.display, table.title), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def render_grouped(table: GroupedTable, console: Console) -> None:
+    """Print ``table.display`` as a rich table (text from results is never read as markup)."""
+    t = Table(title=table.title, title_justify="left")
+    for col in table.display.columns:
+        t.add_column(str(col), justify="left" if col in ("model", "method") else "right", overflow="fold")
+    for row in table.display.itertuples(index=False):
+        t.add_row(*[_plain(v) for v in row])
+    console.print(t)
+
+
+def _plain(value) -> str:
+    from rich.markup import escape
+
+    return escape(str(value))

@@ -1,0 +1,92 @@
+"""Stored runs as pandas frames: one :class:`Run` per folder, one row per turn record.
+
+Everything in ``lcbench/report`` starts here, so reports, plots, the leaderboard and ``lcbench
+check`` read results the same way (json only, never by running a model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from ..results.store import RunStore, find_runs
+from ..results.summary import summarize
+
+# record fields copied into the frame (the rest stay in the JSON)
+RECORD_FIELDS = ("sample_id", "turn", "score", "achieved_ratio", "requested_ratio", "kv_bytes", "kv_bytes_full",
+                 "kept_tokens", "input_tokens", "context_tokens", "text_s", "prefill_s", "compress_s",
+                 "question_prefill_s", "ttft_s", "decode_tokens", "decode_s", "decode_tok_s", "peak_memory_mb",
+                 "memory_kind", "attention_density", "prediction")
+META_FIELDS = ("dataset", "length", "depth", "length_bucket")
+
+
+@dataclass
+class Run:
+    """One run folder: its resolved spec, provenance, records and summary."""
+
+    folder: Path
+    run_id: str
+    spec: dict[str, Any]
+    provenance: dict[str, Any]
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return "+".join(str(m["name"]) for m in self.spec["method"])
+
+    @property
+    def key(self) -> tuple:
+        """What a run measures, apart from the code that ran it: used to pair runs across versions."""
+        s = self.spec
+        return (s["task"], self.method, float(s["ratio"]), s["model"], bool(s.get("query_aware", False)),
+                repr(sorted(s.get("task_args", {}).items())), s.get("limit"), s.get("seed", 0))
+
+    def label(self) -> str:
+        s = self.spec
+        qa = " (query-aware)" if s.get("query_aware") else ""
+        return f"{s['task']} · {self.method} · r={float(s['ratio']):g} · {s['model']}{qa}"
+
+
+def load_run(folder: Path | str) -> Run:
+    store = RunStore(folder)
+    payload = store.spec()
+    records = store.records()
+    if (store.folder / RunStore.SUMMARY).exists():
+        summary = store.summary()
+    else:  # an unfinished run: summarize what it holds
+        summary = summarize(records)
+    return Run(store.folder, payload["run_id"], payload["spec"], payload.get("provenance", {}), records, summary)
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run folder under ``paths`` (run folders or folders containing them), in path order."""
+    return [load_run(f) for f in find_runs(paths)]
+
+
+def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
+    """One row per turn record, with the run's task/method/ratio/model and the sample's meta."""
+    rows = []
+    for run in runs:
+        s = run.spec
+        base = {"run_id": run.run_id, "task": s["task"], "method": run.method, "ratio": float(s["ratio"]),
+                "model": s["model"], "query_aware": bool(s.get("query_aware", False))}
+        for rec in run.records:
+            row = dict(base)
+            row.update({k: rec.get(k) for k in RECORD_FIELDS})
+            meta = rec.get("meta") or {}
+            row.update({k: meta.get(k) for k in META_FIELDS})
+            if row["dataset"] is None:
+                row["dataset"] = s["task"]
+            rows.append(row)
+    columns = ["run_id", "task", "method", "ratio", "model", "query_aware", *RECORD_FIELDS, *META_FIELDS]
+    df = pd.DataFrame(rows, columns=columns)
+    df["kv_mb"] = pd.to_numeric(df["kv_bytes"], errors="coerce") / 2**20
+    return df
+
+
+def method_label(method: str, query_aware: bool) -> str:
+    return f"{method} (qa)" if query_aware else method
