@@ -20,7 +20,7 @@ from lcbench.models.loading import use_lcbench_attention
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from lcbench.tasks.sample import Sample, Turn
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # steadier than 2 on a shared 2-core machine
 
 PREFILL_METHODS = {
     "ashape": "block_size=16,sink_tokens=16",
