@@ -19,6 +19,7 @@ from ..errors import CompressionShortfall
 from ..methods.base import TextInput
 from ..methods.chain import Chain
 from ..tasks.sample import Sample
+from .chunked import check_chunkable, prefill_spans
 from .decode import forward, greedy_decode
 from .prompt import RenderedPrompt, render
 from .state import PREFILL, QUESTION, ForwardState
@@ -30,6 +31,7 @@ class EngineConfig:
     query_aware: bool = False
     batch_size: int = 8  # rows (turns) decoded together
     check_ratio: bool = True
+    prefill_chunk: int | None = None  # prefill the context this many tokens at a time (see engine/chunked.py)
 
 
 def kv_bytes_per_token(model) -> int:
@@ -67,6 +69,7 @@ class Engine:
         self.num_layers = (model.config.get_text_config() if hasattr(model.config, "get_text_config")
                            else model.config).num_hidden_layers
         self.bytes_per_token = kv_bytes_per_token(model)
+        check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk)
 
     # --- helpers --------------------------------------------------------------------------
     def _state(self, cache: KVCache) -> ForwardState:
@@ -115,7 +118,18 @@ class Engine:
                 if inputs.embeds is None:
                     return None
                 return forward(self.model, None, inputs.positions, state, inputs_embeds=inputs.embeds)
-        return forward(self.model, x, pos, state)
+        return self._chunked_forward(x, pos, state)
+
+    def _chunked_forward(self, x, pos, state: ForwardState, valid: torch.Tensor | None = None):
+        """Prefill ``x`` in spans of ``config.prefill_chunk`` tokens; only the last span is the
+        compressing pass (the rule and what it allows: :mod:`lcbench.engine.chunked`)."""
+        compressing = state.compressing
+        spans = prefill_spans(x.shape[1], self.config.prefill_chunk, self.chain.needs.window)
+        for a, b in spans:
+            state.compressing = compressing and b == x.shape[1]
+            logits = forward(self.model, x[:, a:b], pos[:, a:b], state, None if valid is None else valid[:, a:b])
+        state.compressing = compressing
+        return logits
 
     def _stage_stats(self, stats: dict[str, float]) -> dict[str, float]:
         """Merge what the stages measured on this sample (:meth:`Stage.sample_stats`) into ``stats``."""
@@ -126,6 +140,18 @@ class Engine:
     # --- one sample -----------------------------------------------------------------------
     def run(self, sample: Sample, multi_turn: bool, skip_turns: set[int] = frozenset()) -> list[dict[str, Any]]:
         """Records for every turn of ``sample`` not in ``skip_turns``."""
+        prompt, original, common = self.prepare(sample, multi_turn)
+        if multi_turn:
+            return self._run_multi_turn(sample, prompt, original, common, skip_turns)
+        if self.config.query_aware:
+            return [self._run_query_aware(sample, k, prompt, original, common)
+                    for k in range(len(sample.turns)) if k not in skip_turns]
+        return self._run_multi_request(sample, prompt, common, skip_turns)
+
+    def prepare(self, sample: Sample, multi_turn: bool) -> tuple[RenderedPrompt, RenderedPrompt, dict[str, Any]]:
+        """The per-sample work before prefill: reset the stages, run the text stage, render.
+        Returns the rendered prompt, the prompt of the uncompressed context, and the fields every
+        record of the sample shares."""
         for stage in self.chain.stages:
             stage.begin_sample()
         self.memory.reset()
@@ -145,12 +171,7 @@ class Engine:
             "text_s": text_times.get("text_s", 0.0),
             "text_peak_memory_mb": self.memory.peak_mb(),  # the compressor's cost (same kind as peak_memory_mb)
         }
-        if multi_turn:
-            return self._run_multi_turn(sample, prompt, original, common, skip_turns)
-        if cfg.query_aware:
-            return [self._run_query_aware(sample, k, prompt, original, common)
-                    for k in range(len(sample.turns)) if k not in skip_turns]
-        return self._run_multi_request(sample, prompt, common, skip_turns)
+        return prompt, original, common
 
     def _measure(self, cache: KVCache, full_tokens: int, rows: int = 1) -> dict[str, float]:
         kv = cache.nbytes() / rows
@@ -190,8 +211,11 @@ class Engine:
             **{k2: v for k2, v in times.items() if k2 not in ("prefill_s", "compress_s", "question_prefill_s", "decode_s")},
         }
 
-    def _decode_rows(self, cache: KVCache, turn_ids: list[list[int]], start: int, turns, stats) -> tuple[list, dict]:
-        """Prefill question parts (left-padded, one row each) on ``cache`` and decode them together."""
+    def _decode_rows(self, cache: KVCache, turn_ids: list[list[int]], start: int | list[int], turns,
+                     stats) -> tuple[list, dict]:
+        """Prefill question parts (left-padded, one row each) on ``cache`` and decode them together;
+        ``start`` is the true position of each row's first question token (one int for all rows,
+        or one per row when the rows continue different contexts)."""
         times: dict[str, float] = {}
         state = self._state(cache)
         state.phase = QUESTION
@@ -199,7 +223,8 @@ class Engine:
         ids, valid = self._tensor(turn_ids)
         q = ids.shape[1]
         lengths = torch.tensor([len(t) for t in turn_ids], device=self.device)
-        pos = start + torch.arange(q, device=self.device)[None, :] - (q - lengths)[:, None]
+        start = torch.as_tensor(start, device=self.device).reshape(-1)
+        pos = start[:, None] + torch.arange(q, device=self.device)[None, :] - (q - lengths)[:, None]
         pos = pos.clamp(min=0)
         with torch.inference_mode():
             with self.clock.region(times, "question_prefill_s"):
@@ -219,9 +244,15 @@ class Engine:
         todo = [k for k in range(len(sample.turns)) if k not in skip_turns]
         records = []
         n_ctx = len(prompt.context_ids)
-        for start in range(0, len(todo), max(1, self.config.batch_size)):
-            group = todo[start: start + max(1, self.config.batch_size)]
-            rows = cache.repeat_rows(len(group))
+        size = max(1, self.config.batch_size)
+        for start in range(0, len(todo), size):
+            group = todo[start: start + size]
+            last = start + size >= len(todo)
+            # the last group takes the cache itself when it is one row, and otherwise lets go of it
+            # once copied, so no second copy of the context's KV outlives its use (peak memory)
+            rows = cache if last and len(group) == 1 else cache.repeat_rows(len(group))
+            if last:
+                del cache
             outs, t2 = self._decode_rows(rows, [prompt.turn_ids[k] for k in group], n_ctx,
                                          [sample.turns[k] for k in group], stats)
             for k, out in zip(group, outs):
