@@ -75,14 +75,16 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
         keys = repeat_kv(key, groups).float()
         valid = None if layer.valid is None else layer.valid.repeat_interleave(groups, dim=1)
 
-        def probs(start: int, stop: int) -> torch.Tensor:
+        def probs(start: int, stop: int, width: int = L) -> torch.Tensor:
+            """Attention of queries ``start:stop`` over the first ``width`` keys (the keys after
+            the last of these queries are causally masked: leaving them out changes nothing)."""
             q = query[:, :, start:stop].float()
-            scores = q @ keys.transpose(-1, -2) * scaling  # (B, Hq, n, L)
+            scores = q @ keys[:, :, :width].transpose(-1, -2) * scaling  # (B, Hq, n, width)
             rows = torch.arange(start, stop, device=q.device)[:, None] + (L - q_len)
-            cols = torch.arange(L, device=q.device)[None, :]
+            cols = torch.arange(width, device=q.device)[None, :]
             allowed = cols <= rows
             if valid is not None:
-                allowed = allowed & (valid[:, :, None, :] | (cols == rows))
+                allowed = allowed & (valid[:, :, None, :width] | (cols == rows))
             return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
         if needs.window:
@@ -93,7 +95,9 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
         if needs.full_attention_sum:
             total = torch.zeros(keys.shape[:3], device=query.device)
             for start in range(0, q_len, 512):
-                total += probs(start, min(q_len, start + 512)).sum(2)
+                stop = min(q_len, start + 512)
+                width = L - q_len + stop
+                total[..., :width] += probs(start, stop, width).sum(2)
             seen.attention_sum = total
     elif needs.window_queries:
         seen.window_queries = query[:, :, max(0, q_len - 1):]
