@@ -103,6 +103,20 @@ def report(
         console.print(f"wrote {len(written)} files under {output}")
 
 
+@app.command()
+def leaderboard(
+    run_dirs: list[Path] = typer.Argument(..., help="run folders (or folders containing them)"),
+    output: Path = typer.Option(Path("leaderboard"), "--output", "-o", help="folder of the static site"),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="ratios of the rankings, e.g. 0.5,0.75 (default: all run)"),
+    title: str = typer.Option("lcbench leaderboard", "--title"),
+) -> None:
+    """Build a self-contained static site (opens from disk, no network) from stored runs."""
+    from .report.leaderboard import build_leaderboard
+
+    index = build_leaderboard(run_dirs, output, _ratios(ratios) if ratios else None, title)
+    console.print(f"leaderboard: {index}")
+
+
 def main() -> None:
     """Console entry point: user errors become one paragraph on stderr and exit code 2."""
     try:

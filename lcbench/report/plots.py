@@ -40,6 +40,7 @@ class Plot:
     task: str
     model: str
     methods: tuple[str, ...]
+    run_id: str | None = None  # the run a per-run plot (needle heatmap) draws
 
     def path(self, ext: str = "png") -> str:
         return f"{self.stem}.{ext}"
@@ -140,7 +141,8 @@ def needle_heatmaps(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
         fig.colorbar(im, ax=ax, fraction=0.05)
         stem = slug("needle", str(run_id))
         _save(fig, out_dir, stem)
-        plots.append(Plot("needle", f"needle heatmap: {title}", stem, first["task"], first["model"], (first["label"],)))
+        plots.append(Plot("needle", f"needle heatmap: {title}", stem, first["task"], first["model"], (first["label"],),
+                          str(run_id)))
     return plots
 
 

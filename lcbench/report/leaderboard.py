@@ -1,0 +1,240 @@
+"""``lcbench leaderboard``: a self-contained static site built from stored runs.
+
+Pages: ``index.html`` (per task and model, methods ranked at fixed ratios; every run in one
+sortable, filterable table; the plots), ``methods/<slug>.html`` (paper, parameters, all runs of
+a method), ``runs/<slug>.html`` (the provenance of every number: resolved spec, library versions,
+git revision, hardware, per-dataset/length/turn breakdowns and the records). Styles and the small
+sort/filter script are inlined, so pages open from disk with no network. Templates are rendered by
+jinja2 with autoescaping on and data embedded with ``|tojson`` (``<``, ``>``, ``&`` escaped), so no
+string from results is read as HTML or script.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+import numpy as np
+
+import lcbench
+
+from ..errors import UserError
+from ..results.summary import summarize
+from .frame import Run, load_runs, method_label, records_frame
+from .grouped import fmt_number
+from .plots import Plot, all_plots, slug
+
+MARKER = ".lcbench-leaderboard"
+OWNED = ("index.html", "data.json", "methods", "runs", "plots")
+MAX_RECORD_ROWS = 500
+
+
+@dataclass
+class RunView:
+    """What the pages show of one run (numbers from :func:`summarize` of its records)."""
+
+    run: Run
+    slug: str
+    method: str  # with "(qa)" when query-aware
+    method_slug: str
+    overall: dict[str, Any]
+    summary: dict[str, Any]
+    plots: list[Plot] = field(default_factory=list)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.run.spec
+
+    def cells(self) -> dict[str, Any]:
+        """The numbers of a table row: (sort value, shown text) per column."""
+        o = self.overall
+        kv = o.get("kv_bytes")
+        ci = o.get("score_ci") or [np.nan, np.nan]
+        return {
+            "score": (o.get("score"), _score_text(o.get("score"), ci)),
+            "achieved": (o.get("achieved_ratio"), fmt_number(o.get("achieved_ratio"), "achieved_ratio")),
+            "kv_mb": (kv / 2**20 if kv is not None else None, fmt_number(kv / 2**20 if kv is not None else None)),
+            "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s"))),
+            "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s"))),
+            "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb"))),
+            "n": (o.get("n"), str(o.get("n", 0))),
+        }
+
+
+def _score_text(score, ci) -> str:
+    if score is None:
+        return "–"
+    return f"{score:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _views(runs: list[Run]) -> list[RunView]:
+    views = []
+    for run in runs:
+        label = method_label(run.method, bool(run.spec.get("query_aware")))
+        summary = summarize(run.records)
+        views.append(RunView(run, slug("run", run.run_id), label, slug("method", label), summary["overall"], summary))
+    return sorted(views, key=lambda v: (v.spec["task"], v.spec["model"], v.method != "full", v.method,
+                                        float(v.spec["ratio"])))
+
+
+def rankings(views: list[RunView], ratios: list[float] | None) -> list[dict[str, Any]]:
+    """Per (task, model): methods ranked by mean score over the fixed ratios they all ran at.
+
+    A method missing one of the ratios is listed unranked; ``full`` is the reference row."""
+    sections = []
+    keys = sorted({(v.spec["task"], v.spec["model"]) for v in views})
+    for task, model in keys:
+        group = [v for v in views if (v.spec["task"], v.spec["model"]) == (task, model)]
+        fixed = ratios or sorted({float(v.spec["ratio"]) for v in group if float(v.spec["ratio"]) > 0})
+        reference = [v for v in group if v.method == "full"]
+        rows = []
+        for method in sorted({v.method for v in group} - {"full"}):
+            at = {float(v.spec["ratio"]): v for v in group if v.method == method}
+            cells = [at.get(r) for r in fixed]
+            scores = [c.overall.get("score") for c in cells if c is not None]
+            complete = all(c is not None and c.overall.get("score") is not None for c in cells) and bool(cells)
+            rows.append({"method": method, "method_slug": slug("method", method), "cells": cells,
+                         "mean": float(np.mean(scores)) if complete else None, "complete": complete})
+        ranked = sorted(rows, key=lambda r: (not r["complete"], -(r["mean"] or 0.0), r["method"]))
+        rank = 0
+        for row in ranked:
+            if row["complete"]:
+                rank += 1
+            row["rank"] = rank if row["complete"] else None
+        if not any(r["cells"] for r in ranked) and not reference:
+            continue
+        sections.append({"task": task, "model": model, "ratios": fixed, "rows": ranked,
+                         "reference": reference[0] if reference else None, "anchor": slug("rank", task, model)})
+    return sections
+
+
+def method_info(label: str) -> list[dict[str, Any]]:
+    """Family, paper, summary and declared parameters of each component of a method chain, from the
+    method registry of this installation (no model is loaded)."""
+    from ..methods.registry import METHODS
+
+    name = label.removesuffix(" (qa)")
+    info = []
+    for part in name.split("+"):
+        try:
+            cls = METHODS.get(part)
+        except (UserError, ImportError, KeyError, AttributeError):
+            info.append({"name": part, "registered": False})
+            continue
+        info.append({"name": part, "registered": True, "family": getattr(cls, "family", ""),
+                     "paper": getattr(cls, "paper", ""), "summary": getattr(cls, "summary", ""),
+                     "params": [{"name": p.name, "type": p.type.__name__, "default": repr(p.default), "help": p.help}
+                                for p in getattr(cls, "params", ())]})
+    return info
+
+
+def _assets() -> dict[str, str]:
+    """The inlined stylesheet and script, and the script's CSP hash (only that script may run)."""
+    folder = Path(__file__).parent / "templates"
+    script = (folder / "site.js").read_text(encoding="utf-8")
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+    return {"css": (folder / "site.css").read_text(encoding="utf-8"), "script": script,
+            "script_hash": f"sha256-{digest}"}
+
+
+def _finite(obj):
+    """JSON-safe copy: NaN/inf become null (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = fmt_number
+    env.filters["pretty_json"] = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    return env
+
+
+def _prepare(out: Path) -> None:
+    """Create ``out`` or clear what an earlier build wrote there; never touch a foreign folder."""
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise UserError(f"'{out}' exists and was not written by `lcbench leaderboard`. Fix: pass an empty or new "
+                        f"folder with -o (the command replaces its own earlier output only).")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in OWNED:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        (out / MARKER).write_text("built by lcbench leaderboard; rebuilding replaces index.html, data.json, "
+                                  "methods/, runs/, plots/\n")
+    except OSError as exc:
+        raise UserError(f"cannot write the leaderboard to '{out}': {exc.strerror or exc}. Fix: pass a writable -o.") from None
+
+
+def _record_rows(run: Run) -> list[dict[str, Any]]:
+    rows = []
+    for rec in run.records[:MAX_RECORD_ROWS]:
+        pred = str(rec.get("prediction", ""))
+        rows.append({"sample_id": rec.get("sample_id"), "turn": rec.get("turn"), "score": rec.get("score"),
+                     "achieved": rec.get("achieved_ratio"), "input_tokens": rec.get("input_tokens"),
+                     "ttft": rec.get("ttft_s"), "prediction": pred[:300] + ("…" if len(pred) > 300 else ""),
+                     "answers": " | ".join(map(str, rec.get("answers") or []))})
+    return rows
+
+
+def site_data(views: list[RunView]) -> list[dict[str, Any]]:
+    """Machine-readable numbers of every run (embedded in index.html and written as data.json)."""
+    return _finite([{"run_id": v.run.run_id, "task": v.spec["task"], "model": v.spec["model"], "method": v.method,
+                     "ratio": float(v.spec["ratio"]), "overall": v.overall, "page": f"runs/{v.slug}.html"}
+                    for v in views])
+
+
+def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[float] | None = None,
+                      title: str = "lcbench leaderboard") -> Path:
+    """Write the site under ``out``; returns ``out/index.html``."""
+    runs = load_runs(run_dirs)
+    if not any(r.records for r in runs):
+        raise UserError("the runs hold no records yet. Fix: let `lcbench run` finish before building the leaderboard.")
+    out = Path(out)
+    _prepare(out)
+    views = _views(runs)
+    df = records_frame(runs)
+    plots = all_plots(df, out / "plots")
+    for v in views:
+        v.plots = [p for p in plots if p.run_id == v.run.run_id]
+    env = _environment()
+    methods = sorted({v.method for v in views}, key=lambda m: (m != "full", m))
+    common = {"title": title, "version": lcbench.__version__, "n_runs": len(views), **_assets()}
+    data = site_data(views)
+    (out / "data.json").write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
+    index = env.get_template("index.html").render(
+        **common, root="", sections=rankings(views, ratios), views=views, methods=methods,
+        method_slugs={m: slug("method", m) for m in methods},
+        overview_plots=[p for p in plots if p.kind in ("score_vs_ratio", "cost")], data=data)
+    (out / "index.html").write_text(index, encoding="utf-8")
+    (out / "methods").mkdir()
+    for method in methods:
+        mine = [v for v in views if v.method == method]
+        page = env.get_template("method.html").render(
+            **common, root="../", method=method, info=method_info(method), views=mine,
+            plots=[p for v in mine for p in v.plots]
+            + [p for p in plots if p.kind == "score_vs_ratio" and method in p.methods])
+        (out / "methods" / f"{slug('method', method)}.html").write_text(page, encoding="utf-8")
+    (out / "runs").mkdir()
+    for v in views:
+        page = env.get_template("run.html").render(
+            **common, root="../", v=v, records=_record_rows(v.run), n_records=len(v.run.records),
+            max_rows=MAX_RECORD_ROWS)
+        (out / "runs" / f"{v.slug}.html").write_text(page, encoding="utf-8")
+    return out / "index.html"
