@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lcbench.engine import runner
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.errors import UserError
 from lcbench.methods.base import TextInput
@@ -18,12 +19,10 @@ from lcbench.methods.prompt.llmlingua import iterative_scores
 from lcbench.methods.prompt.units import (chunk_spans, count_tokens, phrase_spans, select_within_budget, sentence_spans,
                                           token_spans)
 from lcbench.methods.registry import METHODS
-from lcbench.models.loading import use_lcbench_attention
-from lcbench.models.tiny import tiny_llama, tiny_tokenizer
+from lcbench.models.tiny import tiny_llama
 from lcbench.tasks.sample import Sample, Turn
 
 torch.set_num_threads(1)  # steadier than 2 on a shared 2-core machine
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEEDLE = "The special magic number for Lisbon is 7421. "
 QUESTION = "What is the special magic number for Lisbon?"
 LM_METHODS = ("selective_context", "llmlingua", "longllmlingua")
@@ -31,20 +30,18 @@ PROMPT_METHODS = ("truncate", "extractive") + LM_METHODS
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
+def tok(tiny):
+    return tiny[1]
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = tiny_llama()
-    use_lcbench_attention(m)  # as the engine hands it over: the compressor runs outside the engine's state
-    return m
+def model(tiny):
+    return tiny[0]  # lcbench attention, as the engine hands it over: the compressor runs outside its state
 
 
 @pytest.fixture(scope="module")
-def essay():
-    text = (DATA / "niah" / "PaulGrahamEssays" / "apple.txt").read_text()[:2400]
+def essay(shared_data):
+    text = (shared_data / "niah" / "PaulGrahamEssays" / "apple.txt").read_text()[:2400]
     cut = text.index(". ", 1200) + 2
     return text[:cut] + NEEDLE + text[cut:]
 
@@ -279,8 +276,13 @@ def sample(essay):
 
 
 def run(model, tok, sample, method, ratio, args=None, query_aware=False, spec=None):
+    """The engine's records, each with the token ids it decoded under ``_ids``."""
     chain = Chain.build(spec, ratio) if spec else Chain.build(resolve_chain(method, args, ratio), ratio)
-    return Engine(model, tok, chain, EngineConfig(query_aware=query_aware)).run(sample, multi_turn=False)
+    decoded, real = [], runner.greedy_decode
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "greedy_decode", lambda *a, **k: decoded.extend(real(*a, **k)) or decoded[-len(a[3]):])
+        recs = Engine(model, tok, chain, EngineConfig(query_aware=query_aware)).run(sample, multi_turn=False)
+    return [{**rec, "_ids": row.tokens} for rec, row in zip(recs, decoded)]
 
 
 @pytest.mark.parametrize("name", PROMPT_METHODS)
@@ -288,7 +290,7 @@ def test_engine_ratio_zero_is_token_identical_to_full(name, model, tok, sample):
     aware = name == "longllmlingua"
     full = run(model, tok, sample, "full", 0.0, query_aware=aware)
     recs = run(model, tok, sample, name, 0.0, query_aware=aware)
-    assert recs[0]["prediction"] == full[0]["prediction"] and recs[0]["kv_bytes"] == full[0]["kv_bytes"]
+    assert recs[0]["_ids"] == full[0]["_ids"] and recs[0]["kv_bytes"] == full[0]["kv_bytes"]
 
 
 def test_engine_measures_the_text_stage(model, tok, sample):

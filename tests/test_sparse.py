@@ -10,15 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from lcbench.cache.layer import DenseLayer
+from lcbench.engine import runner
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.methods.chain import Chain, resolve_chain
 from lcbench.methods.registry import METHODS
 from lcbench.methods.sparse.kernel import BlockPattern, block_sparse_attention, causal_block_pairs
 from lcbench.methods.sparse.quest import page_bounds
 from lcbench.methods.sparse.vertical_slash import slash_blocks
-from lcbench.models.loading import use_lcbench_attention
-from lcbench.models.tiny import tiny_llama, tiny_tokenizer
-from lcbench.tasks.sample import Sample, Turn
+from helpers import make_sample
 
 torch.set_num_threads(1)  # steadier than 2 on a shared 2-core machine
 
@@ -199,31 +198,26 @@ def test_quest_ignores_padding_slots():
 
 # --- through the engine ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny():
-    model = tiny_llama()
-    use_lcbench_attention(model)
-    return model, tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def sample():
-    ctx = "Read the following text carefully. " + "The quick brown fox jumps over the lazy dog. The special magic number is 7421. " * 12
-    turns = [Turn(question=f"Question: What is the number {i}? Answer:", answers=["7421"], max_new_tokens=8, scorer="x")
-             for i in range(2)]
-    return Sample("s0", ctx, turns)
+    return make_sample(n_turns=2, max_new_tokens=8)
 
 
 def run(tiny, sample, method: str, ratio: float, args: str | None = None, spec=None, query_aware=False):
+    """The engine's records, each with the token ids it decoded under ``_ids``."""
     model, tok = tiny
     chain = Chain.build(spec, ratio) if spec else Chain.build(resolve_chain(method, args, ratio), ratio)
-    return Engine(model, tok, chain, EngineConfig(query_aware=query_aware)).run(sample, multi_turn=False)
+    decoded, real = [], runner.greedy_decode
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "greedy_decode", lambda *a, **k: decoded.extend(real(*a, **k)) or decoded[-len(a[3]):])
+        recs = Engine(model, tok, chain, EngineConfig(query_aware=query_aware)).run(sample, multi_turn=False)
+    return [{**rec, "_ids": row.tokens} for rec, row in zip(recs, decoded)]
 
 
 @pytest.mark.parametrize("name", sorted(ALL_METHODS))
 def test_ratio_zero_is_token_identical_to_full(tiny, sample, name):
     full = run(tiny, sample, "full", 0.0)
     recs = run(tiny, sample, name, 0.0, ALL_METHODS[name])
-    assert [r["prediction"] for r in recs] == [r["prediction"] for r in full]
+    assert [r["_ids"] for r in recs] == [r["_ids"] for r in full]
     assert recs[0]["attention_density"] == 1.0
 
 
@@ -231,7 +225,7 @@ def test_density_near_one_runs_the_kernel_and_stays_token_identical(tiny, sample
     full = run(tiny, sample, "full", 0.0)
     recs = run(tiny, sample, "ashape", 0.001, "block_size=16,sink_tokens=4096")  # sinks cover everything
     assert recs[0]["attention_density"] == 1.0  # every block, computed block by block by the kernel
-    assert [r["prediction"] for r in recs] == [r["prediction"] for r in full]
+    assert [r["_ids"] for r in recs] == [r["_ids"] for r in full]
 
 
 @pytest.mark.parametrize("name", sorted(ALL_METHODS))
