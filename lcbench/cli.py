@@ -117,6 +117,25 @@ def leaderboard(
     console.print(f"leaderboard: {index}")
 
 
+@app.command()
+def check(
+    baseline: Path = typer.Option(Path("results/baselines"), "--baseline", help="folder of committed baseline runs"),
+    new: Optional[list[Path]] = typer.Option(None, "--new", help="compare these runs instead of re-running (repeatable)"),
+    output_path: Optional[Path] = typer.Option(None, "--output-path", help="where re-runs go (default: a fresh temp folder)"),
+    tolerance: float = typer.Option(0.0, "--tolerance", help="score drop that never fails (absolute, e.g. 0.05)"),
+    ratio_tolerance: float = typer.Option(0.02, "--ratio-tolerance", help="achieved-ratio shortfall that never fails"),
+    confidence: float = typer.Option(0.95, "--confidence", help="paired bootstrap confidence level"),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="also write the table as Markdown (CI summaries)"),
+) -> None:
+    """Re-run a baseline's specs (or take --new runs) and exit 1 if a score drops beyond its paired CI and tolerance."""
+    from .check import CheckOptions, run_check
+
+    code = run_check(baseline, console, new, output_path,
+                     CheckOptions(tolerance=tolerance, ratio_tolerance=ratio_tolerance, confidence=confidence), markdown)
+    if code:
+        raise typer.Exit(code)
+
+
 def main() -> None:
     """Console entry point: user errors become one paragraph on stderr and exit code 2."""
     try:

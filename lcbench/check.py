@@ -1,0 +1,153 @@
+"""``lcbench check``: does a method still score what its committed baseline scored?
+
+Given a baseline (a folder of run folders, e.g. ``results/baselines``), either re-run every
+baseline spec with the code installed now (``evaluate(RunSpec)``, into a fresh folder so nothing
+is resumed from an earlier check) or take runs made elsewhere (``--new``), pair each new run with
+its baseline (same run id, else same task/method/ratio/model/task arguments), compare them turn by
+turn (:mod:`lcbench.results.compare`) and print a before/after table. The exit code is 1 when any
+run regressed or is incomplete, 0 otherwise: what a method author puts in CI.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import UserError
+from .report.export import to_markdown
+from .report.frame import Run, load_runs
+from .results.compare import FAILING, Comparison, compare_records
+
+
+@dataclass
+class CheckOptions:
+    tolerance: float = 0.0  # score drop that is never a failure
+    ratio_tolerance: float = 0.02  # achieved-ratio shortfall vs the baseline that is never a failure
+    confidence: float = 0.95
+    n_boot: int = 2000
+
+
+def rerun(baselines: list[Run], output: Path, progress: Callable[[str], None] | None = None) -> list[Run]:
+    """Evaluate every baseline's spec again into ``output`` (which must not hold these runs yet)."""
+    from .evaluate import ModelPool, evaluate
+    from .report.frame import load_run
+    from .spec import RunSpec
+
+    pool = ModelPool()
+    runs = []
+    for base in baselines:
+        spec = RunSpec.from_json({"spec": base.spec})
+        spec.output_path = str(output)
+        folder = output / spec.run_id
+        if folder.resolve() == base.folder.resolve() or (folder / "samples.jsonl").exists():
+            raise UserError(f"'{folder}' already holds results for {spec.run_id}; a check must not resume them. "
+                            f"Fix: pass an empty --output-path (or none: a fresh temporary folder is used).")
+        if progress:
+            progress(base.label())
+        runs.append(load_run(evaluate(spec, pool).folder))
+    return runs
+
+
+def pair_runs(baselines: list[Run], new: list[Run]) -> list[tuple[Run, Run | None]]:
+    """Each baseline with its new run: same run id first, else the same measurement key."""
+    by_id = {r.run_id: r for r in new}
+    by_key = {r.key: r for r in new}
+    return [(b, by_id.get(b.run_id) or by_key.get(b.key)) for b in baselines]
+
+
+def compare(pairs: list[tuple[Run, Run | None]], opts: CheckOptions) -> list[Comparison]:
+    out = []
+    models = {base.spec["model"] for base, _ in pairs}
+    for base, new in pairs:
+        label = base.label()
+        if len(models) == 1:  # the model is in the title
+            label = label.replace(f" · {base.spec['model']}", "")
+        comp = compare_records(label, base.run_id, new.run_id if new else "–", base.records,
+                               new.records if new else [], opts.tolerance, opts.ratio_tolerance,
+                               opts.confidence, opts.n_boot)
+        comp.model = base.spec["model"]
+        out.append(comp)
+    return out
+
+
+def _num(x, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def table_rows(comparisons: list[Comparison]) -> list[dict[str, str]]:
+    """The before/after table as strings (shared by the terminal and the Markdown file)."""
+    rows = []
+    for c in comparisons:
+        rows.append({"run": c.label, "turns": f"{c.n_paired}/{c.n_baseline}", "before": _num(c.before),
+                     "after": _num(c.after),
+                     "Δ [95% CI]": f"{c.delta:+.2f} [{c.ci[0]:+.2f},{c.ci[1]:+.2f}]" if c.n_paired else "–",
+                     "changed": str(c.changed),
+                     "achieved": f"{_num(c.achieved_before, 2)}→{_num(c.achieved_after, 2)}",
+                     "verdict": c.verdict.upper() if c.failed else c.verdict})
+    return rows
+
+
+def render(comparisons: list[Comparison], console: Console, opts: CheckOptions) -> None:
+    """The table, then one line per reason a run failed."""
+    rows = table_rows(comparisons)
+    models = sorted({c.model for c in comparisons})
+    t = Table(title=f"lcbench check ({', '.join(models)}): {opts.confidence:.0%} paired bootstrap over turns, "
+                    f"tolerance {opts.tolerance:g}",
+              title_justify="left")
+    for col in rows[0] if rows else []:
+        t.add_column(col, justify="left" if col in ("run", "verdict") else "right", overflow="fold",
+                     min_width=16 if col == "run" else None, no_wrap=col != "run")
+    for row, c in zip(rows, comparisons):
+        style = "bold red" if c.failed else ("green" if c.verdict in ("same", "improved") else "")
+        t.add_row(*[escape(v) for v in row.values()], style=style)
+    if not console.is_terminal and console.width < 120:  # CI logs: wide enough not to fold the numbers
+        console = Console(file=console.file, width=120, no_color=console.no_color)
+    console.print(t)
+    for c in comparisons:
+        for reason in c.reasons:
+            console.print(f"[red]✗[/] {escape(c.label)}: {escape(reason)}", highlight=False)
+
+
+def run_check(baseline: Path, console: Console, new: list[Path] | None = None, output: Path | None = None,
+              opts: CheckOptions | None = None, markdown: Path | None = None) -> int:
+    """Compare and print; returns the exit code (1 when any run failed)."""
+    opts = opts or CheckOptions()
+    if not 0.5 <= opts.confidence < 1.0:
+        raise UserError(f"--confidence {opts.confidence}: must be in [0.5, 1). Fix: e.g. --confidence 0.95.")
+    if opts.tolerance < 0 or opts.ratio_tolerance < 0:
+        raise UserError("--tolerance and --ratio-tolerance are allowed drops: they must be ≥ 0.")
+    baselines = load_runs([baseline])
+    if new:
+        fresh = load_runs(new)
+    else:
+        output = Path(output) if output else Path(tempfile.mkdtemp(prefix="lcbench-check-"))
+        console.print(f"re-running {len(baselines)} baseline spec(s) into {output}")
+        fresh = rerun(baselines, output, lambda label: console.print(f"  {escape(label)}"))
+    comparisons = compare(pair_runs(baselines, fresh), opts)
+    render(comparisons, console, opts)
+    failed = [c for c in comparisons if c.failed]
+    if markdown is not None:
+        markdown.write_text(_markdown(comparisons, opts, failed), encoding="utf-8")
+    if failed:
+        console.print(f"[bold red]FAILED[/]: {len(failed)} of {len(comparisons)} runs "
+                      f"{' / '.join(sorted({c.verdict for c in failed}))}")
+        return 1
+    console.print(f"[green]passed[/]: {len(comparisons)} runs match their baseline within the "
+                  f"{opts.confidence:.0%} paired interval and tolerance {opts.tolerance:g}")
+    return 0
+
+
+def _markdown(comparisons: list[Comparison], opts: CheckOptions, failed: list[Comparison]) -> str:
+    import pandas as pd
+
+    head = (f"## lcbench check: {'FAILED' if failed else 'passed'}\n\n"
+            f"{opts.confidence:.0%} paired bootstrap over turns; tolerance {opts.tolerance:g}; "
+            f"ratio tolerance {opts.ratio_tolerance:g}; verdicts in {', '.join(FAILING)} fail.\n\n")
+    reasons = "".join(f"- {c.label}: {r}\n" for c in comparisons for r in c.reasons)
+    return head + to_markdown(pd.DataFrame(table_rows(comparisons))) + ("\n" + reasons if reasons else "")

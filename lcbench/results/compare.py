@@ -1,0 +1,104 @@
+"""Regression comparison of two runs of the same spec, turn by turn (``lcbench check``).
+
+Turns are paired by (sample id, turn index), so a sample that is hard for every method does not
+widen the interval: the paired bootstrap resamples the per-turn score differences (Efron &
+Tibshirani 1993, ch. 16; the paired test used for NLP system comparisons, Koehn 2004). A run
+*regresses* when the interval of the mean difference lies entirely below zero (the drop is
+real at the chosen confidence) **and** the drop is larger than the declared tolerance (it
+matters). Identical re-runs give all-zero differences, whose interval is [0, 0]: they pass.
+A run also fails when it compresses less than the baseline did (achieved ratio lower by more
+than ``ratio_tolerance``) or lacks turns the baseline has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+REGRESSED, IMPROVED, SAME, OK, INCOMPLETE = "regressed", "improved", "same", "ok", "incomplete"
+FAILING = (REGRESSED, INCOMPLETE)
+
+
+def paired_bootstrap(base: np.ndarray, new: np.ndarray, n_boot: int = 2000, confidence: float = 0.95,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``new - base`` and its percentile-bootstrap interval (seeded, reproducible)."""
+    d = np.asarray(new, dtype=float) - np.asarray(base, dtype=float)
+    if d.size == 0:
+        return (float("nan"), float("nan"), float("nan"))
+    if not d.any():
+        return (0.0, 0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
+    alpha = 1.0 - confidence
+    return (float(d.mean()), float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2)))
+
+
+def _by_turn(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    return {(str(r["sample_id"]), int(r["turn"])): r for r in records}
+
+
+def _mean(records: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in records if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+@dataclass
+class Comparison:
+    """Before/after of one run: paired turns, scores, the difference's interval, the verdict."""
+
+    label: str
+    baseline_run: str
+    new_run: str
+    n_paired: int
+    n_baseline: int
+    before: float | None
+    after: float | None
+    delta: float
+    ci: tuple[float, float]
+    changed: int
+    achieved_before: float | None
+    achieved_after: float | None
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    model: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict in FAILING
+
+
+def compare_records(label: str, baseline_run: str, new_run: str, base: list[dict[str, Any]],
+                    new: list[dict[str, Any]], tolerance: float = 0.0, ratio_tolerance: float = 0.02,
+                    confidence: float = 0.95, n_boot: int = 2000) -> Comparison:
+    """Compare ``new`` with ``base`` (turn records of the same spec) and decide the verdict."""
+    b, n = _by_turn(base), _by_turn(new)
+    keys = sorted(k for k in b if k in n and b[k].get("score") is not None and n[k].get("score") is not None)
+    before = np.array([b[k]["score"] for k in keys], dtype=float)
+    after = np.array([n[k]["score"] for k in keys], dtype=float)
+    delta, lo, hi = paired_bootstrap(before, after, n_boot, confidence)
+    paired_base = [b[k] for k in keys]
+    paired_new = [n[k] for k in keys]
+    comp = Comparison(label, baseline_run, new_run, len(keys), len(b),
+                      float(before.mean()) if keys else None, float(after.mean()) if keys else None,
+                      delta, (lo, hi), int((before != after).sum()),
+                      _mean(paired_base, "achieved_ratio"), _mean(paired_new, "achieved_ratio"), OK)
+    if len(keys) < len(b):
+        comp.reasons.append(f"{len(b) - len(keys)} of {len(b)} baseline turns missing from the new run")
+    if keys and hi < 0 and -delta > tolerance:
+        comp.reasons.append(f"score dropped by {-delta:.3f}: the {confidence:.0%} paired interval [{lo:.3f}, {hi:.3f}] "
+                            f"is below 0 and the drop exceeds the tolerance {tolerance:g}")
+    ab, aa = comp.achieved_before, comp.achieved_after
+    if ab is not None and aa is not None and aa < ab - ratio_tolerance:
+        comp.reasons.append(f"achieved compression fell from {ab:.3f} to {aa:.3f} "
+                            f"(more than the ratio tolerance {ratio_tolerance:g})")
+    if len(keys) < len(b):
+        comp.verdict = INCOMPLETE
+    elif comp.reasons:
+        comp.verdict = REGRESSED
+    elif keys and lo > 0:
+        comp.verdict = IMPROVED
+    elif comp.changed == 0:
+        comp.verdict = SAME
+    return comp
