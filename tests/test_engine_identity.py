@@ -82,3 +82,18 @@ def test_multi_turn_with_gold_history_matches_generate(tiny, tiny_sdpa):
     assert "7421" in p.turn_texts[1]  # the gold answer of turn 0 is in turn 1's history
     records = engine_for(model, tok).run(sample, multi_turn=True)
     assert [r["prediction"] for r in records] == refs
+
+
+def test_eager_dense_attention_matches_generate(tiny_sdpa):
+    """``--model-args attn_implementation=eager`` computes dense attention with the explicit softmax."""
+    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.models.tiny import tiny_llama
+
+    _, tok = tiny_sdpa
+    ref_model = tiny_llama(attn_implementation="eager")
+    model = tiny_llama()
+    use_lcbench_attention(model, "eager")
+    sample = make_sample(2, max_new_tokens=12)
+    p = render(tok, sample, sample.context, False)
+    refs = [_decode(tok, _generate(ref_model, p.context_ids + p.turn_ids[k], 12)) for k in range(2)]
+    assert [r["prediction"] for r in engine_for(model, tok).run(sample, False)] == refs

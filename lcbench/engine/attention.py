@@ -50,9 +50,28 @@ def storage_mask(layer: KVLayer, q_len: int) -> torch.Tensor | None:
     return mask
 
 
+DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
 def dense_attention(module, query, key, value, mask, scaling):
-    """Exact attention over what the layer holds; per-KV-head masks expand to the query heads."""
+    """Exact attention over what the layer holds; per-KV-head masks expand to the query heads.
+
+    The computation is torch SDPA (transformers' ``sdpa`` path, for identical numerics), or the
+    explicit softmax of transformers' ``eager`` path when the model was loaded with
+    ``attn_implementation=eager`` (recorded on the config as ``lcbench_dense_attention``)."""
     groups = getattr(module, "num_key_value_groups", 1)
+    if getattr(getattr(module, "config", None), "lcbench_dense_attention", "sdpa") == "eager":
+        keys, values = repeat_kv(key, groups), repeat_kv(value, groups)
+        scores = query @ keys.transpose(-1, -2) * scaling
+        if mask is not None:
+            scores = scores.masked_fill(~mask.repeat_interleave(groups, dim=1) if mask.shape[1] > 1 else ~mask,
+                                        float("-inf"))
+        elif query.shape[2] > 1:
+            L, q = keys.shape[2], query.shape[2]
+            causal = torch.arange(L, device=query.device)[None, :] <= torch.arange(L - q, L, device=query.device)[:, None]
+            scores = scores.masked_fill(~causal, float("-inf"))
+        probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+        return (probs @ values).transpose(1, 2).contiguous()
     if mask is not None and mask.shape[1] > 1:
         mask = mask.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(query, repeat_kv(key, groups), repeat_kv(value, groups),

@@ -29,6 +29,7 @@ MODEL_PARAMS = ParamSet((
     Param("revision", str, None, "hub revision"),
     Param("trust_remote_code", bool, False, "allow the model repo's own code"),
     Param("local_files_only", bool, False, "never touch the network"),
+    Param("attn_implementation", str, "sdpa", "dense attention inside lcbench's attention hook", ("sdpa", "eager")),
 ))
 
 
@@ -64,10 +65,12 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def use_lcbench_attention(model) -> None:
-    """Route every attention call of ``model`` through lcbench's registered attention function."""
+def use_lcbench_attention(model, dense: str = "sdpa") -> None:
+    """Route every attention call of ``model`` through lcbench's registered attention function,
+    which computes dense attention with ``dense`` (``sdpa`` or ``eager``)."""
     from ..engine import attention  # noqa: F401  (registers the function)
 
+    model.config.lcbench_dense_attention = dense
     model.set_attn_implementation(attention.ATTENTION_NAME)
 
 
@@ -100,5 +103,5 @@ def load_model(name: str, model_args: dict[str, str] | None, device: str | None 
         loaded = load_pretrained(name, args, device)
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
-    use_lcbench_attention(loaded.model)
+    use_lcbench_attention(loaded.model, args.get("attn_implementation") or "sdpa")
     return loaded
