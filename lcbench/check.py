@@ -138,8 +138,8 @@ def run_check(baseline: Path, console: Console, new: list[Path] | None = None, o
         console.print(f"[bold red]FAILED[/]: {len(failed)} of {len(comparisons)} runs "
                       f"{' / '.join(sorted({c.verdict for c in failed}))}")
         return 1
-    console.print(f"[green]passed[/]: {len(comparisons)} runs match their baseline within the "
-                  f"{opts.confidence:.0%} paired interval and tolerance {opts.tolerance:g}")
+    console.print(f"[green]passed[/]: {len(comparisons)} runs match their baseline "
+                  f"({opts.confidence:.0%} paired CI, tolerance {opts.tolerance:g})")
     return 0
 
 

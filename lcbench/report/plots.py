@@ -118,13 +118,18 @@ def score_vs_ratio(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
     return plots
 
 
+def needle_grid(part: pd.DataFrame) -> pd.DataFrame:
+    """Mean score per needle depth (rows, ascending) × context length (columns, ascending)."""
+    return part.pivot_table(index="depth", columns="length", values="score", aggfunc="mean").sort_index()
+
+
 def needle_heatmaps(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
     """Per run with ``depth`` and ``length`` in its meta: mean score, depth (rows) × length (columns)."""
     plots = []
     df = _labelled(df[df["score"].notna() & df["depth"].notna() & df["length"].notna()])
     for run_id, part in df.groupby("run_id", sort=True):
         first = part.iloc[0]
-        grid = part.pivot_table(index="depth", columns="length", values="score", aggfunc="mean").sort_index()
+        grid = needle_grid(part)
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.2 + 0.45 * grid.shape[0]))
         im = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
