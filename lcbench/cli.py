@@ -20,6 +20,8 @@ from .errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lcbench: long-context compression methods × task suites, with quality, latency and memory.")
 console = Console()
+if not console.is_terminal:  # logs and pipes: wide enough that the results table needs no wrapping
+    console = Console(width=140)
 err_console = Console(stderr=True)
 
 
@@ -44,7 +46,8 @@ def run(
     task_args: Optional[str] = typer.Option(None, "--task-args", help="k=v,... (lists use ';')"),
     ratio: str = typer.Option("0.5", "--ratio", help="fraction of the context KV memory removed, in [0,1); list allowed"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N samples only"),
-    batch_size: int = typer.Option(8, "--batch-size", help="turns sharing a context decoded together"),
+    batch_size: str = typer.Option("8", "--batch-size", help="N|auto: turns decoded together; samples whose turns fit are prefilled together (bucketed by length)"),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="prefill the context N tokens at a time (the last chunk compresses)"),
     output_path: str = typer.Option("results", "--output-path", help="folder of run folders"),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
@@ -65,7 +68,8 @@ def run(
     else:
         specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, ratio=r,
                             task=t, task_args=task_args, limit=limit, seed=seed, device=device, dtype=dtype,
-                            query_aware=query_aware, batch_size=batch_size, output_path=output_path)
+                            query_aware=query_aware, batch_size=batch_size, output_path=output_path,
+                            prefill_chunk=prefill_chunk)
                  for t in _split(task) for r in _ratios(ratio) for m in _split(method)]
     pool = ModelPool()
     folders = []

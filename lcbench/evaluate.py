@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
+from .engine.batching import auto_rows, batch_refusal, run_batched
 from .engine.runner import Engine, EngineConfig
 from .errors import UserError
 from .methods.chain import Chain, chain_ratio, resolve_chain
@@ -29,15 +30,17 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
                method_args: str | None = None, ratio: float = 0.5, task: str = "niah",
                task_args: str | None = None, limit: int | None = None, seed: int = 0,
                device: str | None = None, dtype: str | None = None, query_aware: bool = False,
-               batch_size: int = 8, output_path: str = "results") -> RunSpec:
+               batch_size: int | str = 8, output_path: str = "results",
+               prefill_chunk: int | None = None) -> RunSpec:
     """Expand command-line values into a fully resolved RunSpec (every default filled in)."""
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"--ratio {ratio} is outside [0, 1): it is the fraction of the context's KV memory "
                         f"removed (0 = none, 0.75 = keep a quarter). Fix: pass e.g. --ratio 0.5.")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be a positive number of samples.")
-    if batch_size < 1:
-        raise UserError(f"--batch-size {batch_size}: must be ≥ 1.")
+    batch_size = parse_batch_size(batch_size)
+    if prefill_chunk is not None and prefill_chunk < 0:
+        raise UserError(f"--prefill-chunk {prefill_chunk}: must be a number of tokens ≥ 1 (0 = no chunking).")
     margs = parse_kv(model_args, "--model-args")
     if dtype:
         margs["dtype"] = dtype
@@ -51,7 +54,21 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
                    task_args=task_obj.args, task_version=task_obj.version,
                    task_template_hash=task_obj.template_hash(), limit=limit, seed=seed, device=dev,
                    dtype=margs["dtype"], query_aware=query_aware, mode=task_obj.mode,
-                   batch_size=batch_size, output_path=output_path)
+                   batch_size=batch_size, output_path=output_path, prefill_chunk=prefill_chunk or None)
+
+
+def parse_batch_size(value: int | str) -> int | str:
+    """``--batch-size``: a number of decode rows ≥ 1, or ``auto`` (sized from free memory)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        rows = int(value)
+    except (TypeError, ValueError):
+        rows = 0
+    if rows < 1:
+        raise UserError(f"--batch-size {value}: must be a number of rows ≥ 1 or 'auto'. It is how many turns "
+                        f"(of one or several samples) decode together. Fix: e.g. --batch-size 8.")
+    return rows
 
 
 @dataclass
@@ -94,22 +111,21 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
         samples = samples[: spec.limit]
     chain = Chain.build(spec.method, spec.ratio)
     engine = Engine(loaded.model, loaded.tokenizer, chain,
-                    EngineConfig(query_aware=spec.query_aware, batch_size=spec.batch_size))
-    done = store.done_turns()
+                    EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk,
+                                 batch_size=spec.batch_size if isinstance(spec.batch_size, int) else 1))
     multi_turn = spec.mode == "multi_turn"
     written = 0
-    for i, sample in enumerate(samples):
-        skip = done.get(sample.id, set())
-        if len(skip) < len(sample.turns):
-            for record in engine.run(sample, multi_turn, skip_turns=skip):
-                turn = sample.turns[record["turn"]]
-                record.update(task.score(sample, turn, record["prediction"]))
-                record.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
-                               "model": spec.model})
-                store.append(record)
-                written += 1
+    by_id = {s.id: s for s in samples}
+    for finished, produced in _produce(engine, samples, store.done_turns(), spec.batch_size, multi_turn):
+        for record in produced:
+            sample = by_id[record["sample_id"]]
+            record.update(task.score(sample, sample.turns[record["turn"]], record["prediction"]))
+            record.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
+                           "model": spec.model})
+            store.append(record)
+            written += 1
         if progress:
-            progress(i + 1, len(samples))
+            progress(finished, len(samples))
     wanted = {s.id for s in samples}
     records = [r for r in store.records() if r["sample_id"] in wanted]
     summary = summarize(records, task.aggregate(records))
@@ -117,3 +133,20 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
                     "ratio": spec.ratio, "model": spec.model, "query_aware": spec.query_aware})
     store.write_json(RunStore.SUMMARY, summary)
     return RunOutcome(spec, folder, summary, written)
+
+
+def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_size: int | str,
+             multi_turn: bool) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """``(samples finished, records)`` as they come: samples batched together where the chain and
+    mode allow it (engine/batching.py), otherwise one sample at a time with its turns batched."""
+    refusal = batch_refusal(engine.chain, multi_turn, engine.config.query_aware)
+    if refusal is None and batch_size != 1:
+        yield from run_batched(engine, samples, done, batch_size)
+        return
+    if batch_size == "auto":
+        longest = max((len(engine.tokenizer(s.context)["input_ids"]) for s in samples), default=1)
+        engine.config.batch_size = auto_rows(engine.model, longest, engine.config.prefill_chunk)
+    for i, sample in enumerate(samples):
+        skip = done.get(sample.id, set())
+        records = engine.run(sample, multi_turn, skip_turns=skip) if len(skip) < len(sample.turns) else []
+        yield i + 1, records

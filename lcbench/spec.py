@@ -14,7 +14,7 @@ from typing import Any
 import lcbench
 
 # fields that change how a run executes but not what it computes
-_NOT_HASHED = ("output_path", "batch_size")
+_NOT_HASHED = ("output_path", "batch_size", "prefill_chunk")
 
 
 @dataclass
@@ -33,8 +33,9 @@ class RunSpec:
     dtype: str = "float32"
     query_aware: bool = False
     mode: str = "multi_request"
-    batch_size: int = 8
+    batch_size: int | str = 8  # decode rows (turns of one or several samples) per batch, or "auto"
     output_path: str = "results"
+    prefill_chunk: int | None = None  # tokens per prefill chunk (engine/chunked.py); None = one pass
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -207,7 +207,7 @@ class Engine:
             "question_prefill_s": times["question_prefill_s"], "ttft_s": ttft,
             "decode_tokens": decode_tokens, "decode_s": times["decode_s"],
             "decode_tok_s": decode_tokens / times["decode_s"] if times["decode_s"] > 0 else None,
-            "batch_rows": rows, "peak_memory_mb": self.memory.peak_mb(), "memory_kind": self.memory.kind,
+            "batch_rows": rows, "batch_samples": 1, "peak_memory_mb": self.memory.peak_mb(), "memory_kind": self.memory.kind,
             **{k2: v for k2, v in times.items() if k2 not in ("prefill_s", "compress_s", "question_prefill_s", "decode_s")},
         }
 

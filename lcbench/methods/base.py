@@ -114,6 +114,9 @@ class Stage:
     stages: ClassVar[tuple[str, ...]] = ()
     tolerance: ClassVar[float] = 0.05
     needs: Needs = Needs()
+    # True when what the stage does to a sample depends on earlier samples (e.g. statistics
+    # calibrated on them); such a chain never batches samples together (engine/batching.py)
+    cross_sample_state: ClassVar[bool] = False
 
     def __init__(self, ratio: float = 0.0, **args: Any):
         self.ratio = float(ratio)

@@ -31,6 +31,11 @@ class QFilters(ScoringDrop):
         self._sum: dict[int, torch.Tensor] = {}  # per layer: (H_kv, D) Σ q
         self._samples = 0
 
+    @property
+    def cross_sample_state(self) -> bool:
+        """Filters calibrated on earlier samples carry over unless ``calibration_samples=0``."""
+        return self.args["calibration_samples"] != 0
+
     def begin_sample(self):
         self._samples += 1
         if self.args["calibration_samples"] == 0:
