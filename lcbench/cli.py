@@ -140,6 +140,60 @@ def check(
         raise typer.Exit(code)
 
 
+@app.command()
+def sweep(
+    grid: Path = typer.Argument(..., help="grid file (TOML): models × methods × ratios × tasks, see examples/sweep_grid.toml"),
+    executor: str = typer.Option("local", "--executor", help="local (one after another here) | ray (one Ray task per run)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, e.g. ray://head:10001 (default: a local Ray instance)"),
+    gpus_per_run: float = typer.Option(1.0, "--gpus-per-run", help="GPUs a Ray task asks for (CUDA runs)"),
+    cpus_per_run: float = typer.Option(1.0, "--cpus-per-run", help="CPUs a Ray task asks for"),
+    output_path: Optional[str] = typer.Option(None, "--output-path", help="folder of the run folders (overrides [run] output_path)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the runs, run nothing"),
+) -> None:
+    """Run every combination of a grid as its own resumable run; print one combined table."""
+    from .report.table import render_table, run_rows
+    from .sweep import expand, load_grid, run_local, run_ray
+
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor {executor}: choose local or ray.")
+    specs = expand(load_grid(grid), output_path, remote_devices=executor == "ray")
+    if dry_run:
+        for s in specs:
+            console.print(f"{s.run_id}  device={s.device}  → {s.output_path}")
+        console.print(f"{len(specs)} runs")
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as bar:
+        runs = bar.add_task(f"sweep {grid.name} ({executor})", total=len(specs))
+        current = bar.add_task("", total=None, visible=executor == "local")
+
+        def on_done(done) -> None:
+            status = "[red]failed[/]" if done.error else "done"
+            bar.console.print(f"{status} {done.spec.task} · {done.spec.method_name} · r={done.spec.ratio:g} · "
+                              f"{done.spec.model}" + (f": {done.error}" if done.error else ""), highlight=False)
+            bar.advance(runs)
+
+        def on_progress(spec, i, n) -> None:
+            bar.update(current, description=f"{spec.task} · {spec.method_name} · r={spec.ratio:g}", completed=i, total=n)
+
+        if executor == "local":
+            finished = run_local(specs, on_done, on_progress)
+        else:
+            finished = run_ray(specs, on_done, address, gpus_per_run, cpus_per_run)
+    folders = [f.folder for f in finished if f.error is None]
+    if folders:
+        table = run_rows(folders)
+        render_table(table, console, title=f"lcbench sweep {grid.name}")
+        csv = Path(specs[0].output_path) / f"sweep-{grid.stem}.csv"
+        table.to_csv(csv, index=False)
+        console.print(f"{len(folders)} runs; table: {csv}")
+    failed = [f for f in finished if f.error]
+    if failed:
+        err_console.print(f"[bold red]{len(failed)} of {len(finished)} runs failed[/]: "
+                          + "; ".join(f"{f.spec.run_id}: {f.error}" for f in failed), highlight=False)
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point: user errors become one paragraph on stderr and exit code 2."""
     try:

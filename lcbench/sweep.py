@@ -1,0 +1,197 @@
+"""``lcbench sweep GRID.toml``: a grid of models × methods × ratios × tasks as independent runs.
+
+Every combination becomes one fully resolved RunSpec (:func:`lcbench.evaluate.build_spec`) with
+its own run folder, so a sweep is resumable run by run (and, inside a run, turn by turn).
+Combinations that resolve to the same spec (``full`` at every ratio) run once. Executors:
+
+``local``  the runs one after another in this process (a model is loaded once for its runs);
+``ray``    each run a Ray task asking for ``gpus_per_run`` GPUs (CUDA runs) or ``cpus_per_run``
+           CPUs, on the cluster at ``address`` or on a local Ray instance. Workers write the run
+           folders themselves: on a cluster of several machines put ``output_path`` on a shared
+           filesystem (the final report reads the folders), and install lcbench on every node.
+
+A failed run (e.g. a method that falls short of its ratio) is reported and the others go on.
+
+The grid file (see ``examples/sweep_grid.toml``)::
+
+    [grid]                  # lists (or single values) whose product is the set of runs
+    model = ["smollm2-135m-instruct"]
+    method = ["full", "snapkv", "snapkv+kivi"]
+    ratio = [0.25, 0.5, 0.75]
+    task = ["niah"]
+    [run]                   # any other flag of `lcbench run`, shared by every run
+    limit = 10
+    [method_args]           # per method chain name: its --method-args
+    snapkv = "window_size=32"
+    [task_args]             # per task name: its --task-args
+    niah = "lengths=1000;2000"
+    [model_args]            # per model name: its --model-args
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import UserError
+from .evaluate import ModelPool, build_spec, evaluate
+from .spec import RunSpec
+
+AXES = ("model", "method", "ratio", "task")
+PER_NAME = {"method_args": "method", "task_args": "task", "model_args": "model"}
+RUN_KEYS = ("limit", "seed", "device", "dtype", "query_aware", "batch_size", "output_path", "prefill_chunk")
+SECTIONS = ("grid", "run", *PER_NAME)
+
+
+@dataclass
+class Grid:
+    axes: dict[str, list[Any]]
+    run: dict[str, Any] = field(default_factory=dict)
+    per_name: dict[str, dict[str, str]] = field(default_factory=dict)  # "method_args" → {name: args}
+    name: str = "sweep"
+
+
+def load_grid(path: Path | str) -> Grid:
+    """Read and check a grid file; a UserError names any unknown section or key."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read the grid file '{path}': {exc.strerror or exc}. Fix: pass a TOML file "
+                        f"(see examples/sweep_grid.toml).") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"'{path}' is not valid TOML ({exc}). Fix the file (see examples/sweep_grid.toml).") from None
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise UserError(f"'{path}': unknown section(s) {unknown}; a grid file has {list(SECTIONS)}.")
+    grid = data.get("grid", {})
+    bad = sorted(set(grid) - set(AXES))
+    if bad:
+        raise UserError(f"'{path}' [grid]: unknown axis {bad}; the axes are {list(AXES)} (other settings go in [run]).")
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
+    if "method" not in axes or not axes["method"]:
+        raise UserError(f"'{path}' [grid] names no method. Fix: e.g. method = [\"full\", \"snapkv\"].")
+    run = data.get("run", {})
+    bad = sorted(set(run) - set(RUN_KEYS))
+    if bad:
+        raise UserError(f"'{path}' [run]: unknown key(s) {bad}; allowed: {list(RUN_KEYS)}.")
+    per_name = {section: {str(k): str(v) for k, v in data.get(section, {}).items()} for section in PER_NAME}
+    return Grid(axes, dict(run), per_name, path.stem)
+
+
+def expand(grid: Grid, output_path: str | None = None, remote_devices: bool = False) -> list[RunSpec]:
+    """One resolved RunSpec per combination (duplicates, e.g. ``full`` at several ratios, dropped).
+
+    ``remote_devices``: the runs execute elsewhere (Ray workers), so a CUDA device is not checked
+    on this machine; its default dtype is still the GPU one."""
+    run = dict(grid.run)
+    if output_path is not None:
+        run["output_path"] = output_path
+    run["output_path"] = str(Path(run.get("output_path", "results")).resolve())
+    axes = {k: grid.axes.get(k) for k in AXES if grid.axes.get(k)}
+    keys = list(axes)
+    specs: dict[str, RunSpec] = {}
+    for values in itertools.product(*(axes[k] for k in keys)):
+        combo = dict(zip(keys, values))
+        args = {**run, **combo}
+        for section, axis in PER_NAME.items():
+            name = combo.get(axis)
+            if name is not None and str(name) in grid.per_name.get(section, {}):
+                args[section] = grid.per_name[section][str(name)]
+        spec = _build(args, remote_devices)
+        specs.setdefault(spec.run_id, spec)
+    return list(specs.values())
+
+
+def _build(args: dict[str, Any], remote_devices: bool) -> RunSpec:
+    device = str(args.get("device") or "")
+    if remote_devices and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from .models.loading import resolve_dtype
+
+            dtype = str(resolve_dtype(args.get("dtype") or "auto", device)).replace("torch.", "")
+            spec = build_spec(**{**args, "device": "cpu", "dtype": dtype})
+            return dataclasses.replace(spec, device=device)
+    return build_spec(**args)
+
+
+# --- executors ------------------------------------------------------------------------------------
+@dataclass
+class Finished:
+    spec: RunSpec
+    folder: Path | None
+    error: str | None = None
+
+
+def run_local(specs: list[RunSpec], on_done: Callable[[Finished], None],
+              on_progress: Callable[[RunSpec, int, int], None] | None = None) -> list[Finished]:
+    """The runs one after another in this process; runs of one model share its loaded copy."""
+    pool = ModelPool()
+    out = []
+    for spec in sorted(specs, key=lambda s: (s.model, str(s.model_args), s.device)):
+        try:
+            progress = (lambda i, n, spec=spec: on_progress(spec, i, n)) if on_progress else None
+            done = Finished(spec, evaluate(spec, pool, progress=progress).folder)
+        except UserError as exc:
+            done = Finished(spec, Path(spec.output_path) / spec.run_id, str(exc))
+        out.append(done)
+        on_done(done)
+    return out
+
+
+_WORKER_POOL: ModelPool | None = None
+
+
+def execute_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """What a Ray task runs: one spec (as spec.json's payload) → its folder, or the error."""
+    global _WORKER_POOL
+    if _WORKER_POOL is None:  # a worker process keeps its model for the next run it gets
+        _WORKER_POOL = ModelPool()
+    spec = RunSpec.from_json(payload)
+    try:
+        return {"folder": str(evaluate(spec, _WORKER_POOL).folder), "error": None}
+    except UserError as exc:
+        return {"folder": str(Path(spec.output_path) / spec.run_id), "error": str(exc)}
+
+
+def run_ray(specs: list[RunSpec], on_done: Callable[[Finished], None], address: str | None = None,
+            gpus_per_run: float = 1.0, cpus_per_run: float = 1.0, num_cpus: int | None = None) -> list[Finished]:
+    """Each run a Ray task (``gpus_per_run`` GPUs for CUDA runs, else ``cpus_per_run`` CPUs) on the
+    cluster at ``address``, or on a local Ray instance (``num_cpus``) when none is connected."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray. Fix: pip install 'lcbench[ray]' (or pip install ray), "
+                        "or use --executor local.") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False)
+    try:
+        task = ray.remote(execute_payload)
+        pending = {}
+        for spec in specs:
+            gpu = spec.device.startswith("cuda")
+            ref = task.options(num_gpus=gpus_per_run if gpu else 0, num_cpus=cpus_per_run,
+                               name=spec.run_id).remote(spec.to_json())
+            pending[ref] = spec
+        out = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+                done = Finished(spec, Path(result["folder"]), result["error"])
+            except Exception as exc:  # the task died (out of memory, lost node): report, go on
+                done = Finished(spec, None, f"{type(exc).__name__}: {exc}")
+            out.append(done)
+            on_done(done)
+        return out
+    finally:
+        if started:
+            ray.shutdown()
