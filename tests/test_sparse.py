@@ -244,11 +244,14 @@ def test_query_aware_sparse_prefill_covers_context_and_question(tiny, sample):
     assert len(recs) == 2 and all(0.3 <= r["attention_density"] <= 0.5 for r in recs)
 
 
-def test_sparse_prefill_composes_with_a_cache_stage(tiny, sample):
+@pytest.mark.parametrize("cache_stage,args", [("snapkv", {"window_size": 16}), ("kivi", {})])
+def test_sparse_prefill_composes_with_a_cache_stage(tiny, sample, cache_stage, args):
+    """ashape's ratio is a density and the cache stage's a KV share, so each is given its own
+    (the requested ratio of the chain is the KV one, which the engine checks)."""
     spec = [{"name": "ashape", "ratio": 0.5, "args": METHODS.get("ashape")(block_size=16, sink_tokens=16).args},
-            {"name": "snapkv", "ratio": 0.5, "args": METHODS.get("snapkv")(window_size=16).args}]
+            {"name": cache_stage, "ratio": 0.5, "args": METHODS.get(cache_stage)(**args).args}]
     full = run(tiny, sample, "full", 0.0)
     recs = run(tiny, sample, "", 0.5, spec=spec)
     assert recs[0]["attention_density"] <= 0.5
-    assert recs[0]["kv_bytes"] < 0.55 * full[0]["kv_bytes"]
-    assert recs[0]["achieved_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert recs[0]["kv_bytes"] <= 0.55 * full[0]["kv_bytes"]
+    assert recs[0]["achieved_ratio"] >= 0.45
