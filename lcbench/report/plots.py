@@ -58,7 +58,7 @@ def _save(fig, out_dir: Path, stem: str) -> None:
     with plt.rc_context({"svg.hashsalt": "lcbench"}):
         for ext in EXTENSIONS:
             meta = {"Date": None} if ext == "svg" else {}
-            fig.savefig(out_dir / f"{stem}.{ext}", dpi=110, bbox_inches="tight", metadata=meta)
+            fig.savefig(out_dir / f"{stem}.{ext}", dpi=110, metadata=meta)
     plt.close(fig)
 
 
@@ -90,7 +90,7 @@ def score_vs_ratio(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
     plots = []
     df = _labelled(df[df["score"].notna()])
     for (task, model), part in df.groupby(["task", "model"], sort=True):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
         methods = []
         for label, mpart in part.groupby("label", sort=True):
             pts = []
@@ -130,7 +130,7 @@ def needle_heatmaps(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
     for run_id, part in df.groupby("run_id", sort=True):
         first = part.iloc[0]
         grid = needle_grid(part)
-        fig, ax = plt.subplots(figsize=(1.2 + 0.9 * grid.shape[1], 1.2 + 0.45 * grid.shape[0]))
+        fig, ax = plt.subplots(figsize=(2.6 + 0.9 * grid.shape[1], 1.8 + 0.45 * grid.shape[0]), layout="constrained")
         im = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [f"{d:g}%" for d in grid.index])
@@ -163,7 +163,7 @@ def cost_vs_length(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
         kinds = set(part["memory_kind"].dropna())
         mem = {"cpu_rss": "peak RSS (MB, CPU)", "cuda_peak_allocated": "peak CUDA allocated (MB)"}.get(
             next(iter(kinds)) if len(kinds) == 1 else "", "peak memory (MB)")
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
         labels = []
         for (label, ratio), lpart in part.groupby(["label", "ratio"], sort=True):
             bucket = lpart["length_bucket"].where(lpart["length_bucket"].notna(), lpart["input_tokens"])

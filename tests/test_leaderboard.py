@@ -1,0 +1,198 @@
+"""`lcbench leaderboard`: a static site that works from disk, ranks methods, keeps provenance and
+escapes every string from results; checked in a real headless browser (Debian's chromium)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from test_report_fixtures import tiny_runs, write_run
+
+from lcbench.errors import UserError
+from lcbench.report.leaderboard import build_leaderboard
+
+XSS_METHOD = "<script>alert(1)</script>"
+XSS_MODEL = '"><img src=x onerror="window.__pwned=1">'
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Runs: full, snapkv (0.5, 0.75), streamingllm (0.5 only), a method and a model named as attacks."""
+    tmp_path = tmp_path_factory.mktemp("leaderboard")
+    runs = tmp_path / "runs"
+    write_run(runs, [1, 1, 1, 1], method="full", ratio=0.0)
+    write_run(runs, [1, 1, 0, 1], method="snapkv", ratio=0.5)
+    write_run(runs, [1, 0, 0, 1], method="snapkv", ratio=0.75)
+    write_run(runs, [1, 1, 1, 0], method="streamingllm", ratio=0.5)
+    write_run(runs, [0, 1, 0, 0], method=XSS_METHOD, ratio=0.5, predictions=["</script><script>alert(2)</script>"] * 4)
+    write_run(runs, [0, 1, 0, 0], method=XSS_METHOD, ratio=0.75)
+    write_run(runs, [1, 0], method="snapkv", ratio=0.5, model=XSS_MODEL)
+    index = build_leaderboard([runs], tmp_path / "site")
+    return index
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls: list[str] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.urls += [v for k, v in attrs if k in ("href", "src") and v]
+        self.scripts += tag == "script" and ("type", "application/json") not in attrs
+
+
+def test_site_is_self_contained_and_every_link_resolves(site):
+    root = site.parent
+    pages = sorted(root.glob("**/*.html"))
+    assert len(pages) == 1 + 4 + 7  # index, 4 methods (full, snapkv, streamingllm, the attack name), 7 runs
+    for page in pages:
+        text = page.read_text()
+        assert "http://" not in text and "https://" not in text  # nothing to fetch
+        parser = Links()
+        parser.feed(text)
+        assert parser.scripts == 1  # only the site's own inline script
+        for url in parser.urls:
+            target = url.split("#")[0]
+            if target:
+                assert (page.parent / target).resolve().exists(), (page.name, url)
+    assert len(list((root / "plots").glob("*.png"))) == len(list((root / "plots").glob("*.svg"))) > 0
+
+
+def test_strings_from_results_are_escaped_everywhere(site):
+    root = site.parent
+    for page in root.glob("**/*.html"):
+        text = page.read_text()
+        assert "<script>alert" not in text and "<img src=x" not in text, page.name
+    index = site.read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in index
+    embedded = re.search(r'<script type="application/json" id="lcbench-data">(.*?)</script>', index, re.S).group(1)
+    assert "<" not in embedded and "\\u003cscript\\u003e" in embedded
+    data = json.loads(embedded)
+    assert {d["method"] for d in data} >= {XSS_METHOD, "snapkv"}
+    assert json.loads((root / "data.json").read_text()) == data
+
+
+def test_rankings_at_fixed_ratios(site):
+    index = site.read_text()
+    section = index.split('id="rank__niah__tiny-random-llama-')[1].split("</table>")[0]
+    rows = re.findall(r"<tr><td data-v=\"(\d*)\">.*?<a href=\"methods/[^\"]+\">([^<]+)</a>", section, re.S)
+    # snapkv mean(0.75, 0.5) = 0.625 > attack mean(0.25, 0.25); streamingllm lacks r=0.75: unranked
+    assert rows == [("1", "snapkv"), ("2", "&lt;script&gt;alert(1)&lt;/script&gt;"), ("", "streamingllm")]
+    assert "full</a> (reference)" in section
+
+
+def test_method_and_run_pages_carry_paper_parameters_and_provenance(site):
+    root = site.parent
+    snapkv = next(p for p in (root / "methods").glob("method__snapkv-*.html")).read_text()
+    assert "SnapKV: LLM Knows What You are Looking for Before Generation" in snapkv
+    assert "window_size" in snapkv and "kernel_size" in snapkv
+    attack = [p.read_text() for p in (root / "methods").glob("*.html")]
+    attack = next(t for t in attack if "<h1>Method: &lt;script&gt;alert(1)&lt;/script&gt;</h1>" in t)
+    assert "Not registered" in attack
+    run_page = next((root / "runs").glob("*snapkv__r0.75*.html")).read_text()
+    for needle in ("git revision", "transformers", "cpu_threads", "&#34;task_template_hash&#34;", "answer 3"):
+        assert needle in run_page
+
+
+def test_rebuild_replaces_own_output_and_refuses_foreign_folder(tmp_path):
+    runs = write_run(tmp_path / "runs", [1, 0], metas=[{"depth": None}, {"depth": None}])
+    root = build_leaderboard([runs], tmp_path / "site").parent
+    (root / "plots" / "stale.png").write_bytes(b"x")
+    build_leaderboard([runs], root)
+    assert not (root / "plots" / "stale.png").exists() and (root / "index.html").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(UserError, match="not written by `lcbench leaderboard`"):
+        build_leaderboard([runs], foreign)
+    assert (foreign / "notes.txt").read_text() == "keep"
+
+
+def test_builds_from_real_tiny_runs(tmp_path):
+    index = build_leaderboard(list(tiny_runs()), tmp_path / "site")
+    text = index.read_text()
+    assert "snapkv" in text and "tiny-random-llama" in text
+    assert len(list((tmp_path / "site" / "runs").glob("*.html"))) == 2
+
+
+# --- a real browser ---------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture()
+def browser():
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="lcbench-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+                 "--window-size=1300,1000"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _no_alert(driver) -> bool:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        driver.switch_to.alert
+    except NoAlertPresentException:
+        return True
+    return False
+
+
+def test_browser_renders_sorts_filters_and_runs_no_injected_script(site, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(site.as_uri())
+    assert browser.title == "lcbench leaderboard"
+    shot = Path(tempfile.gettempdir()) / "lcbench-leaderboard-test.png"  # kept for a look
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+    assert _no_alert(browser) and browser.execute_script("return window.__pwned === undefined")
+    images = browser.find_elements(By.CSS_SELECTOR, "figure img")
+    assert images and all(browser.execute_script("return arguments[0].naturalWidth", im) > 100 for im in images)
+
+    table = browser.find_element(By.ID, "runs-table")
+    methods = [td.text for td in table.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(3)")]
+    assert XSS_METHOD in methods  # shown as text
+
+    def column(i):
+        return [td.get_attribute("data-v") for td in table.find_elements(By.CSS_SELECTOR, f"tbody tr td:nth-child({i})")]
+
+    score_head = table.find_elements(By.CSS_SELECTOR, "thead th")[5]
+    score_head.click()
+    asc = [float(v) for v in column(6)]
+    assert asc == sorted(asc) and score_head.get_attribute("aria-sort") == "ascending"
+    score_head.click()
+    desc = [float(v) for v in column(6)]
+    assert desc == sorted(desc, reverse=True) and desc[0] == 1.0
+    method_head = table.find_elements(By.CSS_SELECTOR, "thead th")[2]
+    method_head.click()
+    names = [td.text for td in table.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(3)")]
+    assert names == sorted(names, key=str.lower)
+
+    box = browser.find_element(By.CSS_SELECTOR, 'input[data-filter="runs-table"]')
+    box.send_keys("streamingllm")
+    visible = [r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if r.is_displayed()]
+    assert len(visible) == 1 and "streamingllm" in visible[0].text
+    assert browser.find_element(By.ID, "runs-table-count").text == "1 shown"
+
+    for page in sorted(site.parent.glob("*/*.html")):
+        browser.get(page.as_uri())
+        assert _no_alert(browser) and browser.execute_script("return window.__pwned === undefined"), page.name
