@@ -157,14 +157,15 @@ class Engine:
         self.memory.reset()
         cfg = self.config
         text_times: dict[str, float] = {}
+        original = render(self.tokenizer, sample, sample.context, multi_turn)
         text_in = TextInput(sample.context, [t.question for t in sample.turns] if cfg.query_aware else [],
-                            self.tokenizer, cfg.query_aware, model=self.model)
+                            self.tokenizer, cfg.query_aware, model=self.model,
+                            fixed_tokens=self._fixed_tokens(sample, original) if self.chain.has("text") else 0)
         with self.clock.region(text_times, "text_s"):
             for stage in self.chain.stages:
                 if "text" in stage.stages:
                     text_in = stage.compress_text(text_in)
-        prompt = render(self.tokenizer, sample, text_in.context, multi_turn)
-        original = prompt if text_in.context == sample.context else render(self.tokenizer, sample, sample.context, multi_turn)
+        prompt = original if text_in.context == sample.context else render(self.tokenizer, sample, text_in.context, multi_turn)
         common = {
             "context_tokens_original": len(original.context_ids),
             "context_tokens": len(prompt.context_ids),
@@ -172,6 +173,13 @@ class Engine:
             "text_peak_memory_mb": self.memory.peak_mb(),  # the compressor's cost (same kind as peak_memory_mb)
         }
         return prompt, original, common
+
+    def _fixed_tokens(self, sample: Sample, original: RenderedPrompt) -> int:
+        """Tokens of the measured prefill a text stage cannot shorten: the context part's template
+        and system text and, in query-aware mode, the (first) question part."""
+        context = len(self.tokenizer(sample.context, add_special_tokens=False)["input_ids"])
+        question = len(original.turn_ids[0]) if self.config.query_aware and original.turn_ids else 0
+        return max(0, len(original.context_ids) - context) + question
 
     def _measure(self, cache: KVCache, full_tokens: int, rows: int = 1) -> dict[str, float]:
         kv = cache.nbytes() / rows

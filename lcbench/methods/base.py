@@ -76,13 +76,16 @@ class LayerObservation:
 class TextInput:
     """The text stage's view of a sample: the context part and, only in query-aware mode, the
     questions. ``tokenizer`` is the *target model's* (the achieved ratio is counted in it);
-    ``model`` is the target model when the engine runs the stage (a compressor LM may default to it)."""
+    ``model`` is the target model when the engine runs the stage (a compressor LM may default to it);
+    ``fixed_tokens`` are tokens the engine measures with the context but the stage cannot shorten
+    (chat template, system text, the question in query-aware mode), for budgets over both."""
 
     context: str
     questions: list[str]
     tokenizer: Any
     query_aware: bool
     model: Any = None
+    fixed_tokens: int = 0
 
 
 @dataclass
