@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Write the baselines `lcbench check` compares against: your method (and the references) at two
+# ratios on a small needle-in-a-haystack grid of the default model, SmolLM2-135M-Instruct on CPU
+# (a few minutes). Commit results/baselines/ afterwards.
+#   usage: bash make_baselines.sh METHOD [OUTPUT]      e.g. bash make_baselines.sh mymethod
+set -euo pipefail
+method="${1:?usage: make_baselines.sh METHOD [OUTPUT]}"
+out="${2:-results/baselines}"
+lcbench run --method "full,${method}" --ratio 0.5,0.75 --task niah \
+  --task-args "lengths=500;1000,depths=0;50;100,max_new_tokens=16" \
+  --device cpu --output-path "$out"
+lcbench report "$out"
