@@ -122,7 +122,8 @@ class LLMLingua(PromptCompressor):
         """Chunks kept by the budget controller: the best-scored within ``coarse_factor`` × budget."""
         total = count_tokens(text.tokenizer, text.context)
         coarse_budget = min(total, int(round(budget * self.args["coarse_factor"])))
-        return set(select_within_budget(text.context, tokens.chunks, chunk_scores, text.tokenizer, coarse_budget))
+        kept = set(select_within_budget(text.context, tokens.chunks, chunk_scores, text.tokenizer, coarse_budget))
+        return kept or {max(range(len(chunk_scores)), key=chunk_scores.__getitem__)}  # the fine step trims it
 
 
 def fine_rate(text, tokens: Tokens, order: list[int], budget: int) -> float:
