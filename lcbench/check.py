@@ -42,7 +42,11 @@ def rerun(baselines: list[Run], output: Path, progress: Callable[[str], None] | 
     pool = ModelPool()
     runs = []
     for base in baselines:
-        spec = RunSpec.from_json({"spec": base.spec})
+        try:
+            spec = RunSpec.from_json({"spec": base.spec})
+        except TypeError as exc:
+            raise UserError(f"{base.folder}/spec.json does not match this lcbench's RunSpec ({exc}). Fix: remake the "
+                            f"baseline with this version, or install the version that wrote it.") from None
         spec.output_path = str(output)
         folder = output / spec.run_id
         if folder.resolve() == base.folder.resolve() or (folder / "samples.jsonl").exists():

@@ -26,7 +26,7 @@ def site(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("leaderboard")
     runs = tmp_path / "runs"
     write_run(runs, [1, 1, 1, 1], method="full", ratio=0.0)
-    write_run(runs, [1, 1, 0, 1], method="snapkv", ratio=0.5)
+    write_run(runs, [1, 1, 0, 1], method="snapkv", ratio=0.5, metas=[{"depth": d} for d in (0, 50, 100, 50)])
     write_run(runs, [1, 0, 0, 1], method="snapkv", ratio=0.75)
     write_run(runs, [1, 1, 1, 0], method="streamingllm", ratio=0.5)
     write_run(runs, [0, 1, 0, 0], method=XSS_METHOD, ratio=0.5, predictions=["</script><script>alert(2)</script>"] * 4)
@@ -61,7 +61,9 @@ def test_site_is_self_contained_and_every_link_resolves(site):
             target = url.split("#")[0]
             if target:
                 assert (page.parent / target).resolve().exists(), (page.name, url)
-    assert len(list((root / "plots").glob("*.png"))) == len(list((root / "plots").glob("*.svg"))) > 0
+    assert len(list((root / "plots").glob("*.png"))) == len(list((root / "plots").glob("*.svg"))) == 2 + 2 + 1
+    snapkv_run = next((root / "runs").glob("*snapkv__r0.5__tiny*.html")).read_text()
+    assert "needle heatmap" in snapkv_run  # the run with depths in its meta has its heatmap
 
 
 def test_strings_from_results_are_escaped_everywhere(site):
@@ -101,7 +103,7 @@ def test_method_and_run_pages_carry_paper_parameters_and_provenance(site):
 
 
 def test_rebuild_replaces_own_output_and_refuses_foreign_folder(tmp_path):
-    runs = write_run(tmp_path / "runs", [1, 0], metas=[{"depth": None}, {"depth": None}])
+    runs = write_run(tmp_path / "runs", [1, 0])
     root = build_leaderboard([runs], tmp_path / "site").parent
     (root / "plots" / "stale.png").write_bytes(b"x")
     build_leaderboard([runs], root)

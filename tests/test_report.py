@@ -13,7 +13,7 @@ from lcbench.errors import UserError
 from lcbench.report.export import to_latex, to_markdown
 from lcbench.report.frame import load_runs, records_frame
 from lcbench.report.grouped import grouped_table, report_tables
-from lcbench.report.plots import all_plots, needle_grid
+from lcbench.report.plots import needle_grid, score_vs_ratio
 from lcbench.results.summary import bootstrap_ci
 
 
@@ -87,11 +87,10 @@ def test_report_cli_writes_tables_and_plots(runs, tmp_path):
 
 def test_plots_are_reproducible_and_heatmap_grid_is_depth_by_length(runs, tmp_path):
     df = records_frame(load_runs([runs]))
-    first = all_plots(df, tmp_path / "a")
-    second = all_plots(df, tmp_path / "b")
-    for p in first:
-        assert (tmp_path / "a" / p.path("svg")).read_bytes() == (tmp_path / "b" / p.path("svg")).read_bytes()
-    assert [p.kind for p in first] == [p.kind for p in second] == ["score_vs_ratio", "needle", "needle", "needle", "cost"]
+    first, second = score_vs_ratio(df, tmp_path / "a"), score_vs_ratio(df, tmp_path / "b")
+    assert [p.methods for p in first] == [("full", "snapkv")]
+    svg = (tmp_path / "a" / first[0].path("svg")).read_bytes()
+    assert svg == (tmp_path / "b" / second[0].path("svg")).read_bytes() and b"snapkv" in svg
     grid = needle_grid(df[df["ratio"] == 0.5])
     assert list(grid.index) == [0.0, 50.0, 100.0] and list(grid.columns) == [500, 1000]
     assert grid.loc[0.0, 500] == 1.0 and grid.loc[0.0, 1000] == 0.0 and grid.loc[50.0, 1000] == 0.0

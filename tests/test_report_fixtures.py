@@ -40,7 +40,7 @@ def write_run(root: Path, scores: Sequence[float], *, method: str = "snapkv", ra
     store.open(spec.to_json())
     records = []
     for i, score in enumerate(scores):
-        meta = {"dataset": task, "length": 500, "depth": 0.0, "length_bucket": 500}
+        meta = {"dataset": task, "length": 500, "length_bucket": 500}
         meta.update((metas[i] if metas else {}))
         kv = int(KV_BYTES_FULL * (1 - achieved))
         records.append({

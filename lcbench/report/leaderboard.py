@@ -55,12 +55,12 @@ class RunView:
     def cells(self) -> dict[str, Any]:
         """The numbers of a table row: (sort value, shown text) per column."""
         o = self.overall
-        kv = o.get("kv_bytes")
+        kv_mb = o["kv_bytes"] / 2**20 if o.get("kv_bytes") is not None else None
         ci = o.get("score_ci") or [np.nan, np.nan]
         return {
             "score": (o.get("score"), _score_text(o.get("score"), ci)),
             "achieved": (o.get("achieved_ratio"), fmt_number(o.get("achieved_ratio"), "achieved_ratio")),
-            "kv_mb": (kv / 2**20 if kv is not None else None, fmt_number(kv / 2**20 if kv is not None else None)),
+            "kv_mb": (kv_mb, fmt_number(kv_mb)),
             "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s"))),
             "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s"))),
             "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb"))),
@@ -103,13 +103,11 @@ def rankings(views: list[RunView], ratios: list[float] | None) -> list[dict[str,
             rows.append({"method": method, "method_slug": slug("method", method), "cells": cells,
                          "mean": float(np.mean(scores)) if complete else None, "complete": complete})
         ranked = sorted(rows, key=lambda r: (not r["complete"], -(r["mean"] or 0.0), r["method"]))
-        rank = 0
-        for row in ranked:
-            if row["complete"]:
-                rank += 1
+        rank, previous = 0, None
+        for i, row in enumerate(ranked, 1):  # competition ranking: equal means share a rank
+            if row["complete"] and row["mean"] != previous:
+                rank, previous = i, row["mean"]
             row["rank"] = rank if row["complete"] else None
-        if not any(r["cells"] for r in ranked) and not reference:
-            continue
         sections.append({"task": task, "model": model, "ratios": fixed, "rows": ranked,
                          "reference": reference[0] if reference else None, "anchor": slug("rank", task, model)})
     return sections
