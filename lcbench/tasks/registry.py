@@ -12,11 +12,6 @@ TASKS: Registry = Registry("task", "lcbench.tasks")
 
 SUITE_MODULES = ("niah", "longbench", "ruler", "scbench")
 for _suite in SUITE_MODULES:
-    try:
-        _module = importlib.import_module(f"lcbench.tasks.{_suite}")
-    except ModuleNotFoundError as _exc:  # a suite not written yet in this checkout
-        if _exc.name != f"lcbench.tasks.{_suite}":
-            raise
-        continue
+    _module = importlib.import_module(f"lcbench.tasks.{_suite}")
     for _name, _target in getattr(_module, "BUILTIN", {}).items():
         TASKS.add(_name, _target)
