@@ -188,18 +188,22 @@ class Engine:
                 "achieved_ratio": 1.0 - kv / full if full else 0.0}
 
     def _check(self, measured: dict[str, float], stats: dict[str, float]) -> None:
+        """Fail the run when the measured compression misses the request beyond tolerance: KV
+        memory for memory-compressing components, attention density for sparse ones."""
         if not self.config.check_ratio:
             return
-        requested = self.chain.requested_ratio
-        achieved = measured["achieved_ratio"]
-        if "attention_density" in stats and not (self.chain.has("cache") or self.chain.has("text")):
-            achieved = 1.0 - stats["attention_density"]
-        if requested - achieved > self.chain.tolerance:
-            raise CompressionShortfall(
-                f"method '{self.chain.name}' achieved a compression ratio of {achieved:.3f} but "
-                f"{requested:.3f} was requested (tolerance {self.chain.tolerance:.3f}): this is a failed run, "
-                f"not a score. Fix the method, or request a ratio it can reach."
-            )
+        chain = self.chain
+        checks = [("KV memory", chain.memory_ratio, measured["achieved_ratio"], chain.tolerance_of(False))]
+        if chain.attention_ratio > 0 and "attention_density" in stats:
+            checks.append(("attention", chain.attention_ratio, 1.0 - stats["attention_density"],
+                           chain.tolerance_of(True)))
+        for what, requested, achieved, tolerance in checks:
+            if requested - achieved > tolerance:
+                raise CompressionShortfall(
+                    f"method '{chain.name}' achieved a {what} compression ratio of {achieved:.3f} but "
+                    f"{requested:.3f} was requested (tolerance {tolerance:.3f}): this is a failed run, "
+                    f"not a score. Fix the method, or request a ratio it can reach."
+                )
 
     def _record(self, k: int, sample: Sample, out, times: dict, measured: dict, common: dict,
                 input_tokens: int, rows: int) -> dict[str, Any]:

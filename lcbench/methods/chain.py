@@ -1,9 +1,11 @@
 """A method chain ``a+b+c``: stage components composed left to right (DESIGN.md).
 
 The one budget knob ``--ratio r`` is the fraction of the context's KV memory the *chain* should
-remove. With several compressing components, each gets ``1 - (1 - r) ** (1 / n)`` so the
-product of what they keep is ``1 - r``; a ``name.ratio=x`` method-arg overrides one component.
-What the chain achieves is measured, never multiplied out.
+remove. With several memory-compressing components (text, cache, soft), each gets
+``1 - (1 - r) ** (1 / n)`` so the product of what they keep is ``1 - r``. Sparse-attention
+components keep the whole cache; they take ``r`` as the fraction of attention they skip
+(density ``1 - r``) and stay out of that product. A ``name.ratio=x`` method-arg overrides one
+component. What the chain achieves is measured, never multiplied out.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ def split_method_args(names: list[str], text: str | None) -> list[dict[str, str]
     return per
 
 
+def is_sparse(cls) -> bool:
+    return getattr(cls, "family", "") == "sparse_attention"
+
+
 @dataclass
 class Chain:
     stages: list[Stage]
@@ -76,13 +82,36 @@ class Chain:
     def has(self, stage: str) -> bool:
         return any(stage in s.stages for s in self.stages)
 
+    def _part(self, sparse: bool) -> list[Stage]:
+        return [s for s in self.stages if s.ratio > 0 and is_sparse(type(s)) == sparse]
+
+    @property
+    def memory_ratio(self) -> float:
+        """KV memory the memory-compressing components should remove together (0 if none)."""
+        keep = 1.0
+        for s in self._part(sparse=False):
+            keep *= 1.0 - s.ratio
+        return 1.0 - keep
+
+    @property
+    def attention_ratio(self) -> float:
+        """Fraction of attention the sparse components should skip (0 if none)."""
+        return max((s.ratio for s in self._part(sparse=True)), default=0.0)
+
+    def tolerance_of(self, sparse: bool) -> float:
+        return max((s.tolerance for s in self._part(sparse)), default=0.05)
+
 
 def chain_ratio(spec: list[dict[str, Any]]) -> float:
-    """The ratio a resolved chain requests in all: 1 − Π(1 − rᵢ) (0 for ``full``)."""
-    keep = 1.0
+    """The ratio a resolved chain requests: 1 − Π(1 − rᵢ) over its memory-compressing components
+    (0 for ``full``); for a chain of sparse-attention components only, the attention skipped."""
+    keep, sparse = 1.0, 0.0
     for item in spec:
-        keep *= 1.0 - item["ratio"]
-    return round(1.0 - keep, 6)
+        if is_sparse(METHODS.get(item["name"])):
+            sparse = max(sparse, item["ratio"])
+        else:
+            keep *= 1.0 - item["ratio"]
+    return round(1.0 - keep, 6) if keep < 1.0 else round(sparse, 6)
 
 
 def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[dict[str, Any]]:
@@ -90,7 +119,8 @@ def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[di
     names = split_chain(method)
     per_args = split_method_args(names, method_args)
     classes = [METHODS.get(n) for n in names]
-    compressing = [i for i, c in enumerate(classes) if c.family != "baseline" or c.name == "random"]
+    compressing = [i for i, c in enumerate(classes)
+                   if (c.family != "baseline" or c.name == "random") and not is_sparse(c)]
     n = max(1, len([i for i in compressing if "ratio" not in per_args[i]]))
     fixed_keep = 1.0
     for i in compressing:
@@ -102,7 +132,8 @@ def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[di
     for i, (name, cls) in enumerate(zip(names, classes)):
         args = dict(per_args[i])
         r = args.pop("ratio", None)
-        comp_ratio = float(r) if r is not None else (share if i in compressing else 0.0)
+        default = ratio if is_sparse(cls) else (share if i in compressing else 0.0)
+        comp_ratio = float(r) if r is not None else default
         if not 0.0 <= comp_ratio < 1.0:
             raise UserError(f"method '{name}': ratio must be in [0, 1), got {comp_ratio}.")
         stage = cls(ratio=comp_ratio, **args)  # validates names and types
