@@ -74,18 +74,24 @@ def generate_each(model, prompts: list[list[int]], new_tokens: int) -> None:
             model.generate(torch.tensor([ids], device=device), max_new_tokens=new_tokens, do_sample=False)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, **extra) -> argparse.Namespace:
+    """The options both timing benchmarks take (``extra``: name → (type, default)); loads nothing."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--context-tokens", type=int, default=2000)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    for name, (kind, default) in extra.items():
+        ap.add_argument(f"--{name}", type=kind, default=default)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    return args
 
+
+def main() -> None:
+    args = parse_args(__doc__, questions=(int, 8))
     loaded = load_model(args.model, {}, args.device)
     model, tok = loaded.model, loaded.tokenizer
     engine = Engine(model, tok, Chain.build(resolve_chain("full", None, 0.0)), EngineConfig(batch_size=args.questions))
