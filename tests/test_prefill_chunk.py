@@ -66,3 +66,17 @@ def test_methods_that_need_every_prefill_query_refuse_chunking(tiny, method):
     model, tok = tiny
     with pytest.raises(UserError, match="--prefill-chunk cannot be used with method"):
         engine_for(model, tok, method, 0.5, prefill_chunk=32)
+
+
+def test_chunk_and_batch_size_change_how_a_run_executes_not_its_id():
+    from lcbench.evaluate import build_spec, parse_batch_size
+
+    args = dict(model="tiny-random-llama", method="snapkv", ratio=0.5, task="niah", device="cpu")
+    plain = build_spec(**args)
+    chunked = build_spec(**args, prefill_chunk=256, batch_size="auto")
+    assert chunked.prefill_chunk == 256 and chunked.batch_size == "auto"
+    assert chunked.run_id == plain.run_id and build_spec(**args, prefill_chunk=0).prefill_chunk is None
+    assert parse_batch_size("16") == 16 and parse_batch_size("AUTO") == "auto"
+    for bad in ("0", "many", -2):
+        with pytest.raises(UserError, match="--batch-size"):
+            parse_batch_size(bad)
