@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -53,7 +54,8 @@ class RunSpec:
         blob = json.dumps(self.hashed_fields(), sort_keys=True, default=str).encode()
         digest = hashlib.sha256(blob).hexdigest()[:10]
         model = self.model.rstrip("/").split("/")[-1]
-        return f"{self.task}__{self.method_name}__r{self.ratio:g}__{model}__{digest}"
+        name = f"{self.task}__{self.method_name}__r{self.ratio:g}__{model}"
+        return re.sub(r"[^A-Za-z0-9._+=-]", "-", name) + f"__{digest}"  # safe as a folder name anywhere
 
     def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance()}
