@@ -29,8 +29,9 @@ from .results.compare import FAILING, Comparison, compare_records
 class CheckOptions:
     tolerance: float = 0.0  # score drop that is never a failure
     ratio_tolerance: float = 0.02  # achieved-ratio shortfall vs the baseline that is never a failure
-    confidence: float = 0.95
+    confidence: float = 0.95  # one-sided
     n_boot: int = 2000
+    max_drop: float | None = None  # a score drop that always fails, whatever the interval
 
 
 def rerun(baselines: list[Run], output: Path, progress: Callable[[str], None] | None = None) -> list[Run]:
@@ -74,7 +75,7 @@ def compare(pairs: list[tuple[Run, Run | None]], opts: CheckOptions) -> list[Com
             label = label.replace(f" · {base.spec['model']}", "")
         comp = compare_records(label, base.run_id, new.run_id if new else "–", base.records,
                                new.records if new else [], opts.tolerance, opts.ratio_tolerance,
-                               opts.confidence, opts.n_boot)
+                               opts.confidence, opts.n_boot, opts.max_drop)
         comp.model = base.spec["model"]
         out.append(comp)
     return out
@@ -90,7 +91,7 @@ def table_rows(comparisons: list[Comparison]) -> list[dict[str, str]]:
     for c in comparisons:
         rows.append({"run": c.label, "turns": f"{c.n_paired}/{c.n_baseline}", "before": _num(c.before),
                      "after": _num(c.after),
-                     "Δ [95% CI]": f"{c.delta:+.2f} [{c.ci[0]:+.2f},{c.ci[1]:+.2f}]" if c.n_paired else "–",
+                     "Δ [bounds]": f"{c.delta:+.2f} [{c.ci[0]:+.2f},{c.ci[1]:+.2f}]" if c.n_paired else "–",
                      "changed": str(c.changed),
                      "achieved": f"{_num(c.achieved_before, 2)}→{_num(c.achieved_after, 2)}",
                      "verdict": c.verdict.upper() if c.failed else c.verdict})
@@ -101,8 +102,8 @@ def render(comparisons: list[Comparison], console: Console, opts: CheckOptions) 
     """The table, then one line per reason a run failed."""
     rows = table_rows(comparisons)
     models = sorted({c.model for c in comparisons})
-    t = Table(title=f"lcbench check ({', '.join(models)}): {opts.confidence:.0%} paired bootstrap over turns, "
-                    f"tolerance {opts.tolerance:g}",
+    t = Table(title=f"lcbench check ({', '.join(models)}): paired bootstrap over turns, one-sided "
+                    f"{opts.confidence:.0%} bounds, {_rules(opts)}",
               title_justify="left")
     for col in rows[0] if rows else []:
         t.add_column(col, justify="left" if col in ("run", "verdict") else "right", overflow="fold",
@@ -124,8 +125,8 @@ def run_check(baseline: Path, console: Console, new: list[Path] | None = None, o
     opts = opts or CheckOptions()
     if not 0.5 <= opts.confidence < 1.0:
         raise UserError(f"--confidence {opts.confidence}: must be in [0.5, 1). Fix: e.g. --confidence 0.95.")
-    if opts.tolerance < 0 or opts.ratio_tolerance < 0:
-        raise UserError("--tolerance and --ratio-tolerance are allowed drops: they must be ≥ 0.")
+    if opts.tolerance < 0 or opts.ratio_tolerance < 0 or (opts.max_drop is not None and opts.max_drop < 0):
+        raise UserError("--tolerance, --ratio-tolerance and --max-drop are drops: they must be ≥ 0.")
     baselines = load_runs([baseline])
     if new:
         fresh = load_runs(new)
@@ -142,16 +143,20 @@ def run_check(baseline: Path, console: Console, new: list[Path] | None = None, o
         console.print(f"[bold red]FAILED[/]: {len(failed)} of {len(comparisons)} runs "
                       f"{' / '.join(sorted({c.verdict for c in failed}))}")
         return 1
-    console.print(f"[green]passed[/]: {len(comparisons)} runs match their baseline "
-                  f"({opts.confidence:.0%} paired CI, tolerance {opts.tolerance:g})")
+    console.print(f"[green]passed[/]: {len(comparisons)} runs match their baseline ({_rules(opts)})")
     return 0
+
+
+def _rules(opts: CheckOptions) -> str:
+    text = f"tolerance {opts.tolerance:g}"
+    return text + (f", max drop {opts.max_drop:g}" if opts.max_drop is not None else "")
 
 
 def _markdown(comparisons: list[Comparison], opts: CheckOptions, failed: list[Comparison]) -> str:
     import pandas as pd
 
     head = (f"## lcbench check: {'FAILED' if failed else 'passed'}\n\n"
-            f"{opts.confidence:.0%} paired bootstrap over turns; tolerance {opts.tolerance:g}; "
-            f"ratio tolerance {opts.ratio_tolerance:g}; verdicts in {', '.join(FAILING)} fail.\n\n")
+            f"Paired bootstrap over turns, one-sided {opts.confidence:.0%} bounds; {_rules(opts)}; "
+            f"ratio tolerance {opts.ratio_tolerance:g}; verdicts {' and '.join(FAILING)} fail.\n\n")
     reasons = "".join(f"- {c.label}: {r}\n" for c in comparisons for r in c.reasons)
     return head + to_markdown(pd.DataFrame(table_rows(comparisons))) + ("\n" + reasons if reasons else "")

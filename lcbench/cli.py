@@ -128,14 +128,17 @@ def check(
     output_path: Optional[Path] = typer.Option(None, "--output-path", help="where re-runs go (default: a fresh temp folder)"),
     tolerance: float = typer.Option(0.0, "--tolerance", help="score drop that never fails (absolute, e.g. 0.05)"),
     ratio_tolerance: float = typer.Option(0.02, "--ratio-tolerance", help="achieved-ratio shortfall that never fails"),
-    confidence: float = typer.Option(0.95, "--confidence", help="paired bootstrap confidence level"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="score drop that always fails (small suites)"),
+    confidence: float = typer.Option(0.95, "--confidence", help="one-sided paired bootstrap confidence"),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="also write the table as Markdown (CI summaries)"),
 ) -> None:
-    """Re-run a baseline's specs (or take --new runs) and exit 1 if a score drops beyond its paired CI and tolerance."""
+    """Re-run a baseline's specs (or take --new runs); exit 1 when a score drops beyond its paired bootstrap
+    bound and --tolerance, or by more than --max-drop, or the method compresses less."""
     from .check import CheckOptions, run_check
 
     code = run_check(baseline, console, new, output_path,
-                     CheckOptions(tolerance=tolerance, ratio_tolerance=ratio_tolerance, confidence=confidence), markdown)
+                     CheckOptions(tolerance=tolerance, ratio_tolerance=ratio_tolerance, confidence=confidence,
+                                  max_drop=max_drop), markdown)
     if code:
         raise typer.Exit(code)
 

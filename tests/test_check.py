@@ -40,12 +40,21 @@ def test_paired_bootstrap_pins_values():
     ([1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], 0.0, REGRESSED),    # three lost: beyond it
     ([1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1], 0.6, OK),           # ... but inside a declared tolerance
     ([0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], 0.0, IMPROVED),
+    ([1] * 3 + [0] * 9, [0] * 12, 0.0, REGRESSED),               # all 3 hits of 12 lost: P(no loss drawn) = 3.2% < 5%
+    ([1] * 2 + [0] * 10, [0] * 12, 0.0, OK),                     # 2 of 12: P = 11%, not significant ...
 ])
 def test_verdicts(before, after, tolerance, verdict):
     comp = compare_records("r", "a", "b", _records(before), _records(after), tolerance=tolerance)
     assert comp.verdict == verdict
     assert comp.failed == (verdict == REGRESSED)
     assert comp.changed == sum(x != y for x, y in zip(before, after))
+
+
+def test_declared_max_drop_fails_whatever_the_interval():
+    before, after = _records([1] * 2 + [0] * 10), _records([0] * 12)  # ... unless a maximum drop is declared
+    comp = compare_records("r", "a", "b", before, after, max_drop=0.1)
+    assert comp.verdict == REGRESSED and "more than the declared maximum drop 0.1" in comp.reasons[0]
+    assert compare_records("r", "a", "b", before, _records([0] + [1] + [0] * 10), max_drop=0.1).verdict == OK
 
 
 def test_less_compression_and_missing_turns_fail():
@@ -119,7 +128,7 @@ def test_check_options_are_validated(tmp_path):
     base = write_run(tmp_path, [1.0])
     with pytest.raises(UserError, match="--confidence"):
         run_check(base, Console(), [base], opts=CheckOptions(confidence=1.5))
-    with pytest.raises(UserError, match="allowed drops"):
+    with pytest.raises(UserError, match="must be ≥ 0"):
         run_check(base, Console(), [base], opts=CheckOptions(tolerance=-0.1))
 
 

@@ -7,6 +7,6 @@ set -euo pipefail
 method="${1:?usage: make_baselines.sh METHOD [OUTPUT]}"
 out="${2:-results/baselines}"
 lcbench run --method "full,${method}" --ratio 0.5,0.75 --task niah \
-  --task-args "lengths=500;1000,depths=0;50;100,max_new_tokens=16" \
+  --task-args "lengths=500;1000,depths=0;25;50;75;90;100,max_new_tokens=16" \
   --device cpu --output-path "$out"
 lcbench report "$out"

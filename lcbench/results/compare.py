@@ -2,12 +2,18 @@
 
 Turns are paired by (sample id, turn index), so a sample that is hard for every method does not
 widen the interval: the paired bootstrap resamples the per-turn score differences (Efron &
-Tibshirani 1993, ch. 16; the paired test used for NLP system comparisons, Koehn 2004). A run
-*regresses* when the interval of the mean difference lies entirely below zero (the drop is
-real at the chosen confidence) **and** the drop is larger than the declared tolerance (it
-matters). Identical re-runs give all-zero differences, whose interval is [0, 0]: they pass.
-A run also fails when it compresses less than the baseline did (achieved ratio lower by more
-than ``ratio_tolerance``) or lacks turns the baseline has.
+Tibshirani 1993, ch. 16; the paired test used for NLP system comparisons, Koehn 2004). The
+question is one-sided (did the score drop?), so the bounds are one-sided: the upper bound at 95%
+is the 95th percentile of the resampled mean differences. A run *regresses* when
+
+- the upper bound lies below zero (the drop is real at the chosen confidence) **and** the drop is
+  larger than ``tolerance`` (it matters), or
+- the mean drop exceeds a declared ``max_drop``, whatever the interval says (small suites, where
+  the interval is wide), or
+- it compresses less than the baseline did (achieved ratio lower by more than ``ratio_tolerance``).
+
+Identical re-runs give all-zero differences, whose bounds are [0, 0]: they pass. A run that lacks
+turns the baseline has is *incomplete*, which fails too.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ FAILING = (REGRESSED, INCOMPLETE)
 
 def paired_bootstrap(base: np.ndarray, new: np.ndarray, n_boot: int = 2000, confidence: float = 0.95,
                      seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``new - base`` and its percentile-bootstrap interval (seeded, reproducible)."""
+    """Mean of ``new - base`` and its one-sided percentile-bootstrap bounds at ``confidence``
+    (lower, upper) — together the two-sided interval at ``2 * confidence - 1``; seeded."""
     d = np.asarray(new, dtype=float) - np.asarray(base, dtype=float)
     if d.size == 0:
         return (float("nan"), float("nan"), float("nan"))
@@ -31,8 +38,7 @@ def paired_bootstrap(base: np.ndarray, new: np.ndarray, n_boot: int = 2000, conf
         return (0.0, 0.0, 0.0)
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(1)
-    alpha = 1.0 - confidence
-    return (float(d.mean()), float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2)))
+    return (float(d.mean()), float(np.quantile(means, 1.0 - confidence)), float(np.quantile(means, confidence)))
 
 
 def _by_turn(records: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
@@ -71,7 +77,7 @@ class Comparison:
 
 def compare_records(label: str, baseline_run: str, new_run: str, base: list[dict[str, Any]],
                     new: list[dict[str, Any]], tolerance: float = 0.0, ratio_tolerance: float = 0.02,
-                    confidence: float = 0.95, n_boot: int = 2000) -> Comparison:
+                    confidence: float = 0.95, n_boot: int = 2000, max_drop: float | None = None) -> Comparison:
     """Compare ``new`` with ``base`` (turn records of the same spec) and decide the verdict."""
     b, n = _by_turn(base), _by_turn(new)
     keys = sorted(k for k in b if k in n and b[k].get("score") is not None and n[k].get("score") is not None)
@@ -87,8 +93,10 @@ def compare_records(label: str, baseline_run: str, new_run: str, base: list[dict
     if len(keys) < len(b):
         comp.reasons.append(f"{len(b) - len(keys)} of {len(b)} baseline turns missing from the new run")
     if keys and hi < 0 and -delta > tolerance:
-        comp.reasons.append(f"score dropped by {-delta:.3f}: the {confidence:.0%} paired interval [{lo:.3f}, {hi:.3f}] "
-                            f"is below 0 and the drop exceeds the tolerance {tolerance:g}")
+        comp.reasons.append(f"score dropped by {-delta:.3f}: its {confidence:.0%} upper bound {hi:+.3f} is below 0 "
+                            f"and the drop exceeds the tolerance {tolerance:g}")
+    elif keys and max_drop is not None and -delta > max_drop:
+        comp.reasons.append(f"score dropped by {-delta:.3f}, more than the declared maximum drop {max_drop:g}")
     ab, aa = comp.achieved_before, comp.achieved_after
     if ab is not None and aa is not None and aa < ab - ratio_tolerance:
         comp.reasons.append(f"achieved compression fell from {ab:.3f} to {aa:.3f} "
