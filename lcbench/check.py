@@ -106,7 +106,7 @@ def render(comparisons: list[Comparison], console: Console, opts: CheckOptions) 
                     f"{opts.confidence:.0%} bounds, {_rules(opts)}",
               title_justify="left")
     for col in rows[0] if rows else []:
-        t.add_column(col, justify="left" if col in ("run", "verdict") else "right", overflow="fold",
+        t.add_column(escape(col), justify="left" if col in ("run", "verdict") else "right", overflow="fold",
                      min_width=16 if col == "run" else None, no_wrap=col != "run")
     for row, c in zip(rows, comparisons):
         style = "bold red" if c.failed else ("green" if c.verdict in ("same", "improved") else "")
@@ -159,4 +159,5 @@ def _markdown(comparisons: list[Comparison], opts: CheckOptions, failed: list[Co
             f"Paired bootstrap over turns, one-sided {opts.confidence:.0%} bounds; {_rules(opts)}; "
             f"ratio tolerance {opts.ratio_tolerance:g}; verdicts {' and '.join(FAILING)} fail.\n\n")
     reasons = "".join(f"- {c.label}: {r}\n" for c in comparisons for r in c.reasons)
-    return head + to_markdown(pd.DataFrame(table_rows(comparisons))) + ("\n" + reasons if reasons else "")
+    table = to_markdown(pd.DataFrame(table_rows(comparisons)), left=("run", "verdict"))
+    return head + table + ("\n" + reasons if reasons else "")

@@ -16,14 +16,15 @@ from .grouped import GroupedTable
 FORMATS = ("csv", "md", "tex")
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table; ``|`` and newlines in cells are escaped."""
+def to_markdown(df: pd.DataFrame, left: tuple[str, ...] = ("model", "method", "task")) -> str:
+    """A GitHub-flavoured Markdown table (``left`` columns left-aligned, others right);
+    ``|`` and newlines in cells are escaped."""
 
     def cell(x) -> str:
         return str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
     head = [cell(c) for c in df.columns]
-    align = ["---" if c in ("model", "method", "task") else "---:" for c in df.columns]
+    align = ["---" if c in left else "---:" for c in df.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
     return "\n".join(lines) + "\n"
@@ -32,7 +33,8 @@ def to_markdown(df: pd.DataFrame) -> str:
 def to_latex(df: pd.DataFrame, caption: str) -> str:
     """A booktabs LaTeX tabular (``\\usepackage{booktabs}``); every cell and header escaped."""
     styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-    return styler.to_latex(hrules=True, caption=_latex_escape(caption), column_format="".join("l" if c in ("model", "method", "task") else "r" for c in df.columns))
+    align = "".join("l" if c in ("model", "method", "task") else "r" for c in df.columns)
+    return styler.to_latex(hrules=True, caption=_latex_escape(caption), column_format=align)
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

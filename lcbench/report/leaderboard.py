@@ -177,7 +177,8 @@ def _prepare(out: Path) -> None:
         (out / MARKER).write_text("built by lcbench leaderboard; rebuilding replaces index.html, data.json, "
                                   "methods/, runs/, plots/\n")
     except OSError as exc:
-        raise UserError(f"cannot write the leaderboard to '{out}': {exc.strerror or exc}. Fix: pass a writable -o.") from None
+        raise UserError(f"cannot write the leaderboard to '{out}': {exc.strerror or exc}. "
+                        f"Fix: pass a writable -o.") from None
 
 
 def _record_rows(run: Run) -> list[dict[str, Any]]:

@@ -142,7 +142,8 @@ def needle_heatmaps(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("needle depth")
         title = f"{first['task']} — {first['label']} r={first['ratio']:g} — {first['model']}"
-        ax.set_title(f"{first['task_text']} — {first['text']} r={first['ratio']:g} — {first['model_text']}", fontsize=9)
+        shown = f"{first['task_text']} — {first['text']} r={first['ratio']:g} — {first['model_text']}"
+        ax.set_title(shown, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.05)
         stem = slug("needle", str(run_id))
         _save(fig, out_dir, stem)
