@@ -113,3 +113,12 @@ def test_bad_grouping_and_format_are_user_errors(runs):
         build_report([runs], Console(), groupings=("bucket",))
     with pytest.raises(UserError, match="--format"):
         build_report([runs], Console(), formats=("pdf",))
+
+
+def test_plot_labels_are_not_read_as_mathtext(tmp_path):
+    """'$' starts matplotlib mathtext: unescaped, this method name makes savefig raise ValueError."""
+    write_run(tmp_path / "runs", [1, 0], method="price$\\frac$", ratio=0.5)
+    df = records_frame(load_runs([tmp_path / "runs"]))
+    (plot,) = score_vs_ratio(df, tmp_path / "plots")
+    assert plot.methods == ("price$\\frac$",)
+    assert (tmp_path / "plots" / plot.path("png")).stat().st_size > 0
