@@ -158,6 +158,7 @@ def _environment() -> jinja2.Environment:
                              autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = fmt_number
     env.filters["pretty_json"] = lambda obj: json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+    env.filters["compact_json"] = lambda obj: json.dumps(obj, ensure_ascii=False, default=str)
     return env
 
 
