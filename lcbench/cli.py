@@ -46,7 +46,7 @@ def run(
     task_args: Optional[str] = typer.Option(None, "--task-args", help="k=v,... (lists use ';')"),
     ratio: str = typer.Option("0.5", "--ratio", help="fraction of the context KV memory removed, in [0,1); list allowed"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N samples only"),
-    batch_size: str = typer.Option("8", "--batch-size", help="N|auto: turns decoded together; samples whose turns fit are prefilled together (bucketed by length)"),
+    batch_size: str = typer.Option("turns", "--batch-size", help="turns (default: one sample at a time, its turns decoded together; per-request latency) | N | auto: N rows decoded together, samples whose turns fit prefilled together (throughput; latencies are the batch's)"),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="prefill the context N tokens at a time (the last chunk compresses)"),
     output_path: str = typer.Option("results", "--output-path", help="folder of run folders"),
     seed: int = typer.Option(0, "--seed"),

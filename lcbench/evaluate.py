@@ -30,7 +30,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
                method_args: str | None = None, ratio: float = 0.5, task: str = "niah",
                task_args: str | None = None, limit: int | None = None, seed: int = 0,
                device: str | None = None, dtype: str | None = None, query_aware: bool = False,
-               batch_size: int | str = 8, output_path: str = "results",
+               batch_size: int | str = "turns", output_path: str = "results",
                prefill_chunk: int | None = None) -> RunSpec:
     """Expand command-line values into a fully resolved RunSpec (every default filled in)."""
     if not 0.0 <= ratio < 1.0:
@@ -58,16 +58,19 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
 
 
 def parse_batch_size(value: int | str) -> int | str:
-    """``--batch-size``: a number of decode rows ≥ 1, or ``auto`` (sized from free memory)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
+    """``--batch-size``: ``turns`` (the default: one sample at a time, all its turns decoded as one
+    batch, so latencies are those of one request), a number of decode rows ≥ 1 (samples whose turns
+    fit are prefilled together), or ``auto`` (rows sized from free memory)."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "turns"):
+        return value.strip().lower()
     try:
         rows = int(value)
     except (TypeError, ValueError):
         rows = 0
     if rows < 1:
-        raise UserError(f"--batch-size {value}: must be a number of rows ≥ 1 or 'auto'. It is how many turns "
-                        f"(of one or several samples) decode together. Fix: e.g. --batch-size 8.")
+        raise UserError(f"--batch-size {value}: must be 'turns' (one sample at a time, its turns together), a "
+                        f"number of rows ≥ 1 (turns of one or several samples decoded together) or 'auto'. "
+                        f"Fix: e.g. --batch-size 8.")
     return rows
 
 
@@ -112,7 +115,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     chain = Chain.build(spec.method, spec.ratio)
     engine = Engine(loaded.model, loaded.tokenizer, chain,
                     EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk,
-                                 batch_size=spec.batch_size if isinstance(spec.batch_size, int) else 1))
+                                 batch_size=spec.batch_size if isinstance(spec.batch_size, int) else None))
     multi_turn = spec.mode == "multi_turn"
     written = 0
     by_id = {s.id: s for s in samples}
@@ -137,10 +140,11 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
 
 def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_size: int | str,
              multi_turn: bool) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-    """``(samples finished, records)`` as they come: samples batched together where the chain and
-    mode allow it (engine/batching.py), otherwise one sample at a time with its turns batched."""
+    """``(samples finished, records)`` as they come: with ``--batch-size N|auto``, samples batched
+    together where the chain and mode allow it (engine/batching.py); otherwise one sample at a
+    time with its turns batched."""
     refusal = batch_refusal(engine.chain, multi_turn, engine.config.query_aware)
-    if refusal is None and batch_size != 1:
+    if refusal is None and batch_size not in (1, "turns"):
         yield from run_batched(engine, samples, done, batch_size)
         return
     if batch_size == "auto":

@@ -34,7 +34,7 @@ class RunSpec:
     dtype: str = "float32"
     query_aware: bool = False
     mode: str = "multi_request"
-    batch_size: int | str = 8  # decode rows (turns of one or several samples) per batch, or "auto"
+    batch_size: int | str = "turns"  # "turns" (one sample, all its turns), decode rows across samples, or "auto"
     output_path: str = "results"
     prefill_chunk: int | None = None  # tokens per prefill chunk (engine/chunked.py); None = one pass
     extra: dict[str, Any] = field(default_factory=dict)

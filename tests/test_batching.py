@@ -143,3 +143,43 @@ def test_run_folder_identical_to_batch_size_one_and_resumes(tmp_path):
     for alone, together in by_key.values():
         assert together["prediction"] == alone["prediction"] and together["kv_bytes"] == alone["kv_bytes"]
     assert max(r[1]["batch_samples"] for r in by_key.values()) > 1
+
+
+def test_default_runs_one_sample_at_a_time_with_its_turns_together(tmp_path):
+    """``--batch-size turns`` (the default): latencies are one request's (no sample shares a
+    prefill) and every turn of a sample decodes in one batch, however many turns it has."""
+    spec = build_spec(model="tiny-random-llama", method="snapkv", method_args="window_size=8", ratio=0.5,
+                      task="scbench_kv_synth", task_args="length=500,num_samples=3,num_turns=3,mode=multi_request",
+                      device="cpu", limit=3, output_path=str(tmp_path))
+    assert spec.batch_size == "turns"
+    out = evaluate(spec)
+    records = [json.loads(line) for line in (out.folder / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 9
+    assert {r["batch_samples"] for r in records} == {1}
+    assert {r["batch_rows"] for r in records} == {3}
+
+
+def test_tables_mark_latency_measured_on_cross_sample_batches(tmp_path):
+    """A run batched across samples has its TTFT, tok/s and memory marked † with a footnote in
+    both the run table and the report tables; a per-request run is not marked."""
+    from rich.console import Console
+
+    from lcbench.report.frame import load_runs, records_frame
+    from lcbench.report.grouped import grouped_table
+    from lcbench.report.table import render_table, run_rows
+
+    args = dict(model="tiny-random-llama", ratio=0.0, task="niah",
+                task_args="lengths=320,depths=0;50;100,max_new_tokens=4", device="cpu", output_path=str(tmp_path))
+    evaluate(build_spec(**args, method="full", batch_size=4))
+    evaluate(build_spec(**args, method="random"))  # default: one sample at a time
+    console = Console(record=True, width=200)
+    render_table(run_rows([tmp_path]), console)
+    text = console.export_text()
+    full_row = next(line for line in text.splitlines() if "│ full " in line)
+    random_row = next(line for line in text.splitlines() if "│ random " in line)
+    assert full_row.count("†") == 3 and "†" not in random_row
+    assert "batches of 3 samples" in text and "--batch-size turns" in text
+    table = grouped_table(records_frame(load_runs([tmp_path])), "dataset")
+    marked = table.display.set_index("method")
+    assert marked.loc["full", "TTFT s"].endswith("†") and not marked.loc["random", "TTFT s"].endswith("†")
+    assert "batches of 3 samples" in table.note

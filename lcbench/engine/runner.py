@@ -29,7 +29,7 @@ from .timing import MemoryMeter, Stopwatch
 @dataclass
 class EngineConfig:
     query_aware: bool = False
-    batch_size: int = 8  # rows (turns) decoded together
+    batch_size: int | None = 8  # rows (turns) decoded together; None: all pending turns of a sample
     check_ratio: bool = True
     prefill_chunk: int | None = None  # prefill the context this many tokens at a time (see engine/chunked.py)
 
@@ -256,7 +256,7 @@ class Engine:
         todo = [k for k in range(len(sample.turns)) if k not in skip_turns]
         records = []
         n_ctx = len(prompt.context_ids)
-        size = max(1, self.config.batch_size)
+        size = (len(todo) or 1) if self.config.batch_size is None else max(1, self.config.batch_size)
         for start in range(0, len(todo), size):
             group = todo[start: start + size]
             last = start + size >= len(todo)

@@ -65,16 +65,18 @@ def write_table(table: GroupedTable, out_dir: Path, formats: tuple[str, ...] = F
         if fmt == "csv":
             table.numeric.to_csv(path, index=False)
         elif fmt == "md":
-            path.write_text(f"### {table.title}\n\n" + to_markdown(table.display), encoding="utf-8")
+            note = f"\n{table.note}\n" if table.note else ""
+            path.write_text(f"### {table.title}\n\n" + to_markdown(table.display) + note, encoding="utf-8")
         else:
-            path.write_text(to_latex(table.display, table.title), encoding="utf-8")
+            path.write_text(to_latex(table.display, f"{table.title}. {table.note}" if table.note else table.title),
+                            encoding="utf-8")
         written.append(path)
     return written
 
 
 def render_grouped(table: GroupedTable, console: Console) -> None:
     """Print ``table.display`` as a rich table (text from results is never read as markup)."""
-    t = Table(title=table.title, title_justify="left")
+    t = Table(title=table.title, title_justify="left", caption=_plain(table.note) or None, caption_justify="left")
     for col in table.display.columns:
         t.add_column(str(col), justify="left" if col in ("model", "method") else "right", overflow="fold")
     for row in table.display.itertuples(index=False):

@@ -19,7 +19,7 @@ from ..results.summary import summarize
 RECORD_FIELDS = ("sample_id", "turn", "score", "achieved_ratio", "requested_ratio", "kv_bytes", "kv_bytes_full",
                  "kept_tokens", "input_tokens", "context_tokens", "text_s", "prefill_s", "compress_s",
                  "question_prefill_s", "ttft_s", "decode_tokens", "decode_s", "decode_tok_s", "peak_memory_mb",
-                 "memory_kind", "attention_density", "prediction")
+                 "memory_kind", "attention_density", "batch_samples", "prediction")
 META_FIELDS = ("dataset", "length", "depth", "length_bucket")
 
 
@@ -86,6 +86,17 @@ def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=columns)
     df["kv_mb"] = pd.to_numeric(df["kv_bytes"], errors="coerce") / 2**20
     return df
+
+
+# cost columns that measure the whole batch a record ran in (--batch-size N|auto), not one request
+BATCH_DEPENDENT = ("ttft_s", "decode_tok_s", "peak_memory_mb")
+BATCH_MARK = " †"
+
+
+def batch_note(mean_samples: float) -> str:
+    """The footnote for cost cells marked with :data:`BATCH_MARK`."""
+    return (f"†: measured on batches of {mean_samples:.2g} samples on average (--batch-size N|auto): the "
+            f"batch's time and memory, not one request's. Per-request numbers: --batch-size turns (the default).")
 
 
 def method_label(method: str, query_aware: bool) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..results.summary import bootstrap_ci
-from .frame import method_label
+from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, method_label
 
 GROUPINGS = ("dataset", "length", "turn")
 ROW_KEYS = ("model", "method", "ratio")
@@ -32,6 +32,7 @@ class GroupedTable:
     title: str
     numeric: pd.DataFrame
     display: pd.DataFrame
+    note: str = ""  # a footnote to the display (e.g. what † means)
 
 
 def _column_label(df: pd.DataFrame, by: str) -> pd.Series:
@@ -94,6 +95,8 @@ def grouped_table(df: pd.DataFrame, by: str = "dataset", n_boot: int = 1000) -> 
     rows = _row_order(pd.MultiIndex.from_frame(df[list(ROW_KEYS)].drop_duplicates()))
     numbers = df.assign(**{k: pd.to_numeric(df[k], errors="coerce") for k in COST_COLUMNS})
     costs = numbers.groupby(list(ROW_KEYS))[list(COST_COLUMNS)].mean()
+    batch = pd.to_numeric(df["batch_samples"], errors="coerce").fillna(1).groupby(
+        [df[k] for k in ROW_KEYS]).mean()
     mem_label = _memory_label(df)
     numeric, display = [], []
     for r in rows:
@@ -106,13 +109,16 @@ def grouped_table(df: pd.DataFrame, by: str = "dataset", n_boot: int = 1000) -> 
             disp[col] = _fmt_ci(cell.get("score"), cell.get("ci_lo"), cell.get("ci_hi"))
         for key, label in COST_COLUMNS.items():
             num[key] = costs.loc[r, key]
-            disp[mem_label if key == "peak_memory_mb" else label] = fmt_number(num[key], key)
+            disp[mem_label if key == "peak_memory_mb" else label] = fmt_number(num[key], key) + (
+                BATCH_MARK if key in BATCH_DEPENDENT and batch.loc[r] > 1 else "")
+        num["batch_samples"] = batch.loc[r]
         numeric.append(num)
         display.append(disp)
     titles = {"dataset": "score per task/dataset", "length": "score per context length",
               "turn": "score per turn index"}
+    batched = batch[batch > 1]
     return GroupedTable(f"by_{by}", f"{titles[by]} (mean [95% bootstrap CI])", pd.DataFrame(numeric),
-                        pd.DataFrame(display))
+                        pd.DataFrame(display), batch_note(batched.mean()) if len(batched) else "")
 
 
 def _memory_label(df: pd.DataFrame) -> str:

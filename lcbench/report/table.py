@@ -10,14 +10,13 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .frame import load_runs
+from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs
 
 COLUMNS = {
     "task": "task", "method": "method", "ratio": "ratio", "n": "n",
     "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
     "ttft_s": "TTFT s", "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
 }
-
 
 def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run folder found under ``paths``, from its summary.json."""
@@ -35,6 +34,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
             "peak_memory_mb": overall.get("peak_memory_mb"),
             "memory_kind": run.records[0].get("memory_kind") if run.records else None,
             "attention_density": overall.get("attention_density"),
+            "batch_samples": overall.get("batch_samples"),
             "run_id": run.run_id, "folder": str(run.folder),
         })
     df = pd.DataFrame(rows)
@@ -64,7 +64,8 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
     for key, label in COLUMNS.items():
         table.add_column(mem_label if key == "peak_memory_mb" else label, overflow="fold",
                          justify="left" if key in ("task", "method") else "right")
-    for _, row in df.iterrows():
+    batched = df["batch_samples"].fillna(1) > 1 if "batch_samples" in df else pd.Series(False, index=df.index)
+    for idx, row in df.iterrows():
         cells = []
         for k in COLUMNS:
             cell = _fmt(row.get(k), k)
@@ -73,6 +74,10 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell = f"{row['score']:.2f} [{lo:.2f},{hi:.2f}]"
             if k == "method" and row.get("query_aware"):
                 cell += " (qa)"
+            if k in BATCH_DEPENDENT and batched[idx]:
+                cell += BATCH_MARK
             cells.append(cell)
         table.add_row(*cells)
+    if batched.any():
+        table.caption = batch_note(df.loc[batched, "batch_samples"].mean())
     console.print(table)

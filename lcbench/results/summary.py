@@ -8,7 +8,8 @@ from typing import Any, Iterable
 import numpy as np
 
 METRICS = ("score", "achieved_ratio", "kv_bytes", "kept_tokens", "ttft_s", "prefill_s", "compress_s",
-           "text_s", "decode_tok_s", "decode_s", "peak_memory_mb", "input_tokens", "attention_density")
+           "text_s", "decode_tok_s", "decode_s", "peak_memory_mb", "input_tokens", "attention_density",
+           "batch_samples")
 
 
 def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
