@@ -209,6 +209,41 @@ def test_pool_composes_with_a_cache_stage(tiny, sample):
     assert recs[0]["achieved_ratio"] == pytest.approx(0.75, abs=0.02)
 
 
+@pytest.mark.parametrize("cache_stage", ["chunkkv", "h2o", "expected_attention", "tova", "leverage"])
+def test_pool_composes_with_stages_that_map_positions_to_slots(tiny, sample, cache_stage):
+    """After ``pool`` a slot's index is no longer its position: stages that look tokens up by
+    position (chunkkv's index reuse, h2o's accumulated scores, RoPE undone at the query positions)
+    must still run and meet the chain's budget."""
+    recs = run(tiny, sample, f"pool+{cache_stage}", 0.75)
+    assert recs[0]["achieved_ratio"] == pytest.approx(0.75, abs=0.03)
+
+
+def test_chunkkv_index_reuse_keeps_the_same_pooled_tokens(tiny, sample):
+    model, tok = tiny
+    from lcbench.engine.prompt import render
+
+    chain = Chain.build(resolve_chain("pool+chunkkv", "index_reuse=2,chunk_size=4", 0.75), 0.75)
+    engine = Engine(model, tok, chain, EngineConfig())
+    prompt = render(tok, sample, sample.context, False)
+    cache, *_ = engine._prefill(prompt.context_ids, protected=0)
+    first, second = (layer.positions for layer in cache.layers[:2])
+    assert torch.equal(first, second)  # layer 1 reused layer 0's kept tokens
+    inputs = METHODS.get("pool")(ratio=chain.stages[0].ratio).context_inputs(
+        model, torch.tensor([prompt.context_ids]), len(prompt.context_ids), None)
+    assert set(first.flatten().tolist()) <= set(inputs.positions.flatten().tolist())
+
+
+def test_query_positions_are_the_pass_positions():
+    from lcbench.methods.base import LayerObservation
+    from lcbench.methods.dropping.select import pass_slots, query_positions
+
+    pooled = torch.tensor([[0, 5, 11, 17, 18, 19]])  # sink, 2 pooled chunks, then 3 real tokens
+    seen = LayerObservation(layer_idx=0, num_layers=1, num_groups=1, context_length=6,
+                            queries=torch.zeros(1, 1, 3, 4), positions=pooled)
+    assert query_positions(seen).tolist() == [17, 18, 19]
+    assert pass_slots(seen, torch.tensor([[[5, 18]]])).tolist() == [[[1, 4]]]
+
+
 # --- the adapter for trained compressors ------------------------------------------------------
 def test_adapter_runs_a_trained_compressor_from_a_folder(tmp_path, tiny, sample):
     folder = compressor_folder(tmp_path, "AttentionPoolCompressor")

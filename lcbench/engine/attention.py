@@ -87,7 +87,8 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
     L = layer.seq_len()
     q_len = query.shape[2]
     seen = LayerObservation(layer_idx=layer_idx, num_layers=num_layers, num_groups=groups,
-                            context_length=L - protected, protected=protected, module=module)
+                            context_length=L - protected, protected=protected, module=module,
+                            positions=layer.positions[:, 0])
     if needs.queries:
         seen.queries = query
     if needs.window or needs.full_attention_sum:

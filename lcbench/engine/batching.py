@@ -134,7 +134,8 @@ def row_observation(seen: LayerObservation, row: int, offset: int, length: int, 
         window_queries=own(seen.window_queries, queries_dim=2),
         attention_sum=own(seen.attention_sum, keys_last=True),
         queries=None if seen.queries is None else seen.queries[row:row + 1, :, offset:],
-        extra=dict(seen.extra), module=seen.module)
+        extra=dict(seen.extra), module=seen.module,
+        positions=None if seen.positions is None else seen.positions[row:row + 1, offset:])
 
 
 class PerRowCompression(Stage):

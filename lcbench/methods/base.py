@@ -56,7 +56,9 @@ class LayerObservation:
     Tensors are per batch row; ``window_attention`` is (B, Hq, w, L) over the keys in storage
     order of the layer at the time of the pass, ``window_queries`` (B, Hq, w, D),
     ``attention_sum`` (B, Hq, L), ``queries`` (B, Hq, q, D). ``num_groups`` = query heads per KV head;
-    ``module`` is the layer's attention module (its ``config`` gives the rotary embedding).
+    ``module`` is the layer's attention module (its ``config`` gives the rotary embedding);
+    ``positions`` the true positions of the pass's slots (a slot's index is its position only when
+    nothing before the pass moved them: a ``context_inputs`` stage such as ``pool`` does).
     """
 
     layer_idx: int
@@ -70,6 +72,7 @@ class LayerObservation:
     extra: dict[str, Any] = field(default_factory=dict)
     queries: torch.Tensor | None = None
     module: Any = None
+    positions: torch.Tensor | None = None  # (B, L) true position of each slot of the pass, ascending
 
 
 @dataclass

@@ -50,7 +50,7 @@ class ChunkKV(Stage):
         self.needs = Needs(window=self.args["window_size"])
 
     def begin_sample(self):
-        self._shared: torch.Tensor | None = None  # kept slot indices of the group's first layer
+        self._shared: torch.Tensor | None = None  # kept true positions of the group's first layer
 
     def compress_layer(self, layer, seen):
         if self.ratio <= 0:
@@ -60,7 +60,8 @@ class ChunkKV(Stage):
         fresh = layer.seq_len() == seen.context_length + seen.protected
         reuse = max(1, self.args["index_reuse"])
         if seen.layer_idx % reuse and fresh and self._shared is not None:
-            layer.select(self._shared.to(layer.positions.device))
+            # the same tokens as the group's first layer: its kept positions, as slots of this layer
+            layer.select(torch.searchsorted(layer.positions.contiguous(), self._shared.to(layer.positions.device).contiguous()))
             return layer
         scores = window_scores(seen, self.args["window_size"], self.args["kernel_size"], "avg")
         scores = align(scores, layer, seen)

@@ -17,7 +17,7 @@ from ..base import Needs
 from ..presets import from_preset
 from .decode_eviction import EvictingLayer
 from .scoring import ScoringDrop
-from .select import context_budget, force_keep, group_mean, keep_top
+from .select import context_budget, force_keep, group_mean, keep_top, pass_slots
 
 TRACK = "h2o"
 
@@ -53,7 +53,7 @@ class H2O(ScoringDrop):
         recent = self._recent_tokens(layer, seen)
         layer = keep_top(layer, self.scores(layer, seen), self.ratio, seen)
         accumulated = group_mean(seen.attention_sum, seen.num_groups)
-        index = layer.positions.clamp(max=accumulated.shape[-1] - 1)
+        index = pass_slots(seen, layer.positions).clamp(max=accumulated.shape[-1] - 1)
         self._accumulated[seen.layer_idx] = accumulated.gather(-1, index)
         self._recent[seen.layer_idx] = recent
         module = seen.module

@@ -29,14 +29,26 @@ def context_budget(layer: KVLayer, seen: LayerObservation, ratio: float) -> int:
     return max(1, min(n_real, keep_count(n_real + seen.protected, ratio) - seen.protected))
 
 
+def pass_slots(seen: LayerObservation, positions: torch.Tensor) -> torch.Tensor:
+    """Slot indices, in the compressing pass, of tokens at true ``positions`` (B, H, n). A slot's
+    index is its position unless a ``context_inputs`` stage (``pool``) prefilled other positions."""
+    if seen.positions is None:
+        return positions
+    sorted_positions = seen.positions.to(positions.device)
+    b, h, n = positions.shape
+    flat = positions.reshape(b, h * n).contiguous()
+    index = torch.searchsorted(sorted_positions.expand(b, -1).contiguous(), flat)
+    return index.clamp(max=sorted_positions.shape[-1] - 1).reshape(b, h, n)
+
+
 def align(scores: torch.Tensor, layer: KVLayer, seen: LayerObservation) -> torch.Tensor:
     """Scores (B, H, n) computed over the slots of the compressing pass, re-indexed to the slots
-    the layer holds now. In the pass a context token's slot is its position, so when an earlier
-    stage already dropped tokens, each kept slot takes the score at its position."""
+    the layer holds now: when an earlier stage already dropped tokens, each kept slot takes the
+    score of its slot in the pass (found by its true position)."""
     n = context_slots(layer, seen)
     if scores.shape[-1] == n:
         return scores
-    index = layer.positions[..., :n].clamp(max=scores.shape[-1] - 1)
+    index = pass_slots(seen, layer.positions[..., :n]).clamp(max=scores.shape[-1] - 1)
     return scores.gather(-1, index.to(scores.device))
 
 
@@ -74,8 +86,9 @@ def force_keep(scores: torch.Tensor, start: int, stop: int | None = None) -> tor
 
 
 def query_positions(seen: LayerObservation, device=None) -> torch.Tensor:
-    """(q,) true positions of the queries of the compressing pass. The pass starts from an empty
-    cache, so a slot's index in it is its position (what :func:`align` relies on too)."""
+    """(q,) true positions of the queries of the compressing pass (its last ``q`` slots)."""
     total = seen.context_length + seen.protected
     q = seen.queries.shape[2] if seen.queries is not None else total
+    if seen.positions is not None:
+        return seen.positions[0, total - q: total].to(device)
     return torch.arange(total - q, total, device=device)
