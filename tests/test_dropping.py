@@ -284,6 +284,27 @@ def test_pyramidkv_layers_hold_different_lengths_and_decode(model4, tok):
     assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 
 
+def test_pyramidkv_records_when_it_falls_back_to_uniform_budgets(model4, tok):
+    # ~800 context tokens, window 8, beta 20: at 0.5 the last layer keeps mean/20 ≈ 20 ≥ 8 tokens
+    # (a pyramid); at 0.9 mean/20 ≈ 4 < window, so every layer keeps the uniform budget (= SnapKV)
+    args = "window_size=8,beta=20"
+    cache, _ = prefill(model4, chain("pyramidkv", 0.5, args), context_ids(tok))
+    lengths = cache.seq_lengths()
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+    rec = run(model4, tok, "pyramidkv", 0.5, args=args)[0]
+    assert rec["pyramid_uniform_layers"] == 0.0
+    assert rec["pyramid_budget_min"] < rec["pyramid_budget_max"]
+
+    cache, _ = prefill(model4, chain("pyramidkv", 0.9, args), context_ids(tok))
+    assert len(set(cache.seq_lengths())) == 1
+    rec = run(model4, tok, "pyramidkv", 0.9, args=args)[0]
+    assert rec["pyramid_uniform_layers"] == 1.0
+    assert rec["pyramid_budget_min"] == rec["pyramid_budget_max"]
+    assert abs(rec["achieved_ratio"] - 0.9) <= 0.05
+    assert "SnapKV" in sys.modules["lcbench.methods.dropping.pyramidkv"].__doc__
+    assert "pyramid_uniform_layers" in {p.name: p.help for p in METHODS.get("pyramidkv").params}["beta"]
+
+
 def test_adakv_heads_hold_different_counts_and_bytes_fall_with_them(model, tok):
     ids = context_ids(tok)
     cache, _ = prefill(model, chain("adakv", 0.75, "window_size=8"), ids)
