@@ -33,6 +33,39 @@ def test_context_length_buffer_and_sentence_boundary():
     assert before.endswith(".")  # moved back to just after a period
 
 
+def _sentencepiece_like_tokenizer(vocab_size: int):
+    """A Llama-2/Mistral-style tokenizer (Metaspace '▁', BPE) trained offline: a lone '.' encodes
+    as '▁.', a token that never follows a word, while periods in text are '.' or merged ('▁go.')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
+              "The pass key is 0123456789. Remember it. The best thing to do in San Francisco is eat a sandwich "
+              "and sit in Dolores Park on a sunny day.\n A lone period . like this . encodes as one piece. ")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("vocab_size", [120, 400])  # 120: '.' mostly its own token; 400: merged into words
+def test_sentence_boundary_with_a_sentencepiece_tokenizer(vocab_size):
+    tok = _sentencepiece_like_tokenizer(vocab_size)
+    lone = tok.convert_ids_to_tokens(tok(".", add_special_tokens=False)["input_ids"])
+    assert lone == ["▁."]  # the case the upstream test (ids of encode('.')) never matches inside text
+    assert "<unk>" not in tok.convert_ids_to_tokens(tok("Here we go.\nThe grass", add_special_tokens=False)["input_ids"])
+    needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+    samples = NeedleInAHaystack(lengths="600", depths="25;50;75", needle="sandwich").samples(_env(tok))
+    for s, depth in zip(samples, (25, 50, 75)):
+        at = s.context.index(needle)
+        before = s.context[:at].rstrip()
+        assert before.endswith(".")  # right after a sentence end, not slid back to position 0
+        haystack_chars = len(s.context) - len(needle)
+        assert abs(at / haystack_chars - depth / 100) < 0.05, (depth, at, haystack_chars)
+
+
 def test_depth_zero_and_hundred():
     tok = tiny_tokenizer()
     first, last = NeedleInAHaystack(lengths="500", depths="0;100").samples(_env(tok))

@@ -3,7 +3,9 @@
 Grid: context length × depth. The haystack (essays from a folder, sorted — upstream globs in
 filesystem order — or lcbench's built-in filler) is repeated until long enough, cut to the length
 in the *target* tokenizer, shortened by the 200-token buffer, and the needle is inserted at the
-depth, moved back to just after a sentence end (a token that encodes '.'), exactly as upstream.
+depth, moved back to just after a sentence end, as upstream. Upstream's sentence end is the token
+that ``encode('.')`` gives; lcbench also accepts any token whose text ends with '.', which is the
+same for byte-level BPE and makes SentencePiece tokenizers (where a lone '.' encodes as '▁.') work.
 
 Scoring deviates from upstream, which uses an LLM judge (gpt-3.5-turbo, 1–10) that is not
 available offline: ``score`` is the fraction of the needle's content words found in the
@@ -74,6 +76,29 @@ def load_haystack(path: str | None) -> str:
     raise UserError(f"niah: haystack '{p}' does not exist. Fix: pass a folder of .txt essays or a text file.")
 
 
+def _period_test(tokenizer):
+    """``is_period(token_id)``: does the token end a sentence, i.e. does its text end with '.'?
+
+    Upstream compares against the ids of ``encode('.')``. For byte-level BPE (GPT, Llama-3,
+    SmolLM2) that is the id a period gets inside text, and it is among the tokens accepted here.
+    For SentencePiece-style tokenizers (Metaspace: Llama-2, Mistral) a standalone '.' encodes as
+    '▁.', which never follows a word, so the upstream test never matches and the needle would
+    slide back to position 0; judging each token by its decoded text works for both.
+    """
+    period = set(tokenizer(".", add_special_tokens=False)["input_ids"])
+    seen: dict[int, bool] = {}
+
+    def is_period(token_id: int) -> bool:
+        if token_id in period:
+            return True
+        hit = seen.get(token_id)
+        if hit is None:
+            hit = seen[token_id] = tokenizer.decode([token_id]).endswith(".")
+        return hit
+
+    return is_period
+
+
 class NeedleInAHaystack(Task):
     name = "niah"
     suite = "niah"
@@ -118,9 +143,9 @@ class NeedleInAHaystack(Task):
         if depth >= 100:
             ids = ctx + needle_ids
         else:
-            period = set(tokenizer(".", add_special_tokens=False)["input_ids"])
+            is_period = _period_test(tokenizer)
             ip = int(len(ctx) * depth / 100)
-            while ip > 0 and ctx[ip - 1] not in period:
+            while ip > 0 and not is_period(ctx[ip - 1]):
                 ip -= 1
             ids = ctx[:ip] + needle_ids + ctx[ip:]
         return tokenizer.decode(ids)
