@@ -160,6 +160,27 @@ def test_niah_single_template_is_singularized_and_split_at_the_context():
                                       "There and back again.") for line in lines)
 
 
+def test_missing_punkt_tab_falls_back_to_untrained_punkt_with_one_warning(monkeypatch):
+    import nltk
+
+    from lcbench.tasks.ruler import resources
+
+    def missing(resource, *args, **kwargs):
+        raise LookupError(resource)
+
+    monkeypatch.setattr(nltk.data, "find", missing)  # punkt_tab absent, whether or not it is installed here
+    resources.sentence_splitter.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"punkt_tab.*upstream RULER.*nltk\.downloader punkt_tab.*NLTK_DATA") as got:
+            name, split = resources.sentence_splitter()
+            assert resources.sentence_splitter()[0] == name  # a second use in the process does not warn again
+        assert sum("punkt_tab" in str(w.message) for w in got) == 1
+        assert name == "punkt_untrained"
+        assert split("It is late. We go home.") == ["It is late.", "We go home."]
+    finally:
+        resources.sentence_splitter.cache_clear()
+
+
 def test_niah_multi_needle_variants():
     e = env()
     mk1 = ruler(tasks="niah_multikey_1", lengths="2000").samples(e)[0]

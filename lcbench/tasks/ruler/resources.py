@@ -11,7 +11,8 @@
   (sorted) or one text file, split as ``re.sub(r"\\s+", " ", text).split(" ")``.
 - Sentences: ``nltk.sent_tokenize`` with the pretrained Punkt model when nltk's ``punkt_tab``
   data is installed (as upstream); otherwise Punkt with default parameters (no learned
-  abbreviations), recorded as ``sentence_splitter`` in every sample's meta.
+  abbreviations), recorded as ``sentence_splitter`` in every sample's meta and warned about once
+  per process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import json
 import random
 import re
+import warnings
 from pathlib import Path
 
 from ... import REPO_ROOT
@@ -102,9 +104,18 @@ def essay_words(path: str) -> tuple[str, ...]:
     return tuple(re.sub(r"\s+", " ", text).split(" "))
 
 
+PUNKT_MISSING = (
+    "ruler: nltk's 'punkt_tab' data is not installed, so essay haystacks are split into sentences by an "
+    "untrained Punkt splitter (no learned abbreviations): sentence boundaries, and so needle positions, may "
+    "differ from upstream RULER (samples record sentence_splitter='punkt_untrained'). Fix: run "
+    "`python -m nltk.downloader punkt_tab` (needs network), or download it on a machine with network, copy the "
+    "nltk_data folder here and set NLTK_DATA to its path."
+)
+
+
 @functools.lru_cache(maxsize=1)
 def sentence_splitter():
-    """(name, split function): pretrained Punkt when installed, else untrained Punkt."""
+    """(name, split function): pretrained Punkt when installed, else untrained Punkt (warned once)."""
     import nltk
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
@@ -112,4 +123,5 @@ def sentence_splitter():
         nltk.data.find("tokenizers/punkt_tab/english/")
         return "punkt_tab", nltk.sent_tokenize
     except LookupError:
+        warnings.warn(PUNKT_MISSING, stacklevel=2)  # once per process: this function is cached
         return "punkt_untrained", PunktSentenceTokenizer().tokenize
