@@ -157,3 +157,80 @@ def test_quantized_cache_decodes_multi_turn_and_batched(model, tok):  # noqa: F8
     int8 = run(model, tok, "int8", 0.5, sample=sample)
     full = run(model, tok, "full", 0.0, sample=sample)
     assert [r["prediction"] for r in int8] == [r["prediction"] for r in full]  # 8 bits: same greedy answers
+
+
+# --- the ratio → (bits, window) search ----------------------------------------------------------
+def linear_search_plan(shape, elem, nbytes, ratio, bits_options, key_axis, group_size, window):
+    """The former plan(): try every window from the longest down (the reference for bisection)."""
+    b, h, length, d = shape
+    target = (1.0 - ratio) * nbytes
+    g = group_size if key_axis == "channel" else 1
+    for bits in bits_options:
+        if window >= 0:
+            spec = QuantSpec(bits, key_axis, group_size, window)
+            if spec.nbytes(b, h, length, d, elem) <= target or bits == bits_options[-1]:
+                return spec
+            continue
+        for quantized in range(0, length // g * g + 1, g):
+            spec = QuantSpec(bits, key_axis, group_size, length - quantized)
+            if spec.nbytes(b, h, length, d, elem) <= target:
+                return spec
+    return QuantSpec(bits_options[-1], key_axis, group_size, max(window, 0))
+
+
+class ShapeOnly:
+    """A layer as plan() sees it: the shape and dtype of its dense keys and the bytes it holds
+    (fewer than the rectangle for a ragged layer, hence ``held``)."""
+
+    def __init__(self, shape, dtype, held: float = 1.0):
+        self.keys = torch.empty(1, dtype=dtype).expand(*shape)
+        self.held = held
+
+    def dense(self):
+        return self.keys, self.keys
+
+    def nbytes(self):
+        return int(2 * self.keys.numel() * self.keys.element_size() * self.held)
+
+
+def test_plan_bisection_equals_the_linear_search_on_a_grid():
+    gen = torch.Generator().manual_seed(0)
+    lengths = [0, 1, 2, 7, 31, 32, 33, 64, 95, 129] + torch.randint(130, 400, (3,), generator=gen).tolist()
+    ratios = [i / 10 for i in range(10)] + [0.45, 0.55, 0.65, 0.85, 0.87, 0.93, 0.97, 0.99]
+    configs = [(axis, group, d, dtype, options)
+               for axis in ("channel", "token") for group in (32, 8, 5) for d in (16, 15, 64)
+               for dtype in (torch.float32, torch.bfloat16) for options in ((4, 2), (8,), (2,))]
+    checked = 0
+    for axis, group, d, dtype, options in configs:
+        for length in lengths:
+            for held in (1.0, 0.8):
+                layer = ShapeOnly((1, 2, length, d), dtype, held)
+                for ratio in ratios:
+                    for window in (-1, 16):
+                        new = plan(layer, ratio, options, axis, group, window)
+                        old = linear_search_plan((1, 2, length, d), layer.keys.element_size(), layer.nbytes(),
+                                                 ratio, options, axis, group, window)
+                        assert new == old, (axis, group, d, dtype, options, length, held, ratio, window)
+                        checked += 1
+    assert checked > 30_000
+
+
+def test_plan_evaluates_logarithmically_many_windows(monkeypatch):
+    calls = []
+    original = QuantSpec.nbytes
+    monkeypatch.setattr(QuantSpec, "nbytes", lambda self, *a: calls.append(1) or original(self, *a))
+    layer = ShapeOnly((1, 8, 16384, 64), torch.bfloat16)
+    spec = plan(layer, 0.4, (8,), "token", 64, -1)  # per-token axis: 16385 candidate windows
+    assert 0 < spec.window < 16384
+    assert len(calls) <= 2 * 16  # ≈ log2(16384) + 2, not thousands
+
+
+def test_chosen_bits_and_window_are_recorded_per_sample(model, tok):  # noqa: F811
+    four = run(model, tok, "kivi", 0.5, sample=LONG)[0]
+    two = run(model, tok, "kivi", 0.85, sample=LONG)[0]
+    assert four["quant_bits"] == 4 and two["quant_bits"] == 2
+    assert four["quant_window"] > two["quant_window"] >= 0
+    assert 0 < four["quant_window_share"] < 1
+    fixed = run(model, tok, "kivi", 0.5, args="bits=2,window=0", sample=LONG, check=False)[0]
+    assert fixed["quant_bits"] == 2 and fixed["quant_window"] < 32  # only the partial last group
+    assert "quant_bits" not in run(model, tok, "kivi", 0.0, sample=LONG)[0]
