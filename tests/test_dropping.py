@@ -395,7 +395,7 @@ def test_decode_eviction_in_multi_turn_mode(model, tok, method):
 
 
 # --- chains ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["snapkv+kivi", "pyramidkv+int8", "streamingllm+int4"])
+@pytest.mark.parametrize("method", ["snapkv+kivi", "pyramidkv+int8", "streamingllm+int4", "adakv+kivi"])
 def test_chains_across_families_are_measured(model, tok, method):
     for ratio in (0.5, 0.75):
         rec = run(model, tok, method, ratio, args=window_args(method, 8))[0]

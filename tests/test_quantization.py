@@ -234,3 +234,38 @@ def test_chosen_bits_and_window_are_recorded_per_sample(model, tok):  # noqa: F8
     fixed = run(model, tok, "kivi", 0.5, args="bits=2,window=0", sample=LONG, check=False)[0]
     assert fixed["quant_bits"] == 2 and fixed["quant_window"] < 32  # only the partial last group
     assert "quant_bits" not in run(model, tok, "kivi", 0.0, sample=LONG)[0]
+
+
+# --- ragged layers (AdaKV's head-wise budgets) then quantization --------------------------------
+def test_ragged_layer_is_quantized_with_each_heads_recent_tokens_in_the_window():
+    from lcbench.cache.ragged import RaggedLayer
+
+    keys, values = random_kv(tokens=100)
+    keys[..., 3] += 40  # an outlier channel far from zero: zero padding would widen its groups
+    keep = torch.ones((1, 2, 100), dtype=torch.bool)
+    keep[0, 1, 1::5] = False  # head 1 keeps 80 of 100 tokens → 20 padding slots at its end
+    keep[0, 1, 90:] = False  # ... 72 in all (28 padding slots)
+    positions = torch.arange(100).expand(1, 2, 100)
+    ragged = RaggedLayer.from_mask(keys, values, positions, keep)
+    spec = QuantSpec(2, "channel", 32, 16)
+    layer = QuantizedLayer.from_layer(ragged, spec)
+    assert layer.nbytes() == spec.nbytes(1, 2, 100, 16, 4)  # the padded rectangle is still stored
+    k, v = layer.dense()
+    for head in range(2):
+        real = layer.valid[0, head]
+        assert int(real.sum()) == int(keep[0, head].sum())
+        assert layer.positions[0, head][real].tolist() == positions[0, head][keep[0, head]].tolist()
+        original_k, original_v = keys[0, head][keep[0, head]], values[0, head][keep[0, head]]
+        # every head's 16 most recent tokens stay exact (the window is not spent on padding)
+        assert torch.equal(k[0, head][real][-16:], original_k[-16:])
+        assert torch.equal(v[0, head][real][-16:], original_v[-16:])
+        # key error within the bound of each group's *real* tokens (padding copies a real token)
+        quantized = layer.valid[0, head][:layer.quantized]
+        got = k[0, head][:layer.quantized][quantized]
+        for group in range(layer.quantized // 32):
+            before = int(quantized[:group * 32].sum())
+            real_k = original_k[before: int(quantized[:(group + 1) * 32].sum())]
+            if len(real_k):
+                lo, hi = real_k.amin(0), real_k.amax(0)
+                bound = (hi - lo) / (2 * 3) + 2**-10 * torch.maximum(lo.abs(), hi.abs()) + 1e-6
+                assert ((got[before: before + len(real_k)] - real_k).abs() <= bound).all(), (head, group)

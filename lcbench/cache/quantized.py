@@ -158,6 +158,18 @@ def _slice(p: Packed, groups: int, tokens: int) -> Packed:
     return Packed(p.codes[:, :, :tokens], p.scale[:, :, :groups], p.zero[:, :, :groups])
 
 
+def _padding_first(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor):
+    """Move each head's padding slots (``~valid``, (B, H, L)) before its real ones, keeping both in
+    order, and fill them with the head's first real token (position included)."""
+    length = valid.shape[-1]
+    order = valid.to(torch.int8).argsort(dim=-1, stable=True)  # padding first, then the real slots
+    pad = (~valid).sum(-1, keepdim=True)  # (B, H, 1)
+    slots = torch.arange(length, device=valid.device)
+    source = order.gather(-1, torch.maximum(slots, pad).clamp(max=length - 1))
+    index = source[..., None].expand(*source.shape, keys.shape[-1])
+    return (keys.gather(2, index), values.gather(2, index), positions.gather(2, source), slots >= pad)
+
+
 class QuantizedLayer(KVLayer):
     """Keys/values quantized per :class:`QuantSpec`; storage order = [quantized][window]."""
 
@@ -186,8 +198,19 @@ class QuantizedLayer(KVLayer):
 
     @classmethod
     def from_layer(cls, layer: KVLayer, spec: QuantSpec) -> "QuantizedLayer":
+        """Quantize what ``layer`` holds. A layer whose heads hold different numbers of tokens
+        (:class:`~lcbench.cache.ragged.RaggedLayer`, padded at the end of each short head) is
+        first laid out with its padding *before* each head's tokens, filled with copies of the
+        head's oldest token: the full-precision window then holds each head's most recent tokens
+        (not padding), and no key group's range is widened by the zero fill. The padded
+        rectangle itself is still stored (and counted in :meth:`nbytes`)."""
         keys, values = layer.dense()
-        return cls.from_dense(keys, values, layer.positions, layer.valid, spec)
+        positions, valid = layer.positions, layer.valid
+        from .ragged import RaggedLayer  # ragged imports layer only; no cycle at call time
+
+        if isinstance(layer, RaggedLayer) and valid is not None:
+            keys, values, positions, valid = _padding_first(keys, values, positions, valid)
+        return cls.from_dense(keys, values, positions, valid, spec)
 
     # --- quantizing what is past the window ----------------------------------------------------
     def _channel_group(self) -> int:
