@@ -133,3 +133,22 @@ def test_bridge_errors_are_user_errors(model, tok, monkeypatch):  # noqa: F811
             resolve_chain("kvpress:TOVAPress", None, 0.5)
     finally:
         kvpress_bridge.press_stage.cache_clear()
+
+
+def test_missing_kvpress_message_names_both_install_commands(monkeypatch):
+    """kvpress pins transformers<5.3, so it goes in without its dependencies and the extra brings
+    what it imports: the error must say both, in that order."""
+    from lcbench.methods import kvpress_bridge
+
+    monkeypatch.setitem(sys.modules, "kvpress", None)  # `import kvpress` now raises ImportError
+    kvpress_bridge.press_stage.cache_clear()
+    try:
+        with pytest.raises(UserError) as error:
+            resolve_chain("kvpress:SnapKVPress", None, 0.5)
+    finally:
+        kvpress_bridge.press_stage.cache_clear()
+    message = str(error.value)
+    no_deps, extra = "pip install --no-deps kvpress==0.5.5", "pip install 'lcbench[kvpress]'"
+    assert no_deps in message and extra in message
+    assert message.index(no_deps) < message.index(extra)
+    assert "transformers<5.3" in message

@@ -1,6 +1,7 @@
 """Run any NVIDIA kvpress press inside lcbench's engine: ``--method kvpress:SnapKVPress``.
 
-A press (kvpress ≥ 0.5, ``pip install 'lcbench[kvpress]'``) compresses one attention layer from
+A press (kvpress 0.5.5: ``pip install --no-deps kvpress==0.5.5`` — it pins ``transformers<5.3`` —
+then ``pip install 'lcbench[kvpress]'`` for what it imports) compresses one attention layer from
 ``(module, hidden_states, keys, values, attentions, kwargs)``. lcbench calls it from the cache
 stage, right after the layer's prefill attention, with what the engine observed:
 
@@ -43,8 +44,9 @@ from .dropping.rope import cos_sin, rotary_module, unrotate
 from .dropping.select import keep_top, query_positions
 
 PREFIX = "kvpress:"
-INSTALL = ("install it with `pip install 'lcbench[kvpress]'` (if pip would change your transformers version, "
-           "use `pip install --no-deps kvpress cachetools fire termcolor` instead)")
+KVPRESS_VERSION = "0.5.5"  # the version the bridge and tests/test_kvpress.py are checked against
+INSTALL = (f"install it without its dependencies, `pip install --no-deps kvpress=={KVPRESS_VERSION}` (it pins "
+           f"transformers<5.3, which would replace yours), then what it imports, `pip install 'lcbench[kvpress]'`")
 
 
 def kvpress_module():
