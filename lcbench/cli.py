@@ -44,6 +44,7 @@ def run(
     method_args: Optional[str] = typer.Option(None, "--method-args", help="k=v,... or name.k=v for one component"),
     task: str = typer.Option("niah", "--task", help="task name; several: comma-separated"),
     task_args: Optional[str] = typer.Option(None, "--task-args", help="k=v,... (lists use ';')"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local copy of a suite's released data (same as --task-args data_dir=PATH)"),
     ratio: str = typer.Option("0.5", "--ratio", help="fraction of the context KV memory removed, in [0,1); list allowed"),
     limit: Optional[int] = typer.Option(None, "--limit", help="first N samples only"),
     batch_size: str = typer.Option("turns", "--batch-size", help="turns (default: one sample at a time, its turns decoded together; per-request latency) | N | auto: N rows decoded together, samples whose turns fit prefilled together (throughput; latencies are the batch's)"),
@@ -69,7 +70,7 @@ def run(
         specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, ratio=r,
                             task=t, task_args=task_args, limit=limit, seed=seed, device=device, dtype=dtype,
                             query_aware=query_aware, batch_size=batch_size, output_path=output_path,
-                            prefill_chunk=prefill_chunk)
+                            prefill_chunk=prefill_chunk, data_dir=data_dir)
                  for t in _split(task) for r in _ratios(ratio) for m in _split(method)]
     pool = ModelPool()
     folders = []

@@ -20,7 +20,7 @@ from .methods.chain import Chain, chain_ratio, resolve_chain
 from .models.loading import DEFAULT_MODEL, MODEL_PARAMS, LoadedModel, load_model, resolve_device, resolve_dtype
 from .params import parse_kv
 from .results.store import RunStore
-from .results.summary import summarize
+from .results.summary import suite_score, summarize
 from .spec import RunSpec
 from .tasks.base import TaskEnv
 from .tasks.registry import TASKS
@@ -31,7 +31,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
                task_args: str | None = None, limit: int | None = None, seed: int = 0,
                device: str | None = None, dtype: str | None = None, query_aware: bool = False,
                batch_size: int | str = "turns", output_path: str = "results",
-               prefill_chunk: int | None = None) -> RunSpec:
+               prefill_chunk: int | None = None, data_dir: str | None = None) -> RunSpec:
     """Expand command-line values into a fully resolved RunSpec (every default filled in)."""
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"--ratio {ratio} is outside [0, 1): it is the fraction of the context's KV memory "
@@ -49,7 +49,13 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
     margs["dtype"] = str(resolve_dtype(margs["dtype"], dev)).replace("torch.", "")
     chain = resolve_chain(method, method_args, ratio)
     task_cls = TASKS.get(task)
-    task_obj = task_cls(**parse_kv(task_args, "--task-args"))
+    targs = parse_kv(task_args, "--task-args")
+    if data_dir:  # --data-dir: the task's own data_dir argument, so the spec records it
+        if "data_dir" not in {p.name for p in task_cls.params}:
+            raise UserError(f"--data-dir: task '{task}' reads no released data (it is generated, or takes its "
+                            f"files through --task-args: see `lcbench ls tasks`). Fix: drop --data-dir.")
+        targs.setdefault("data_dir", data_dir)
+    task_obj = task_cls(**targs)
     return RunSpec(model=model, model_args=margs, method=chain, ratio=chain_ratio(chain), task=task,
                    task_args=task_obj.args, task_version=task_obj.version,
                    task_template_hash=task_obj.template_hash(), limit=limit, seed=seed, device=dev,
@@ -131,7 +137,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
             progress(finished, len(samples))
     wanted = {s.id for s in samples}
     records = [r for r in store.records() if r["sample_id"] in wanted]
-    summary = summarize(records, task.aggregate(records))
+    summary = summarize(records, task.aggregate(records), suite_score(records, task.suite_score))
     summary.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
                     "ratio": spec.ratio, "model": spec.model, "query_aware": spec.query_aware})
     store.write_json(RunStore.SUMMARY, summary)

@@ -66,3 +66,12 @@ def test_existing_results_survive_an_error(monkeypatch, capsys, tmp_path):
     code, _ = _run([*TINY, "--output-path", str(tmp_path), "--ratio", "2"], monkeypatch, capsys)
     assert code == 2
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == written
+
+
+def test_data_dir_is_the_tasks_data_dir_argument(monkeypatch, capsys, tmp_path):
+    from lcbench.evaluate import build_spec
+
+    spec = build_spec(model="tiny-random-llama", task="longbench", data_dir="/data/longbench", device="cpu")
+    assert spec.task_args["data_dir"] == "/data/longbench"
+    code, err = _run([*TINY, "--output-path", str(tmp_path), "--data-dir", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and "task 'niah' reads no released data" in err and "Traceback" not in err

@@ -122,3 +122,55 @@ def test_plot_labels_are_not_read_as_mathtext(tmp_path):
     (plot,) = score_vs_ratio(df, tmp_path / "plots")
     assert plot.methods == ("price$\\frac$",)
     assert (tmp_path / "plots" / plot.path("png")).stat().st_size > 0
+
+
+def test_suite_score_is_the_suites_headline_with_a_sample_bootstrap():
+    """LongBench's headline is the mean of dataset means, not the mean over rows: a 3-row dataset
+    and a 1-row dataset weigh the same. The interval resamples samples within each dataset."""
+    from lcbench.results.summary import suite_score
+    from lcbench.tasks.registry import TASKS
+
+    records = [{"sample_id": f"a{i}", "turn": 0, "meta": {"dataset": "trec"}, "score": s} for i, s in enumerate([100, 100, 40])]
+    records.append({"sample_id": "b0", "turn": 0, "meta": {"dataset": "lcc"}, "score": 10.0})
+    task = TASKS.get("longbench")()
+    out = suite_score(records, task.suite_score)
+    assert out["score"] == pytest.approx((80.0 + 10.0) / 2)  # the row mean would be 62.5
+    lo, hi = out["ci"]
+    # lcc has one sample (fixed at 10); trec's mean ranges over resamples of {100, 100, 40}
+    assert (40 + 10) / 2 <= lo <= out["score"] <= hi <= (100 + 10) / 2
+
+
+def test_run_table_shows_the_suite_score_and_escapes_markup(tmp_path):
+    from lcbench.report.table import render_table, run_rows
+    from lcbench.results.store import RunStore
+
+    folder = write_run(tmp_path, [1.0, 0.0, 0.0, 0.0], method="[red]evil[/red]", model="[bold]m[/bold]")
+    summary = RunStore(folder).summary()
+    summary["suite"] = {"score": 0.9, "ci": [0.8, 0.95]}
+    RunStore(folder).write_json(RunStore.SUMMARY, summary)
+    console = Console(record=True, width=200)
+    render_table(run_rows([tmp_path]), console)
+    text = console.export_text()
+    assert "0.90 [0.80,0.95]" in text and "0.25" not in text
+    assert "[red]evil[/red]" in text and "[bold]m[/bold]" in text
+
+
+def test_runs_on_different_samples_are_never_pooled(tmp_path):
+    """Two runs of one task and method that differ in their task arguments are separate columns,
+    separate plots and separate rankings, named by what differs."""
+    from lcbench.report.frame import task_labels
+    from lcbench.report.leaderboard import build_leaderboard
+
+    a = write_run(tmp_path / "a", [1.0, 1.0])
+    b = write_run(tmp_path / "b", [0.0, 0.0])
+    spec_path = b / "spec.json"
+    spec_path.write_text(spec_path.read_text().replace('"lengths": "500;1000"', '"lengths": "4000"'))
+    runs = load_runs([a, b])
+    labels = task_labels(runs)
+    assert sorted(labels.values()) == ["niah [lengths=4000]", "niah [lengths=500;1000]"]
+    table = grouped_table(records_frame(runs), "dataset")
+    row = table.numeric.iloc[0]
+    assert row["niah [lengths=500;1000] score"] == 1.0 and row["niah [lengths=4000] score"] == 0.0
+    assert len(score_vs_ratio(records_frame(runs), tmp_path / "plots")) == 2
+    index = build_leaderboard([a, b], tmp_path / "site").read_text()
+    assert "niah [lengths=4000] — tiny-random-llama" in index and "niah [lengths=500;1000] — tiny-random-llama" in index

@@ -67,20 +67,52 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     return [load_run(f) for f in find_runs(paths)]
 
 
+def _setup(run: Run) -> dict[str, Any]:
+    """What decides a run's samples: the task's arguments, the sample limit and the seed."""
+    s = run.spec
+    return {**{k: v for k, v in (s.get("task_args") or {}).items()}, "limit": s.get("limit"), "seed": s.get("seed", 0)}
+
+
+def task_labels(runs: Iterable[Run]) -> dict[str, str]:
+    """Run folder → the task's name, plus ``[k=v, …]`` naming the settings in which it differs from
+    other runs of the same task and model (other lengths, a sample limit, another seed), so that
+    tables, plots and rankings never pool or compare runs made on different samples."""
+    runs = list(runs)
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.spec["task"], run.spec["model"]), []).append(run)
+    labels = {}
+    for (task, _), members in groups.items():
+        setups = [_setup(r) for r in members]
+        differ = sorted({k for st in setups for k in st if len({repr(o.get(k)) for o in setups}) > 1})
+        for run, st in zip(members, setups):
+            parts = [f"{k}={_short(st.get(k))}" for k in differ]
+            labels[str(run.folder)] = f"{task} [{', '.join(parts)}]" if parts else task
+    return labels
+
+
+def _short(value: Any, width: int = 24) -> str:
+    text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
-    """One row per turn record, with the run's task/method/ratio/model and the sample's meta."""
+    """One row per turn record, with the run's task/method/ratio/model and the sample's meta. The
+    task column is :func:`task_labels`' label, so runs made on different samples stay apart."""
     rows = []
+    runs = list(runs)
+    labels = task_labels(runs)
     for run in runs:
         s = run.spec
-        base = {"run_id": run.run_id, "task": s["task"], "method": run.method, "ratio": float(s["ratio"]),
+        base = {"run_id": run.run_id, "task": labels[str(run.folder)], "method": run.method, "ratio": float(s["ratio"]),
                 "model": s["model"], "query_aware": bool(s.get("query_aware", False))}
         for rec in run.records:
             row = dict(base)
             row.update({k: rec.get(k) for k in RECORD_FIELDS})
             meta = rec.get("meta") or {}
             row.update({k: meta.get(k) for k in META_FIELDS})
-            if row["dataset"] is None:
-                row["dataset"] = s["task"]
+            if row["dataset"] is None or row["dataset"] == s["task"]:  # the task itself, with its setup label
+                row["dataset"] = labels[str(run.folder)]
             rows.append(row)
     columns = ["run_id", "task", "method", "ratio", "model", "query_aware", *RECORD_FIELDS, *META_FIELDS]
     df = pd.DataFrame(rows, columns=columns)

@@ -27,7 +27,7 @@ import lcbench
 
 from ..errors import UserError
 from ..results.summary import summarize
-from .frame import Run, load_runs, method_label, records_frame
+from .frame import BATCH_MARK, Run, batch_note, load_runs, method_label, records_frame, task_labels
 from .grouped import fmt_number
 from .plots import Plot, all_plots, slug
 
@@ -46,24 +46,39 @@ class RunView:
     method_slug: str
     overall: dict[str, Any]
     summary: dict[str, Any]
+    task: str = ""  # the task's name, plus the settings that set it apart (frame.task_labels)
     plots: list[Plot] = field(default_factory=list)
 
     @property
     def spec(self) -> dict[str, Any]:
         return self.run.spec
 
+    @property
+    def batched(self) -> bool:
+        """Latency and memory were measured on batches of several samples (--batch-size N|auto)."""
+        return (self.overall.get("batch_samples") or 1) > 1
+
+    @property
+    def score(self) -> float | None:
+        """The suite's headline number (e.g. LongBench's mean of dataset scores), else the turn mean."""
+        return (self.summary.get("suite") or {}).get("score", self.overall.get("score"))
+
     def cells(self) -> dict[str, Any]:
         """The numbers of a table row: (sort value, shown text) per column."""
         o = self.overall
         kv_mb = o["kv_bytes"] / 2**20 if o.get("kv_bytes") is not None else None
-        ci = o.get("score_ci") or [np.nan, np.nan]
+        suite = self.summary.get("suite") or {"score": o.get("score"), "ci": o.get("score_ci")}
+        ci = suite.get("ci") or [np.nan, np.nan]
+        mark = BATCH_MARK if self.batched else ""
+        density = o.get("attention_density")
         return {
-            "score": (o.get("score"), _score_text(o.get("score"), ci)),
+            "score": (suite.get("score"), _score_text(suite.get("score"), ci)),
             "achieved": (o.get("achieved_ratio"), fmt_number(o.get("achieved_ratio"), "achieved_ratio")),
             "kv_mb": (kv_mb, fmt_number(kv_mb)),
-            "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s"))),
-            "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s"))),
-            "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb"))),
+            "density": (density, fmt_number(density, "achieved_ratio") if density is not None else "–"),
+            "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s")) + mark),
+            "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s")) + mark),
+            "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb")) + mark),
             "n": (o.get("n"), str(o.get("n", 0))),
         }
 
@@ -75,12 +90,16 @@ def _score_text(score, ci) -> str:
 
 
 def _views(runs: list[Run]) -> list[RunView]:
+    """Every run's numbers, recomputed from its records; the suite's score and aggregate are the
+    stored summary's (computing them needs the task's own aggregation)."""
     views = []
+    labels = task_labels(runs)
     for run in runs:
         label = method_label(run.method, bool(run.spec.get("query_aware")))
-        summary = summarize(run.records)
-        views.append(RunView(run, slug("run", run.run_id), label, slug("method", label), summary["overall"], summary))
-    return sorted(views, key=lambda v: (v.spec["task"], v.spec["model"], v.method != "full", v.method,
+        summary = summarize(run.records, run.summary.get("aggregate"), run.summary.get("suite"))
+        views.append(RunView(run, slug("run", run.run_id), label, slug("method", label), summary["overall"], summary,
+                             labels[str(run.folder)]))
+    return sorted(views, key=lambda v: (v.task, v.spec["model"], v.method != "full", v.method,
                                         float(v.spec["ratio"])))
 
 
@@ -89,17 +108,17 @@ def rankings(views: list[RunView], ratios: list[float] | None) -> list[dict[str,
 
     A method missing one of the ratios is listed unranked; ``full`` is the reference row."""
     sections = []
-    keys = sorted({(v.spec["task"], v.spec["model"]) for v in views})
+    keys = sorted({(v.task, v.spec["model"]) for v in views})
     for task, model in keys:
-        group = [v for v in views if (v.spec["task"], v.spec["model"]) == (task, model)]
+        group = [v for v in views if (v.task, v.spec["model"]) == (task, model)]
         fixed = ratios or sorted({float(v.spec["ratio"]) for v in group if float(v.spec["ratio"]) > 0})
         reference = [v for v in group if v.method == "full"]
         rows = []
         for method in sorted({v.method for v in group} - {"full"}):
             at = {float(v.spec["ratio"]): v for v in group if v.method == method}
             cells = [at.get(r) for r in fixed]
-            scores = [c.overall.get("score") for c in cells if c is not None]
-            complete = all(c is not None and c.overall.get("score") is not None for c in cells) and bool(cells)
+            scores = [c.score for c in cells if c is not None]
+            complete = all(c is not None and c.score is not None for c in cells) and bool(cells)
             rows.append({"method": method, "method_slug": slug("method", method), "cells": cells,
                          "mean": float(np.mean(scores)) if complete else None, "complete": complete})
         ranked = sorted(rows, key=lambda r: (not r["complete"], -(r["mean"] or 0.0), r["method"]))
@@ -195,8 +214,9 @@ def _record_rows(run: Run) -> list[dict[str, Any]]:
 
 def site_data(views: list[RunView]) -> list[dict[str, Any]]:
     """Machine-readable numbers of every run (embedded in index.html and written as data.json)."""
-    return _finite([{"run_id": v.run.run_id, "task": v.spec["task"], "model": v.spec["model"], "method": v.method,
-                     "ratio": float(v.spec["ratio"]), "overall": v.overall, "page": f"runs/{v.slug}.html"}
+    return _finite([{"run_id": v.run.run_id, "task": v.spec["task"], "task_label": v.task, "model": v.spec["model"],
+                     "method": v.method, "ratio": float(v.spec["ratio"]), "suite": v.summary.get("suite"),
+                     "overall": v.overall, "page": f"runs/{v.slug}.html"}
                     for v in views])
 
 
@@ -215,7 +235,10 @@ def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[fl
         v.plots = [p for p in plots if p.run_id == v.run.run_id]
     env = _environment()
     methods = sorted({v.method for v in views}, key=lambda m: (m != "full", m))
-    common = {"title": title, "version": lcbench.__version__, "n_runs": len(views), **_assets()}
+    batched = [v.overall["batch_samples"] for v in views if v.batched]
+    common = {"title": title, "version": lcbench.__version__, "n_runs": len(views), **_assets(),
+              "batch_note": batch_note(float(np.mean(batched))) if batched else "",
+              "show_density": any(v.overall.get("attention_density") is not None for v in views)}
     data = site_data(views)
     (out / "data.json").write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     index = env.get_template("index.html").render(

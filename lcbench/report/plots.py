@@ -106,7 +106,7 @@ def score_vs_ratio(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
                 continue
             ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=_text(label))
         ax.set_xlabel("achieved compression ratio (fraction of context KV removed)")
-        ax.set_ylabel(f"{_text(task)} score")
+        ax.set_ylabel("score")
         ax.set_xlim(-0.02, 1.0)
         ax.set_title(f"{_text(task)} — {_text(model)}", fontsize=10)
         ax.grid(alpha=0.3)

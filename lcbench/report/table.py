@@ -8,33 +8,42 @@ from typing import Iterable
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs
 
 COLUMNS = {
-    "task": "task", "method": "method", "ratio": "ratio", "n": "n",
+    "task": "task", "model": "model", "method": "method", "ratio": "ratio", "n": "n",
     "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
-    "ttft_s": "TTFT s", "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
+    "attention_density": "attn density", "ttft_s": "TTFT s", "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
 }
+DENSITY_NOTE = ("attn density: share of the prefill's attention computed by a sparse-attention method, which "
+                "keeps the full KV cache (its KV MB is not reduced).")
 
 def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run folder found under ``paths``, from its summary.json."""
+    """One row per run folder found under ``paths``, from its summary.json. ``score`` is the suite's
+    own headline number where the summary has it (LongBench: mean of dataset scores; RULER: mean
+    over lengths; SCBench: mean over tasks), else the mean over turns."""
     rows = []
     for run in load_runs(paths):
         overall = run.summary.get("overall", {})
+        suite = run.summary.get("suite") or {"score": overall.get("score"), "ci": overall.get("score_ci")}
+        batch = overall.get("batch_samples")
+        if batch is None and run.records:  # summaries written before batch_samples was summarized
+            batch = sum(r.get("batch_samples", 1) for r in run.records) / len(run.records)
         s = run.spec
         rows.append({
             "task": s["task"], "method": run.method, "ratio": s["ratio"],
             "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
-            "score": overall.get("score"), "score_ci": overall.get("score_ci"),
+            "score": suite.get("score"), "score_ci": suite.get("ci"),
             "achieved_ratio": overall.get("achieved_ratio"),
             "kv_mb": overall["kv_bytes"] / 2**20 if overall.get("kv_bytes") is not None else None,
             "ttft_s": overall.get("ttft_s"), "decode_tok_s": overall.get("decode_tok_s"),
             "peak_memory_mb": overall.get("peak_memory_mb"),
             "memory_kind": run.records[0].get("memory_kind") if run.records else None,
             "attention_density": overall.get("attention_density"),
-            "batch_samples": overall.get("batch_samples"),
+            "batch_samples": batch,
             "run_id": run.run_id, "folder": str(run.folder),
         })
     df = pd.DataFrame(rows)
@@ -54,20 +63,24 @@ def _fmt(value, key: str) -> str:
 
 
 def render_table(df: pd.DataFrame, console: Console | None = None, title: str = "lcbench results") -> None:
-    """Print the runs as a rich table (memory column labelled CPU RSS or CUDA peak)."""
+    """Print the runs as a rich table (memory column labelled CPU RSS or CUDA peak). Text from
+    results is escaped (never read as rich markup); the model column and the attention density
+    column appear only when they tell runs apart; footnotes say what † and density mean."""
     console = console or Console()
     kinds = set(df.get("memory_kind", pd.Series(dtype=object)).dropna())
     mem_label = {"cpu_rss": "peak RSS MB (CPU)", "cuda_peak_allocated": "peak CUDA MB"}.get(
         next(iter(kinds)) if len(kinds) == 1 else "", "peak MB")
     models = sorted(set(df["model"])) if "model" in df else []
-    table = Table(title=f"{title} — model: {', '.join(models)}" if models else title)
-    for key, label in COLUMNS.items():
-        table.add_column(mem_label if key == "peak_memory_mb" else label, overflow="fold",
-                         justify="left" if key in ("task", "method") else "right")
+    shown = [k for k in COLUMNS if not (k == "model" and len(models) <= 1)
+             and not (k == "attention_density" and df.get(k, pd.Series(dtype=float)).isna().all())]
+    table = Table(title=escape(f"{title} — model: {', '.join(models)}" if len(models) == 1 else title))
+    for key in shown:
+        table.add_column(mem_label if key == "peak_memory_mb" else COLUMNS[key], overflow="fold",
+                         justify="left" if key in ("task", "model", "method") else "right")
     batched = df["batch_samples"].fillna(1) > 1 if "batch_samples" in df else pd.Series(False, index=df.index)
     for idx, row in df.iterrows():
         cells = []
-        for k in COLUMNS:
+        for k in shown:
             cell = _fmt(row.get(k), k)
             if k == "score" and isinstance(row.get("score_ci"), (list, tuple)):
                 lo, hi = row["score_ci"]
@@ -76,8 +89,12 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell += " (qa)"
             if k in BATCH_DEPENDENT and batched[idx]:
                 cell += BATCH_MARK
-            cells.append(cell)
+            cells.append(escape(cell))
         table.add_row(*cells)
+    notes = [DENSITY_NOTE] if "attention_density" in shown else []
     if batched.any():
-        table.caption = batch_note(df.loc[batched, "batch_samples"].mean())
+        notes.append(batch_note(df.loc[batched, "batch_samples"].mean()))
+    if notes:
+        table.caption = escape(" ".join(notes))
+        table.caption_justify = "left"
     console.print(table)

@@ -62,6 +62,11 @@ class Task(ABC):
         scores = [r["score"] for r in records if r.get("score") is not None]
         return {"score": sum(scores) / len(scores)} if scores else {}
 
+    def suite_score(self, records: list[dict]) -> float | None:
+        """The suite's one headline number, as its authors report it (``aggregate``'s ``score``);
+        the engine bootstraps it over samples for its confidence interval."""
+        return self.aggregate(records).get("score")
+
     # --- provenance -----------------------------------------------------------------------
     def protocol_payload(self) -> Any:
         """The protocol constants this task depends on (templates, lengths); hashed into results."""
