@@ -65,13 +65,31 @@ class RunSpec:
         return cls(**payload["spec"])
 
 
-def _git_revision() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=lcbench.REPO_ROOT, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=lcbench.REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+def _git_revision() -> str | None:
+    """HEAD of lcbench's checkout, with ``-dirty`` when tracked files differ from it."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
+        return None
+    return head + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def provenance() -> dict[str, Any]:
@@ -81,13 +99,19 @@ def provenance() -> dict[str, Any]:
     import torch
 
     versions = {}
-    for pkg in ("lcbench", "torch", "transformers", "datasets", "numpy"):
+    for pkg in ("lcbench", "torch", "transformers", "datasets", "numpy", "kvpress", "llmlingua"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             versions[pkg] = None
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_threads": torch.get_num_threads(), "python": platform.python_version()}
+          "cpu_model": _cpu_model(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version()}
+    try:
+        import psutil
+
+        hw["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return {"versions": versions, "git_revision": _git_revision(), "hardware": hw}

@@ -138,11 +138,16 @@ def run_local(specs: list[RunSpec], on_done: Callable[[Finished], None],
         try:
             progress = (lambda i, n, spec=spec: on_progress(spec, i, n)) if on_progress else None
             done = Finished(spec, evaluate(spec, pool, progress=progress).folder)
-        except UserError as exc:
-            done = Finished(spec, Path(spec.output_path) / spec.run_id, str(exc))
+        except Exception as exc:  # one run's failure (bad input, out of memory, a method's bug) stops no other
+            done = Finished(spec, Path(spec.output_path) / spec.run_id, failure_text(exc))
         out.append(done)
         on_done(done)
     return out
+
+
+def failure_text(exc: Exception) -> str:
+    """A user error as its message; anything else with its type, so a crash reads as one."""
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
 
 
 _WORKER_POOL: ModelPool | None = None
@@ -156,8 +161,8 @@ def execute_payload(payload: dict[str, Any]) -> dict[str, Any]:
     spec = RunSpec.from_json(payload)
     try:
         return {"folder": str(evaluate(spec, _WORKER_POOL).folder), "error": None}
-    except UserError as exc:
-        return {"folder": str(Path(spec.output_path) / spec.run_id), "error": str(exc)}
+    except Exception as exc:
+        return {"folder": str(Path(spec.output_path) / spec.run_id), "error": failure_text(exc)}
 
 
 def run_ray(specs: list[RunSpec], on_done: Callable[[Finished], None], address: str | None = None,

@@ -90,13 +90,16 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     def failing(spec, pool, progress=None):
         if spec.ratio == 0.5:
             raise CompressionShortfall("achieved 0.1 but 0.5 was requested")
+        if spec.ratio == 0.0:
+            raise RuntimeError("out of memory")  # not a user error: still reported, the others still run
         return real(spec, pool, progress=progress)
 
     monkeypatch.setattr(sweep_mod, "evaluate", failing)
     seen = []
     finished = run_local(specs, seen.append)
-    assert len(seen) == 3 and [f.error is None for f in finished].count(True) == 2
+    assert len(seen) == 3 and [f.error is None for f in finished].count(True) == 1
     assert "0.5 was requested" in next(f.error for f in finished if f.spec.ratio == 0.5)
+    assert next(f.error for f in finished if f.spec.ratio == 0.0) == "RuntimeError: out of memory"
 
 
 def test_ray_executor_runs_each_spec_as_a_task(tmp_path):
