@@ -18,8 +18,8 @@ COLUMNS = {
     "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
     "attention_density": "attn density", "ttft_s": "TTFT s", "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
 }
-DENSITY_NOTE = ("attn density: share of the prefill's attention computed by a sparse-attention method, which "
-                "keeps the full KV cache (its KV MB is not reduced).")
+DENSITY_NOTE = ("attn density: share of the prefill's attention computed by a sparse-attention component; "
+                "sparse attention keeps the full KV cache, so KV MB falls only through a chain's other components.")
 
 def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run folder found under ``paths``, from its summary.json. ``score`` is the suite's
