@@ -12,7 +12,9 @@ settings (tests/test_kvpress.py checks it keeps the same positions).
 kvpress 0.5 targets transformers < 5.3: under 5.24 an attention module receives its cache as
 ``cache`` (was ``past_key_values``) and no ``cache_position``; :func:`kvpress_compat` adds both
 to the hook's keyword arguments while the benchmark runs — nothing else of kvpress is changed.
-Needs the ``kvpress`` extra (``pip install 'lcbench[kvpress]'``).
+Needs kvpress: ``pip install --no-deps kvpress==0.5.5`` (it pins transformers<5.3) and
+``pip install 'lcbench[kvpress]'`` (what it imports). Each side runs once untimed (warm-up) before
+the timed repeats.
 
     python benchmarks/vs_kvpress.py [--context-tokens 2000] [--new-tokens 32] [--ratio 0.5]
 """
@@ -65,7 +67,8 @@ def main() -> None:
         import kvpress
         from transformers import pipeline
     except ImportError:
-        raise SystemExit("kvpress is not installed: pip install 'lcbench[kvpress]' (this benchmark needs it)")
+        raise SystemExit("kvpress is not installed (this benchmark needs it): pip install --no-deps kvpress==0.5.5 "
+                         "&& pip install 'lcbench[kvpress]'")
 
     loaded = load_model(args.model, {}, args.device)
     model, tok = loaded.model, loaded.tokenizer
@@ -88,19 +91,21 @@ def main() -> None:
         inputs = {"context_ids": torch.tensor([p.context_ids]), "questions_ids": [torch.tensor([q]) for q in p.turn_ids]}
         times = {k: [] for k in ["kvpress", *engines]}
         out = {}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats + 1):  # repeat 0 warms both sides up and is not timed
             model.set_attn_implementation("sdpa")
             calls = []  # kvpress prefills the context with model.model: each model() call yields one token
             hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
             with kvpress_compat():
                 t, _ = timed(lambda: pipe._forward(inputs, max_new_tokens=args.new_tokens, press=press))
             hook.remove()
-            times["kvpress"].append(t)
+            if repeat:
+                times["kvpress"].append(t)
             out["kvpress"] = len(calls)
             use_lcbench_attention(model)
             for name, engine in engines.items():
                 t, records = timed(lambda: engine.run(sample, False))
-                times[name].append(t)
+                if repeat:
+                    times[name].append(t)
                 out[name] = sum(r["decode_tokens"] + (r["stopped_by"] == "eos") for r in records)  # EOS too
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append((n, med, out))
