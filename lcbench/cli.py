@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -73,15 +74,26 @@ def run(
                             prefill_chunk=prefill_chunk, data_dir=data_dir)
                  for t in _split(task) for r in _ratios(ratio) for m in _split(method)]
     pool = ModelPool()
-    folders = []
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    from .errors import CompressionShortfall
+
+    folders, failed = [], []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as bar:
         for s in specs:
-            job = bar.add_task(f"{s.task} · {s.method_name} · r={s.ratio:g}", total=None)
-            outcome = evaluate(s, pool, progress=lambda i, n, job=job: bar.update(job, completed=i, total=n))
+            job = bar.add_task(escape(f"{s.task} · {s.method_name} · r={s.ratio:g}"), total=None)
+            try:
+                outcome = evaluate(s, pool, progress=lambda i, n, job=job: bar.update(job, completed=i, total=n))
+            except CompressionShortfall as exc:  # this (method, ratio) failed; the other runs still go
+                if len(specs) == 1:
+                    raise
+                failed.append(f"{s.task} · {s.method_name} · r={s.ratio:g}: {exc}")
+                continue
             folders.append(outcome.folder)
-    render_table(run_rows(folders), console)
-    console.print(f"records: {', '.join(str(f) for f in folders)}")
+    if folders:
+        render_table(run_rows(folders), console)
+        console.print(escape(f"records: {', '.join(str(f) for f in folders)}"))
+    if failed:
+        raise UserError(f"{len(failed)} of {len(specs)} runs failed:\n" + "\n".join(failed))
 
 
 @app.command("ls")
@@ -203,7 +215,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted (results written so far are kept; re-run the same command to resume)")

@@ -75,3 +75,14 @@ def test_data_dir_is_the_tasks_data_dir_argument(monkeypatch, capsys, tmp_path):
     assert spec.task_args["data_dir"] == "/data/longbench"
     code, err = _run([*TINY, "--output-path", str(tmp_path), "--data-dir", str(tmp_path)], monkeypatch, capsys)
     assert code == 2 and "task 'niah' reads no released data" in err and "Traceback" not in err
+
+
+def test_a_run_that_misses_its_ratio_fails_alone(monkeypatch, capsys, tmp_path):
+    """Several runs in one command: the one whose method cannot reach the ratio is reported at the
+    end (exit 2), and the runs after it still run and keep their records."""
+    code, err = _run(["run", "--model", "tiny-random-llama", "--task", "niah", "--limit", "1",
+                      "--task-args", "lengths=320,depths=50,max_new_tokens=2", "--method", "ashape,random",
+                      "--ratio", "0.95", "--output-path", str(tmp_path)], monkeypatch, capsys)
+    assert code == 2 and "1 of 2 runs failed" in err and "ashape" in err and "Traceback" not in err
+    random_run = next(tmp_path.glob("niah__random__*"))
+    assert len((random_run / "samples.jsonl").read_text().splitlines()) == 1
