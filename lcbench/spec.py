@@ -96,6 +96,7 @@ def provenance() -> dict[str, Any]:
     """Library versions, git revision and hardware, written beside the spec."""
     import importlib.metadata as md
 
+    import psutil
     import torch
 
     versions = {}
@@ -105,13 +106,8 @@ def provenance() -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[pkg] = None
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-          "cpu_model": _cpu_model(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version()}
-    try:
-        import psutil
-
-        hw["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
+          "cpu_model": _cpu_model(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+          "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
     if torch.cuda.is_available():
         hw["gpu"] = torch.cuda.get_device_name(0)
     return {"versions": versions, "git_revision": _git_revision(), "hardware": hw}
