@@ -166,8 +166,10 @@ def sweep(
     output_path: Optional[str] = typer.Option(None, "--output-path", help="folder of the run folders (overrides [run] output_path)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the runs, run nothing"),
 ) -> None:
-    """Run every combination of a grid as its own resumable run; print one combined table."""
-    from .report.table import render_table, run_rows
+    """Run every combination of a grid as its own resumable run; print one combined report (the
+    run table and the grouped tables) and write it, with the plots, beside the runs."""
+    from .report.build import build_report
+    from .report.table import run_rows
     from .sweep import expand, load_grid, run_local, run_ray
 
     if executor not in ("local", "ray"):
@@ -178,19 +180,19 @@ def sweep(
             console.print(f"{s.run_id}  device={s.device}  → {s.output_path}")
         console.print(f"{len(specs)} runs")
         return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as bar:
-        runs = bar.add_task(f"sweep {grid.name} ({executor})", total=len(specs))
+        runs = bar.add_task(escape(f"sweep {grid.name} ({executor})"), total=len(specs))
         current = bar.add_task("", total=None, visible=executor == "local")
 
         def on_done(done) -> None:
             status = "[red]failed[/]" if done.error else "done"
-            bar.console.print(f"{status} {done.spec.task} · {done.spec.method_name} · r={done.spec.ratio:g} · "
-                              f"{done.spec.model}" + (f": {done.error}" if done.error else ""), highlight=False)
+            bar.console.print(f"{status} " + escape(f"{done.spec.task} · {done.spec.method_name} · r={done.spec.ratio:g} · "
+                              f"{done.spec.model}" + (f": {done.error}" if done.error else "")), highlight=False)
             bar.advance(runs)
 
         def on_progress(spec, i, n) -> None:
-            bar.update(current, description=f"{spec.task} · {spec.method_name} · r={spec.ratio:g}", completed=i, total=n)
+            bar.update(current, description=escape(f"{spec.task} · {spec.method_name} · r={spec.ratio:g}"), completed=i, total=n)
 
         if executor == "local":
             finished = run_local(specs, on_done, on_progress)
@@ -198,15 +200,17 @@ def sweep(
             finished = run_ray(specs, on_done, address, gpus_per_run, cpus_per_run)
     folders = [f.folder for f in finished if f.error is None]
     if folders:
-        table = run_rows(folders)
-        render_table(table, console, title=f"lcbench sweep {grid.name}")
-        csv = Path(specs[0].output_path) / f"sweep-{grid.stem}.csv"
-        table.to_csv(csv, index=False)
-        console.print(f"{len(folders)} runs; table: {csv}")
+        root = Path(specs[0].output_path)
+        report_dir = root / f"sweep-{grid.stem}"
+        build_report(folders, console, report_dir, title=f"lcbench sweep {grid.name}")
+        csv = root / f"sweep-{grid.stem}.csv"
+        run_rows(folders).to_csv(csv, index=False)
+        console.print(escape(f"{len(folders)} runs; run table: {csv}; report (tables by dataset/length/turn, "
+                             f"plots): {report_dir}/"))
     failed = [f for f in finished if f.error]
     if failed:
         err_console.print(f"[bold red]{len(failed)} of {len(finished)} runs failed[/]: "
-                          + "; ".join(f"{f.spec.run_id}: {f.error}" for f in failed), highlight=False)
+                          + escape("; ".join(f"{f.spec.run_id}: {f.error}" for f in failed)), highlight=False)
         raise typer.Exit(1)
 
 

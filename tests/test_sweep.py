@@ -77,6 +77,7 @@ def test_local_sweep_cli_runs_resumes_and_reports(tmp_path):
     csv = (out / "sweep-grid.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("task,method,ratio")
     assert "lcbench sweep grid" in result.output
+    assert (out / "sweep-grid" / "by_dataset.md").exists() and list((out / "sweep-grid" / "plots").glob("*.svg"))
     before = {f: (f / "samples.jsonl").read_text() for f in folders}
     again = runner.invoke(app, ["sweep", str(_grid(tmp_path)), "--output-path", str(out)])
     assert again.exit_code == 0

@@ -17,14 +17,14 @@ from .table import render_table, run_rows
 
 def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None = None,
                  groupings: tuple[str, ...] = GROUPINGS, formats: tuple[str, ...] = FORMATS,
-                 plots: bool = True) -> list[Path]:
+                 plots: bool = True, title: str = "lcbench results") -> list[Path]:
     """Print the run table and one table per grouping; with ``output``, write each as ``by_<grouping>.<fmt>`` and the
     plots under ``output/plots/``. Returns the files written."""
     bad = [g for g in groupings if g not in GROUPINGS]
     if bad:
         raise UserError(f"--group-by {','.join(bad)}: choose among {', '.join(GROUPINGS)}.")
     check_formats(formats)
-    render_table(run_rows(run_dirs), console)
+    render_table(run_rows(run_dirs), console, title=title)
     df = records_frame(load_runs(run_dirs))
     written: list[Path] = []
     for table in report_tables(df, groupings):
