@@ -5,7 +5,8 @@ Inference" (arXiv:2502.00299). Token scores are SnapKV's (window attention, pool
 the KV heads; a chunk's score is its tokens' mean; chunks are kept best first (the last one
 partly, by token score, to meet the budget exactly), the same chunks in every head. Layer-wise
 index reuse: in each group of ``index_reuse`` consecutive layers only the first scores, the
-others keep the same positions (saving the scoring cost of those layers).
+others keep the same tokens (the paper's saving of those layers' scoring; here the engine still
+collects every layer's window attention, so the reuse changes what is kept, not the time taken).
 """
 
 import torch
