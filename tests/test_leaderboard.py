@@ -189,6 +189,12 @@ def test_browser_renders_sorts_filters_and_runs_no_injected_script(site, browser
     names = [td.text for td in table.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(3)")]
     assert names == sorted(names, key=str.lower)
 
+    ranking = browser.find_element(By.XPATH, "//table[contains(@class, 'ranking')][.//tr[contains(@class, 'reference')]]")
+    for _ in range(2):  # either direction: the uncompressed reference row stays first
+        ranking.find_elements(By.CSS_SELECTOR, "thead th")[-1].click()
+        first = ranking.find_element(By.CSS_SELECTOR, "tbody tr")
+        assert "reference" in first.get_attribute("class") and "(reference)" in first.text
+
     box = browser.find_element(By.CSS_SELECTOR, 'input[data-filter="runs-table"]')
     box.send_keys("streamingllm")
     visible = [r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if r.is_displayed()]

@@ -24,7 +24,10 @@
     var body = table.tBodies[0];
     var rows = Array.prototype.slice.call(body.rows);
     var dir = ascending ? 1 : -1;
-    rows.sort(function (r1, r2) { return compare(key(r1.cells[col]), key(r2.cells[col]), dir); });
+    rows.sort(function (r1, r2) {  /* a reference row (the uncompressed run) stays on top */
+      var pinned = r2.classList.contains("reference") - r1.classList.contains("reference");
+      return pinned || compare(key(r1.cells[col]), key(r2.cells[col]), dir);
+    });
     rows.forEach(function (r) { body.appendChild(r); });
   }
 
