@@ -406,3 +406,26 @@ def test_chains_across_families_are_measured(model, tok, method):
 def test_a_shortfall_is_a_failed_run(model, tok):
     with pytest.raises(CompressionShortfall):
         run(model, tok, "int8", 0.9)
+
+
+@pytest.mark.parametrize("q_len,L", [(700, 700), (300, 1100), (512, 512), (1, 40)])
+def test_grouped_attention_sum_equals_the_chunked_reference(q_len, L):
+    """H2O's observation: the grouped, diagonal-masked sum equals the straightforward one (with the
+    queries the last ``q_len`` of ``L`` stored tokens, as after earlier prefill chunks)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from lcbench.engine.attention import attention_sum, sum_in_chunks
+
+    torch.manual_seed(0)
+    query, key = torch.randn(1, 6, q_len, 16), torch.randn(1, 2, L, 16)
+    keys = repeat_kv(key, 3)
+
+    def probs(start, stop, width):
+        scores = query[:, :, start:stop] @ keys[:, :, :width].transpose(-1, -2) * 0.25
+        rows = torch.arange(start, stop)[:, None] + (L - q_len)
+        return scores.masked_fill(~(torch.arange(width)[None, :] <= rows), float("-inf")).softmax(-1)
+
+    ref = sum_in_chunks(probs, (1, 6), L, q_len, "cpu", chunk=256)
+    fast = attention_sum(query, key, 3, 0.25, L, chunk=256)
+    assert torch.allclose(fast, ref, atol=1e-5)
+    assert torch.allclose(fast.sum(-1), torch.full((1, 6), float(q_len)), atol=1e-3)  # each query's row sums to 1

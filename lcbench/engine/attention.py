@@ -113,15 +113,40 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
             if needs.window_queries:
                 seen.window_queries = query[:, :, q_len - w:]
         if needs.full_attention_sum:
-            total = torch.zeros(keys.shape[:3], device=query.device)
-            for start in range(0, q_len, 512):
-                stop = min(q_len, start + 512)
-                width = L - q_len + stop
-                total[..., :width] += probs(start, stop, width).sum(2)
-            seen.attention_sum = total
+            seen.attention_sum = (attention_sum(query, key, groups, scaling, L) if valid is None else
+                                  sum_in_chunks(probs, query.shape[:2], L, q_len, query.device))
     elif needs.window_queries:
         seen.window_queries = query[:, :, max(0, q_len - 1):]
     return seen
+
+
+def sum_in_chunks(probs, batch_heads, L: int, q_len: int, device, chunk: int = 512) -> torch.Tensor:
+    """(B, Hq, L): attention each key received, summed over the queries, ``chunk`` queries at a time."""
+    total = torch.zeros(*batch_heads, L, device=device)
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        width = L - q_len + stop
+        total[..., :width] += probs(start, stop, width).sum(2)
+    return total
+
+
+def attention_sum(query, key, groups: int, scaling: float, L: int, chunk: int = 512) -> torch.Tensor:
+    """:func:`sum_in_chunks` for a layer without padding, computed per KV head on the grouped
+    queries (no repeated keys) and masking only each chunk's own diagonal block: same numbers,
+    about half the time (H2O needs every query's attention, which SDPA does not return)."""
+    b, hq, q_len, d = query.shape
+    hkv = hq // groups
+    keys_t = key.float().transpose(-1, -2)  # (B, Hkv, D, L)
+    total = torch.zeros(b, hkv, groups, L, device=query.device)
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        n, width = stop - start, L - q_len + stop
+        q = query[:, :, start:stop].float().reshape(b, hkv, groups * n, d)
+        scores = torch.matmul(q, keys_t[..., :width]).mul_(scaling).view(b, hkv, groups, n, width)
+        future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
+        scores[..., width - n:].masked_fill_(future, float("-inf"))
+        total[..., :width] += scores.softmax(-1).sum(3)
+    return total.reshape(b, hq, L)
 
 
 def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
