@@ -121,8 +121,8 @@ def main() -> None:
     n = args.questions
     print(f"\nmodel {args.model} on {args.device} ({torch.get_num_threads()} threads), context {len(p1.context_ids)} "
           f"tokens, {len(tokens1)} new tokens, median of {args.repeats}\n")
-    print(f"| case | lcbench s | reference s | ratio | target | met |")
-    print(f"|---|---:|---:|---:|---:|---|")
+    print("| case | lcbench s | reference s | ratio | target | met |")
+    print("|---|---:|---:|---:|---:|---|")
     r1 = med["lcb1"] / med["floor1"]
     print(f"| 1 question vs floor (prefill + greedy loop) | {med['lcb1']:.3f} | {med['floor1']:.3f} | {r1:.3f} | ≤ 1.05 | {'yes' if r1 <= 1.05 else 'NO'} |")
     rn = med["lcbN"] / med["genN"]

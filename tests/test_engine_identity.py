@@ -39,7 +39,6 @@ def test_one_turn_matches_generate(tiny, tiny_sdpa):
 def test_decoded_token_ids_identical(tiny, tiny_sdpa):
     """Compare ids, not text: drive the engine's decoder directly."""
     from lcbench.engine.decode import forward, greedy_decode
-    from lcbench.cache import KVCache
 
     model, tok = tiny
     ref_model, _ = tiny_sdpa

@@ -4,7 +4,6 @@ the compressor LM's surprisal, and the methods inside the engine (alone and chai
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ TESTS = Path(__file__).resolve().parent
 SHARED = TESTS.parents[1] / "shared" / "data"
 
 SUITES = [
-    ("longbench", f"datasets=trec;samsum;passage_retrieval_zh,n_per_dataset=2,max_length=300", TESTS / "fixtures" / "longbench"),
+    ("longbench", "datasets=trec;samsum;passage_retrieval_zh,n_per_dataset=2,max_length=300", TESTS / "fixtures" / "longbench"),
     ("longbench_e", "datasets=trec;hotpotqa,n_per_dataset=2,max_length=300", TESTS / "fixtures" / "longbench"),
     ("minilongbench", "datasets=trec;lcc,n_per_dataset=1,max_length=300", SHARED / "minilongbench"),
     ("ruler", f"tasks=niah_single_1;fwe;qa_1,lengths=600,num_samples=1,haystack={SHARED / 'ruler' / 'PaulGrahamEssays.json'},"
