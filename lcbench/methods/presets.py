@@ -22,7 +22,7 @@ T = TypeVar("T")
 @functools.lru_cache(maxsize=None)
 def load_presets(file_name: str) -> dict[str, Any]:
     """The parsed ``methods/<file_name>`` (cached)."""
-    with open(protocol_file("methods", file_name), "rb") as f:
+    with protocol_file("methods", file_name).open("rb") as f:
         return tomllib.load(f)
 
 
