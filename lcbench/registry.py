@@ -1,8 +1,12 @@
 """Lazy registries of methods, tasks and models, with did-you-mean errors and entry-point plugins.
 
-Built-in entries name their implementation as ``"module:attr"`` and are imported only when used
-(lm-evaluation-harness style). Third-party packages add entries through the entry-point groups
-``lcbench.methods``, ``lcbench.tasks`` and ``lcbench.models`` without touching lcbench.
+Entries are added as ``"module:attr"`` strings (imported only when used, lm-evaluation-harness
+style) or objects, or found by a ``discover`` function the first time the registry is read
+(built-in methods and tasks are found by walking their packages, so no list is kept by hand).
+Third-party packages add entries through the entry-point groups ``lcbench.methods``,
+``lcbench.tasks`` and ``lcbench.models`` without touching lcbench; a plugin that takes a
+built-in's name is refused, not silently ignored. ``validate`` checks each entry when it is
+first loaded (a declaration mistake fails loudly, naming its file).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from importlib.metadata import entry_points
-from typing import Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from .errors import UserError
 
@@ -20,15 +24,21 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Name → implementation, resolved lazily."""
 
-    def __init__(self, kind: str, group: str):
+    def __init__(self, kind: str, group: str, discover: Callable[[], dict[str, T]] | None = None,
+                 validate: Callable[[str, Any], None] | None = None):
         self.kind = kind
         self.group = group
         self._targets: dict[str, str] = {}
         self._loaded: dict[str, T] = {}
         self._plugins_scanned = False
+        self._discover = discover
+        self._validate = validate
+        self._builtin: set[str] = set()
+        self._checked: set[str] = set()
 
     def add(self, name: str, target: str | T) -> None:
         """Register ``name`` as a ``"module:attr"`` string (lazy) or as the object itself."""
+        self._checked.discard(name)
         if isinstance(target, str):
             self._targets[name] = target
             self._loaded.pop(name, None)
@@ -40,7 +50,17 @@ class Registry(Generic[T]):
         if self._plugins_scanned:
             return
         self._plugins_scanned = True
+        if self._discover is not None:
+            for name, obj in self._discover().items():
+                if name not in self._targets:
+                    self.add(name, obj)
+                    self._builtin.add(name)
         for ep in entry_points(group=self.group):
+            if ep.name in self._builtin:
+                dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+                raise UserError(f"{dist} registers the {self.kind} '{ep.name}' (entry point {ep.value} in group "
+                                f"'{self.group}'), but lcbench has a built-in {self.kind} of that name. Fix: "
+                                f"rename the plugin's entry point (and its class's name).")
             if ep.name not in self._targets:
                 self._targets[ep.name] = ep.value
 
@@ -56,7 +76,11 @@ class Registry(Generic[T]):
         """The implementation registered as ``name``; a UserError with a suggestion otherwise."""
         self._scan_plugins()
         if name in self._loaded:
-            return self._loaded[name]
+            obj = self._loaded[name]
+            if self._validate is not None and name not in self._checked:
+                self._validate(name, obj)
+                self._checked.add(name)
+            return obj
         if name not in self._targets:
             close = difflib.get_close_matches(name, self._targets, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -69,4 +93,4 @@ class Registry(Generic[T]):
         for part in attr.split("."):
             obj = getattr(obj, part)
         self._loaded[name] = obj
-        return obj
+        return self.get(name)

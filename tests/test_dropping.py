@@ -20,16 +20,22 @@ from lcbench.engine.state import QUESTION, ForwardState
 from lcbench.engine.timing import Stopwatch
 from lcbench.errors import CompressionShortfall
 from lcbench.methods.chain import Chain, resolve_chain
-from lcbench.methods.dropping import BUILTIN as DROPPING
 from lcbench.methods.dropping.decode_eviction import EvictingLayer
 from lcbench.methods.dropping.pyramidkv import layer_budget
-from lcbench.methods.quantization import BUILTIN as QUANTIZATION
 from lcbench.methods.registry import METHODS
 from lcbench.models.loading import use_lcbench_attention
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from lcbench.tasks.sample import Sample, Turn
 
 torch.set_num_threads(1)  # the CI machine is shared; one thread is steadier
+
+
+def _family(family: str) -> list[str]:
+    """Every registered built-in method of ``family`` (found by the registry, no list kept here)."""
+    return sorted(n for n in METHODS.names() if METHODS.get(n).family == family)
+
+
+DROPPING, QUANTIZATION = _family("kv_dropping"), _family("kv_quantization")
 RATIOS = (0.25, 0.5, 0.75, 0.9)
 CONTEXT = "Read the following text carefully. " + " ".join(
     f"The special magic number is {i * 7919 % 10000}. The quick brown fox jumps over the lazy dog." for i in range(40))
@@ -103,7 +109,7 @@ def test_every_method_is_registered_with_paper_family_and_defaults():
     for name in (*DROPPING, *QUANTIZATION):
         cls = METHODS.get(name)
         assert cls.name == name
-        assert cls.family == ("kv_dropping" if name in DROPPING else "kv_quantization")
+        assert cls.__module__.startswith("lcbench.methods." + ("dropping" if name in DROPPING else "quantization"))
         assert cls.summary and cls.paper
         if "arXiv:" in cls.paper:  # the docstring cites the same paper
             arxiv = cls.paper.split("arXiv:")[1][:10]

@@ -11,8 +11,12 @@ Stages, in the order a sample meets them:
 ``decode``             :meth:`Stage.decode_attention` / :meth:`Stage.after_decode_step` select or
                        evict per generated token (Quest, H2O, StreamingLLM's rolling window).
 
-A component overrides only the hooks of its stages and lists them in ``stages``. Methods never
-import tasks; the engine brings them together.
+A component overrides only the hooks of its stages; ``stages`` is derived from the hooks it
+overrides (a class may still list it, and then the list must match the overrides). A method's
+class is its whole declaration: :func:`declaration_errors` says what is wrong with one (no or
+unknown family, a declared stage without its hook, a hook without its stage), and the method
+registry refuses such a class when it loads, naming its file. Methods never import tasks; the
+engine brings them together.
 """
 
 from __future__ import annotations
@@ -26,6 +30,18 @@ from ..cache.layer import KVLayer
 from ..params import Param, ParamSet
 
 STAGES = ("text", "context_inputs", "prefill_attention", "cache", "decode")
+
+# the hooks that make a component take part in each stage
+STAGE_HOOKS: dict[str, tuple[str, ...]] = {
+    "text": ("compress_text",),
+    "context_inputs": ("context_inputs",),
+    "prefill_attention": ("prefill_attention",),
+    "cache": ("compress_layer",),
+    "decode": ("decode_attention", "after_decode_step"),
+}
+
+FAMILIES = ("baseline", "kv_dropping", "kv_quantization", "prompt_compression", "soft_compression",
+            "sparse_attention")
 
 
 @dataclass(frozen=True)
@@ -113,7 +129,7 @@ class Stage:
     """
 
     name: ClassVar[str] = ""
-    family: ClassVar[str] = "baseline"
+    family: ClassVar[str] = ""  # one of FAMILIES; required of every registered method
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     params: ClassVar[tuple[Param, ...]] = ()
@@ -123,6 +139,11 @@ class Stage:
     # True when what the stage does to a sample depends on earlier samples (e.g. statistics
     # calibrated on them); such a chain never batches samples together (engine/batching.py)
     cross_sample_state: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if "stages" not in cls.__dict__:  # not listed by this class: follow its hooks
+            cls.stages = overridden_stages(cls)
 
     def __init__(self, ratio: float = 0.0, **args: Any):
         self.ratio = float(ratio)
@@ -167,6 +188,41 @@ class Stage:
     # --- description ----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "family": self.family, "ratio": self.ratio, **self.args}
+
+
+def overridden_stages(cls: type) -> tuple[str, ...]:
+    """The stages whose hooks ``cls`` overrides (or inherits overridden), in pipeline order."""
+    return tuple(stage for stage, hooks in STAGE_HOOKS.items()
+                 if any(getattr(cls, h) is not getattr(Stage, h) for h in hooks))
+
+
+def declaration_errors(cls: Any) -> list[str]:
+    """What is wrong with ``cls`` as a registered method (empty when nothing is)."""
+    if not (isinstance(cls, type) and issubclass(cls, Stage)):
+        return [f"{cls!r} is not a subclass of lcbench.methods.base.Stage"]
+    errors = []
+    if not cls.name:
+        errors.append("it sets no `name`")
+    elif any(c in cls.name for c in "+,.: =;"):
+        errors.append(f"its name {cls.name!r} contains one of '+,.: =;' (they separate chains and arguments)")
+    if not cls.family:
+        errors.append(f"it sets no `family` (one of {', '.join(FAMILIES)}); without one its ratio has no meaning")
+    elif cls.family not in FAMILIES:
+        errors.append(f"its family {cls.family!r} is not one of {', '.join(FAMILIES)}")
+    declared, hooked = set(cls.stages), set(overridden_stages(cls))
+    for stage in sorted(declared - set(STAGES)):
+        errors.append(f"it declares an unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    for stage in sorted((declared & set(STAGES)) - hooked):
+        errors.append(f"it declares the stage {stage!r} but overrides none of its hooks "
+                      f"({' / '.join(STAGE_HOOKS[stage])}), so it would never be called")
+    for stage in sorted(hooked - declared):
+        errors.append(f"it overrides {' / '.join(h for h in STAGE_HOOKS[stage] if getattr(cls, h) is not getattr(Stage, h))} "
+                      f"but its `stages` leaves out {stage!r}, so that hook would never be called "
+                      f"(drop the `stages` line: stages follow the hooks)")
+    names = [p.name for p in cls.params]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"it declares the parameter {dup!r} twice")
+    return errors
 
 
 def keep_count(length: int, ratio: float) -> int:

@@ -1,15 +1,68 @@
-"""The method registry. Each family package lists its built-ins in a ``BUILTIN`` dict of
-``name → "module:Class"`` (imported lazily); plugins use the entry-point group ``lcbench.methods``
-(value ``"package.module:StageClass"``). Names ``kvpress:<PressClass>`` resolve to a stage running
-that kvpress press (:mod:`lcbench.methods.kvpress_bridge`)."""
+"""The method registry. Built-in methods are found, not listed: every :class:`Stage` subclass with
+a ``name`` defined in a module under ``lcbench/methods/`` is one (a method is one file). Plugins
+use the entry-point group ``lcbench.methods`` (value ``"package.module:StageClass"``). Names
+``kvpress:<PressClass>`` resolve to a stage running that kvpress press
+(:mod:`lcbench.methods.kvpress_bridge`).
+
+Every class is checked when the registry loads it (:func:`lcbench.methods.base.declaration_errors`):
+a method without a family, with a stage it has no hook for, a hook outside its stages, or a name
+taken twice is refused with an error that names its file.
+"""
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import pkgutil
+from typing import Any
 
+from ..errors import UserError
 from ..registry import Registry
 
 KVPRESS_PREFIX = "kvpress:"
+
+
+def _origin(obj: Any) -> str:
+    try:
+        return inspect.getsourcefile(obj) or obj.__module__
+    except (TypeError, OSError):
+        return getattr(obj, "__module__", "?")
+
+
+def _subclasses(cls: type):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def builtin_methods() -> dict[str, type]:
+    """``name → class`` of every method defined under ``lcbench/methods/`` (imports them all)."""
+    from . import __path__ as package_path
+    from .base import Stage
+
+    for info in pkgutil.walk_packages(package_path, __name__.rpartition(".")[0] + "."):
+        importlib.import_module(info.name)
+    found: dict[str, type] = {}
+    for cls in _subclasses(Stage):
+        if not cls.__dict__.get("name") or not cls.__module__.startswith("lcbench.methods."):
+            continue
+        if cls.name in found and found[cls.name] is not cls:
+            raise UserError(f"method name '{cls.name}' is declared twice: in {_origin(found[cls.name])} and in "
+                            f"{_origin(cls)}. Fix: give one of them another name.")
+        found[cls.name] = cls
+    return found
+
+
+def check_declaration(name: str, cls: Any) -> None:
+    """Refuse a method class whose declaration is wrong, naming its file and every mistake."""
+    from .base import declaration_errors
+
+    errors = declaration_errors(cls)
+    if isinstance(cls, type) and cls.name and cls.name != name:
+        errors.append(f"it is registered as '{name}' but its class says name = {cls.name!r} (runs record the "
+                      f"class's name; make the two the same)")
+    if errors:
+        raise UserError(f"method '{name}' ({_origin(cls)}) is declared wrongly: " + "; ".join(errors) + ".")
 
 
 class MethodRegistry(Registry):
@@ -26,11 +79,5 @@ class MethodRegistry(Registry):
         return name.startswith(KVPRESS_PREFIX) or super().__contains__(name)
 
 
-METHODS: Registry = MethodRegistry("method", "lcbench.methods")
-METHODS.add("full", "lcbench.methods.baseline:Full")
-
-FAMILY_PACKAGES = ("dropping", "quantization", "prompt", "soft", "sparse")
-for _family in FAMILY_PACKAGES:
-    _module = importlib.import_module(f"lcbench.methods.{_family}")
-    for _name, _target in getattr(_module, "BUILTIN", {}).items():
-        METHODS.add(_name, _target)
+METHODS: Registry = MethodRegistry("method", "lcbench.methods", discover=builtin_methods,
+                                   validate=check_declaration)

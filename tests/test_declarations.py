@@ -1,0 +1,78 @@
+"""A method is one class: its stages follow its hooks, and a declaration mistake is refused when
+the registry loads it, with an error that names the file (issue: one declaration per method)."""
+
+import gc
+
+import pytest
+
+from lcbench.errors import UserError
+from lcbench.methods.base import Stage, declaration_errors, overridden_stages
+from lcbench.methods.registry import METHODS, builtin_methods, check_declaration
+
+
+def test_stages_follow_the_hooks():
+    class Drops(Stage):
+        name, family = "drops_test", "kv_dropping"
+
+        def compress_layer(self, layer, seen):
+            return layer
+
+    class DropsAndEvicts(Drops):
+        def after_decode_step(self, layer, layer_idx, query):
+            return layer
+
+    assert Drops.stages == ("cache",)
+    assert DropsAndEvicts.stages == ("cache", "decode")
+    assert declaration_errors(Drops) == [] and declaration_errors(DropsAndEvicts) == []
+
+
+def test_every_builtin_is_found_and_declared_right():
+    found = builtin_methods()
+    assert {"full", "snapkv", "kivi", "llmlingua", "ashape", "quest", "pool", "kvmerge"} <= set(found)
+    for name, cls in found.items():
+        assert declaration_errors(cls) == [], name
+        assert set(cls.stages) == set(overridden_stages(cls)), name
+    assert sorted(found) == [n for n in METHODS.names() if not n.startswith("kvpress:")]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"family": ""}, "sets no `family`"),
+    ({"family": "kv_droping"}, "family 'kv_droping' is not one of"),
+    ({"stages": ("cache", "decode")}, "declares the stage 'decode' but overrides none of its hooks"),
+    ({"stages": ("text",)}, "overrides compress_layer but its `stages` leaves out 'cache'"),
+    ({"stages": ("cache", "kache")}, "unknown stage 'kache'"),
+    ({"name": "bad+name"}, "contains one of"),
+])
+def test_declaration_mistakes_are_refused_naming_the_file(body, message):
+    attrs = {"name": "mistake_test", "family": "kv_dropping", "compress_layer": lambda self, layer, seen: layer,
+             "__module__": __name__, **body}
+    cls = type("Mistake", (Stage,), attrs)
+    METHODS.add("mistake_test", cls)
+    with pytest.raises(UserError) as err:
+        METHODS.get("mistake_test")
+    assert message in str(err.value)
+    assert "test_declarations.py" in str(err.value)  # the file the class lives in
+
+
+def test_registered_name_must_be_the_class_name():
+    class Named(Stage):
+        name, family = "named_test", "kv_dropping"
+
+        def compress_layer(self, layer, seen):
+            return layer
+
+    with pytest.raises(UserError, match="registered as 'other_name' but its class says name = 'named_test'"):
+        check_declaration("other_name", Named)
+
+
+def test_a_name_taken_twice_is_refused():
+    clash = type("SnapKVAgain", (Stage,), {"name": "snapkv", "family": "kv_dropping",
+                                            "__module__": "lcbench.methods.dropping.clash",
+                                            "compress_layer": lambda self, layer, seen: layer})
+    try:
+        with pytest.raises(UserError, match="method name 'snapkv' is declared twice"):
+            builtin_methods()
+    finally:
+        del clash
+        gc.collect()
+    assert "snapkv" in builtin_methods()
