@@ -58,6 +58,10 @@ class KVCache(Cache):
     def seq_lengths(self) -> list[int]:
         return [layer.seq_len() for layer in self.layers]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (1-D long, ascending) in every layer (finished rows leave)."""
+        self.layers[:] = [layer.keep_rows(rows) for layer in self.layers]
+
     def repeat_rows(self, n: int) -> "KVCache":
         """A new cache whose rows are this cache's rows repeated ``n`` times (copies; this one is kept)."""
         out = KVCache.__new__(KVCache)

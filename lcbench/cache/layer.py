@@ -58,6 +58,11 @@ class KVLayer(CacheLayerMixin):
     def repeat_rows(self, n: int) -> "KVLayer":
         """A new layer holding each batch row ``n`` times (turns that share a context)."""
 
+    def keep_rows(self, rows: torch.Tensor) -> "KVLayer":
+        """The layer holding only batch rows ``rows`` (1-D long, ascending), in that order: how a
+        decode lets finished rows go. Every lcbench layer kind implements it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop batch rows (keep_rows)")
+
     # --- derived --------------------------------------------------------------------------
     def seq_len(self) -> int:
         return 0 if self.positions is None else self.positions.shape[-1]
@@ -140,6 +145,17 @@ class DenseLayer(KVLayer):
         self.positions = self.positions[:, :, :length]
         if self.valid is not None:
             self.valid = self.valid[:, :, :length]
+
+    def keep_rows(self, rows):
+        out = type(self).__new__(type(self))
+        KVLayer.__init__(out)
+        out.__dict__.update(self.__dict__)
+        for name in ("keys", "values", "positions", "valid"):
+            t = getattr(self, name)
+            setattr(out, name, None if t is None else t.index_select(0, rows))
+        if out.valid is not None and bool(out.valid.all()):
+            out.valid = None
+        return out
 
     def repeat_rows(self, n):
         out = type(self).__new__(type(self))

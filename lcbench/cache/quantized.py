@@ -7,9 +7,10 @@ dimension. Keys are grouped either per channel over ``group_size`` consecutive t
 keys) or per token over ``group_size`` channels; values always per token (KIVI: Liu et al.,
 "KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache", ICML 2024, arXiv:2402.02750).
 The newest ``window`` tokens stay in the model's dtype; older ones are quantized as soon as a
-whole token group is past the window. :meth:`QuantizedLayer.dense` dequantizes on use, and
-:meth:`QuantizedLayer.nbytes` counts the packed codes, scales, zeros and the window — the bytes
-really held. Reconstruction error per element is at most ``scale / 2`` (plus float16 rounding
+whole token group is past the window. :meth:`QuantizedLayer.dense` returns a compute buffer in the model's dtype where each
+group was dequantized once, when it closed; :meth:`QuantizedLayer.nbytes` counts the packed codes,
+scales, zeros and the window — the bytes the method stores (the buffer is reported apart, by
+:meth:`QuantizedLayer.buffer_nbytes`, and is part of the measured peak memory). Reconstruction error per element is at most ``scale / 2`` (plus float16 rounding
 of the scale and zero).
 """
 
@@ -171,7 +172,16 @@ def _padding_first(keys: torch.Tensor, values: torch.Tensor, positions: torch.Te
 
 
 class QuantizedLayer(KVLayer):
-    """Keys/values quantized per :class:`QuantSpec`; storage order = [quantized][window]."""
+    """Keys/values quantized per :class:`QuantSpec`; storage order = [quantized][window].
+
+    What is *stored* (and counted by :meth:`nbytes`) is the packed codes, their scales and zeros
+    and the full-precision window. Beside it the layer keeps a **compute buffer**: the dense
+    ``(B, H, L, D)`` view attention reads, in the model's dtype — each token group dequantized
+    once, when it closes (leaves the window), and the window as is — so a decode step appends to
+    it like a dense layer instead of dequantizing the whole layer (issue #14). The buffer is as
+    large as a dense cache of the same tokens: it is not in ``kv_bytes`` (not the method's
+    storage), but it is real memory and shows in the measured peak memory of a run. A kernel
+    attending on the packed groups directly would not need it."""
 
     def __init__(self, spec: QuantSpec, dtype: torch.dtype):
         super().__init__()
@@ -181,17 +191,27 @@ class QuantizedLayer(KVLayer):
         self.qkeys: Packed | None = None
         self.qvalues: Packed | None = None
         self.quantized = 0  # tokens held quantized (a multiple of the token group)
-        self.rkeys: torch.Tensor | None = None  # the full-precision window (B, H, Lr, D)
-        self.rvalues: torch.Tensor | None = None
+        self.dkeys: torch.Tensor | None = None  # compute buffer (B, H, L, D): dequantized groups, then the window
+        self.dvalues: torch.Tensor | None = None
         self.positions = None
         self.valid = None
         self.is_initialized = True
+
+    @property
+    def rkeys(self) -> torch.Tensor | None:
+        """The full-precision window (B, H, Lr, D): the buffer's slots after the quantized ones."""
+        return None if self.dkeys is None else self.dkeys[:, :, self.quantized:]
+
+    @property
+    def rvalues(self) -> torch.Tensor | None:
+        return None if self.dvalues is None else self.dvalues[:, :, self.quantized:]
 
     @classmethod
     def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                    valid: torch.Tensor | None, spec: QuantSpec) -> "QuantizedLayer":
         out = cls(spec, keys.dtype)
-        out.rkeys, out.rvalues = keys, values
+        # a copy: closing groups are written back into the buffer in place
+        out.dkeys, out.dvalues = keys.clone(), values.clone()
         out.positions, out.valid = positions, valid
         out._flush()
         return out
@@ -214,7 +234,7 @@ class QuantizedLayer(KVLayer):
 
     # --- quantizing what is past the window ----------------------------------------------------
     def _channel_group(self) -> int:
-        return self.spec.channel_group(self.rkeys.shape[-1] if self.rkeys is not None else self.spec.group_size)
+        return self.spec.channel_group(self.dkeys.shape[-1] if self.dkeys is not None else self.spec.group_size)
 
     def _quantize_keys(self, x: torch.Tensor) -> Packed:
         if self.spec.key_axis == "channel":
@@ -227,16 +247,19 @@ class QuantizedLayer(KVLayer):
         return dequantize_tokens(p, self.spec.bits, self._channel_group())
 
     def _flush(self) -> None:
-        """Quantize the oldest whole token groups of the window that lie beyond ``spec.window``."""
-        lr = self.rkeys.shape[2]
-        n = self.spec.quantized_tokens(lr)
+        """Quantize the oldest whole token groups of the window that lie beyond ``spec.window``,
+        and put their dequantized values in the compute buffer in their place (once)."""
+        a = self.quantized
+        n = self.spec.quantized_tokens(self.dkeys.shape[2] - a)
         if n <= 0:
             return
         cg = self._channel_group()
-        self.qkeys = _cat(self.qkeys, self._quantize_keys(self.rkeys[:, :, :n]))
-        self.qvalues = _cat(self.qvalues, quantize_tokens(self.rvalues[:, :, :n], self.spec.bits, cg))
-        self.rkeys = self.rkeys[:, :, n:].contiguous()
-        self.rvalues = self.rvalues[:, :, n:].contiguous()
+        new_keys = self._quantize_keys(self.dkeys[:, :, a:a + n])
+        new_values = quantize_tokens(self.dvalues[:, :, a:a + n], self.spec.bits, cg)
+        self.dkeys[:, :, a:a + n] = self._dequantize_keys(new_keys).to(self.dtype)
+        self.dvalues[:, :, a:a + n] = dequantize_tokens(new_values, self.spec.bits, cg).to(self.dtype)
+        self.qkeys = _cat(self.qkeys, new_keys)
+        self.qvalues = _cat(self.qvalues, new_values)
         self.quantized += n
 
     # --- the storage contract ---------------------------------------------------------------
@@ -248,30 +271,31 @@ class QuantizedLayer(KVLayer):
             new = valid[:, None, :].expand(b, h, q) if valid is not None else torch.ones_like(pos, dtype=torch.bool)
             self.valid = torch.cat([old, new], dim=-1)
         self.positions = torch.cat([self.positions, pos], dim=-1)
-        self.rkeys = torch.cat([self.rkeys, keys.to(self.dtype)], dim=2)
-        self.rvalues = torch.cat([self.rvalues, values.to(self.dtype)], dim=2)
+        self.dkeys = torch.cat([self.dkeys, keys.to(self.dtype)], dim=2)
+        self.dvalues = torch.cat([self.dvalues, values.to(self.dtype)], dim=2)
         self._flush()
 
     def dense(self):
-        if self.qkeys is None:
-            return self.rkeys, self.rvalues
-        keys = self._dequantize_keys(self.qkeys).to(self.dtype)
-        values = dequantize_tokens(self.qvalues, self.spec.bits, self._channel_group()).to(self.dtype)
-        return torch.cat([keys, self.rkeys], dim=2), torch.cat([values, self.rvalues], dim=2)
+        return self.dkeys, self.dvalues
 
     def nbytes(self) -> int:
+        """The stored bytes: packed codes, scales, zeros and the window (not the compute buffer)."""
         held = [self.rkeys, self.rvalues]
         for p in (self.qkeys, self.qvalues):
             if p is not None:
                 held.extend(p.tensors())
         return tensor_bytes(*held)
 
+    def buffer_nbytes(self) -> int:
+        """Bytes of the dequantized compute buffer beyond the window (memory, not storage)."""
+        return tensor_bytes(self.dkeys, self.dvalues) - tensor_bytes(self.rkeys, self.rvalues)
+
     def _rebuild(self, keys, values, positions, valid) -> None:
         fresh = QuantizedLayer.from_dense(keys, values, positions, valid, self.spec)
         self.__dict__.update(fresh.__dict__)
 
     def select(self, index):
-        """Keep slots ``index``: dequantize, gather and quantize again (token groups change)."""
+        """Keep slots ``index``: gather the dequantized view and quantize again (token groups change)."""
         index, _ = index.sort(dim=-1)
         keys, values = self.dense()
         gather = index[..., None].expand(*index.shape, keys.shape[-1])
@@ -283,31 +307,36 @@ class QuantizedLayer(KVLayer):
         self.positions = self.positions[:, :, :length]
         if self.valid is not None:
             self.valid = self.valid[:, :, :length]
+        self.dkeys, self.dvalues = self.dkeys[:, :, :length], self.dvalues[:, :, :length]
         if length >= self.quantized:
-            self.rkeys = self.rkeys[:, :, : length - self.quantized]
-            self.rvalues = self.rvalues[:, :, : length - self.quantized]
             return
         # the cut falls inside the quantized part: whole groups before it stay, the rest goes
-        # back to the window as the values attention saw (dequantized)
+        # back to the window as the values attention saw (the buffer's dequantized ones)
         g = self.spec.token_group()
         keep = length // g * g
-        keys = self._dequantize_keys(self.qkeys)[:, :, keep:length].to(self.dtype)
-        values = dequantize_tokens(self.qvalues, self.spec.bits, self._channel_group())[:, :, keep:length].to(self.dtype)
         key_groups = keep // self.spec.group_size if self.spec.key_axis == "channel" else keep
         self.qkeys = _slice(self.qkeys, key_groups, keep) if keep else None
         self.qvalues = _slice(self.qvalues, keep, keep) if keep else None
         self.quantized = keep
-        self.rkeys, self.rvalues = keys, values
 
-    def repeat_rows(self, n):
+    def _map_rows(self, fn) -> "QuantizedLayer":
         out = QuantizedLayer(self.spec, self.dtype)
 
-        def rep(t):
-            return None if t is None else t.repeat_interleave(n, dim=0)
+        def each(t):
+            return None if t is None else fn(t)
 
-        out.qkeys = None if self.qkeys is None else Packed(*map(rep, self.qkeys.tensors()))
-        out.qvalues = None if self.qvalues is None else Packed(*map(rep, self.qvalues.tensors()))
+        out.qkeys = None if self.qkeys is None else Packed(*map(each, self.qkeys.tensors()))
+        out.qvalues = None if self.qvalues is None else Packed(*map(each, self.qvalues.tensors()))
         out.quantized = self.quantized
-        out.rkeys, out.rvalues = rep(self.rkeys), rep(self.rvalues)
-        out.positions, out.valid = rep(self.positions), rep(self.valid)
+        out.dkeys, out.dvalues = each(self.dkeys), each(self.dvalues)
+        out.positions, out.valid = each(self.positions), each(self.valid)
+        return out
+
+    def repeat_rows(self, n):
+        return self._map_rows(lambda t: t.repeat_interleave(n, dim=0))
+
+    def keep_rows(self, rows):
+        out = self._map_rows(lambda t: t.index_select(0, rows))
+        if out.valid is not None and bool(out.valid.all()):
+            out.valid = None
         return out

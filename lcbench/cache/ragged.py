@@ -117,6 +117,16 @@ class RaggedLayer(KVLayer):
         self._reset(keys[:, :, :length], values[:, :, :length], self.positions[:, :, :length],
                     self._full_valid()[:, :, :length])
 
+    def keep_rows(self, rows):
+        """Rows ``rows`` of the flat storage (each row's heads are contiguous in it) and of the tail."""
+        b, h = self.lengths.shape
+        entry_rows = torch.repeat_interleave(torch.arange(b * h, device=self.lengths.device),
+                                             self.lengths.flatten()) // h
+        keep = torch.isin(entry_rows, rows)
+        tail = self.tail.keep_rows(rows) if self.tail.positions is not None else DenseLayer()
+        return RaggedLayer(self.flat_keys[keep], self.flat_values[keep], self.flat_positions[keep],
+                           self.lengths.index_select(0, rows), tail)
+
     def repeat_rows(self, n):
         keys, values = self.dense()
         out = RaggedLayer.from_mask(keys.repeat_interleave(n, 0), values.repeat_interleave(n, 0),

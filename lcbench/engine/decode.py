@@ -46,29 +46,31 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
     """Decode greedily from ``first_logits`` (B, V); row ``i`` stops at an EOS id, one of
     ``stops[i]`` (cut from the text), one of ``stop_ids[i]`` (kept in the text, like an extra
     ``eos_token_id`` of ``model.generate``), or after ``max_new_tokens[i]`` tokens; before
-    ``min_new_tokens[i]`` tokens EOS and ``stop_ids[i]`` are masked (``generate``'s ``min_length``)."""
-    min_new_tokens = min_new_tokens or [0] * first_logits.shape[0]
-    stop_ids = stop_ids or [()] * first_logits.shape[0]
-    state.phase = DECODE
+    ``min_new_tokens[i]`` tokens EOS and ``stop_ids[i]`` are masked (``generate``'s ``min_length``).
+
+    A row that stops leaves the batch: its rows of the cache are dropped
+    (:meth:`lcbench.cache.KVCache.keep_rows`) and later steps run on the rows still decoding, so
+    ``N`` rows cost about the sum of their tokens, not ``N`` × the longest (issue #14)."""
     rows = first_logits.shape[0]
+    min_new_tokens = min_new_tokens or [0] * rows
+    stop_ids = stop_ids or [()] * rows
+    state.phase = DECODE
     tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     why = ["length"] * rows
     cut: list[str | None] = [None] * rows
     logits = first_logits
     positions = next_positions.clone()
-    step = 0
+    active = list(range(rows))  # the original row of each batch row still decoding
     while True:
-        early = [i for i in range(rows) if not done[i] and len(tokens[i]) < min_new_tokens[i]]
+        early = [j for j, i in enumerate(active) if len(tokens[i]) < min_new_tokens[i]]
         if early:
             logits = logits.clone()
-            for i in early:
-                logits[i, sorted(eos_ids | set(stop_ids[i]))] = float("-inf")
+            for j in early:
+                logits[j, sorted(eos_ids | set(stop_ids[active[j]]))] = float("-inf")
         nxt = logits.argmax(-1)
-        for i in range(rows):
-            if done[i]:
-                continue
-            t = int(nxt[i])
+        for j, i in enumerate(active):
+            t = int(nxt[j])
             if t in eos_ids:
                 done[i], why[i] = True, "eos"
                 continue
@@ -84,9 +86,14 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
                     continue
             if len(tokens[i]) >= max_new_tokens[i]:
                 done[i] = True
-        step += 1
-        if all(done):
+        keep = [j for j, i in enumerate(active) if not done[i]]
+        if not keep:
             break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=nxt.device)
+            state.cache.keep_rows(index)
+            nxt, positions = nxt.index_select(0, index), positions.index_select(0, index)
+            active = [active[j] for j in keep]
         logits = forward(model, nxt[:, None], positions[:, None], state)
         positions += 1
     out = []

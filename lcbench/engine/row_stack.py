@@ -128,6 +128,15 @@ class StackedLayer(KVLayer):
     def repeat_rows(self, n):
         return StackedLayer([child.repeat_rows(n) for child in self.children])
 
+    def keep_rows(self, rows):
+        """Each child keeps its own rows among ``rows``; children left with none go."""
+        kept = []
+        for (a, b), child in zip(self._ranges(), self.children):
+            own = rows[(rows >= a) & (rows < b)] - a
+            if own.numel():
+                kept.append(child.keep_rows(own))
+        return kept[0] if len(kept) == 1 else StackedLayer(kept)
+
 
 def row_layers(layer: KVLayer) -> list[KVLayer]:
     """The single-row layers of a stacked prefill, each without its left padding (views of the

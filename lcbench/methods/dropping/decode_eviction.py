@@ -77,6 +77,12 @@ class EvictingLayer(KVLayer):
         out.tracks = {k: t.repeat_interleave(n, dim=0) for k, t in self.tracks.items()}
         return out
 
+    def keep_rows(self, rows):
+        out = EvictingLayer(self.inner.keep_rows(rows))
+        out.prompt_slots, out.evicted = self.prompt_slots, self.evicted
+        out.tracks = {k: t.index_select(0, rows) for k, t in self.tracks.items()}
+        return out
+
     # --- eviction -------------------------------------------------------------------------
     def evictable(self) -> int:
         """Leading slots that may be evicted now (what is left of the prompt)."""
