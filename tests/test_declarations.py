@@ -76,3 +76,53 @@ def test_a_name_taken_twice_is_refused():
         del clash
         gc.collect()
     assert "snapkv" in builtin_methods()
+
+
+# --- tasks -------------------------------------------------------------------------------------
+def test_every_builtin_task_is_found():
+    from lcbench.tasks.base import declaration_errors as task_errors
+    from lcbench.tasks.registry import TASKS, builtin_tasks
+
+    found = builtin_tasks()
+    assert {"longbench", "longbench_e", "minilongbench", "niah", "ruler", "scbench", "scbench_kv",
+            "scbench_kv_synth"} <= set(found)
+    assert len([n for n in found if n.startswith("scbench_")]) == 16  # 12 released + 4 synthetic
+    for name, cls in found.items():
+        assert task_errors(cls) == [], name
+    assert sorted(found) == TASKS.names()
+
+
+def test_task_mistakes_are_refused_naming_the_file():
+    from lcbench.tasks.base import Task
+    from lcbench.tasks.registry import TASKS
+
+    class NoScore(Task):
+        name, suite, version = "noscore_test", "test", "1"
+        mode = "multi_requests"
+
+        def samples(self, env):
+            return []
+
+    TASKS.add("noscore_test", NoScore)
+    with pytest.raises(UserError) as err:
+        TASKS.get("noscore_test")
+    text = str(err.value)
+    assert "does not implement score" in text and "mode 'multi_requests' is not one of" in text
+    assert "test_declarations.py" in text
+
+
+def test_a_code_task_template_hash_covers_its_arguments():
+    from lcbench.params import Param
+    from lcbench.tasks.base import Task
+
+    class Templated(Task):
+        name, suite, version = "templated_test", "test", "1"
+        params = (Param("prompt", str, "Q: {q}", "template"),)
+
+        def samples(self, env):
+            return []
+
+        def score(self, sample, turn, prediction):
+            return {"score": 0.0}
+
+    assert Templated().template_hash() != Templated(prompt="Question: {q}").template_hash()

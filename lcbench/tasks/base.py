@@ -69,9 +69,48 @@ class Task(ABC):
 
     # --- provenance -----------------------------------------------------------------------
     def protocol_payload(self) -> Any:
-        """The protocol constants this task depends on (templates, lengths); hashed into results."""
-        return {"name": self.name, "version": self.version}
+        """The protocol constants this task depends on (templates, lengths); hashed into results.
+        Suites override it with their protocol data; this default covers what a task written in
+        code depends on: its name, version, arguments and the source of the module that holds its
+        templates."""
+        return {"name": self.name, "version": self.version, "args": self.args, "code": _module_digest(type(self))}
 
     def template_hash(self) -> str:
         blob = json.dumps(self.protocol_payload(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+MODES = ("multi_request", "multi_turn")
+
+
+def _module_digest(cls: type) -> str | None:
+    """sha256 of the source file of ``cls``'s module (None when it has none, e.g. built in a REPL)."""
+    import inspect
+
+    try:
+        return hashlib.sha256(Path(inspect.getfile(cls)).read_bytes()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return None
+
+
+def declaration_errors(cls: Any) -> list[str]:
+    """What is wrong with ``cls`` as a registered task (empty when nothing is)."""
+    import inspect
+
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        return [f"{cls!r} is not a subclass of lcbench.tasks.base.Task"]
+    errors = []
+    if not cls.name:
+        errors.append("it sets no `name`")
+    elif any(c in cls.name for c in "+,.: =;"):
+        errors.append(f"its name {cls.name!r} contains one of '+,.: =;' (they separate lists and arguments)")
+    if inspect.isabstract(cls):
+        errors.append(f"it does not implement {', '.join(sorted(cls.__abstractmethods__))}")
+    if cls.mode not in MODES:
+        errors.append(f"its mode {cls.mode!r} is not one of {', '.join(MODES)}")
+    if not str(cls.version):
+        errors.append("it sets no `version` (results record it)")
+    names = [p.name for p in cls.params]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        errors.append(f"it declares the parameter {dup!r} twice")
+    return errors
