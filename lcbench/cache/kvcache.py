@@ -35,6 +35,8 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         layer.append(key_states, value_states, self.incoming_positions.to(key_states.device),
                      None if self.incoming_valid is None else self.incoming_valid.to(key_states.device))
+        if getattr(layer, "lazy_dense", False):  # rows sharing a context: attention reads the layer itself
+            return key_states, value_states
         return layer.dense()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -61,6 +63,18 @@ class KVCache(Cache):
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (1-D long, ascending) in every layer (finished rows leave)."""
         self.layers[:] = [layer.keep_rows(rows) for layer in self.layers]
+
+    def share_rows(self, n: int) -> "KVCache":
+        """A new cache of ``n`` rows continuing this one-row cache, each layer shared where its
+        kind allows (:mod:`lcbench.cache.shared`: no copy of the context) and copied otherwise;
+        this cache is kept and never changed through the new one."""
+        from .shared import share_rows
+
+        out = KVCache.__new__(KVCache)
+        Cache.__init__(out, layers=[share_rows(layer, n) for layer in self.layers])
+        out.incoming_positions = None
+        out.incoming_valid = None
+        return out
 
     def repeat_rows(self, n: int) -> "KVCache":
         """A new cache whose rows are this cache's rows repeated ``n`` times (copies; this one is kept)."""

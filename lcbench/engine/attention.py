@@ -17,52 +17,136 @@ No model forward code is copied: any transformers model whose attention goes thr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from ..cache.layer import KVLayer
+from ..cache.shared import SPECIAL_ATTENTION_KWARGS, SharedContextLayer
+from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
-from .state import DECODE, ForwardState
+from .state import DECODE, PREFILL, ForwardState
 
 ATTENTION_NAME = "lcbench"
 
 
-def storage_mask(layer: KVLayer, q_len: int) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class AttentionCall:
+    """What the model passed to one attention call besides q/k/v, as transformers' own attention
+    functions read it: ``sliding_window`` (a query at true position p sees the keys at positions in
+    ``(p - window, p]``: ``sliding_window_overlay`` in transformers' ``masking_utils``), ``softcap``
+    (Gemma-2: ``tanh(s / cap) · cap`` on the scaled logits before the mask, ``gemma2`` eager path),
+    ``sinks`` (gpt-oss's learned per-head logit ``s_aux``, one extra softmax column that is then
+    dropped, ``gpt_oss`` eager path) and ``scaling``. Dropout is never applied (evaluation)."""
+
+    scaling: float
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    causal: bool = True
+
+    @classmethod
+    def from_kwargs(cls, module, query: torch.Tensor, scaling: float | None, kwargs: dict) -> "AttentionCall":
+        unsupported = [k for k in UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
+        if unsupported:
+            raise UserError(
+                f"this model passes {', '.join(unsupported)} to its attention function, which lcbench's attention "
+                f"does not implement (its numbers would be wrong). Fix: use a model whose attention lcbench "
+                f"supports (README, supported architectures)."
+            )
+        window = kwargs.get("sliding_window")
+        return cls(scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
+                   window=int(window) if window else None, softcap=kwargs.get("softcap") or None,
+                   sinks=kwargs.get("s_aux"),
+                   causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))))
+
+
+# attention arguments some transformers models pass that change the numbers and lcbench does not implement
+UNSUPPORTED_KWARGS = ("position_bias", "attention_chunk_size")
+
+
+def storage_mask(layer: KVLayer, q_len: int, window: int | None = None) -> torch.Tensor | None:
     """Boolean (B, 1 or H, q, L) mask: the ``q_len`` newest stored tokens are the queries; each
-    sees every valid older token and the new ones up to itself. ``None`` when plain causal
-    attention is exactly right (what transformers' SDPA path does), to keep its numerics."""
+    sees every valid older token and the new ones up to itself — and, with a sliding ``window``,
+    only the keys whose true position lies in ``(p - window, p]`` for a query at true position p.
+    ``None`` when plain causal attention is exactly right (what transformers' SDPA path does), to
+    keep its numerics."""
     L = layer.seq_len()
-    if layer.valid is None and (q_len == 1 or q_len == L):
+    outside = window_excludes(layer, q_len, window)
+    if layer.valid is None and not outside and (q_len == 1 or q_len == L):
         return None
     device = layer.positions.device
     rows = torch.arange(q_len, device=device)[:, None] + (L - q_len)
     cols = torch.arange(L, device=device)[None, :]
     causal = cols <= rows  # (q, L)
-    if layer.valid is None:
+    if layer.valid is None and not outside:
         return causal[None, None]
-    own = cols == rows  # a padded query still sees itself: no all-masked rows (NaN)
-    valid = layer.valid[:, :, None, :]  # (B, H, 1, L)
-    mask = causal & (valid | own)
-    if bool((layer.valid == layer.valid[:, :1]).all()):
+    mask = causal[None, None]
+    if layer.valid is not None:
+        own = cols == rows  # a padded query still sees itself: no all-masked rows (NaN)
+        mask = mask & (layer.valid[:, :, None, :] | own)  # (B, H, q, L)
+    if outside:
+        qpos = layer.positions[..., L - q_len:]  # (B, H, q)
+        mask = mask & (layer.positions[..., None, :] > qpos[..., :, None] - window)
+    if mask.shape[1] > 1 and bool((mask == mask[:, :1]).all()):
         mask = mask[:, :1]
     return mask
+
+
+def window_excludes(layer: KVLayer, q_len: int, window: int | None) -> bool:
+    """Whether a sliding ``window`` hides any stored key from any of the ``q_len`` newest queries."""
+    if not window or layer.positions is None:
+        return False
+    L = layer.seq_len()
+    return bool((layer.positions[..., L - q_len:].amax() - window) >= layer.positions.amin())
+
+
+def visible_after(layer: KVLayer, window: int) -> torch.Tensor:
+    """(B, H, L) bool: the stored tokens a query after every stored one can still see through a
+    sliding ``window`` (true position > next position − window)."""
+    nxt = layer.positions.amax(dim=-1, keepdim=True) + 1
+    return layer.positions > nxt - window
+
+
+def drop_unseeable(layer: KVLayer, window: int) -> KVLayer:
+    """Forget the tokens no later query of a sliding-window layer can see (what transformers'
+    ``DynamicSlidingWindowLayer`` keeps: the last ``window - 1``). Done only where it is exact: every
+    row and head keep the same number of slots."""
+    keep = visible_after(layer, window)
+    if layer.valid is not None:
+        keep = keep | ~layer.valid  # padding is left where it is
+    counts = keep.sum(-1)
+    if bool(keep.all()) or not bool((counts == counts.flatten()[0]).all()):
+        return layer
+    b, h, L = keep.shape
+    index = torch.arange(L, device=keep.device).expand(b, h, L)[keep].view(b, h, -1)
+    layer.select(index)
+    return layer
 
 
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def dense_attention(module, query, key, value, mask, scaling):
+def dense_attention(module, query, key, value, mask, scaling, call: AttentionCall | None = None):
     """Exact attention over what the layer holds; per-KV-head masks expand to the query heads.
 
     The computation is torch SDPA (transformers' ``sdpa`` path, for identical numerics), or the
     explicit softmax of transformers' ``eager`` path when the model was loaded with
-    ``attn_implementation=eager`` (recorded on the config as ``lcbench_dense_attention``)."""
+    ``attn_implementation=eager`` (recorded on the config as ``lcbench_dense_attention``) or when
+    the call has a softcap or sinks, which SDPA cannot compute. ``mask`` already holds the sliding
+    window (:func:`storage_mask`)."""
     groups = getattr(module, "num_key_value_groups", 1)
-    if getattr(getattr(module, "config", None), "lcbench_dense_attention", "sdpa") == "eager":
+    softcap = call.softcap if call is not None else None
+    sinks = call.sinks if call is not None else None
+    eager = getattr(getattr(module, "config", None), "lcbench_dense_attention", "sdpa") == "eager"
+    if eager or softcap is not None or sinks is not None:
         keys, values = repeat_kv(key, groups), repeat_kv(value, groups)
         scores = query @ keys.transpose(-1, -2) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
         if mask is not None:
             scores = scores.masked_fill(~mask.repeat_interleave(groups, dim=1) if mask.shape[1] > 1 else ~mask,
                                         float("-inf"))
@@ -70,7 +154,14 @@ def dense_attention(module, query, key, value, mask, scaling):
             L, q = keys.shape[2], query.shape[2]
             causal = torch.arange(L, device=query.device)[None, :] <= torch.arange(L - q, L, device=query.device)[:, None]
             scores = scores.masked_fill(~causal, float("-inf"))
-        probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+        if sinks is not None:
+            b, hq, q, _ = scores.shape
+            column = sinks.to(scores.dtype).reshape(1, hq, 1, 1).expand(b, hq, q, 1)
+            scores = torch.cat([scores, column], dim=-1)
+            scores = scores - scores.amax(dim=-1, keepdim=True)
+            probs = scores.softmax(-1, dtype=torch.float32)[..., :-1].to(query.dtype)
+        else:
+            probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
         return (probs @ values).transpose(1, 2).contiguous()
     if mask is not None and mask.shape[1] > 1:
         mask = mask.repeat_interleave(groups, dim=1)
@@ -149,45 +240,111 @@ def attention_sum(query, key, groups: int, scaling: float, L: int, chunk: int = 
     return total.reshape(b, hq, L)
 
 
+def plain_mask(query: torch.Tensor, key: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Outside the engine: the bottom-right causal mask (queries are the last ``q`` of ``L`` slots,
+    slot index = position), with the sliding window; ``None`` where SDPA's own causal path is exact."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == 1 and (not window or kv_len <= window):
+        return None
+    if q_len == kv_len and (not window or kv_len <= window):
+        return None
+    rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+    cols = torch.arange(kv_len, device=query.device)[None, :]
+    mask = cols <= rows
+    if window:
+        mask = mask & (cols > rows - window)
+    return mask[None, None]
+
+
+def _stage_kwargs(call: AttentionCall) -> dict:
+    """The keyword a stage hook gets on a sliding-window layer (nothing otherwise, so stages that
+    predate windows keep working on models without one)."""
+    return {"window": call.window} if call.window else {}
+
+
+def shared_context_attention(module, query, layer: SharedContextLayer, attention_mask, dropout, scaling, **kwargs):
+    """Attention for rows sharing a context: one folded dense call over the shared keys
+    (:meth:`SharedContextLayer.attend`, no per-row copy). A call with arguments the folded path
+    does not implement (window, softcap, sinks) runs the ordinary path on a per-row copy of this
+    one layer instead (transient), so nothing a model passes is dropped."""
+    if all(kwargs.get(k) is None for k in SPECIAL_ATTENTION_KWARGS):
+        return layer.attend(query, lambda q, k, v, m: dense_attention(module, q, k, v, m, scaling))
+    cache = kwargs["lcbench_state"].cache
+    view = layer.materialize()
+    cache.layers[module.layer_idx] = view
+    try:
+        out, _ = lcbench_attention(module, query, view.keys, view.values, attention_mask, dropout, scaling, **kwargs)
+    finally:
+        cache.layers[module.layer_idx] = layer
+    return out
+
+
 def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The function transformers calls per layer when ``attn_implementation="lcbench"``. Its
     signature is ``sdpa_attention_forward``'s (``dropout`` before ``scaling``), which wrappers of
-    registered attention functions (kvpress patches every one on import) pass positionally."""
+    registered attention functions (kvpress patches every one on import) pass positionally.
+
+    Everything the model passes that shapes attention is honoured (:class:`AttentionCall`):
+    sliding window, softcap, learned sinks, scaling; dropout is off. On a sliding-window layer,
+    each prefill pass ends by forgetting the context tokens no later query can see
+    (:func:`drop_unseeable`, as transformers' sliding cache does), *before* any cache stage runs:
+    a method's budget on such a layer counts only the tokens it can still see, and the full
+    cache it is measured against holds the same (``lcbench.models.geometry``)."""
     state: ForwardState | None = kwargs.get("lcbench_state")
-    if state is None:  # the model used outside lcbench's engine: behave as plain SDPA
-        q_len, kv_len = query.shape[2], key.shape[2]
-        if attention_mask is None and 1 < q_len < kv_len:
-            # transformers makes no mask for a custom attention name, and SDPA's is_causal aligns
-            # top-left: queries appended to a cache (chunked prefill) need the bottom-right causal mask
-            rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-            attention_mask = (torch.arange(kv_len, device=query.device)[None, :] <= rows)[None, None]
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling)
+    call = AttentionCall.from_kwargs(module, query, scaling, kwargs)
+    if state is None and not call.causal:  # e.g. the vision tower of a multimodal checkpoint
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=call.scaling,
+                                      **{k: kwargs[k] for k in ("is_causal", "position_bias") if k in kwargs})
+    if state is None:  # the model used outside lcbench's engine: plain attention
+        # transformers makes no mask for a custom attention name, and SDPA's is_causal aligns
+        # top-left: queries appended to a cache (chunked prefill) need the bottom-right causal mask
+        mask = attention_mask if attention_mask is not None else plain_mask(query, key, call.window)
+        if call.softcap is None and call.sinks is None and mask is attention_mask:
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=call.scaling)
+        return dense_attention(module, query, key, value, mask, call.scaling, call), None
+    if not call.causal:
+        raise UserError(f"{type(module).__name__} attends bidirectionally (is_causal=False); lcbench evaluates "
+                        f"causal decoders only. Fix: use a causal language model.")
+    probe = state.probe
+    if probe is not None:
+        probe.seen(module, query, key, value, call)
     idx = module.layer_idx
     cache = state.cache
     layer = cache.layers[idx]
+    if isinstance(layer, SharedContextLayer):  # turns sharing one context (cache/shared.py)
+        return shared_context_attention(module, query, layer, attention_mask, dropout, scaling, **kwargs), None
     q_len = query.shape[2]
-    mask = storage_mask(layer, q_len)
+    mask = storage_mask(layer, q_len, call.window)
+    scaling = call.scaling
 
     out = None
     if state.phase == DECODE:
         for stage in state.decode_stages:
-            out = stage.decode_attention(module, query, layer, scaling, idx)
+            out = stage.decode_attention(module, query, layer, scaling, idx, **_stage_kwargs(call))
             if out is not None:
                 break
-    else:
+    elif state.attention_stages:
+        # stages get the storage mask without the window (None: plain causal) and the window itself
+        plain = storage_mask(layer, q_len) if call.window else mask
         for stage in state.attention_stages:
-            out = stage.prefill_attention(module, query, key, value, mask, scaling, idx)
+            out = stage.prefill_attention(module, query, key, value, plain, scaling, idx, **_stage_kwargs(call))
             if out is not None:
                 break
     if out is None:
-        out = dense_attention(module, query, key, value, mask, scaling)
+        out = dense_attention(module, query, key, value, mask, scaling, call)
+
+    if call.window and state.phase == PREFILL:
+        layer = drop_unseeable(layer, call.window)
+        cache.layers[idx] = layer
+        if layer.seq_len() < key.shape[2]:  # what a cache stage observes: the tokens kept
+            key, _ = layer.dense()
+            query = query[:, :, max(0, q_len - layer.seq_len()):]
 
     if state.compressing and state.cache_stages:
         start = state.timer.now()
         groups = getattr(module, "num_key_value_groups", 1)
         seen = observe(state.needs, query, key, layer, groups, scaling, idx, len(cache.layers),
-                       state.protected, module=module)
+                       min(state.protected, layer.seq_len()), module=module)
         for stage in state.cache_stages:
             layer = stage.compress_layer(layer, seen)
         cache.layers[idx] = layer

@@ -42,7 +42,7 @@ class RowOutput:
 def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Tensor,
                   next_positions: torch.Tensor, max_new_tokens: list[int], eos_ids: set[int],
                   stops: list[tuple[str, ...]], min_new_tokens: list[int] | None = None,
-                  stop_ids: list[tuple[int, ...]] | None = None) -> list[RowOutput]:
+                  stop_ids: list[tuple[int, ...]] | None = None, free_finished: bool = True) -> list[RowOutput]:
     """Decode greedily from ``first_logits`` (B, V); row ``i`` stops at an EOS id, one of
     ``stops[i]`` (cut from the text), one of ``stop_ids[i]`` (kept in the text, like an extra
     ``eos_token_id`` of ``model.generate``), or after ``max_new_tokens[i]`` tokens; before
@@ -50,7 +50,8 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
 
     A row that stops leaves the batch: its rows of the cache are dropped
     (:meth:`lcbench.cache.KVCache.keep_rows`) and later steps run on the rows still decoding, so
-    ``N`` rows cost about the sum of their tokens, not ``N`` × the longest (issue #14)."""
+    ``N`` rows cost about the sum of their tokens, not ``N`` × the longest (issue #14).
+    ``free_finished=False`` keeps them in the batch to the end (the former behaviour, for tests)."""
     rows = first_logits.shape[0]
     min_new_tokens = min_new_tokens or [0] * rows
     stop_ids = stop_ids or [()] * rows
@@ -63,13 +64,15 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
     positions = next_positions.clone()
     active = list(range(rows))  # the original row of each batch row still decoding
     while True:
-        early = [j for j, i in enumerate(active) if len(tokens[i]) < min_new_tokens[i]]
+        early = [j for j, i in enumerate(active) if not done[i] and len(tokens[i]) < min_new_tokens[i]]
         if early:
             logits = logits.clone()
             for j in early:
                 logits[j, sorted(eos_ids | set(stop_ids[active[j]]))] = float("-inf")
         nxt = logits.argmax(-1)
         for j, i in enumerate(active):
+            if done[i]:  # only with free_finished=False
+                continue
             t = int(nxt[j])
             if t in eos_ids:
                 done[i], why[i] = True, "eos"
@@ -89,7 +92,7 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
         keep = [j for j, i in enumerate(active) if not done[i]]
         if not keep:
             break
-        if len(keep) < len(active):
+        if free_finished and len(keep) < len(active):
             index = torch.tensor(keep, device=nxt.device)
             state.cache.keep_rows(index)
             nxt, positions = nxt.index_select(0, index), positions.index_select(0, index)

@@ -43,6 +43,14 @@ def kv_bytes_per_token(model) -> int:
     return 2 * cfg.num_hidden_layers * heads * head_dim * elem
 
 
+def dense_kv_bytes(model, tokens: int, bytes_per_token: int) -> int:
+    """Bytes of the uncompressed cache after ``tokens`` context tokens: per layer as probed when
+    lcbench attention was switched on (a sliding-window layer holds only the ``window - 1`` tokens
+    it can still see: :class:`lcbench.models.hook.Geometry`), else ``tokens × bytes_per_token``."""
+    geometry = getattr(model, "lcbench_geometry", None)
+    return geometry.dense_bytes(tokens) if geometry is not None else tokens * bytes_per_token
+
+
 def eos_token_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
     gen = getattr(model, "generation_config", None)
@@ -70,6 +78,10 @@ class Engine:
                            else model.config).num_hidden_layers
         self.bytes_per_token = kv_bytes_per_token(model)
         check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk)
+        # turns may share the compressed context (no copy per turn) unless a stage acts on each
+        # row's cache after compression: decode stages (eviction, sparse decode) and sparse
+        # prefill attention (it runs on the question parts too)
+        self._shares_context = not any({"decode", "prefill_attention"} & set(s.stages) for s in chain.stages)
 
     # --- helpers --------------------------------------------------------------------------
     def _state(self, cache: KVCache) -> ForwardState:
@@ -183,7 +195,7 @@ class Engine:
 
     def _measure(self, cache: KVCache, full_tokens: int, rows: int = 1) -> dict[str, float]:
         kv = cache.nbytes() / rows
-        full = full_tokens * self.bytes_per_token
+        full = dense_kv_bytes(self.model, full_tokens, self.bytes_per_token)
         return {"kv_bytes": int(kv), "kv_bytes_full": int(full), "kept_tokens": cache.kept_tokens(),
                 "achieved_ratio": 1.0 - kv / full if full else 0.0}
 
@@ -260,9 +272,12 @@ class Engine:
         for start in range(0, len(todo), size):
             group = todo[start: start + size]
             last = start + size >= len(todo)
-            # the last group takes the cache itself when it is one row, and otherwise lets go of it
-            # once copied, so no second copy of the context's KV outlives its use (peak memory)
-            rows = cache if last and len(group) == 1 else cache.repeat_rows(len(group))
+            # the last group takes the cache itself when it is one row; otherwise the rows share the
+            # context's layers (cache/shared.py: no copy per turn) where the chain never changes a
+            # row's context after compression, and copy it where it does (decode-time eviction,
+            # sparse attention, re-quantized windows)
+            rows = cache if last and len(group) == 1 else (
+                cache.share_rows(len(group)) if self._shares_context else cache.repeat_rows(len(group)))
             if last:
                 del cache
             outs, t2 = self._decode_rows(rows, [prompt.turn_ids[k] for k in group], n_ctx,
