@@ -29,6 +29,7 @@ class ForwardState:
     timer: Any = None  # engine.timing.Stopwatch
     compress_seconds: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
+    probe: Any = None  # models.hook.HookProbe: records each attention call (the post-load check)
 
     def __post_init__(self):
         self.attention_stages = [s for s in self.stages if "prefill_attention" in s.stages]
