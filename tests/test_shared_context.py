@@ -138,10 +138,11 @@ def _context_layer(kind: str, heads=2, length=12, dim=8) -> DenseLayer | RaggedL
     return layer
 
 
-@pytest.mark.parametrize("kind", ["dense", "ragged"])
-def test_folded_attention_equals_attention_over_each_rows_copy(kind):
+@pytest.mark.parametrize("kind,window", [("dense", None), ("ragged", None), ("dense", 6), ("ragged", 9)])
+def test_folded_attention_equals_attention_over_each_rows_copy(kind, window):
     """The folded call over [context | flat tail] equals dense attention over the per-row copy
-    (left-padded question parts, then decode steps; a row leaving in between)."""
+    (left-padded question parts, then decode steps; a row leaving in between), with and without
+    a sliding window."""
     gen = torch.Generator().manual_seed(2)
     rows, heads, groups, dim = 3, 2, 2, 8
     module = torch.nn.Module()
@@ -156,8 +157,8 @@ def test_folded_attention_equals_attention_over_each_rows_copy(kind):
         query = torch.randn(rows, heads * groups, q, dim, generator=gen)
         shared.append(k, v, pos, valid)
         copy.append(k, v, pos, valid)
-        got = shared.attend(query, lambda qq, kk, vv, m: dense_attention(module, qq, kk, vv, m, 0.3))
-        ref = dense_attention(module, query, copy.keys, copy.values, storage_mask(copy, q), 0.3)
+        got = shared.attend(query, lambda qq, kk, vv, m: dense_attention(module, qq, kk, vv, m, 0.3), window=window)
+        ref = dense_attention(module, query, copy.keys, copy.values, storage_mask(copy, q, window), 0.3)
         real = torch.ones(rows, q, dtype=torch.bool) if valid is None else valid
         assert torch.allclose(got[real], ref[real], atol=1e-5)
         view = shared.materialize()

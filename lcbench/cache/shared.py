@@ -12,7 +12,8 @@ Attention (:meth:`SharedContextLayer.attend`) folds the rows' queries into one s
 ``[context | tail]``: the mask lets a query of row ``i`` see every valid context token and, of the
 tail, row ``i``'s own tokens up to itself. That is exactly the attention each row would compute
 over its own copy — no copy of the context per row is made; per layer and pass the context is
-concatenated with the tail once (what a dense layer's append does at every step anyway).
+concatenated with the tail once (what a dense layer's append does at every step anyway). A
+sliding window, softcap or sinks apply per query, so they carry over to the folded call.
 
 Only layers whose appends leave the context untouched are shared (:func:`shareable`): dense and
 ragged ones (ragged layers append to a dense tail). A quantized layer re-quantizes its window as
@@ -28,11 +29,6 @@ import torch
 
 from .layer import DenseLayer, KVLayer, tensor_bytes
 from .ragged import RaggedLayer
-
-# keyword arguments of an attention call that the folded path does not implement: with any of
-# them set, attention runs on a per-row copy of this one layer instead (transient)
-SPECIAL_ATTENTION_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks")
-
 
 def shareable(layer: KVLayer) -> bool:
     """True when appends to ``layer`` never change what it already holds (so rows can share it)."""
@@ -161,11 +157,13 @@ class SharedContextLayer(KVLayer):
 
     # --- attention without copies -------------------------------------------------------------
     def attend(self, query: torch.Tensor,
-               attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+               window: int | None = None) -> torch.Tensor:
         """Attention of this pass's queries (B, Hq, n, D) — the tokens just appended — over each
         row's ``[context | own tail]``, as one folded call ``attention(q, keys, values, mask)``
         on ``(1, Hq, B·n, D)`` queries and the shared ``(1, H, Lc + T, D)`` keys/values; returns
-        ``(B, n, Hq, D)`` like :func:`lcbench.engine.attention.dense_attention`."""
+        ``(B, n, Hq, D)`` like :func:`lcbench.engine.attention.dense_attention`. With a sliding
+        ``window`` a query at true position p sees the keys at positions in ``(p - window, p]``."""
         b, hq, n, d = query.shape
         ck, cv = self.context.dense()
         keys = torch.cat([ck, self.tail_keys], dim=2) if self.tail_keys is not None else ck
@@ -176,11 +174,19 @@ class SharedContextLayer(KVLayer):
         q_slot = self.query_slots.reshape(-1)  # (B·n,)
         own = (self.owner[None, :] == q_row[:, None]) & (torch.arange(t, device=device)[None, :] <= q_slot[:, None])
         cvalid = self.context.valid  # (1, H, Lc) or None
+        if window:
+            real = q_slot >= 0  # a padding query keeps the whole context (no empty row; its output is unused)
+            q_pos = torch.where(real, self.tail_positions[q_slot.clamp(min=0)] if t else q_slot, -1)
+            own = own & ((self.tail_positions[None, :] > q_pos[:, None] - window) | ~real[:, None])
+            seen = (self.context.positions[:, :, None, :] > q_pos[None, None, :, None] - window) | ~real[:, None]
+            cvalid = seen if cvalid is None else cvalid[:, :, None, :] & seen  # (1, H, B·n, Lc)
+        elif cvalid is not None:
+            cvalid = cvalid[:, :, None, :]
         if cvalid is None:
             mask = torch.cat([torch.ones(b * n, lc, dtype=torch.bool, device=device), own], dim=1)[None, None]
         else:
             h = cvalid.shape[1]
-            mask = torch.cat([cvalid[:, :, None, :].expand(1, h, b * n, lc), own[None, None].expand(1, h, -1, -1)], dim=3)
+            mask = torch.cat([cvalid.expand(1, h, b * n, lc), own[None, None].expand(1, h, -1, -1)], dim=3)
         folded = query.transpose(0, 1).reshape(1, hq, b * n, d)
         out = attention(folded, keys, values, mask)  # (1, B·n, Hq, D)
         return out.reshape(b, n, hq, d)

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from ..cache.layer import KVLayer
-from ..cache.shared import SPECIAL_ATTENTION_KWARGS, SharedContextLayer
+from ..cache.shared import SharedContextLayer
 from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
 from .state import DECODE, PREFILL, ForwardState
@@ -262,21 +262,12 @@ def _stage_kwargs(call: AttentionCall) -> dict:
     return {"window": call.window} if call.window else {}
 
 
-def shared_context_attention(module, query, layer: SharedContextLayer, attention_mask, dropout, scaling, **kwargs):
+def shared_context_attention(module, query, layer: SharedContextLayer, call: AttentionCall) -> torch.Tensor:
     """Attention for rows sharing a context: one folded dense call over the shared keys
-    (:meth:`SharedContextLayer.attend`, no per-row copy). A call with arguments the folded path
-    does not implement (window, softcap, sinks) runs the ordinary path on a per-row copy of this
-    one layer instead (transient), so nothing a model passes is dropped."""
-    if all(kwargs.get(k) is None for k in SPECIAL_ATTENTION_KWARGS):
-        return layer.attend(query, lambda q, k, v, m: dense_attention(module, q, k, v, m, scaling))
-    cache = kwargs["lcbench_state"].cache
-    view = layer.materialize()
-    cache.layers[module.layer_idx] = view
-    try:
-        out, _ = lcbench_attention(module, query, view.keys, view.values, attention_mask, dropout, scaling, **kwargs)
-    finally:
-        cache.layers[module.layer_idx] = layer
-    return out
+    (:meth:`SharedContextLayer.attend`, no per-row copy), with the call's window, softcap and
+    sinks (all per query, so folding the rows changes none of them)."""
+    return layer.attend(query, lambda q, k, v, m: dense_attention(module, q, k, v, m, call.scaling, call),
+                        window=call.window)
 
 
 def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -312,7 +303,7 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     cache = state.cache
     layer = cache.layers[idx]
     if isinstance(layer, SharedContextLayer):  # turns sharing one context (cache/shared.py)
-        return shared_context_attention(module, query, layer, attention_mask, dropout, scaling, **kwargs), None
+        return shared_context_attention(module, query, layer, call), None
     q_len = query.shape[2]
     mask = storage_mask(layer, q_len, call.window)
     scaling = call.scaling
