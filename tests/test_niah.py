@@ -15,10 +15,35 @@ def _env(tok, seed=0):
 
 def test_grid_ids_and_meta():
     tok = tiny_tokenizer()
-    samples = NeedleInAHaystack(lengths="400;600", depths="0;50;100").samples(_env(tok))
+    samples = NeedleInAHaystack(lengths="400;600", depths="0;50;100", haystack="filler").samples(_env(tok))
     assert [s.id for s in samples] == [f"niah-L{n}-D{d}" for n in (400, 600) for d in (0, 50, 100)]
-    assert samples[4].meta == {"dataset": "niah", "length": 600, "depth": 50.0, "length_bucket": 600,
-                               "needle": "passkey"}
+    assert samples[4].meta == {"dataset": "niah[filler]", "length": 600, "depth": 50.0, "length_bucket": 600,
+                               "needle": "passkey", "haystack": "filler", "haystack_source": "builtin filler"}
+
+
+def test_default_haystack_is_upstreams_essays_from_the_local_data(shared_data, monkeypatch):
+    from lcbench.tasks import essays
+
+    monkeypatch.setenv("LCBENCH_DATA", str(shared_data))
+    s = NeedleInAHaystack(lengths="600", depths="50").samples(_env(tiny_tokenizer()))[0]
+    folder = shared_data / "niah" / "PaulGrahamEssays"
+    assert s.meta["dataset"] == "niah" and s.meta["haystack"] == "essays" and s.meta["haystack_source"] == "local"
+    assert s.meta["haystack_sha256"] == essays.folder_sha256(folder)
+    # the shared copy is upstream's: every file matches the pinned sha256
+    import hashlib
+    for f in essays.niah_manifest()["files"]:
+        assert hashlib.sha256((folder / f["name"]).read_bytes()).hexdigest() == f["sha256"]
+
+
+def test_filler_fallback_is_warned_and_labelled(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCBENCH_DATA", str(tmp_path / "none"))
+    monkeypatch.setenv("LCBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.warns(UserWarning, match="filler haystack.*HF_HUB_OFFLINE forbids downloading"):
+        s = NeedleInAHaystack(lengths="400", depths="50").samples(_env(tiny_tokenizer()))[0]
+    assert s.meta["dataset"] == "niah[filler]" and s.meta["haystack"] == "filler"
+    assert s.meta["haystack_source"].startswith("fallback: ")
+    assert "The grass is green." in s.context
 
 
 def test_context_length_buffer_and_sentence_boundary():
@@ -57,7 +82,8 @@ def test_sentence_boundary_with_a_sentencepiece_tokenizer(vocab_size):
     assert lone == ["▁."]  # the case the upstream test (ids of encode('.')) never matches inside text
     assert "<unk>" not in tok.convert_ids_to_tokens(tok("Here we go.\nThe grass", add_special_tokens=False)["input_ids"])
     needle = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
-    samples = NeedleInAHaystack(lengths="600", depths="25;50;75", needle="sandwich").samples(_env(tok))
+    samples = NeedleInAHaystack(lengths="600", depths="25;50;75", needle="sandwich", haystack="filler"
+                                ).samples(_env(tok))
     for s, depth in zip(samples, (25, 50, 75)):
         at = s.context.index(needle)
         before = s.context[:at].rstrip()
@@ -103,7 +129,7 @@ def test_scorers():
 
 
 def test_bad_grid():
-    with pytest.raises(UserError, match="exceed the 200-token buffer"):
+    with pytest.raises(UserError, match="lengths"):  # must exceed the 200-token buffer
         NeedleInAHaystack(lengths="100").samples(_env(tiny_tokenizer()))
     with pytest.raises(UserError, match="does not exist"):
         NeedleInAHaystack(haystack="/no/such/folder").samples(_env(tiny_tokenizer()))

@@ -1,7 +1,9 @@
 """Needle in a haystack (gkamradt/LLMTest_NeedleInAHaystack@7b90d28; shared/specs/suites.md §3).
 
-Grid: context length × depth. The haystack (essays from a folder, sorted — upstream globs in
-filesystem order — or lcbench's built-in filler) is repeated until long enough, cut to the length
+Grid: context length × depth. The haystack (upstream's 49 Paul Graham essays by default — from the
+local data folder, lcbench's cache or a download of the pinned commit, :mod:`.essays` — read sorted,
+where upstream globs in filesystem order; or lcbench's filler, labelled ``haystack=filler`` and
+``niah[filler]``, when asked for or when the essays cannot be had) is repeated until long enough, cut to the length
 in the *target* tokenizer, shortened by the 200-token buffer, and the needle is inserted at the
 depth, moved back to just after a sentence end, as upstream. Upstream's sentence end is the token
 that ``encode('.')`` gives; lcbench also accepts any token whose text ends with '.', which is the
@@ -18,6 +20,8 @@ from __future__ import annotations
 import random
 import re
 import tomllib
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +29,13 @@ import numpy as np
 
 from .. import protocol_file
 from ..errors import UserError
+from . import essays
 from ..params import Param
 from .base import Task, TaskEnv
 from .sample import Sample, Turn
 
 PROTOCOL = tomllib.loads(protocol_file("tasks", "niah.toml").read_text())
 _STOPWORDS = frozenset("a an and the is in on of to do at by for it be with what thing best sit".split())
-
-BUILTIN = {"niah": "lcbench.tasks.niah:NeedleInAHaystack"}
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -54,17 +57,24 @@ def needle_recall(prediction: str, needle: str) -> float:
     return len(want & have) / len(want) if want else 0.0
 
 
-def load_haystack(path: str | None) -> str:
-    """Essays from a folder of ``*.txt`` (sorted) or one text/JSON file; the built-in filler if None."""
-    if not path:
-        sentences = PROTOCOL["builtin_haystack"]["sentences"]
-        return " ".join(sentences) + " "
+FILLER = "filler"
+ESSAYS = "essays"
+
+
+def filler_text() -> str:
+    """lcbench's built-in filler haystack (``tasks/niah.toml``; not upstream's)."""
+    return " ".join(PROTOCOL["builtin_haystack"]["sentences"]) + " "
+
+
+def read_haystack(path: str | Path) -> str:
+    """Essays from a folder of ``*.txt`` (sorted; upstream globs in filesystem order) or one
+    text/JSON file."""
     p = Path(path)
     if p.is_dir():
         files = sorted(p.glob("*.txt"))
         if not files:
             raise UserError(f"niah: haystack folder '{p}' has no .txt files. Fix: point haystack= at a folder of essays "
-                            f"(e.g. ../shared/data/niah/PaulGrahamEssays).")
+                            f"(e.g. ../shared/data/niah/PaulGrahamEssays), or haystack=essays / haystack=filler.")
         return "".join(f.read_text(encoding="utf-8") for f in files)
     if p.is_file():
         text = p.read_text(encoding="utf-8")
@@ -73,7 +83,37 @@ def load_haystack(path: str | None) -> str:
 
             text = json.loads(text)["text"]
         return text
-    raise UserError(f"niah: haystack '{p}' does not exist. Fix: pass a folder of .txt essays or a text file.")
+    raise UserError(f"niah: haystack '{p}' does not exist. Fix: pass a folder of .txt essays or a text file, or "
+                    f"haystack=essays (upstream's, found or downloaded) or haystack=filler.")
+
+
+@dataclass(frozen=True)
+class ResolvedHaystack:
+    """The haystack text and what to record about it (``meta`` goes into every sample)."""
+
+    text: str
+    kind: str  # "essays" or "filler"
+    meta: dict[str, Any]
+
+
+def resolve_haystack(choice: str | None, data_dir: Path | None = None) -> ResolvedHaystack:
+    """``essays`` (default): upstream's 49 essays from the local data folder, lcbench's cache or a
+    download (:func:`.essays.niah_essays`), else the filler **with a warning and the label**
+    ``haystack=filler``; ``filler`` (also ``None``, what the argument's default was before
+    lcbench 0.1's essays, so older specs replay as they ran); or a path."""
+    if choice is None or choice == FILLER:
+        return ResolvedHaystack(filler_text(), FILLER, {"haystack": FILLER, "haystack_source": "builtin filler"})
+    if choice != ESSAYS:
+        text = read_haystack(choice)
+        return ResolvedHaystack(text, "path", {"haystack": "path", "haystack_source": str(choice),
+                                               "haystack_sha256": essays.text_sha256(text)})
+    found, why = essays.niah_essays(data_dir)
+    if found is None:
+        warnings.warn(f"niah: using lcbench's filler haystack, not upstream's Paul Graham essays: {why}. Records and "
+                      f"tables are labelled haystack=filler / niah[filler]. Fix: run once with network access, or "
+                      f"pass haystack=PATH to a folder of essays.", stacklevel=2)
+        return ResolvedHaystack(filler_text(), FILLER, {"haystack": FILLER, "haystack_source": f"fallback: {why}"})
+    return ResolvedHaystack(read_haystack(found.path), ESSAYS, {"haystack": ESSAYS, **found.meta()})
 
 
 def _period_test(tokenizer):
@@ -106,14 +146,18 @@ class NeedleInAHaystack(Task):
     source = "gkamradt/LLMTest_NeedleInAHaystack@7b90d28"
     summary = "needle in a haystack, length × depth grid (offline scorer: lcbench deviation from the LLM judge)"
     params = (
-        Param("lengths", str, PROTOCOL["defaults"]["lengths"], "context lengths in target tokens, ';'-separated"),
-        Param("depths", str, PROTOCOL["defaults"]["depths"], "needle depths in percent, ';'-separated"),
-        Param("linspace", str, None, "upstream grid 'min;max;n' for lengths (overrides lengths), e.g. 1000;16000;35"),
+        Param("lengths", str, PROTOCOL["defaults"]["lengths"], "context lengths in target tokens, ';'-separated",
+              numbers=True, nonempty=True, min=221),
+        Param("depths", str, PROTOCOL["defaults"]["depths"], "needle depths in percent, ';'-separated",
+              numbers=True, nonempty=True, min=0, max=100),
+        Param("linspace", str, None, "upstream grid 'min;max;n' for lengths (overrides lengths), e.g. 1000;16000;35",
+              numbers=True, arity=3, min=1),
         Param("needle", str, "passkey", "'passkey' (random key per sample) or 'sandwich' (upstream default)",
               ("passkey", "sandwich")),
-        Param("haystack", str, None, "folder of essays or a text file; default: built-in filler"),
-        Param("max_new_tokens", int, PROTOCOL["defaults"]["max_new_tokens"], "tokens to generate (upstream 300)"),
-        Param("repeats", int, 1, "samples per (length, depth) cell, with different keys"),
+        Param("haystack", str, ESSAYS, "'essays' (upstream's Paul Graham essays: local data folder, cache or "
+                                       "download; the filler if none, labelled), 'filler', or a folder/text file"),
+        Param("max_new_tokens", int, PROTOCOL["defaults"]["max_new_tokens"], "tokens to generate (upstream 300)", min=1),
+        Param("repeats", int, 1, "samples per (length, depth) cell, with different keys", min=1),
     )
 
     def _grid(self) -> tuple[list[int], list[float]]:
@@ -153,7 +197,9 @@ class NeedleInAHaystack(Task):
     def samples(self, env: TaskEnv) -> list[Sample]:
         lengths, depths = self._grid()
         up = PROTOCOL["upstream"]
-        haystack = load_haystack(self.args["haystack"])
+        resolved = resolve_haystack(self.args["haystack"], Path(env.data_dir) if env.data_dir else None)
+        haystack = resolved.text
+        dataset = "niah" if resolved.kind != FILLER else "niah[filler]"
         tok = env.tokenizer
         unit = tok(haystack, add_special_tokens=False)["input_ids"]
         reps = max(lengths) // max(1, len(unit)) + 1
@@ -175,8 +221,9 @@ class NeedleInAHaystack(Task):
                     turn = Turn(question="\n\n" + question + up["question_suffix"], answers=answers,
                                 max_new_tokens=self.args["max_new_tokens"], scorer=self.args["needle"])
                     out.append(Sample(sid, context, [turn], system=up["system"],
-                                      meta={"dataset": "niah", "length": length, "depth": depth,
-                                            "length_bucket": length, "needle": self.args["needle"]}))
+                                      meta={"dataset": dataset, "length": length, "depth": depth,
+                                            "length_bucket": length, "needle": self.args["needle"],
+                                            **resolved.meta}))
         return out
 
     def score(self, sample: Sample, turn: Turn, prediction: str) -> dict[str, float]:

@@ -1,38 +1,90 @@
-"""Loading LongBench rows: from the Hugging Face hub with ``datasets`` (``zai-org/LongBench``, the
-repository's current name, then ``THUDM/LongBench``; config ``<dataset>`` or ``<dataset>_e``,
-split ``test``, as ``LongBench/pred.py``) or from a local folder of ``<config>.jsonl`` files in
-the released format (``data.zip`` unpacks to ``data/<config>.jsonl``; both the folder and its
-parent are accepted). Row fields: ``input, context, answers, length, dataset, language,
-all_classes, _id``."""
+"""Loading LongBench rows, from the released ``data.zip`` or a local copy of it.
+
+- **Hub (default).** ``data.zip`` of the dataset repo ``zai-org/LongBench`` (formerly
+  ``THUDM/LongBench``) at a pinned commit (``tasks/longbench.json`` → ``hub``; the task argument
+  ``revision`` overrides it and the spec records it), fetched once with huggingface_hub's client into
+  the HF cache and read in place: member ``data/<config>.jsonl``. This is the file LongBench's README
+  offers for download; the repository's ``LongBench.py`` loading script, which ``datasets`` ≥ 4 refuses
+  to run, is not used.
+- **Local.** ``data_dir=PATH``: a folder of ``<config>.jsonl`` (the unpacked ``data/`` folder, or its
+  parent), or ``data.zip`` itself.
+
+Row fields (``LongBench/README.md`` "Data Format"): ``input, context, answers, length, dataset,
+language, all_classes, _id``; rows without ``input``/``context``/``answers`` are a schema error.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ...errors import UserError
+from ..hub import HubFile, download
 from .protocol import longbench_protocol
 
-_DOWNLOAD_HINT = (
-    "download data.zip from https://huggingface.co/datasets/zai-org/LongBench (formerly THUDM/LongBench), "
-    "unzip it and pass the folder that holds <dataset>.jsonl as the task argument data_dir=PATH (or --data-dir PATH)"
-)
+REQUIRED = ("input", "context", "answers")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file (blank lines skipped); a UserError names the bad line."""
+def _hub() -> dict[str, str]:
+    return longbench_protocol()["hub"]
+
+
+def default_revision() -> str:
+    return _hub()["revision"]
+
+
+def _download_hint() -> str:
+    hub = _hub()
+    return (f"or download {hub['file']} from https://huggingface.co/datasets/{hub['repo']} (formerly THUDM/LongBench), "
+            f"and pass it or its unzipped data/ folder as --data-dir PATH (task argument data_dir=PATH)")
+
+
+def parse_jsonl(lines: Iterable[str], where: str, required: tuple[str, ...] = REQUIRED) -> list[dict[str, Any]]:
+    """Rows of JSON-lines text (blank lines skipped); a UserError names the bad line or field."""
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}: line {number} is not valid JSON ({exc.msg}). Fix: the file must hold one "
-                                f"LongBench row (a JSON object) per line, as in LongBench's data.zip.") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{where}: line {number} is not valid JSON ({exc.msg}). Fix: the file must hold one "
+                            f"LongBench row (a JSON object) per line, as in LongBench's data.zip.") from None
+        missing = [k for k in required if not isinstance(row, dict) or k not in row]
+        if missing:
+            have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+            raise UserError(f"{where}: line {number} is not a LongBench row (missing {', '.join(missing)}; it has "
+                            f"{have}). Fix: use LongBench's released files (fields input, context, answers, length, "
+                            f"dataset, language, all_classes, _id).")
+        rows.append(row)
     return rows
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = REQUIRED) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        return parse_jsonl(f, str(path), required)
+
+
+def read_zip(path: Path, config: str) -> list[dict[str, Any]]:
+    """``data/<config>.jsonl`` from LongBench's ``data.zip``."""
+    member = _hub()["member"].format(config=config)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"LongBench: '{path}' is not a readable zip archive ({exc}). Fix: delete it (a partial "
+                        f"download?) and run again, {_download_hint()}.") from None
+    with archive:
+        names = archive.namelist()
+        if member not in names:
+            have = sorted(n for n in names if n.endswith(".jsonl"))
+            raise UserError(f"LongBench: '{path}' has no {member} (it has {len(have)} .jsonl files: "
+                            f"{', '.join(have[:8])}{'…' if len(have) > 8 else ''}), so it is not LongBench's "
+                            f"released data.zip layout. Fix: {_download_hint()[3:]}.")
+        with archive.open(member) as raw:
+            return parse_jsonl(io.TextIOWrapper(raw, encoding="utf-8"), f"{path}:{member}")
 
 
 def local_file(data_dir: Path, config: str) -> Path | None:
@@ -44,50 +96,35 @@ def local_file(data_dir: Path, config: str) -> Path | None:
 
 
 def load_local(data_dir: Path, config: str) -> list[dict[str, Any]]:
+    if data_dir.is_file() and data_dir.suffix == ".zip":
+        return read_zip(data_dir, config)
     if not data_dir.is_dir():
-        raise UserError(f"LongBench data_dir '{data_dir}' is not a folder. Fix: {_DOWNLOAD_HINT}.")
+        raise UserError(f"LongBench data_dir '{data_dir}' is neither a folder nor data.zip. Fix: pass the folder "
+                        f"holding <dataset>.jsonl, drop --data-dir to load from the hub, {_download_hint()}.")
+    if (data_dir / "data.zip").is_file() and local_file(data_dir, config) is None:
+        return read_zip(data_dir / "data.zip", config)
     path = local_file(data_dir, config)
     if path is None:
         have = sorted(p.stem for p in data_dir.glob("*.jsonl")) or sorted(p.stem for p in data_dir.glob("data/*.jsonl"))
         listing = ", ".join(have[:30]) if have else "no .jsonl files"
         raise UserError(f"LongBench data_dir '{data_dir}' has no {config}.jsonl (it has: {listing}). "
-                        f"Fix: {_DOWNLOAD_HINT}.")
+                        f"Fix: drop --data-dir to load from the hub, {_download_hint()}.")
     return read_jsonl(path)
 
 
-def hub_load(repo: str, config: str, split: str) -> list[dict[str, Any]]:
-    """``datasets.load_dataset(repo, config, split=split)`` as a list of rows."""
-    import datasets
-
-    return [dict(row) for row in datasets.load_dataset(repo, config, split=split)]
+def hub_file(revision: str | None = None) -> HubFile:
+    hub = _hub()
+    return HubFile(hub["repo"], hub["file"], revision or hub["revision"])
 
 
-def _repo_missing(exc: Exception) -> bool:
-    """True when the hub answered that the repository/config does not exist (try the next id);
-    False for network failures, where trying another id would only wait again."""
-    try:
-        from datasets.exceptions import DatasetNotFoundError
-    except ImportError:  # older datasets
-        DatasetNotFoundError = FileNotFoundError  # noqa: N806
-    return isinstance(exc, (DatasetNotFoundError, FileNotFoundError)) and not isinstance(exc, ConnectionError)
+def load_hub(config: str, revision: str | None = None) -> list[dict[str, Any]]:
+    """``config``'s rows from the hub's ``data.zip`` (downloaded once into the HF cache)."""
+    path = download(hub_file(revision), f"LongBench '{config}'", _download_hint()[3:])
+    return read_zip(path, config)
 
 
-def load_hub(config: str) -> list[dict[str, Any]]:
-    proto = longbench_protocol()
-    tried = []
-    for repo in proto["hub_ids"]:
-        try:
-            return hub_load(repo, config, proto["split"])
-        except Exception as exc:  # datasets raises many types; all end in the same advice
-            tried.append(f"{repo}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            if not _repo_missing(exc):
-                break
-    raise UserError(f"Could not load LongBench config '{config}' from the Hugging Face hub ({'; '.join(tried)}). "
-                    f"Offline? Fix: {_DOWNLOAD_HINT}.")
-
-
-def load_rows(config: str, data_dir: str | Path | None) -> list[dict[str, Any]]:
+def load_rows(config: str, data_dir: str | Path | None, revision: str | None = None) -> list[dict[str, Any]]:
     """The rows of one LongBench config, in file order (row index = position)."""
     if data_dir:
         return load_local(Path(data_dir).expanduser(), config)
-    return load_hub(config)
+    return load_hub(config, revision)

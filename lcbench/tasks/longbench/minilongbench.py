@@ -141,7 +141,7 @@ class MiniLongBench(LongBenchBase):
         whose template joins ``{context}{input}``) take the whole code as context, input empty."""
         table = {(d, k): g for d, k, g, _ in mini_items()}
         out = {}
-        for row in data.read_jsonl(path):
+        for row in data.read_jsonl(path, required=()):  # checked against the item table below
             key = (row.get("dataset"), int(row.get("mini_key", -1)))
             if table.get(key) != row.get("global_idx"):
                 raise UserError(f"{path}: row {key} (global_idx {row.get('global_idx')}) is not a MiniLongBench item. "
@@ -162,7 +162,7 @@ class MiniLongBench(LongBenchBase):
     def _longbench_rows(self, datasets: list[str], data_dir) -> dict[tuple[str, int], dict[str, Any]]:
         out = {}
         for dataset in datasets:
-            rows = data.load_rows(dataset, data_dir)
+            rows = data.load_rows(dataset, data_dir, self.args["revision"])
             for _, key, global_idx, row_index in (i for i in mini_items() if i[0] == dataset):
                 if row_index >= len(rows):
                     raise UserError(f"LongBench '{dataset}' has {len(rows)} rows; MiniLongBench needs row {row_index}. "

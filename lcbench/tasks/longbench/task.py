@@ -33,12 +33,15 @@ def common_params(default_datasets: str) -> tuple[Param, ...]:
     """Parameters shared by LongBench, LongBench-E and MiniLongBench."""
     return (
         Param("datasets", list, [], f"';'-separated datasets (default: {default_datasets})"),
-        Param("data_dir", str, None, "local data: a folder of <dataset>.jsonl in LongBench's released format "
-                                     "(default: the run's data folder if it has one, else the Hugging Face hub)"),
+        Param("data_dir", str, None, "local data: LongBench's data.zip or a folder of <dataset>.jsonl in its "
+                                     "released format (default: data.zip from the Hugging Face hub, cached)"),
+        Param("revision", str, data.default_revision(), "commit of the hub dataset zai-org/LongBench whose "
+                                                       "data.zip is read (pinned; recorded in the spec)"),
         Param("chat", str, "auto", "chat template: auto (LongBench's no-chat list), always, never",
               ("auto", "always", "never")),
-        Param("max_length", int, 0, "middle-truncation budget in tokens (0: model2maxlen.json, else the model window)"),
-        Param("n_per_dataset", int, 0, "use only the first N rows of each dataset (0: all)"),
+        Param("max_length", int, 0, "middle-truncation budget in tokens (0: model2maxlen.json, else the model window)",
+              min=0),
+        Param("n_per_dataset", int, 0, "use only the first N rows of each dataset (0: all)", min=0),
         Param("quirks", str, "upstream", "primary score: 'upstream' (LongBench's quirks) or 'fixed'",
               ("upstream", "fixed")),
         Param("code_sim_backend", str, "levenshtein", "fuzz.ratio backend for lcc/repobench-p: levenshtein "
@@ -150,7 +153,7 @@ class LongBench(LongBenchBase):
         chat_tokens = chat_overhead(env.tokenizer)
         for dataset in pick_datasets(self.args["datasets"], PROTOCOL[self.datasets_key], self.name):
             config = dataset + self.config_suffix
-            rows = data.load_rows(config, self.data_dir(env))
+            rows = data.load_rows(config, self.data_dir(env), self.args["revision"])
             for index, row in enumerate(rows[:n] if n > 0 else rows):
                 out.append(self.build_sample(env, dataset, row, f"{config}/{index}", {"index": index},
                                               chat_tokens))

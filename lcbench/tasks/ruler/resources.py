@@ -7,8 +7,9 @@
   accepted with probability 1/multiplicity of the joined string (how many pairs join to it
   through hyphens; 1 for every string of wonderwords 2.2.0).
 - CWE words: ``sorted(set(nouns + adjs + verbs))`` (8,169 words).
-- Essays: RULER's ``PaulGrahamEssays.json`` (``{"text": ...}``), a folder of ``*.txt`` essays
-  (sorted) or one text file, split as ``re.sub(r"\\s+", " ", text).split(" ")``.
+- Essays: RULER's ``PaulGrahamEssays.json`` (``{"text": ...}``; where it comes from:
+  :mod:`lcbench.tasks.essays`), a folder of ``*.txt`` essays (sorted) or one text file, split as
+  ``re.sub(r"\\s+", " ", text).split(" ")``.
 - Sentences: ``nltk.sent_tokenize`` with the pretrained Punkt model when nltk's ``punkt_tab``
   data is installed (as upstream); otherwise Punkt with default parameters (no learned
   abbreviations), recorded as ``sentence_splitter`` in every sample's meta and warned about once
@@ -24,7 +25,6 @@ import re
 import warnings
 from pathlib import Path
 
-from ... import REPO_ROOT
 from ...errors import UserError
 
 
@@ -72,12 +72,6 @@ def adj_noun_words() -> AdjNounWords:
 def cwe_words() -> tuple[str, ...]:
     lists = word_lists()
     return tuple(sorted(set(lists["noun"] + lists["adjective"] + lists["verb"])))
-
-
-def default_essay_path() -> Path | None:
-    """RULER's essay file in the shared data folder beside the checkout, when present."""
-    path = REPO_ROOT.parent / "shared" / "data" / "ruler" / "PaulGrahamEssays.json"
-    return path if path.exists() else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,7 +23,8 @@ from .metrics import METRICS, postprocess_pred
 from .niah import NiahGenerator
 from .protocol import PROTOCOL, Generator, Rendered
 from .qa import QAGenerator, load_qa
-from .resources import default_essay_path, essay_words, sentence_splitter
+from ..essays import Haystack, ruler_essays
+from .resources import essay_words, sentence_splitter
 from .sizing import PromptCounter, estimate_units, fit_units
 from .variable_tracking import VariableTrackingGenerator
 
@@ -76,9 +77,11 @@ class Ruler(Task):
     params = (
         Param("tasks", str, PROTOCOL["defaults"]["tasks"],
               "';'-separated tasks or groups: 'synthetic' (11, offline), 'all' (13; qa_1/qa_2 need data)"),
-        Param("lengths", str, PROTOCOL["defaults"]["lengths"], "target sequence lengths (prompt + tokens to generate)"),
-        Param("num_samples", int, PROTOCOL["defaults"]["num_samples"], "samples per task and length"),
-        Param("haystack", str, None, "essay haystack: RULER's PaulGrahamEssays.json, a folder of .txt, or a .txt file"),
+        Param("lengths", str, PROTOCOL["defaults"]["lengths"], "target sequence lengths (prompt + tokens to generate)",
+              numbers=True, nonempty=True, min=256),
+        Param("num_samples", int, PROTOCOL["defaults"]["num_samples"], "samples per task and length", min=1),
+        Param("haystack", str, None, "essay haystack: RULER's PaulGrahamEssays.json, a folder of .txt, or a .txt "
+                                     "file (default: the local data folder, else RULER's build, downloaded once)"),
         Param("squad", str, None, "SQuAD 2.0 dev JSON for qa_1 (default: hub rajpurkar/squad_v2)"),
         Param("hotpotqa", str, None, "HotpotQA dev distractor JSON for qa_2 (default: hub hotpotqa/hotpot_qa)"),
         Param("cwe_words", str, None, "extra English words for cwe beyond 8,169 (RULER's english_words.json)"),
@@ -88,6 +91,7 @@ class Ruler(Task):
 
     def __init__(self, **args: Any):
         super().__init__(**args)
+        self.haystack: Haystack | None = None
         self.task_names = _names(self.args["tasks"])
         self.lengths = _lengths(self.args["lengths"])
         if self.args["num_samples"] < 1:
@@ -95,17 +99,10 @@ class Ruler(Task):
 
     # --- generation ---------------------------------------------------------------------
     def _essay(self, env: TaskEnv) -> tuple[str, ...]:
-        path = self.args["haystack"]
-        if not path and env.data_dir and (Path(env.data_dir) / "ruler" / "PaulGrahamEssays.json").exists():
-            path = str(Path(env.data_dir) / "ruler" / "PaulGrahamEssays.json")
-        if not path:
-            found = default_essay_path()
-            if found is None:
-                raise UserError("ruler: the essay haystack (niah_single_2/3, niah_multikey_1, niah_multivalue, "
-                                "niah_multiquery) needs RULER's PaulGrahamEssays.json. Fix: --task-args haystack=PATH "
-                                "(e.g. ../shared/data/ruler/PaulGrahamEssays.json or a folder of .txt essays).")
-            path = str(found)
-        return essay_words(path)
+        """The essay haystack's words (:func:`..essays.ruler_essays`: the haystack argument, the local
+        data folder, lcbench's cache, or RULER's own download build); its record goes into meta."""
+        self.haystack = ruler_essays(self.args["haystack"], Path(env.data_dir) if env.data_dir else None)
+        return essay_words(str(self.haystack.path))
 
     def generator(self, task: str, length: int, env: TaskEnv) -> Generator:
         spec = PROTOCOL["tasks"][task]
@@ -134,6 +131,8 @@ class Ruler(Task):
         meta = {"dataset": task, "task": task, "suite": "ruler", "category": spec["category"], "length": length,
                 "length_bucket": length, "index": index, "haystack_units": units, "prompt_tokens": tokens,
                 **{k: v for k, v in rendered.meta.items() if k in ("depth", "depths", "sentence_splitter")}}
+        if rendered.meta.get("haystack") == "essay" and self.haystack is not None:
+            meta.update(self.haystack.meta())
         return Sample(f"ruler-{task}-L{length}-{index}", head + context, [turn], meta=meta, chat=self.args["chat"])
 
     def samples(self, env: TaskEnv) -> list[Sample]:
