@@ -163,8 +163,11 @@ class Stage:
         return None
 
     def prefill_attention(self, module, query, key, value, mask, scaling: float,
-                          layer_idx: int) -> torch.Tensor | None:
-        """Return the attention output (B, q, Hq, D) to replace dense attention, or None."""
+                          layer_idx: int, window: int | None = None) -> torch.Tensor | None:
+        """Return the attention output (B, q, Hq, D) to replace dense attention, or None.
+        ``window``: the layer's sliding window (a query at position p sees keys in (p − window, p]),
+        passed only on sliding-window layers; ``mask`` (padding and storage order, None when plain
+        causal) does not hold it, so a stage that computes attention must apply it."""
         return None
 
     def compress_layer(self, layer: KVLayer, seen: LayerObservation) -> KVLayer:
@@ -172,8 +175,9 @@ class Stage:
         return layer
 
     def decode_attention(self, module, query, layer: KVLayer, scaling: float,
-                         layer_idx: int) -> torch.Tensor | None:
-        """Return the decode-step attention output to replace dense attention, or None."""
+                         layer_idx: int, window: int | None = None) -> torch.Tensor | None:
+        """Return the decode-step attention output to replace dense attention, or None (``window``:
+        the layer's sliding window, passed only on sliding-window layers, to be honoured)."""
         return None
 
     def after_decode_step(self, layer: KVLayer, layer_idx: int, query: torch.Tensor) -> KVLayer:

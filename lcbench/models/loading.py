@@ -43,8 +43,14 @@ class LoadedModel:
 
     @property
     def max_length(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", 0) or 4096)
+        """The context length the model was trained for, from its *text* config (a multimodal
+        checkpoint such as Gemma-3 instruct keeps it there, not on the top-level config); 4096 when
+        the config states none."""
+        from .hook import text_config
+
+        cfg = text_config(self.model)
+        return int(getattr(cfg, "max_position_embeddings", 0) or getattr(self.model.config, "max_position_embeddings", 0)
+                   or 4096)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -67,11 +73,35 @@ def resolve_device(device: str | None) -> str:
 
 def use_lcbench_attention(model, dense: str = "sdpa") -> None:
     """Route every attention call of ``model`` through lcbench's registered attention function,
-    which computes dense attention with ``dense`` (``sdpa`` or ``eager``)."""
+    which computes dense attention with ``dense`` (``sdpa`` or ``eager``), then check with a 2-token
+    probe that every layer really calls it (:func:`lcbench.models.hook.probe`; a model lcbench
+    cannot take over raises :class:`UserError`) and record the model's geometry."""
     from ..engine import attention  # noqa: F401  (registers the function)
 
+    from .hook import probe
+
     model.config.lcbench_dense_attention = dense
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text.lcbench_dense_attention = dense
     model.set_attn_implementation(attention.ATTENTION_NAME)
+    # never trust the switch silently: every layer must call lcbench's attention (models/hook.py)
+    model.lcbench_geometry = probe(model)
+
+
+def refuse_before_loading(name_or_path: str, kw: dict[str, Any]) -> None:
+    """Read only the config and refuse, before any weights are fetched, an architecture the
+    post-load probe would refuse anyway (:func:`lcbench.models.support.config_refusal`)."""
+    from transformers import AutoConfig
+
+    from .support import config_refusal
+
+    try:
+        cfg = AutoConfig.from_pretrained(name_or_path, **kw)
+    except (OSError, ValueError):
+        return  # from_pretrained below reports what is wrong
+    reason = config_refusal(cfg)
+    if reason:
+        raise UserError(f"model '{name_or_path}': {reason}")
 
 
 def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> LoadedModel:
@@ -81,6 +111,7 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
     dtype = resolve_dtype(args.get("dtype"), device)
     kw = {k: args[k] for k in ("gguf_file", "revision", "trust_remote_code", "local_files_only") if args.get(k) is not None}
     try:
+        refuse_before_loading(name_or_path, kw)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
     except OSError as exc:

@@ -57,6 +57,6 @@ class BlockTopK(SparsePrefill):
 
         def build(rho: float) -> BlockPattern:
             keep = forced + torch.ceil(rho * row)
-            return BlockPattern((rank < keep) & (j <= i), bs, L)
+            return BlockPattern((rank < keep) & (j <= i), bs, L, window=self.window)
 
         return densest_within(self.target_density(), build, 0.0, 1.0, integer=False)

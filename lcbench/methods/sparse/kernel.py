@@ -15,6 +15,7 @@ kernels over the same block/column structure; this is the portable equivalent.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,15 +23,42 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_block_pairs(length: int, block_size: int, device=None) -> torch.Tensor:
+def causal_block_pairs(length: int, block_size: int, device=None, window: int | None = None) -> torch.Tensor:
     """(nb, nb) number of causal (query ≥ key) token pairs inside each block pair, counting only
-    the ``length`` real tokens (the last block may be partial)."""
+    the ``length`` real tokens (the last block may be partial) — and, with a sliding ``window``,
+    only the pairs it lets through (query − window < key ≤ query)."""
     nb = math.ceil(length / block_size)
     sizes = torch.full((nb,), block_size, dtype=torch.long, device=device)
     sizes[-1] = length - (nb - 1) * block_size
-    pairs = sizes[:, None] * sizes[None, :]
-    pairs = torch.tril(pairs, diagonal=-1)
-    return pairs + torch.diag(sizes * (sizes + 1) // 2)
+    if window is None or window >= length:
+        pairs = sizes[:, None] * sizes[None, :]
+        pairs = torch.tril(pairs, diagonal=-1)
+        return pairs + torch.diag(sizes * (sizes + 1) // 2)
+    return _window_block_pairs(length, block_size, window, str(device or "cpu")).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_pairs(length: int, bs: int, window: int, device: str) -> torch.Tensor:
+    """:func:`causal_block_pairs` under a sliding window, from the pairs at each block distance δ:
+    query offset a and key offset b of blocks δ apart are a pair iff 0 ≤ a − b + δ·bs < window."""
+    nb = math.ceil(length / bs)
+    last = length - (nb - 1) * bs
+    reach = min(nb - 1, (window + bs - 1) // bs + 1)  # farther blocks hold no pair
+    a = torch.arange(bs, device=device)[:, None]
+    b = torch.arange(bs, device=device)[None, :]
+    delta = torch.arange(reach + 1, device=device)[:, None, None]
+    d = a - b + delta * bs
+    inside = (d >= 0) & (d < window)  # (δ, a, b)
+    full = inside.sum((1, 2))
+    last_row = inside[:, :last].sum((1, 2))
+    last_row[0] = inside[0, :last, :last].sum()
+    pairs = torch.zeros(nb, nb, dtype=torch.long, device=device)
+    rows = torch.arange(nb, device=device)
+    for k in range(reach + 1):
+        i = rows[k:]
+        pairs[i, i - k] = full[k]
+        pairs[nb - 1, nb - 1 - k] = last_row[k]
+    return pairs
 
 
 @dataclass
@@ -39,18 +67,26 @@ class BlockPattern:
 
     ``blocks`` (B, Hkv, nb, nb) bool, lower-triangular with the diagonal always set (every query
     sees at least itself); ``columns`` (B, Hkv, C) long key indices that every later query block
-    also attends (MInference vertical lines), or None.
+    also attends (MInference vertical lines), or None. ``window``: the layer's sliding window
+    (slot index = true position in a prefill): pairs it hides are never computed nor counted,
+    blocks wholly outside it are dropped, and density is over the pairs the window lets through.
     """
 
     blocks: torch.Tensor
     block_size: int
     length: int
     columns: torch.Tensor | None = None
+    window: int | None = None
 
     def __post_init__(self):
         nb = self.blocks.shape[-1]
         eye = torch.eye(nb, dtype=torch.bool, device=self.blocks.device)
-        self.blocks = (self.blocks & torch.ones_like(eye).tril()) | eye
+        allowed = torch.ones_like(eye).tril()
+        if self.window is not None and self.window >= self.length:
+            self.window = None
+        if self.window is not None:
+            allowed = causal_block_pairs(self.length, self.block_size, self.blocks.device, self.window) > 0
+        self.blocks = (self.blocks & allowed) | eye
 
     def column_pairs(self) -> torch.Tensor:
         """(B, Hkv) pairs that the columns add beyond the selected blocks."""
@@ -63,13 +99,20 @@ class BlockPattern:
         col_block = self.columns // bs  # (B, Hkv, C)
         covered = self.blocks.gather(3, col_block[:, :, None, :].expand(-1, -1, nb, -1))  # (B, Hkv, nb, C)
         later = torch.arange(nb, device=col_block.device)[:, None] > col_block[:, :, None, :]
-        return ((later & ~covered).long() * rows[:, None]).sum((2, 3))
+        if self.window is None:
+            return ((later & ~covered).long() * rows[:, None]).sum((2, 3))
+        # under a window, only the query rows q ≤ c + window − 1 of a block see column c
+        starts = (torch.arange(nb, device=col_block.device) * bs)[:, None]
+        seen = (torch.minimum(starts + rows[:, None], self.columns[:, :, None, :] + self.window) - starts).clamp(min=0)
+        seen = torch.minimum(seen, rows[:, None])  # (B, Hkv, nb, C)
+        return ((later & ~covered).long() * seen).sum((2, 3))
 
     def pair_counts(self) -> tuple[torch.Tensor, int]:
-        """Computed causal pairs per (row, KV head), and the total causal pairs of one head."""
-        pairs = causal_block_pairs(self.length, self.block_size, self.blocks.device)
+        """Computed causal pairs per (row, KV head), and the total causal pairs of one head (those
+        the window lets through, on a sliding-window layer)."""
+        pairs = causal_block_pairs(self.length, self.block_size, self.blocks.device, self.window)
         computed = (self.blocks.long() * pairs).sum((2, 3)) + self.column_pairs()
-        return computed, self.length * (self.length + 1) // 2
+        return computed, int(pairs.sum())
 
     def density(self) -> float:
         """Fraction of the causal (query, key) pairs that are computed."""
@@ -85,7 +128,10 @@ class BlockPattern:
             cols = torch.zeros(mask.shape[:2] + (L,), dtype=torch.bool, device=mask.device)
             cols.scatter_(2, self.columns, True)
             mask = mask | cols[:, :, None, :]
-        return mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+        mask = mask & torch.ones(L, L, dtype=torch.bool, device=mask.device).tril()
+        if self.window is not None:
+            mask = mask & ~torch.ones(L, L, dtype=torch.bool, device=mask.device).tril(-self.window)
+        return mask
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -96,6 +142,7 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     Hkv = key.shape[1]
     g = Hq // Hkv
     bs = pattern.block_size
+    window = pattern.window  # None when it hides nothing (BlockPattern)
     nb = math.ceil(L / bs)
     pad = nb * bs - L
     if pad:  # padded keys lie after every real query, so the causal mask hides them
@@ -123,20 +170,25 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         ks = kb[bi, hi, idx].reshape(B, Hkv, S * bs, D)
         vs = vb[bi, hi, idx].reshape(B, Hkv, S * bs, D)
         qg = qv[:, :, :, i * bs:(i + 1) * bs].reshape(B, Hkv, g * bs, D)
-        if not bool(padded.any()) and bool((idx == idx[:1, :1]).all()):
+        if window is None and not bool(padded.any()) and bool((idx == idx[:1, :1]).all()):
             # one pattern for all heads; the diagonal block is the last one
             mask = torch.cat([diag_rows.new_ones(g * bs, (S - 1) * bs), diag_rows], dim=1)
         else:
             kpos = (idx[..., None] * bs + offs).reshape(B, Hkv, 1, S * bs)
             live = (~padded)[..., None].expand(-1, -1, -1, bs).reshape(B, Hkv, 1, S * bs)
-            mask = (kpos <= (i * bs + q_offs)[:, None]) & live
+            qpos = (i * bs + q_offs)[:, None]
+            mask = (kpos <= qpos) & live
+            if window is not None:
+                mask = mask & (kpos > qpos - window)
         if cols is not None:
             seen = (cols < i * bs) & ~pattern.blocks[:, :, i].gather(2, col_block)
             if bool(seen.any()):
                 ks = torch.cat([ks, kc], dim=2)
                 vs = torch.cat([vs, vc], dim=2)
-                mask = torch.cat([mask.expand(B, Hkv, g * bs, -1),
-                                  seen[:, :, None, :].expand(-1, -1, g * bs, -1)], dim=-1)
+                col_mask = seen[:, :, None, :].expand(-1, -1, g * bs, -1)
+                if window is not None:
+                    col_mask = col_mask & (cols[:, :, None, :] > (i * bs + q_offs)[:, None] - window)
+                mask = torch.cat([mask.expand(B, Hkv, g * bs, -1), col_mask], dim=-1)
         o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask, scale=scaling)
         out[:, :, :, i * bs:(i + 1) * bs] = o.view(B, Hkv, g, bs, D)
     out = out[..., :L, :].reshape(B, Hq, L, D)

@@ -18,7 +18,7 @@ import torch
 
 from ...params import Param
 from ..base import Stage
-from .kernel import BlockPattern, block_sparse_attention
+from .kernel import BlockPattern, block_sparse_attention, causal_block_pairs
 
 BLOCK_SIZE = Param("block_size", int, None, "tokens per query/key block of the sparse pattern")
 
@@ -50,7 +50,8 @@ class SparsePrefill(Stage, metaclass=ABCMeta):
 
     The pattern replaces attention only where the whole sequence is being prefilled from an
     empty cache (the context pass; in query-aware mode the context with its question). Question
-    parts prefilled later on top of a cache, and decoding, stay dense.
+    parts prefilled later on top of a cache, and decoding, stay dense. Subclasses build their
+    patterns with ``window=self.window`` (the layer's sliding window, or None).
     """
 
     stages = ("prefill_attention",)
@@ -66,12 +67,18 @@ class SparsePrefill(Stage, metaclass=ABCMeta):
     def pattern(self, query: torch.Tensor, key: torch.Tensor, groups: int, scaling: float) -> BlockPattern:
         """The pattern for one layer: ``query`` (B, Hq, L, D), ``key`` (B, Hkv, L, D)."""
 
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx):
+    window: int | None = None  # the current layer's sliding window, while its pattern is built
+
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+        """On a sliding-window layer the pattern lives inside the window: pairs it hides are
+        neither computed nor counted, so the density is over the pairs the layer attends densely."""
         L = key.shape[2]
         if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
             return None
         heads = key.shape[0] * key.shape[1]
-        total = heads * L * (L + 1) / 2
+        self.window = window if window is not None and window < L else None
+        total = heads * (L * (L + 1) / 2 if self.window is None else
+                         float(causal_block_pairs(L, self.args["block_size"], key.device, self.window).sum()))
         if self.ratio <= 0 or mask is not None or L <= self.args["block_size"]:
             self._count(total, total)
             return None

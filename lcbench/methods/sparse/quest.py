@@ -77,9 +77,18 @@ class Quest(Stage):
         return keep, (dense + (layers - dense) * keep / pages) / layers
 
     # --- decode -----------------------------------------------------------------------------
-    def decode_attention(self, module, query, layer, scaling, layer_idx):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
+        """On a sliding-window layer only the pages the window reaches compete, keys it hides are
+        masked, and the density counts only the tokens the window lets the query see."""
+        visible = None
+        if window:
+            visible = layer.positions > layer.positions[..., -1:] - window  # (B, Hkv, L)
+            if layer.valid is not None:
+                visible = visible & layer.valid
+            if bool(visible.all()):
+                visible = None
         if self.ratio <= 0 or layer_idx < self.args["dense_layers"]:
-            self._count(layer, None)
+            self._count(layer, None, visible)
             return None
         keys, values = layer.dense()
         B, Hkv, L, D = keys.shape
@@ -89,7 +98,7 @@ class Quest(Stage):
         P = math.ceil(L / ps)
         keep, _ = self._layer_keep(L, module.config.num_hidden_layers, layer_idx)
         if keep >= P:
-            self._count(layer, None)
+            self._count(layer, None, visible)
             return None
         full = (L // ps) * ps  # whole pages; a partial newest page is always attended
         pick = keep - (1 if L > full else 0)
@@ -98,6 +107,8 @@ class Quest(Stage):
         bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, Hkv, P_full)
         if layer.valid is not None:
             bound = bound.masked_fill(torch.isinf(kmin).all(-1), float("-inf"))  # pages with no valid key
+        if visible is not None:  # pages wholly outside the window
+            bound = bound.masked_fill(~visible[..., :full].reshape(B, Hkv, full // ps, ps).any(-1), float("-inf"))
         if L == full:
             bound[..., -1] = float("inf")  # the newest page
         pages = bound.topk(pick, dim=-1).indices  # (B, Hkv, pick)
@@ -110,9 +121,11 @@ class Quest(Stage):
 
         k_sel, v_sel = take(keys), take(values)
         live = None if layer.valid is None else take(layer.valid)
+        if visible is not None:
+            live = take(visible)
         out = F.scaled_dot_product_attention(query.reshape(B, Hkv, g, D), k_sel, v_sel,
                                              attn_mask=None if live is None else live[:, :, None, :], scale=scaling)
-        self._count(layer, float(B * Hkv * k_sel.shape[2]) if live is None else float(live.sum()))
+        self._count(layer, float(B * Hkv * k_sel.shape[2]) if live is None else float(live.sum()), visible)
         return out.reshape(B, Hq, 1, D).transpose(1, 2)
 
     def _page_bounds(self, layer_idx: int, layer, keys: torch.Tensor, ps: int):
@@ -133,11 +146,12 @@ class Quest(Stage):
         self._bounds[layer_idx] = (full, layer.positions[..., :full].clone(), new_min, new_max)
         return new_min, new_max
 
-    def _count(self, layer, attended: float | None) -> None:
-        """Accumulate attended and stored valid tokens, summed over rows and KV heads (None: all)."""
+    def _count(self, layer, attended: float | None, visible: torch.Tensor | None = None) -> None:
+        """Accumulate attended and stored valid tokens (those the window lets the query see, when
+        ``visible`` is given), summed over rows and KV heads (None: all)."""
         if not hasattr(self, "_stored"):
             self.begin_sample()
-        stored = float(layer.kept_tokens().float().sum())
+        stored = float(layer.kept_tokens().float().sum()) if visible is None else float(visible.sum())
         self._stored += stored
         self._selected += stored if attended is None else attended
 

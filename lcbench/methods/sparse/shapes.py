@@ -46,7 +46,7 @@ class AShape(SparsePrefill):
 
         def build(local: float) -> BlockPattern:
             blocks = ashape_blocks(nb, sink, int(local), last, key.device)
-            return BlockPattern(blocks[None, None].expand(B, Hkv, nb, nb), bs, L)
+            return BlockPattern(blocks[None, None].expand(B, Hkv, nb, nb), bs, L, window=self.window)
 
         return densest_within(self.target_density(), build, 1, nb, integer=True)
 

@@ -25,7 +25,7 @@ from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
 
 
 def last_query_scores(query: torch.Tensor, key: torch.Tensor, groups: int, scaling: float,
-                      last: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      last: int, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Vertical (B, Hkv, L) and slash (B, Hkv, L, indexed by offset query−key) scores from the
     attention of the last ``last`` queries, averaged over each KV head's query heads."""
     B, Hq, L, D = query.shape
@@ -35,7 +35,8 @@ def last_query_scores(query: torch.Tensor, key: torch.Tensor, groups: int, scali
     scores = torch.einsum("bhgqd,bhkd->bhgqk", q, key.float()) * scaling
     rows = torch.arange(L - w, L, device=key.device)[:, None]
     cols = torch.arange(L, device=key.device)[None, :]
-    probs = scores.masked_fill(cols > rows, float("-inf")).softmax(-1).mean(2)  # (B, Hkv, w, L)
+    hidden = cols > rows if window is None else (cols > rows) | (cols <= rows - window)
+    probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).mean(2)  # (B, Hkv, w, L)
     vertical = probs.sum(2)
     offset = (rows - cols).clamp(min=0).expand(B, Hkv, w, L)
     slash = torch.zeros(B, Hkv, L, device=key.device).scatter_add_(
@@ -71,7 +72,8 @@ class VerticalSlash(SparsePrefill):
         B, Hkv, L, _ = key.shape
         bs = self.args["block_size"]
         nb = math.ceil(L / bs)
-        vertical, slash = last_query_scores(query, key, groups, scaling, self.args["last_queries"])
+        vertical, slash = last_query_scores(query, key, groups, scaling, self.args["last_queries"],
+                                             self.window)
         vertical[..., : self.args["sink_columns"]] = float("inf")
         slash[..., : self.args["local_slashes"]] = float("inf")
         v_order = vertical.argsort(dim=-1, descending=True)
@@ -83,6 +85,6 @@ class VerticalSlash(SparsePrefill):
             n_s = max(1, min(L, self.args["local_slashes"] + int(round(scale * L * per))))
             blocks = slash_blocks(s_order[..., :n_s], nb, bs)
             columns = v_order[..., :n_v].sort(dim=-1).values
-            return BlockPattern(blocks, bs, L, columns)
+            return BlockPattern(blocks, bs, L, columns, window=self.window)
 
         return densest_within(self.target_density(), build, 0.0, 1.0, integer=False)

@@ -1,0 +1,144 @@
+"""The decoder families lcbench is checked on: tiny random models built from transformers configs.
+
+Each :class:`Family` names a transformers config/model class and the overrides that make a tiny
+model of it (2 layers, hidden 64, the offline tokenizer of :mod:`lcbench.models.tiny`) — with the
+variant's attention features switched on and a sliding window (``WINDOW`` tokens) far smaller than
+the contexts the support matrix runs (:mod:`lcbench.models.support`), so the window matters. The
+matrix, its tests (``tests/test_architectures.py``) and the README table all read this list: add a
+family here when transformers adds one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+WINDOW = 24  # sliding window of the windowed variants (the matrix's contexts are ~250 tokens)
+SOFTCAP = 3.0  # attention-logit softcap small enough to change the tiny model's attention
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one decoder family. ``config``/``model`` are transformers class names;
+    ``overrides`` replace the common tiny settings (:func:`tiny_config_kwargs`); ``features`` says
+    what attention features the variant exercises (for the table)."""
+
+    name: str
+    config: str
+    model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    features: str = ""
+    strong_sinks: bool = False  # learned attention sinks set large enough to change greedy output
+
+    def available(self) -> bool:
+        import transformers
+
+        return hasattr(transformers, self.config) and hasattr(transformers, self.model)
+
+
+def _alternating(n: int = 2) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+
+
+_SLIDING = {"sliding_window": WINDOW}
+_ALT = {"sliding_window": WINDOW, "layer_types": _alternating()}
+
+FAMILIES: tuple[Family, ...] = (
+    Family("llama", "LlamaConfig", "LlamaForCausalLM", features="GQA"),
+    Family("mistral", "MistralConfig", "MistralForCausalLM", {"sliding_window": None}, "no window"),
+    Family("mistral-window", "MistralConfig", "MistralForCausalLM", _SLIDING, "sliding window (all layers)"),
+    Family("mixtral", "MixtralConfig", "MixtralForCausalLM",
+           {"sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2}, "MoE"),
+    Family("qwen2", "Qwen2Config", "Qwen2ForCausalLM", features="GQA, qkv bias"),
+    Family("qwen2-window", "Qwen2Config", "Qwen2ForCausalLM",
+           {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+           "use_sliding_window (layer 1 windowed)"),
+    Family("qwen3", "Qwen3Config", "Qwen3ForCausalLM", features="q/k norm"),
+    Family("qwen3-moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+           {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64}, "MoE"),
+    Family("gemma", "GemmaConfig", "GemmaForCausalLM", features=""),
+    Family("gemma2", "Gemma2Config", "Gemma2ForCausalLM",
+           {**_ALT, "attn_logit_softcapping": SOFTCAP, "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 16}, "alternating window, attention softcap"),
+    Family("gemma3-text", "Gemma3TextConfig", "Gemma3ForCausalLM",
+           {**_ALT, "query_pre_attn_scalar": 16}, "alternating window, q/k norm"),
+    Family("phi", "PhiConfig", "PhiForCausalLM", {"num_key_value_heads": 4}, "partial rotary"),
+    Family("phi3", "Phi3Config", "Phi3ForCausalLM", _SLIDING, "sliding window (all layers)"),
+    Family("olmo2", "Olmo2Config", "Olmo2ForCausalLM", features=""),
+    Family("olmo3", "Olmo3Config", "Olmo3ForCausalLM", _ALT, "alternating window"),
+    Family("gpt-neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": 4}, "parallel residual"),
+    Family("gpt2", "GPT2Config", "GPT2LMHeadModel",
+           {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "num_key_value_heads": None},
+           "learned positions"),
+    Family("gpt-bigcode", "GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+           {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "multi_query": True,
+            "num_key_value_heads": None}, "multi-query"),
+    Family("opt", "OPTConfig", "OPTForCausalLM",
+           {"ffn_dim": 128, "word_embed_proj_dim": 64, "num_key_value_heads": None, "head_dim": None},
+           "learned positions"),
+    Family("cohere", "CohereConfig", "CohereForCausalLM", features="parallel block"),
+    Family("cohere2", "Cohere2Config", "Cohere2ForCausalLM", _ALT, "alternating window (NoPE global layer)"),
+    Family("granite", "GraniteConfig", "GraniteForCausalLM", {"attention_multiplier": 0.1}, "custom scaling"),
+    Family("glm4", "Glm4Config", "Glm4ForCausalLM", features="partial rotary"),
+    Family("smollm3", "SmolLM3Config", "SmolLM3ForCausalLM", features="NoPE layers"),
+    Family("starcoder2", "Starcoder2Config", "Starcoder2ForCausalLM", _SLIDING, "sliding window (all layers)"),
+    Family("exaone4", "Exaone4Config", "Exaone4ForCausalLM", _ALT, "alternating window"),
+    Family("gpt-oss", "GptOssConfig", "GptOssForCausalLM",
+           {**_ALT, "num_local_experts": 4, "num_experts_per_tok": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, "alternating window, learned sinks",
+           strong_sinks=True),
+    Family("falcon", "FalconConfig", "FalconForCausalLM", {"num_kv_heads": 2, "new_decoder_architecture": True, "head_dim": None,
+            "num_key_value_heads": None},
+           "own attention code"),
+    Family("deepseek-v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
+           {"kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+            "v_head_dim": 12, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4,
+            "head_dim": 8}, "MLA"),
+    Family("deepseek-v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
+           {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+            "v_head_dim": 12, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4,
+            "head_dim": 8}, "MLA"),
+)
+
+
+def family(name: str) -> Family:
+    for f in FAMILIES:
+        if f.name == name:
+            return f
+    raise KeyError(f"no family '{name}'; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def tiny_config_kwargs(tokenizer) -> dict[str, Any]:
+    """The settings every tiny model shares (a family's overrides replace them; ``None`` drops one)."""
+    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                initializer_range=0.2, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=None, tie_word_embeddings=False)
+
+
+def build(fam: Family, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    """The family's tiny random model (``attn_implementation`` as transformers loads it), in eval mode."""
+    import transformers
+
+    from .tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    kwargs = tiny_config_kwargs(tok)
+    kwargs.update(fam.overrides)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("sliding_window", "bos_token_id", "q_lora_rank")}
+    cfg = getattr(transformers, fam.config)(**kwargs)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = getattr(transformers, fam.model)(cfg).to(dtype).eval()
+    if fam.strong_sinks:  # random init leaves the sinks near 0, too weak to matter in a tiny model
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                    module.sinks.copy_(torch.linspace(-1.0, 4.0, module.sinks.numel()))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model

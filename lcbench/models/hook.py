@@ -1,0 +1,153 @@
+"""Checking, right after loading, that lcbench really computes the model's attention.
+
+``set_attn_implementation("lcbench")`` is a request, not a guarantee: a model may keep its own
+attention code (Falcon), or hand lcbench a cache lcbench cannot hold (DeepSeek-V2/V3's MLA:
+keys and values of different widths). :func:`probe` runs a 2-token forward through the
+engine's path and counts the calls of lcbench's attention function per layer; every layer must
+call it exactly once, with keys and values lcbench can store. What the calls carried (sliding
+window per layer, softcap, sinks) and the bytes one token takes in each layer's dense cache are
+kept on the model as its :class:`Geometry` — the reference a compressed cache is measured
+against (a sliding-window layer's full cache holds at most ``window - 1`` context tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class LayerCall:
+    calls: int = 0
+    window: int | None = None
+    softcap: float | None = None
+    sinks: bool = False
+    key_dim: int = 0
+    value_dim: int = 0
+
+
+@dataclass
+class HookProbe:
+    """Filled by :func:`lcbench.engine.attention.lcbench_attention` when a ForwardState carries it."""
+
+    layers: dict[int, LayerCall] = field(default_factory=dict)
+    unindexed: int = 0  # calls from modules without a layer_idx
+
+    def seen(self, module, query, key, value, call) -> None:
+        idx = getattr(module, "layer_idx", None)
+        if idx is None:
+            self.unindexed += 1
+            return
+        rec = self.layers.setdefault(int(idx), LayerCall())
+        rec.calls += 1
+        rec.window, rec.softcap, rec.sinks = call.window, call.softcap, call.sinks is not None
+        rec.key_dim, rec.value_dim = key.shape[-1], value.shape[-1]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Per layer: the sliding window (None: global attention) and the bytes one token's keys and
+    values take in a dense cache, as measured by the probe."""
+
+    windows: tuple[int | None, ...]
+    bytes_per_token: tuple[int, ...]
+    softcap: bool = False
+    sinks: bool = False
+
+    def visible(self, layer: int, tokens: int) -> int:
+        """Tokens of a ``tokens``-long context that layer ``layer`` still holds for later queries."""
+        w = self.windows[layer]
+        return tokens if not w else min(tokens, w - 1)
+
+    def dense_bytes(self, tokens: int) -> int:
+        """Bytes of the uncompressed cache after a ``tokens``-long context: every global layer holds
+        all of them, a sliding-window layer the ``window - 1`` it can still see."""
+        return sum(self.visible(i, tokens) * b for i, b in enumerate(self.bytes_per_token))
+
+    def describe(self) -> str:
+        windowed = sorted({w for w in self.windows if w})
+        parts = [f"{len(self.windows)} layers"]
+        if windowed:
+            parts.append(f"{sum(1 for w in self.windows if w)} with sliding window {', '.join(map(str, windowed))}")
+        if self.softcap:
+            parts.append("attention softcap")
+        if self.sinks:
+            parts.append("learned attention sinks")
+        return ", ".join(parts)
+
+
+def text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _arch(model) -> str:
+    return f"{type(model).__name__} (model_type '{getattr(model.config, 'model_type', '?')}')"
+
+
+def probe(model) -> Geometry:
+    """Run 2 tokens through lcbench's path and check every layer called lcbench's attention once,
+    with keys and values of one width; return the model's :class:`Geometry`. Raises
+    :class:`UserError` (with the reason) for a model lcbench cannot take over."""
+    from ..cache import KVCache
+    from ..engine.decode import forward
+    from ..engine.state import ForwardState
+
+    layers = text_config(model).num_hidden_layers
+    cache = KVCache(layers)
+    seen = HookProbe()
+    state = ForwardState(cache=cache, stages=[], probe=seen)
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    pos = torch.arange(2, device=device)[None]
+    try:
+        with torch.inference_mode():
+            forward(model, ids, pos, state)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means lcbench cannot run this model
+        raise UserError(
+            f"{_arch(model)} does not run under lcbench's attention ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). lcbench cannot evaluate it. Fix: use a model "
+            f"whose attention goes through transformers' attention interface (README, supported architectures)."
+        ) from None
+    missing = [i for i in range(layers) if seen.layers.get(i, LayerCall()).calls == 0]
+    if missing:
+        raise UserError(
+            f"{_arch(model)} computes attention with its own code: layers {_ranges(missing)} of {layers} never "
+            f"called lcbench's attention function, so no method could act on them and `full` would not be "
+            f"lcbench's measurement. lcbench cannot evaluate this architecture. Fix: use a model whose attention "
+            f"goes through transformers' attention interface (README, supported architectures)."
+        )
+    twice = [i for i, r in seen.layers.items() if r.calls != 1]
+    if twice or seen.unindexed:
+        raise UserError(
+            f"{_arch(model)} calls attention more than once per layer and pass (layers {_ranges(sorted(twice))}; "
+            f"{seen.unindexed} calls without a layer index): lcbench's per-layer cache cannot follow it. "
+            f"Fix: use a supported architecture (README)."
+        )
+    uneven = [i for i, r in seen.layers.items() if r.key_dim != r.value_dim]
+    if uneven:
+        r = seen.layers[uneven[0]]
+        raise UserError(
+            f"{_arch(model)} caches keys and values of different widths ({r.key_dim} and {r.value_dim} per head: "
+            f"multi-head latent attention, as in DeepSeek-V2/V3). lcbench's cache layers, quantizers and "
+            f"sparse kernels assume one width, so lcbench refuses this model rather than measure it wrongly. "
+            f"Fix: use a model with standard multi-head / grouped-query attention (README, supported architectures)."
+        )
+    per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
+    calls = [seen.layers[i] for i in range(layers)]
+    return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
+                    any(r.sinks for r in calls))
+
+
+def _ranges(idx: list[int]) -> str:
+    return ", ".join(map(str, idx[:8])) + (" …" if len(idx) > 8 else "")
+
+
+def geometry(model) -> Geometry | None:
+    """The :class:`Geometry` recorded when lcbench attention was switched on (None before)."""
+    return getattr(model, "lcbench_geometry", None)
