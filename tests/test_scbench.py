@@ -129,6 +129,16 @@ def test_loader_reads_old_names_and_the_hub_parquet_layout(tmp_path):
     (tmp_path / "scbench_mf").mkdir()
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "scbench_mf" / "test-00000-of-00001.parquet"))
     assert load_rows("scbench_mf", tmp_path) == rows
+    # the hub's refs/convert/parquet layout: <config>/<split>/0000.parquet
+    (tmp_path / "conv" / "scbench_mf" / "test").mkdir(parents=True)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "conv" / "scbench_mf" / "test" / "0000.parquet"))
+    assert load_rows("scbench_mf", tmp_path / "conv") == rows
+
+
+def test_rows_outside_the_released_schema_are_named(tmp_path):
+    (tmp_path / "scbench_kv.jsonl").write_text(json.dumps({"id": 0, "context": "c", "turns": []}) + "\n")
+    with pytest.raises(UserError, match=r"row 0 of scbench_kv .* not in SCBench's released schema .*it has context, id, turns"):
+        load_rows("scbench_kv", tmp_path)
 
 
 def test_missing_local_data_and_offline_hub_name_the_fix(tmp_path, monkeypatch):
