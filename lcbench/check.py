@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
 from .report.export import to_markdown
 from .report.frame import Run, load_runs
-from .results.compare import FAILING, Comparison, compare_records
+from .report.safe import markdown_text, terminal_text
+from .results.compare import FAILED, FAILING, Comparison, compare_records
 
 
 @dataclass
@@ -35,27 +35,39 @@ class CheckOptions:
 
 
 def rerun(baselines: list[Run], output: Path, progress: Callable[[str], None] | None = None) -> list[Run]:
-    """Evaluate every baseline's spec again into ``output`` (which must not hold these runs yet)."""
-    from .evaluate import ModelPool, evaluate
+    """Evaluate every baseline's spec again into ``output`` (which must not hold these runs yet).
+    A re-run that fails (its method misses the ratio, it crashes) is returned as a failed run."""
+    from .errors import CompressionShortfall
+    from .evaluate import ModelPool, check_spec, evaluate
     from .report.frame import load_run
     from .spec import RunSpec
 
     pool = ModelPool()
+    specs = []
+    for base in baselines:  # every baseline spec is checked before the first re-run starts
+        where = f"baseline {base.folder / 'spec.json'}"
+        spec = RunSpec.from_json({"spec": {**base.spec, "output_path": str(output)}}, where=where)
+        specs.append(check_spec(spec, where=where, same_task_version=False))
     runs = []
-    for base in baselines:
-        try:
-            spec = RunSpec.from_json({"spec": base.spec})
-        except TypeError as exc:
-            raise UserError(f"{base.folder}/spec.json does not match this lcbench's RunSpec ({exc}). Fix: remake the "
-                            f"baseline with this version, or install the version that wrote it.") from None
-        spec.output_path = str(output)
+    for base, spec in zip(baselines, specs):
         folder = output / spec.run_id
         if folder.resolve() == base.folder.resolve() or (folder / "samples.jsonl").exists():
             raise UserError(f"'{folder}' already holds results for {spec.run_id}; a check must not resume them. "
                             f"Fix: pass an empty --output-path (or none: a fresh temporary folder is used).")
         if progress:
             progress(base.label())
-        runs.append(load_run(evaluate(spec, pool).folder))
+        try:
+            runs.append(load_run(evaluate(spec, pool).folder))
+        except Exception as exc:  # the code under test failed this run: a verdict, not a usage error
+            if isinstance(exc, UserError) and not isinstance(exc, CompressionShortfall):
+                raise
+            error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+            if (folder / "spec.json").exists():
+                run = load_run(folder)
+            else:
+                run = Run(folder, spec.run_id, spec.to_json()["spec"], {}, [], {})
+            run.status, run.error = "failed", error
+            runs.append(run)
     return runs
 
 
@@ -77,6 +89,9 @@ def compare(pairs: list[tuple[Run, Run | None]], opts: CheckOptions) -> list[Com
                                new.records if new else [], opts.tolerance, opts.ratio_tolerance,
                                opts.confidence, opts.n_boot, opts.max_drop)
         comp.model = base.spec["model"]
+        if new is not None and new.status == FAILED:
+            comp.verdict = FAILED
+            comp.reasons.insert(0, f"the new run failed: {new.error or 'see its status.json'}")
         out.append(comp)
     return out
 
@@ -106,17 +121,17 @@ def render(comparisons: list[Comparison], console: Console, opts: CheckOptions) 
                     f"{opts.confidence:.0%} bounds, {_rules(opts)}",
               title_justify="left")
     for col in rows[0] if rows else []:
-        t.add_column(escape(col), justify="left" if col in ("run", "verdict") else "right", overflow="fold",
+        t.add_column(terminal_text(col), justify="left" if col in ("run", "verdict") else "right", overflow="fold",
                      min_width=16 if col == "run" else None, no_wrap=col != "run")
     for row, c in zip(rows, comparisons):
         style = "bold red" if c.failed else ("green" if c.verdict in ("same", "improved") else "")
-        t.add_row(*[escape(v) for v in row.values()], style=style)
+        t.add_row(*[terminal_text(v) for v in row.values()], style=style)
     if not console.is_terminal and console.width < 120:  # CI logs: wide enough not to fold the numbers
         console = Console(file=console.file, width=120, no_color=console.no_color)
     console.print(t)
     for c in comparisons:
         for reason in c.reasons:
-            console.print(f"[red]✗[/] {escape(c.label)}: {escape(reason)}", highlight=False)
+            console.print(f"[red]✗[/] {terminal_text(c.label)}: {terminal_text(reason)}", highlight=False)
 
 
 def run_check(baseline: Path, console: Console, new: list[Path] | None = None, output: Path | None = None,
@@ -126,19 +141,28 @@ def run_check(baseline: Path, console: Console, new: list[Path] | None = None, o
     if not 0.5 <= opts.confidence < 1.0:
         raise UserError(f"--confidence {opts.confidence}: must be in [0.5, 1). Fix: e.g. --confidence 0.95.")
     if opts.tolerance < 0 or opts.ratio_tolerance < 0 or (opts.max_drop is not None and opts.max_drop < 0):
-        raise UserError("--tolerance, --ratio-tolerance and --max-drop are drops: they must be ≥ 0.")
+        raise UserError("--tolerance, --ratio-tolerance and --max-drop are drops: they must be ≥ 0. Fix: e.g. --tolerance 0.05.")
     baselines = load_runs([baseline])
+    broken = [b for b in baselines if b.status != "complete"]
+    if broken:
+        raise UserError("the baseline holds runs that did not complete: " + "; ".join(
+            f"{b.folder} ({b.status}{': ' + b.error if b.error else ''})" for b in broken)
+            + ". Fix: remake those baselines (a failed run is not a reference score).")
     if new:
         fresh = load_runs(new)
     else:
         output = Path(output) if output else Path(tempfile.mkdtemp(prefix="lcbench-check-"))
-        console.print(f"re-running {len(baselines)} baseline spec(s) into {output}")
-        fresh = rerun(baselines, output, lambda label: console.print(f"  {escape(label)}"))
+        console.print(terminal_text(f"re-running {len(baselines)} baseline spec(s) into {output}"))
+        fresh = rerun(baselines, output, lambda label: console.print(f"  {terminal_text(label)}"))
     comparisons = compare(pair_runs(baselines, fresh), opts)
     render(comparisons, console, opts)
     failed = [c for c in comparisons if c.failed]
     if markdown is not None:
-        markdown.write_text(_markdown(comparisons, opts, failed), encoding="utf-8")
+        try:
+            markdown.write_text(_markdown(comparisons, opts, failed), encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"cannot write --markdown {markdown}: {exc.strerror or exc}. Fix: pass a writable "
+                            f"file path.") from None
     if failed:
         console.print(f"[bold red]FAILED[/]: {len(failed)} of {len(comparisons)} runs "
                       f"{' / '.join(sorted({c.verdict for c in failed}))}")
@@ -158,6 +182,6 @@ def _markdown(comparisons: list[Comparison], opts: CheckOptions, failed: list[Co
     head = (f"## lcbench check: {'FAILED' if failed else 'passed'}\n\n"
             f"Paired bootstrap over turns, one-sided {opts.confidence:.0%} bounds; {_rules(opts)}; "
             f"ratio tolerance {opts.ratio_tolerance:g}; verdicts {' and '.join(FAILING)} fail.\n\n")
-    reasons = "".join(f"- {c.label}: {r}\n" for c in comparisons for r in c.reasons)
+    reasons = "".join(f"- {markdown_text(c.label)}: {markdown_text(r)}\n" for c in comparisons for r in c.reasons)
     table = to_markdown(pd.DataFrame(table_rows(comparisons)), left=("run", "verdict"))
     return head + table + ("\n" + reasons if reasons else "")

@@ -7,16 +7,18 @@ unwritable output path) prints one paragraph naming the fix and exits with code 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .errors import UserError
+from .errors import RunAborted, RunFailed, Terminated, UserError, signal_number
+from .report.safe import terminal_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lcbench: long-context compression methods × task suites, with quality, latency and memory.")
@@ -30,11 +32,42 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _ratios(text: str) -> list[float]:
+def _names(text: str, flag: str, example: str) -> list[str]:
+    """A comma-separated list flag that must name at least one thing."""
+    names = _split(text)
+    if not names:
+        raise UserError(f"{flag} '{text}' names nothing. Fix: e.g. {flag} {example}.")
+    return names
+
+
+def _ratios(text: str, flag: str = "--ratio") -> list[float]:
     try:
-        return [float(r) for r in _split(text)]
+        ratios = [float(r) for r in _split(text)]
     except ValueError:
-        raise UserError(f"--ratio '{text}' is not a number (or a comma-separated list of numbers). Fix: --ratio 0.5") from None
+        raise UserError(f"{flag} '{text}' is not a number (or a comma-separated list of numbers). "
+                        f"Fix: {flag} 0.5") from None
+    if not ratios:
+        raise UserError(f"{flag} '{text}' names no ratio. Fix: e.g. {flag} 0.5 (or 0.25,0.5,0.75).")
+    return ratios
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console)
+
+
+@contextmanager
+def _abortable(output: object):
+    """Ctrl-C (130) or SIGTERM (143): the progress bar (inside this block) has already stopped and
+    shown the cursor again; say what was kept and how to resume."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        err_console.show_cursor(True)
+        where, kept = (exc.folder, exc.records) if isinstance(exc, RunAborted) else (output, 0)
+        err_console.print(terminal_text(f"aborted: {kept} records written to {where}; "
+                                        f"re-run the same command to resume"), highlight=False)
+        raise typer.Exit(128 + signal_number(exc)) from None
 
 
 @app.command()
@@ -58,29 +91,33 @@ def run(
     spec: Optional[Path] = typer.Option(None, "--spec", help="replay a spec.json (other flags ignored)"),
 ) -> None:
     """Evaluate method chains on tasks; print a table; write results/<run-id>/."""
-    from .evaluate import ModelPool, build_spec, evaluate
+    with _abortable(output_path):
+        _run(model, model_args, method, method_args, task, task_args, data_dir, ratio, limit, batch_size,
+             prefill_chunk, output_path, seed, device, dtype, query_aware, spec)
+
+
+def _run(model, model_args, method, method_args, task, task_args, data_dir, ratio, limit, batch_size,
+         prefill_chunk, output_path, seed, device, dtype, query_aware, spec) -> None:
+    from .errors import CompressionShortfall
+    from .evaluate import ModelPool, build_spec, evaluate, load_spec_file
     from .report.table import render_table, run_rows
-    from .spec import RunSpec
 
     if spec is not None:
-        try:
-            specs = [RunSpec.from_json(json.loads(spec.read_text()))]
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise UserError(f"--spec {spec}: not a readable lcbench spec.json ({exc}).") from None
+        specs = [load_spec_file(spec)]
     else:
+        tasks = _names(task, "--task", "niah")
+        ratios = _ratios(ratio)
+        methods = _names(method, "--method", "snapkv")
         specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, ratio=r,
                             task=t, task_args=task_args, limit=limit, seed=seed, device=device, dtype=dtype,
                             query_aware=query_aware, batch_size=batch_size, output_path=output_path,
                             prefill_chunk=prefill_chunk, data_dir=data_dir)
-                 for t in _split(task) for r in _ratios(ratio) for m in _split(method)]
+                 for t in tasks for r in ratios for m in methods]
     pool = ModelPool()
-    from .errors import CompressionShortfall
-
     folders, failed = [], []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as bar:
+    with _progress() as bar:
         for s in specs:
-            job = bar.add_task(escape(f"{s.task} · {s.method_name} · r={s.ratio:g}"), total=None)
+            job = bar.add_task(terminal_text(f"{s.task} · {s.method_name} · r={s.ratio:g}"), total=None)
             try:
                 outcome = evaluate(s, pool, progress=lambda i, n, job=job: bar.update(job, completed=i, total=n))
             except CompressionShortfall as exc:  # this (method, ratio) failed; the other runs still go
@@ -91,7 +128,7 @@ def run(
             folders.append(outcome.folder)
     if folders:
         render_table(run_rows(folders), console)
-        console.print(escape(f"records: {', '.join(str(f) for f in folders)}"))
+        console.print(terminal_text(f"records: {', '.join(str(f) for f in folders)}"))
     if failed:
         raise UserError(f"{len(failed)} of {len(specs)} runs failed:\n" + "\n".join(failed))
 
@@ -115,9 +152,10 @@ def report(
     """Print the runs and their scores grouped by dataset, length and turn (95% bootstrap CIs)."""
     from .report.build import build_report
 
-    written = build_report(run_dirs, console, output, tuple(_split(group_by)), tuple(_split(formats)), plots)
+    groupings, fmts = tuple(_names(group_by, "--group-by", "dataset")), tuple(_names(formats, "--format", "csv,md"))
+    written = build_report(run_dirs, console, output, groupings, fmts, plots)
     if written:
-        console.print(f"wrote {len(written)} files under {output}")
+        console.print(terminal_text(f"wrote {len(written)} files under {output}"))
 
 
 @app.command()
@@ -130,8 +168,11 @@ def leaderboard(
     """Build a self-contained static site (opens from disk, no network) from stored runs."""
     from .report.leaderboard import build_leaderboard
 
-    index = build_leaderboard(run_dirs, output, _ratios(ratios) if ratios else None, title)
-    console.print(f"leaderboard: {index}")
+    fixed = _ratios(ratios, "--ratios") if ratios is not None else None
+    if fixed and not all(0.0 <= r < 1.0 for r in fixed):
+        raise UserError(f"--ratios {ratios}: each ratio must be in [0, 1). Fix: e.g. --ratios 0.5,0.75.")
+    index = build_leaderboard(run_dirs, output, fixed, title)
+    console.print(terminal_text(f"leaderboard: {index}"))
 
 
 @app.command()
@@ -149,9 +190,10 @@ def check(
     bound and --tolerance, or by more than --max-drop, or the method compresses less."""
     from .check import CheckOptions, run_check
 
-    code = run_check(baseline, console, new, output_path,
-                     CheckOptions(tolerance=tolerance, ratio_tolerance=ratio_tolerance, confidence=confidence,
-                                  max_drop=max_drop), markdown)
+    with _abortable(output_path or "a temporary folder"):
+        code = run_check(baseline, console, new, output_path,
+                         CheckOptions(tolerance=tolerance, ratio_tolerance=ratio_tolerance, confidence=confidence,
+                                      max_drop=max_drop), markdown)
     if code:
         raise typer.Exit(code)
 
@@ -170,29 +212,33 @@ def sweep(
     run table and the grouped tables) and write it, with the plots, beside the runs."""
     from .report.build import build_report
     from .report.table import run_rows
+    from .report.safe import csv_frame
     from .sweep import expand, load_grid, run_local, run_ray
 
     if executor not in ("local", "ray"):
         raise UserError(f"--executor {executor}: choose local or ray.")
+    if gpus_per_run < 0 or cpus_per_run <= 0:
+        raise UserError("--gpus-per-run must be ≥ 0 and --cpus-per-run > 0. Fix: e.g. --gpus-per-run 1 --cpus-per-run 1.")
     specs = expand(load_grid(grid), output_path, remote_devices=executor == "ray")
     if dry_run:
         for s in specs:
-            console.print(f"{s.run_id}  device={s.device}  → {s.output_path}")
+            console.print(terminal_text(f"{s.run_id}  device={s.device}  → {s.output_path}"))
         console.print(f"{len(specs)} runs")
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console) as bar:
-        runs = bar.add_task(escape(f"sweep {grid.name} ({executor})"), total=len(specs))
+    with _abortable(specs[0].output_path), _progress() as bar:
+        runs = bar.add_task(terminal_text(f"sweep {grid.name} ({executor})"), total=len(specs))
         current = bar.add_task("", total=None, visible=executor == "local")
 
         def on_done(done) -> None:
             status = "[red]failed[/]" if done.error else "done"
-            bar.console.print(f"{status} " + escape(f"{done.spec.task} · {done.spec.method_name} · r={done.spec.ratio:g} · "
-                              f"{done.spec.model}" + (f": {done.error}" if done.error else "")), highlight=False)
+            bar.console.print(f"{status} " + terminal_text(
+                f"{done.spec.task} · {done.spec.method_name} · r={done.spec.ratio:g} · {done.spec.model}"
+                + (f": {done.error}" if done.error else "")), highlight=False)
             bar.advance(runs)
 
         def on_progress(spec, i, n) -> None:
-            bar.update(current, description=escape(f"{spec.task} · {spec.method_name} · r={spec.ratio:g}"), completed=i, total=n)
+            bar.update(current, description=terminal_text(f"{spec.task} · {spec.method_name} · r={spec.ratio:g}"),
+                       completed=i, total=n)
 
         if executor == "local":
             finished = run_local(specs, on_done, on_progress)
@@ -204,35 +250,38 @@ def sweep(
         report_dir = root / f"sweep-{grid.stem}"
         build_report(folders, console, report_dir, title=f"lcbench sweep {grid.name}")
         csv = root / f"sweep-{grid.stem}.csv"
-        run_rows(folders).to_csv(csv, index=False)
-        console.print(escape(f"{len(folders)} runs; run table: {csv}; report (tables by dataset/length/turn, "
-                             f"plots): {report_dir}/"))
+        csv_frame(run_rows(folders)).to_csv(csv, index=False)
+        console.print(terminal_text(f"{len(folders)} runs; run table: {csv}; report (tables by dataset/length/turn, "
+                                    f"plots): {report_dir}/"))
     failed = [f for f in finished if f.error]
     if failed:
         err_console.print(f"[bold red]{len(failed)} of {len(finished)} runs failed[/]: "
-                          + escape("; ".join(f"{f.spec.run_id}: {f.error}" for f in failed)), highlight=False)
+                          + terminal_text("; ".join(f"{f.spec.run_id}: {f.error}" for f in failed)), highlight=False)
         raise typer.Exit(1)
 
 
 def main() -> None:
-    """Console entry point: user errors become one paragraph on stderr and exit code 2."""
+    """Console entry point: typer's own handling for usage errors (exit 2, its usage text) and
+    ``--help``; a :class:`UserError` is one paragraph on stderr and exit 2, a :class:`RunFailed`
+    exit 1; Ctrl-C exits 130 and SIGTERM 143 after saying what was kept (README "Exit codes")."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=False)
+        app(standalone_mode=True)  # returns only through sys.exit (typer.Exit, usage errors, success)
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted (results written so far are kept; re-run the same command to resume)")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
+        _fail(exc, 2)
+    except RunFailed as exc:
+        _fail(exc, 1)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+
+def _fail(exc: Exception, code: int) -> None:
+    err_console.show_cursor(True)
+    err_console.print(f"[bold red]error:[/] {terminal_text(str(exc))}", highlight=False)
+    sys.exit(code)
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -39,5 +39,5 @@ def describe_registry(what: str, console: Console) -> None:
             table.add_row(name, notes.get(name, MODELS._targets.get(name, "")))
         table.add_row("--model-args", _params(MODEL_PARAMS.params))
     else:
-        raise UserError(f"`lcbench ls {what}`: choose methods, tasks or models.")
+        raise UserError(f"`lcbench ls {what}`: choose methods, tasks or models. Fix: e.g. `lcbench ls methods`.")
     console.print(table)

@@ -1,4 +1,15 @@
-"""Errors a user can fix. The CLI prints them as one paragraph and exits with code 2."""
+"""What can go wrong, by who can fix it; the CLI turns each into its exit status (README "Exit codes").
+
+- :class:`UserError` (exit 2): bad input; the message names the problem and the fix.
+- :class:`RunFailed` (exit 1): a run failed for a reason other than its input (a full disk, a
+  crash); the message says what was kept and how to go on.
+- :class:`RunAborted` (exit 130 on SIGINT, 143 on SIGTERM): the user stopped a run; it carries
+  what was written so the CLI can say how to resume.
+"""
+
+from __future__ import annotations
+
+import signal
 
 
 class UserError(Exception):
@@ -7,3 +18,26 @@ class UserError(Exception):
 
 class CompressionShortfall(UserError):
     """A method achieved far less compression than requested (DESIGN.md: a failed run, not a good score)."""
+
+
+class RunFailed(Exception):
+    """A run that failed for a reason other than the user's input (e.g. a full disk)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by the SIGTERM handler the CLI installs (so cleanup runs as for Ctrl-C)."""
+
+    signum = signal.SIGTERM
+
+
+class RunAborted(KeyboardInterrupt):
+    """A run stopped by a signal; ``records`` of its turns are on disk in ``folder``."""
+
+    def __init__(self, folder, records: int, signum: int = signal.SIGINT):
+        super().__init__(f"aborted: {records} records written to {folder}")
+        self.folder, self.records, self.signum = folder, records, signum
+
+
+def signal_number(exc: BaseException) -> int:
+    """The signal behind a KeyboardInterrupt (SIGINT unless it came from the SIGTERM handler)."""
+    return int(getattr(exc, "signum", signal.SIGINT))

@@ -7,6 +7,11 @@ record per turn.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,33 +20,48 @@ import torch
 
 from .engine.batching import auto_rows, batch_refusal, run_batched
 from .engine.runner import Engine, EngineConfig
-from .errors import UserError
+from .errors import RunAborted, RunFailed, UserError, signal_number
 from .methods.chain import Chain, chain_ratio, resolve_chain
 from .models.loading import DEFAULT_MODEL, MODEL_PARAMS, LoadedModel, load_model, resolve_device, resolve_dtype
 from .params import parse_kv
-from .results.store import RunStore
+from .results.store import ABORTED, FAILED, RunStore, disk_full, disk_full_error
 from .results.summary import suite_score, summarize
 from .spec import RunSpec
 from .tasks.base import TaskEnv
 from .tasks.registry import TASKS
 
 
-def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, method: str = "full",
+def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = None, method: str = "full",
                method_args: str | None = None, ratio: float = 0.5, task: str = "niah",
-               task_args: str | None = None, limit: int | None = None, seed: int = 0,
+               task_args: str | dict | None = None, limit: int | None = None, seed: int = 0,
                device: str | None = None, dtype: str | None = None, query_aware: bool = False,
                batch_size: int | str = "turns", output_path: str = "results",
                prefill_chunk: int | None = None, data_dir: str | None = None) -> RunSpec:
     """Expand command-line values into a fully resolved RunSpec (every default filled in)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio):
+        raise UserError(f"--ratio {ratio!r} is not a number. Fix: pass e.g. --ratio 0.5.")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+        raise UserError(f"--limit {limit!r}: must be a whole number of samples. Fix: e.g. --limit 10.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"--seed {seed!r}: must be a whole number. Fix: e.g. --seed 0.")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)):
+        raise UserError(f"--prefill-chunk {prefill_chunk!r}: must be a whole number of tokens. Fix: e.g. --prefill-chunk 512.")
+    if not isinstance(query_aware, bool):
+        raise UserError(f"query_aware {query_aware!r}: must be true or false. Fix: query_aware = true.")
+    for flag, value in (("--model", model), ("--method", method), ("--task", task), ("--output-path", output_path)):
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{flag} {value!r}: must be a non-empty name. Fix: see `lcbench run --help`.")
     if not 0.0 <= ratio < 1.0:
         raise UserError(f"--ratio {ratio} is outside [0, 1): it is the fraction of the context's KV memory "
                         f"removed (0 = none, 0.75 = keep a quarter). Fix: pass e.g. --ratio 0.5.")
     if limit is not None and limit < 1:
-        raise UserError(f"--limit {limit}: must be a positive number of samples.")
+        raise UserError(f"--limit {limit}: must be a positive number of samples. Fix: e.g. --limit 10 (or leave it "
+                        f"out for every sample).")
     batch_size = parse_batch_size(batch_size)
     if prefill_chunk is not None and prefill_chunk < 0:
-        raise UserError(f"--prefill-chunk {prefill_chunk}: must be a number of tokens ≥ 1 (0 = no chunking).")
-    margs = parse_kv(model_args, "--model-args")
+        raise UserError(f"--prefill-chunk {prefill_chunk}: must be a number of tokens ≥ 1 (0 = no chunking). "
+                        f"Fix: e.g. --prefill-chunk 512.")
+    margs = dict(model_args) if isinstance(model_args, dict) else parse_kv(model_args, "--model-args")
     if dtype:
         margs["dtype"] = dtype
     dev = resolve_device(device)
@@ -49,7 +69,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | None = None, met
     margs["dtype"] = str(resolve_dtype(margs["dtype"], dev)).replace("torch.", "")
     chain = resolve_chain(method, method_args, ratio)
     task_cls = TASKS.get(task)
-    targs = parse_kv(task_args, "--task-args")
+    targs = dict(task_args) if isinstance(task_args, dict) else parse_kv(task_args, "--task-args")
     if data_dir:  # --data-dir: the task's own data_dir argument, so the spec records it
         if "data_dir" not in {p.name for p in task_cls.params}:
             raise UserError(f"--data-dir: task '{task}' reads no released data (it is generated, or takes its "
@@ -104,13 +124,98 @@ class ModelPool:
         return self._loaded
 
 
+def load_spec_file(path: Path) -> RunSpec:
+    """``lcbench run --spec spec.json``: the file's spec, validated exactly like the flags."""
+    try:
+        payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"--spec {path}: not a readable lcbench spec.json ({exc}). Fix: pass the spec.json of a "
+                        f"run folder (results/<run-id>/spec.json).") from None
+    return check_spec(RunSpec.from_json(payload, where=f"--spec {path}"), where=f"--spec {path}")
+
+
+def check_spec(spec: RunSpec, where: str = "spec", same_task_version: bool = True) -> RunSpec:
+    """Validate a spec that did not come from the flags (``--spec``, a baseline re-run, a Ray
+    task) as :func:`build_spec` validates them, and return it re-resolved: every argument typed and
+    range-checked, defaults filled in, and the top-level ``ratio`` (the run's label) equal to what
+    its method chain requests. ``same_task_version``: the task's version and template hash must be
+    this installation's (a replay); otherwise they are re-derived (a check re-runs today's code)."""
+    def bad(what: str, fix: str) -> UserError:
+        return UserError(f"{where}: {what}. Fix: {fix}.")
+
+    if not isinstance(spec.method, list) or not spec.method or not all(
+            isinstance(m, dict) and isinstance(m.get("name"), str) and isinstance(m.get("args", {}), dict)
+            and isinstance(m.get("ratio"), (int, float)) and not isinstance(m.get("ratio"), bool) for m in spec.method):
+        raise bad(f"'method' must be a non-empty list of {{name, ratio, args}}, got {spec.method!r}",
+                  "write it as `lcbench run` does, or rebuild the spec with the flags")
+    for key in ("model_args", "task_args", "extra"):
+        if not isinstance(getattr(spec, key), dict):
+            raise bad(f"'{key}' must be an object, got {getattr(spec, key)!r}", "restore the spec.json")
+    for key in ("model", "task", "dtype", "device", "output_path", "mode", "task_version", "task_template_hash"):
+        if not isinstance(getattr(spec, key), str):
+            raise bad(f"'{key}' must be a string, got {getattr(spec, key)!r}", "restore the spec.json")
+    chain = []
+    for item in spec.method:
+        from .methods.registry import METHODS
+
+        ratio = float(item["ratio"])
+        if not 0.0 <= ratio < 1.0:
+            raise bad(f"method '{item['name']}' has ratio {ratio}, outside [0, 1)", "e.g. 0.5")
+        stage = METHODS.get(item["name"])(ratio=ratio, **item.get("args", {}))  # names, types and ranges
+        chain.append({"name": item["name"], "ratio": round(ratio, 6), "args": stage.args})
+    requested = chain_ratio(chain)
+    if isinstance(spec.ratio, bool) or not isinstance(spec.ratio, (int, float)) or abs(float(spec.ratio) - requested) > 1e-6:
+        raise bad(f"the run is labelled ratio={spec.ratio!r} but its method chain requests {requested:g} (the "
+                  f"'ratio' of each component in 'method')", "edit the components' ratios (not only the top-level "
+                  "'ratio'), or make the run with `lcbench run --ratio R` and replay that spec")
+    if spec.batch_size is None or isinstance(spec.batch_size, bool):
+        raise bad(f"'batch_size' {spec.batch_size!r} is not valid", "'turns', 'auto' or a number ≥ 1")
+    rebuilt = build_spec(model=spec.model, method="full", ratio=0.0, task=spec.task,
+                         limit=spec.limit, seed=spec.seed, device=spec.device, dtype=spec.dtype,
+                         query_aware=spec.query_aware, batch_size=spec.batch_size, output_path=spec.output_path,
+                         prefill_chunk=spec.prefill_chunk, model_args=spec.model_args, task_args=spec.task_args)
+    if spec.mode != rebuilt.mode:
+        raise bad(f"'mode' {spec.mode!r} is not the task's ({rebuilt.mode!r})", f"set \"mode\": \"{rebuilt.mode}\"")
+    if same_task_version and (spec.task_version, spec.task_template_hash) != (rebuilt.task_version,
+                                                                             rebuilt.task_template_hash):
+        raise bad(f"task '{spec.task}' was version {spec.task_version} (template {spec.task_template_hash}) when "
+                  f"this spec was written; this lcbench has {rebuilt.task_version} ({rebuilt.task_template_hash}), "
+                  f"so the replay would not compute what the spec says", "install the lcbench version that wrote "
+                  "it (its provenance names it), or run the task again with the flags")
+    return dataclasses.replace(rebuilt, method=chain, ratio=requested, extra=dict(spec.extra))
+
+
+def warn(message: str) -> None:
+    """A warning on stderr (inside a progress bar, rich redirects it above the bar)."""
+    from .report.safe import strip_controls
+
+    print(f"warning: {strip_controls(message)}", file=sys.stderr, flush=True)
+
+
+def _check_lengths(samples: list, tokenizer, max_length: int, model: str) -> None:
+    """Warn when a prompt (context, longest question and answer) exceeds the model's position limit."""
+    longest, worst = 0, None
+    for s in samples:
+        n = len(tokenizer(s.context, add_special_tokens=False)["input_ids"])
+        n += max((len(tokenizer(t.question, add_special_tokens=False)["input_ids"]) + t.max_new_tokens
+                  for t in s.turns), default=0)
+        if n > longest:
+            longest, worst = n, s.id
+    if longest > max_length:
+        warn(f"sample {worst} needs about {longest} tokens, more than model '{model}''s max_length {max_length} "
+             f"(max_position_embeddings): positions beyond it were never trained and scores there mean little. "
+             f"Fix: shorter task lengths (e.g. --task-args lengths=...), or a model with a longer window.")
+
+
 def evaluate(spec: RunSpec, models: ModelPool | None = None,
              progress: Callable[[int, int], None] | None = None) -> RunOutcome:
-    """Run (or resume) ``spec``; returns the folder and its summary."""
+    """Run (or resume) ``spec``; returns the folder and its summary.
+
+    Everything that can be checked is checked before the run folder is created: the model loads,
+    the task builds its samples and the chain its stages. The folder is then locked to this
+    process; a run that ends in an error is marked failed in ``status.json`` (a signal: aborted)."""
     torch.manual_seed(spec.seed)
     folder = Path(spec.output_path) / spec.run_id
-    store = RunStore(folder)
-    store.open(spec.to_json())
     loaded = (models or ModelPool()).get(spec)
     task = TASKS.get(spec.task)(**spec.task_args)
     env = TaskEnv(tokenizer=loaded.tokenizer, model_name=spec.model, model_max_length=loaded.max_length,
@@ -118,10 +223,60 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     samples = task.samples(env)
     if spec.limit is not None:
         samples = samples[: spec.limit]
+    if not samples:
+        raise UserError(f"task '{spec.task}' with {spec.task_args} yields no samples. Fix: check --task-args "
+                        f"(see `lcbench ls tasks`).")
+    _check_lengths(samples, loaded.tokenizer, loaded.max_length, spec.model)
     chain = Chain.build(spec.method, spec.ratio)
     engine = Engine(loaded.model, loaded.tokenizer, chain,
                     EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk,
                                  batch_size=spec.batch_size if isinstance(spec.batch_size, int) else None))
+    store = RunStore(folder)
+    try:
+        store.open(spec.to_json())
+    except OSError as exc:
+        if disk_full(exc):
+            raise disk_full_error(folder, exc, 0) from None
+        raise UserError(f"cannot write results to '{folder}': {exc.strerror or exc}. Fix: pass a writable "
+                        f"folder with --output-path.") from None
+    for note in store.notes:
+        warn(note)
+    try:
+        written, summary = _fill(spec, store, engine, task, samples, progress)
+    except KeyboardInterrupt as exc:
+        _end(store, ABORTED, "stopped by " + signal.Signals(signal_number(exc)).name)
+        raise RunAborted(folder, len(store.records()), signal_number(exc)) from None
+    except OSError as exc:
+        if not disk_full(exc):
+            _end(store, FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        _end(store, FAILED, f"disk full: {exc}")
+        raise disk_full_error(folder, exc, _count(store)) from None
+    except BaseException as exc:
+        _end(store, FAILED, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+        raise
+    store.close()
+    return RunOutcome(spec, folder, summary, written)
+
+
+def _count(store: RunStore) -> int:
+    try:
+        return len(store.records())
+    except (UserError, OSError):
+        return 0
+
+
+def _end(store: RunStore, state: str, error: str) -> None:
+    """Mark how the run ended; on a full disk even status.json may not fit (the lock still goes)."""
+    try:
+        store.close(state, error)
+    except OSError:
+        store.release()
+
+
+def _fill(spec: RunSpec, store: RunStore, engine: Engine, task, samples: list,
+          progress: Callable[[int, int], None] | None) -> tuple[int, dict[str, Any]]:
+    """Compute the turns the store lacks, then write the summary."""
     multi_turn = spec.mode == "multi_turn"
     written = 0
     by_id = {s.id: s for s in samples}
@@ -141,7 +296,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     summary.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
                     "ratio": spec.ratio, "model": spec.model, "query_aware": spec.query_aware})
     store.write_json(RunStore.SUMMARY, summary)
-    return RunOutcome(spec, folder, summary, written)
+    return written, summary
 
 
 def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_size: int | str,

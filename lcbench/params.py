@@ -11,13 +11,27 @@ from .errors import UserError
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter a component accepts: its name, type, default and a short help text."""
+    """One parameter a component accepts: its name, type, default, a short help text and the
+    values it accepts, checked when the component is resolved (before anything runs):
+
+    ``choices``  the allowed values;
+    ``min``/``max``  bounds (inclusive) of a number, or of every item of a list of numbers;
+    ``numbers``  a ``str`` parameter holding ``;``-separated numbers (e.g. NIAH's ``lengths``),
+                 each checked against ``min``/``max``;
+    ``nonempty``  a list (or list of numbers) needs at least one item;
+    ``arity``  a list (or list of numbers) needs exactly this many items.
+    """
 
     name: str
     type: type
     default: Any
     help: str = ""
     choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    numbers: bool = False
+    nonempty: bool = False
+    arity: int | None = None
 
     def coerce(self, value: Any, owner: str) -> Any:
         """Convert a value (often a CLI string) to this parameter's type, or raise a UserError."""
@@ -50,9 +64,43 @@ class Param:
             ) from None
         if self.choices is not None and out not in self.choices:
             raise UserError(
-                f"{owner}: parameter '{self.name}' must be one of {list(self.choices)}, got {out!r}."
+                f"{owner}: parameter '{self.name}' must be one of {list(self.choices)}, got {out!r}. "
+                f"Fix: {self.name}={self.choices[0]!s}."
             )
+        self.check(out, owner)
         return out
+
+    def _fix(self) -> str:
+        return f"Fix: pass {self.name}=<value> or leave it out (default {self.default!r}); see `lcbench ls`."
+
+    def check(self, value: Any, owner: str) -> None:
+        """Range, arity and emptiness constraints of a coerced value (a UserError names the fix)."""
+        if self.numbers and isinstance(value, str):
+            try:
+                items: list | None = [float(x) for x in value.replace(",", ";").split(";") if x.strip()]
+            except ValueError:
+                raise UserError(f"{owner}: parameter '{self.name}' must be numbers separated by ';', got {value!r}. "
+                                + self._fix()) from None
+        elif isinstance(value, list):
+            items = value
+        else:
+            items = None
+        if items is not None:
+            if (self.nonempty or self.arity) and not items:
+                raise UserError(f"{owner}: parameter '{self.name}' is empty. " + self._fix())
+            if self.arity is not None and len(items) != self.arity:
+                raise UserError(f"{owner}: parameter '{self.name}' needs exactly {self.arity} values separated by "
+                                f"';', got {len(items)} ({value!r}). " + self._fix())
+            values = items if self.numbers else []
+        else:
+            values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+        for v in values:
+            if v != v:  # NaN
+                raise UserError(f"{owner}: parameter '{self.name}' is NaN. " + self._fix())
+            if self.min is not None and v < self.min:
+                raise UserError(f"{owner}: parameter '{self.name}' must be ≥ {self.min:g}, got {v:g}. " + self._fix())
+            if self.max is not None and v > self.max:
+                raise UserError(f"{owner}: parameter '{self.name}' must be ≤ {self.max:g}, got {v:g}. " + self._fix())
 
 
 def parse_kv(text: str | None, what: str) -> dict[str, str]:

@@ -9,7 +9,7 @@ import json
 import platform
 import re
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import lcbench
@@ -61,8 +61,24 @@ class RunSpec:
         return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance()}
 
     @classmethod
-    def from_json(cls, payload: dict[str, Any]) -> "RunSpec":
-        return cls(**payload["spec"])
+    def from_json(cls, payload: dict[str, Any], where: str = "spec.json") -> "RunSpec":
+        """The spec of a ``spec.json`` payload; unknown or missing keys are a UserError naming them
+        (types and ranges: :func:`lcbench.evaluate.check_spec`)."""
+        from .errors import UserError
+
+        body = payload.get("spec") if isinstance(payload, dict) else None
+        if not isinstance(body, dict):
+            raise UserError(f"{where}: no 'spec' object (an lcbench spec.json holds run_id, spec and provenance). "
+                            f"Fix: pass the spec.json of a run folder.")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(body) - set(names))
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in body]
+        if unknown or missing:
+            raise UserError(f"{where}: " + "; ".join(
+                ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
+                + f". A spec has {names}. Fix: restore the spec.json, or rebuild it with `lcbench run` flags.")
+        return cls(**body)
 
 
 def _git(*args: str) -> str | None:

@@ -67,19 +67,42 @@ def load_grid(path: Path | str) -> Grid:
         raise UserError(f"'{path}' is not valid TOML ({exc}). Fix the file (see examples/sweep_grid.toml).") from None
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        raise UserError(f"'{path}': unknown section(s) {unknown}; a grid file has {list(SECTIONS)}.")
+        raise UserError(f"'{path}': unknown section(s) {unknown}; a grid file has {list(SECTIONS)}. "
+                        f"Fix: rename or drop them (see examples/sweep_grid.toml).")
     grid = data.get("grid", {})
     bad = sorted(set(grid) - set(AXES))
     if bad:
-        raise UserError(f"'{path}' [grid]: unknown axis {bad}; the axes are {list(AXES)} (other settings go in [run]).")
+        raise UserError(f"'{path}' [grid]: unknown axis {bad}; the axes are {list(AXES)} (other settings go in [run]). "
+                        f"Fix: rename it.")
     axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
     if "method" not in axes or not axes["method"]:
         raise UserError(f"'{path}' [grid] names no method. Fix: e.g. method = [\"full\", \"snapkv\"].")
+    for axis, values in axes.items():
+        if not values:
+            raise UserError(f"'{path}' [grid] {axis} = []: an empty axis would run nothing. Fix: list at least one "
+                            f"value, or drop the line for the default.")
+        want = (int, float) if axis == "ratio" else str
+        bad_values = [v for v in values if isinstance(v, bool) or not isinstance(v, want)]
+        if bad_values:
+            kind = "numbers" if axis == "ratio" else "strings (names)"
+            raise UserError(f"'{path}' [grid] {axis}: {bad_values} are not {kind}. Fix: e.g. "
+                            + ("ratio = [0.25, 0.5]." if axis == "ratio" else f'{axis} = ["name"].'))
     run = data.get("run", {})
     bad = sorted(set(run) - set(RUN_KEYS))
     if bad:
-        raise UserError(f"'{path}' [run]: unknown key(s) {bad}; allowed: {list(RUN_KEYS)}.")
-    per_name = {section: {str(k): str(v) for k, v in data.get(section, {}).items()} for section in PER_NAME}
+        raise UserError(f"'{path}' [run]: unknown key(s) {bad}; allowed: {list(RUN_KEYS)}. Fix: rename or drop them.")
+    per_name = {}
+    for section, axis in PER_NAME.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise UserError(f"'{path}' [{section}]: each entry is a name and its k=v,... string, e.g. "
+                            f"snapkv = \"window_size=8\".")
+        named = {str(v) for v in axes.get(axis, [])}
+        stray = sorted(set(table) - named) if axis in axes else []
+        if stray:
+            raise UserError(f"'{path}' [{section}] names {stray}, which the [grid] {axis} axis does not list "
+                            f"({sorted(named)}): a typo would silently run the defaults. Fix: use a name of the grid.")
+        per_name[section] = {str(k): v for k, v in table.items()}
     return Grid(axes, dict(run), per_name, path.stem)
 
 
@@ -91,6 +114,9 @@ def expand(grid: Grid, output_path: str | None = None, remote_devices: bool = Fa
     run = dict(grid.run)
     if output_path is not None:
         run["output_path"] = output_path
+    if not isinstance(run.get("output_path", "results"), str):
+        raise UserError(f"grid '{grid.name}' [run] output_path = {run['output_path']!r}: must be a folder path string. "
+                        f"Fix: output_path = \"results\".")
     run["output_path"] = str(Path(run.get("output_path", "results")).resolve())
     axes = {k: grid.axes.get(k) for k in AXES if grid.axes.get(k)}
     keys = list(axes)
@@ -102,7 +128,10 @@ def expand(grid: Grid, output_path: str | None = None, remote_devices: bool = Fa
             name = combo.get(axis)
             if name is not None and str(name) in grid.per_name.get(section, {}):
                 args[section] = grid.per_name[section][str(name)]
-        spec = _build(args, remote_devices)
+        try:
+            spec = _build(args, remote_devices)
+        except UserError as exc:
+            raise UserError(f"grid '{grid.name}', run {combo}: {exc}") from None
         specs.setdefault(spec.run_id, spec)
     return list(specs.values())
 

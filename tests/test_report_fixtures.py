@@ -56,6 +56,7 @@ def write_run(root: Path, scores: Sequence[float], *, method: str = "snapkv", ra
     for record in records:
         store.append(record)
     store.write_json(RunStore.SUMMARY, summarize(records))
+    store.close()  # status.json: complete; the writer's lock released
     return folder
 
 

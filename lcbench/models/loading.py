@@ -66,8 +66,21 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 def resolve_device(device: str | None) -> str:
     if device in (None, "", "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"--device {device!r} is not a device torch knows. Fix: --device cpu, cuda or cuda:N.")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} was requested but no CUDA device is available. Fix: --device cpu.")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s). "
+                        f"Fix: --device cuda:0 … cuda:{torch.cuda.device_count() - 1}.")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device} was requested but MPS is not available. Fix: --device cpu.")
+    if parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise UserError(f"--device {device} was requested but no XPU is available. Fix: --device cpu.")
     return device
 
 

@@ -9,9 +9,10 @@ from rich.console import Console
 
 from ..errors import UserError
 from .export import FORMATS, check_formats, render_grouped, write_table
-from .frame import load_runs, records_frame
+from .frame import load_runs, records_frame, scored_runs
 from .grouped import GROUPINGS, report_tables
 from .plots import EXTENSIONS, all_plots
+from .safe import csv_frame, terminal_text
 from .table import render_table, run_rows
 
 
@@ -22,10 +23,24 @@ def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None
     plots under ``output/plots/``. Returns the files written."""
     bad = [g for g in groupings if g not in GROUPINGS]
     if bad:
-        raise UserError(f"--group-by {','.join(bad)}: choose among {', '.join(GROUPINGS)}.")
+        raise UserError(f"--group-by {','.join(bad)}: choose among {', '.join(GROUPINGS)}. "
+                        f"Fix: e.g. --group-by dataset,length.")
     check_formats(formats)
+    runs = load_runs(run_dirs)
     render_table(run_rows(run_dirs), console, title=title)
-    df = records_frame(load_runs(run_dirs))
+    for run in runs:
+        for note in run.notes:
+            console.print(f"[yellow]warning:[/] {terminal_text(note)}", highlight=False)
+    failed = [r for r in runs if r.failed]
+    if failed:
+        console.print(terminal_text(f"{len(failed)} failed run(s) left out of the grouped tables: "
+                                    + "; ".join(f"{r.label()} ({r.folder}): {r.error}" for r in failed)),
+                      style="red", highlight=False)
+    scored = scored_runs(runs)
+    if not scored:
+        raise UserError("every run given failed: there are no results to report. Fix: fix the cause named "
+                        "above and re-run (`lcbench run` with the same flags resumes).")
+    df = records_frame(scored)
     written: list[Path] = []
     for table in report_tables(df, groupings):
         render_grouped(table, console)
@@ -33,7 +48,7 @@ def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None
             written += write_table(table, output, formats)
     if output is not None:
         written.append(output / "records.csv")
-        df.drop(columns=["prediction"]).to_csv(written[-1], index=False)
+        csv_frame(df.drop(columns=["prediction"])).to_csv(written[-1], index=False)
         if plots:
             for plot in all_plots(df, output / "plots"):
                 written += [output / "plots" / plot.path(ext) for ext in EXTENSIONS]

@@ -12,17 +12,15 @@ from rich.table import Table
 
 from ..errors import UserError
 from .grouped import GroupedTable
+from .safe import csv_frame, markdown_cell, markdown_text, terminal_text
 
 FORMATS = ("csv", "md", "tex")
 
 
 def to_markdown(df: pd.DataFrame, left: tuple[str, ...] = ("model", "method", "task")) -> str:
-    """A GitHub-flavoured Markdown table (``left`` columns left-aligned, others right);
-    ``|`` and newlines in cells are escaped."""
-
-    def cell(x) -> str:
-        return str(x).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
+    """A GitHub-flavoured Markdown table (``left`` columns left-aligned, others right); HTML,
+    ``|`` and newlines in cells are escaped (:func:`lcbench.report.safe.markdown_cell`)."""
+    cell = markdown_cell
     head = [cell(c) for c in df.columns]
     align = ["---" if c in left else "---:" for c in df.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|"]
@@ -48,7 +46,8 @@ def _latex_escape(text: str) -> str:
 def check_formats(formats: tuple[str, ...]) -> None:
     unknown = set(formats) - set(FORMATS)
     if unknown:
-        raise UserError(f"--format {','.join(sorted(unknown))}: choose among {', '.join(FORMATS)}.")
+        raise UserError(f"--format {','.join(sorted(unknown))}: choose among {', '.join(FORMATS)}. "
+                        f"Fix: e.g. --format csv,md.")
 
 
 def write_table(table: GroupedTable, out_dir: Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
@@ -63,10 +62,11 @@ def write_table(table: GroupedTable, out_dir: Path, formats: tuple[str, ...] = F
     for fmt in formats:
         path = out_dir / f"{table.name}.{fmt}"
         if fmt == "csv":
-            table.numeric.to_csv(path, index=False)
+            csv_frame(table.numeric).to_csv(path, index=False)
         elif fmt == "md":
-            note = f"\n{table.note}\n" if table.note else ""
-            path.write_text(f"### {table.title}\n\n" + to_markdown(table.display) + note, encoding="utf-8")
+            note = f"\n{markdown_text(table.note)}\n" if table.note else ""
+            path.write_text(f"### {markdown_text(table.title)}\n\n" + to_markdown(table.display) + note,
+                            encoding="utf-8")
         else:
             path.write_text(to_latex(table.display, f"{table.title}. {table.note}" if table.note else table.title),
                             encoding="utf-8")
@@ -76,15 +76,14 @@ def write_table(table: GroupedTable, out_dir: Path, formats: tuple[str, ...] = F
 
 def render_grouped(table: GroupedTable, console: Console) -> None:
     """Print ``table.display`` as a rich table (text from results is never read as markup)."""
-    t = Table(title=table.title, title_justify="left", caption=_plain(table.note) or None, caption_justify="left")
+    t = Table(title=_plain(table.title), title_justify="left", caption=_plain(table.note) or None,
+              caption_justify="left")
     for col in table.display.columns:
-        t.add_column(str(col), justify="left" if col in ("model", "method") else "right", overflow="fold")
+        t.add_column(_plain(col), justify="left" if col in ("model", "method") else "right", overflow="fold")
     for row in table.display.itertuples(index=False):
         t.add_row(*[_plain(v) for v in row])
     console.print(t)
 
 
 def _plain(value) -> str:
-    from rich.markup import escape
-
-    return escape(str(value))
+    return terminal_text(value)

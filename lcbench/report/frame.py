@@ -6,12 +6,13 @@ check`` read results the same way (json only, never by running a model).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
+from ..errors import UserError
 from ..results.store import RunStore, find_runs
 from ..results.summary import summarize
 
@@ -33,6 +34,13 @@ class Run:
     provenance: dict[str, Any]
     records: list[dict[str, Any]]
     summary: dict[str, Any]
+    status: str = "complete"  # status.json: complete, failed, aborted or running (unfinished)
+    error: str | None = None  # why a failed run failed
+    notes: list[str] = field(default_factory=list)  # e.g. corrupt lines skipped while reading
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
     @property
     def method(self) -> str:
@@ -54,17 +62,33 @@ class Run:
 def load_run(folder: Path | str) -> Run:
     store = RunStore(folder)
     payload = store.spec()
+    spec = payload["spec"]
+    missing = [k for k in ("task", "model", "method", "ratio") if k not in spec]
+    if missing or not isinstance(spec.get("method"), list) or not all(isinstance(m, dict) and "name" in m
+                                                                    for m in spec.get("method") or []):
+        raise UserError(f"{store.folder / RunStore.SPEC}: the spec misses {missing or ['method names']}. Fix: "
+                        f"restore it from the run's copy, or delete the folder and re-run.")
     records = store.records()
-    if (store.folder / RunStore.SUMMARY).exists():
+    status = store.status()
+    if status["state"] == "complete" and (store.folder / RunStore.SUMMARY).exists():
         summary = store.summary()
-    else:  # an unfinished run: summarize what it holds
+    else:  # an unfinished or failed run: summarize what it holds
         summary = summarize(records)
-    return Run(store.folder, payload["run_id"], payload["spec"], payload.get("provenance", {}), records, summary)
+    notes = [f"{store.folder / RunStore.SAMPLES}: {store.skipped} corrupt line(s) skipped (re-running the same "
+             f"command moves them to {RunStore.QUARANTINE} and recomputes those turns)"] if store.skipped else []
+    return Run(store.folder, payload["run_id"], spec, payload.get("provenance", {}), records, summary,
+               status["state"], status.get("error"), notes)
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:
     """Every run folder under ``paths`` (run folders or folders containing them), in path order."""
     return [load_run(f) for f in find_runs(paths)]
+
+
+def scored_runs(runs: Iterable[Run]) -> list[Run]:
+    """The runs whose records are results: a failed run's are not (its score would be that of fewer
+    samples); it is listed as failed instead."""
+    return [r for r in runs if not r.failed]
 
 
 def _setup(run: Run) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def _column_label(df: pd.DataFrame, by: str) -> pd.Series:
         return prefix + bucket.map(lambda b: f"{_num(b)} tok")
     if by == "turn":
         return prefix + df["turn"].map(lambda t: f"turn {int(t)}")
-    raise UserError(f"--group-by {by!r}: choose one of {', '.join(GROUPINGS)}.")
+    raise UserError(f"--group-by {by!r}: choose one of {', '.join(GROUPINGS)}. "
+                    f"Fix: e.g. --group-by dataset.")
 
 
 def _num(x) -> str:

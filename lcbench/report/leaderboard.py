@@ -27,7 +27,7 @@ import lcbench
 
 from ..errors import UserError
 from ..results.summary import summarize
-from .frame import BATCH_MARK, Run, batch_note, load_runs, method_label, records_frame, task_labels
+from .frame import BATCH_MARK, Run, batch_note, load_runs, method_label, records_frame, scored_runs, task_labels
 from .grouped import fmt_number
 from .plots import Plot, all_plots, slug
 
@@ -223,9 +223,12 @@ def site_data(views: list[RunView]) -> list[dict[str, Any]]:
 def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[float] | None = None,
                       title: str = "lcbench leaderboard") -> Path:
     """Write the site under ``out``; returns ``out/index.html``."""
-    runs = load_runs(run_dirs)
+    every = load_runs(run_dirs)
+    failed = [r for r in every if r.failed]
+    runs = scored_runs(every)
     if not any(r.records for r in runs):
-        raise UserError("the runs hold no records yet. Fix: let `lcbench run` finish before building the leaderboard.")
+        raise UserError("the runs hold no records yet" + (f" ({len(failed)} failed)" if failed else "")
+                        + ". Fix: let `lcbench run` finish before building the leaderboard.")
     out = Path(out)
     _prepare(out)
     views = _views(runs)
@@ -242,7 +245,7 @@ def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[fl
     data = site_data(views)
     (out / "data.json").write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     index = env.get_template("index.html").render(
-        **common, root="", sections=rankings(views, ratios), views=views, methods=methods,
+        **common, root="", sections=rankings(views, ratios), views=views, methods=methods, failed=failed,
         method_slugs={m: slug("method", m) for m in methods},
         overview_plots=[p for p in plots if p.kind in ("score_vs_ratio", "cost")], data=data)
     (out / "index.html").write_text(index, encoding="utf-8")

@@ -8,10 +8,10 @@ from typing import Iterable
 
 import pandas as pd
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs
+from .safe import terminal_text
 
 COLUMNS = {
     "task": "task", "model": "model", "method": "method", "ratio": "ratio", "n": "n",
@@ -33,10 +33,11 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
         if batch is None and run.records:  # summaries written before batch_samples was summarized
             batch = sum(r.get("batch_samples", 1) for r in run.records) / len(run.records)
         s = run.spec
+        failed = run.failed
         rows.append({
             "task": s["task"], "method": run.method, "ratio": s["ratio"],
             "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
-            "score": suite.get("score"), "score_ci": suite.get("ci"),
+            "score": None if failed else suite.get("score"), "score_ci": None if failed else suite.get("ci"),
             "achieved_ratio": overall.get("achieved_ratio"),
             "kv_mb": overall["kv_bytes"] / 2**20 if overall.get("kv_bytes") is not None else None,
             "ttft_s": overall.get("ttft_s"), "decode_tok_s": overall.get("decode_tok_s"),
@@ -44,7 +45,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
             "memory_kind": run.records[0].get("memory_kind") if run.records else None,
             "attention_density": overall.get("attention_density"),
             "batch_samples": batch,
-            "run_id": run.run_id, "folder": str(run.folder),
+            "run_id": run.run_id, "folder": str(run.folder), "status": run.status, "error": run.error,
         })
     df = pd.DataFrame(rows)
     return df.sort_values(["task", "model", "ratio", "method"]).reset_index(drop=True)
@@ -73,9 +74,9 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
     models = sorted(set(df["model"])) if "model" in df else []
     shown = [k for k in COLUMNS if not (k == "model" and len(models) <= 1)
              and not (k == "attention_density" and df.get(k, pd.Series(dtype=float)).isna().all())]
-    table = Table(title=escape(f"{title} — model: {', '.join(models)}" if len(models) == 1 else title))
+    table = Table(title=terminal_text(f"{title} — model: {', '.join(models)}" if len(models) == 1 else title))
     for key in shown:
-        table.add_column(mem_label if key == "peak_memory_mb" else COLUMNS[key], overflow="fold",
+        table.add_column(terminal_text(mem_label if key == "peak_memory_mb" else COLUMNS[key]), overflow="fold",
                          justify="left" if key in ("task", "model", "method") else "right")
     batched = df["batch_samples"].fillna(1) > 1 if "batch_samples" in df else pd.Series(False, index=df.index)
     for idx, row in df.iterrows():
@@ -89,12 +90,20 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell += " (qa)"
             if k in BATCH_DEPENDENT and batched[idx]:
                 cell += BATCH_MARK
-            cells.append(escape(cell))
-        table.add_row(*cells)
+            if k == "score" and row.get("status") == "failed":
+                cell = "FAILED"
+            elif k == "n" and row.get("status") not in (None, "complete"):
+                cell += f" ({row['status']})"
+            cells.append(terminal_text(cell))
+        table.add_row(*cells, style="red" if row.get("status") == "failed" else None)
     notes = [DENSITY_NOTE] if "attention_density" in shown else []
+    failed = df[df["status"] == "failed"] if "status" in df else df.iloc[0:0]
+    if len(failed):
+        notes.append("FAILED: " + "; ".join(f"{r['task']} · {r['method']} · r={r['ratio']:g}: {r['error']}"
+                                             for _, r in failed.iterrows()))
     if batched.any():
         notes.append(batch_note(df.loc[batched, "batch_samples"].mean()))
     if notes:
-        table.caption = escape(" ".join(notes))
+        table.caption = terminal_text(" ".join(notes))
         table.caption_justify = "left"
     console.print(table)

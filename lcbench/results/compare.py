@@ -13,7 +13,7 @@ is the 95th percentile of the resampled mean differences. A run *regresses* when
 - it compresses less than the baseline did (achieved ratio lower by more than ``ratio_tolerance``).
 
 Identical re-runs give all-zero differences, whose bounds are [0, 0]: they pass. A run that lacks
-turns the baseline has is *incomplete*, which fails too.
+turns the baseline has is *incomplete*, and one that ended in an error *failed*: both fail too.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 REGRESSED, IMPROVED, SAME, OK, INCOMPLETE = "regressed", "improved", "same", "ok", "incomplete"
-FAILING = (REGRESSED, INCOMPLETE)
+FAILED = "failed"  # the new run ended in an error (a compression shortfall, a crash): no score to compare
+FAILING = (REGRESSED, INCOMPLETE, FAILED)
 
 
 def paired_bootstrap(base: np.ndarray, new: np.ndarray, n_boot: int = 2000, confidence: float = 0.95,

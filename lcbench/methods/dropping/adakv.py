@@ -47,9 +47,9 @@ class AdaKV(Stage):
     stages = ("cache",)
     params = (
         Param("scorer", str, None, "the per-token scores to allocate over", choices=tuple(SCORERS)),
-        Param("alpha_safeguard", float, None, "each head keeps at least this share of the uniform budget"),
-        Param("window_size", int, None, "observation window of window-based scorers"),
-        Param("kernel_size", int, None, "pooling width of SnapKV's scores"),
+        Param("alpha_safeguard", float, None, "each head keeps at least this share of the uniform budget", min=0, max=1),
+        Param("window_size", int, None, "observation window of window-based scorers", min=1),
+        Param("kernel_size", int, None, "pooling width of SnapKV's scores", min=1),
     )
 
     def __init__(self, ratio: float = 0.0, **args):

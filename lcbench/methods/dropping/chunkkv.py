@@ -40,10 +40,10 @@ class ChunkKV(Stage):
     name = "chunkkv"
     stages = ("cache",)
     params = (
-        Param("chunk_size", int, None, "tokens per chunk"),
-        Param("index_reuse", int, None, "consecutive layers sharing one layer's kept indices (1 = no reuse)"),
-        Param("window_size", int, None, "observation window of the SnapKV scores"),
-        Param("kernel_size", int, None, "pooling width of the SnapKV scores"),
+        Param("chunk_size", int, None, "tokens per chunk", min=1),
+        Param("index_reuse", int, None, "consecutive layers sharing one layer's kept indices (1 = no reuse)", min=1),
+        Param("window_size", int, None, "observation window of the SnapKV scores", min=1),
+        Param("kernel_size", int, None, "pooling width of the SnapKV scores", min=1),
     )
 
     def __init__(self, ratio: float = 0.0, **args):

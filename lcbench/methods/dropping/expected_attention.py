@@ -34,11 +34,11 @@ class ExpectedAttention(ScoringDrop):
     name = "expected_attention"
     needs = Needs(queries=True)
     params = (
-        Param("n_future_positions", int, None, "future positions the RoPE rotation is averaged over"),
-        Param("n_sink", int, None, "initial tokens kept and left out of the query statistics"),
+        Param("n_future_positions", int, None, "future positions the RoPE rotation is averaged over", min=0),
+        Param("n_sink", int, None, "initial tokens kept and left out of the query statistics", min=0),
         Param("use_covariance", bool, None, "include the query covariance term"),
         Param("use_vnorm", bool, None, "multiply the scores by the value norms"),
-        Param("epsilon", float, None, "added to the scores before the value-norm rescaling"),
+        Param("epsilon", float, None, "added to the scores before the value-norm rescaling", min=0),
     )
 
     def scores(self, layer, seen):

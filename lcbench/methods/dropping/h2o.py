@@ -28,7 +28,7 @@ class H2O(ScoringDrop):
     stages = ("cache", "decode")
     needs = Needs(full_attention_sum=True)
     params = (
-        Param("recent_ratio", float, None, "share of the budget given to the most recent tokens"),
+        Param("recent_ratio", float, None, "share of the budget given to the most recent tokens", min=0, max=1),
         Param("decode_eviction", bool, None, "keep evicting during decoding (constant cache size)"),
     )
 

@@ -25,7 +25,7 @@ from .scoring import ScoringDrop
 from .select import context_slots, group_mean
 
 LEVERAGE_PARAMS = (
-    Param("sketch_dimension", int, None, "columns of the Gaussian sketch"),
+    Param("sketch_dimension", int, None, "columns of the Gaussian sketch", min=1),
     Param("seed", int, None, "seed of the Gaussian sketch"),
 )
 
@@ -86,9 +86,9 @@ class Compactor(ScoringDrop):
     name = "compactor"
     needs = Needs(queries=True)
     params = LEVERAGE_PARAMS + (
-        Param("chunk_size", int, None, "tokens per chunk of the non-causal attention"),
-        Param("sink_start", int, None, "first tokens always kept"),
-        Param("sink_end", int, None, "last context tokens always kept"),
+        Param("chunk_size", int, None, "tokens per chunk of the non-causal attention", min=1),
+        Param("sink_start", int, None, "first tokens always kept", min=0),
+        Param("sink_end", int, None, "last context tokens always kept", min=0),
         Param("blending", float, None, "weight of the leverage scores (< 0: the compression ratio)"),
     )
 

@@ -23,7 +23,7 @@ from .select import context_slots
 class QFilters(ScoringDrop):
     name = "qfilters"
     needs = Needs(queries=True)
-    params = (Param("calibration_samples", int, None, "samples whose queries estimate the filters (0: every sample)"),)
+    params = (Param("calibration_samples", int, None, "samples whose queries estimate the filters (0: every sample)", min=0),)
 
     def __init__(self, ratio: float = 0.0, **args):
         super().__init__(ratio, **args)

@@ -34,8 +34,8 @@ def window_scores(seen, window: int, kernel: int, pooling: str) -> torch.Tensor:
 
 
 SNAPKV_PARAMS = (
-    Param("window_size", int, None, "last prompt queries whose attention scores the keys"),
-    Param("kernel_size", int, None, "pooling width over neighbouring keys"),
+    Param("window_size", int, None, "last prompt queries whose attention scores the keys", min=1),
+    Param("kernel_size", int, None, "pooling width over neighbouring keys", min=1),
     Param("pooling", str, None, "pooling of the scores: avg or max", choices=("avg", "max")),
 )
 

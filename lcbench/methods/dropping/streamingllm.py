@@ -20,7 +20,7 @@ class StreamingLLM(ScoringDrop):
     name = "streamingllm"
     stages = ("cache", "decode")
     params = (
-        Param("n_sink", int, None, "initial tokens always kept (attention sinks)"),
+        Param("n_sink", int, None, "initial tokens always kept (attention sinks)", min=0),
         Param("rolling", bool, None, "evict the oldest non-sink token for every generated token"),
     )
 

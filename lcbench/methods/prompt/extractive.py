@@ -68,7 +68,7 @@ def embedding_scores(model_name: str, units: list[str], query: str | None) -> li
 class Extractive(PromptCompressor):
     name = "extractive"
     params = (
-        Param("chunk_words", int, None, "words per chunk of whole sentences; 0 ranks single sentences"),
+        Param("chunk_words", int, None, "words per chunk of whole sentences; 0 ranks single sentences", min=0),
         Param("embedding_model", str, None, "sentence-transformers model (name or path); empty: BM25"),
     )
 

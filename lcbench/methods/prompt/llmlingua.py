@@ -94,9 +94,9 @@ def finish(text, tokens: Tokens, scores: list[float], kept: list[bool], budget: 
 
 COARSE = (
     COMPRESSOR, WINDOW,
-    Param("chunk_tokens", int, None, "compressor tokens per coarse chunk (whole sentences)"),
-    Param("coarse_factor", float, None, "the coarse step keeps this many times the final budget"),
-    Param("segment_size", int, None, "tokens per segment of the iterative token-level pass"),
+    Param("chunk_tokens", int, None, "compressor tokens per coarse chunk (whole sentences)", min=1),
+    Param("coarse_factor", float, None, "the coarse step keeps this many times the final budget", min=1),
+    Param("segment_size", int, None, "tokens per segment of the iterative token-level pass", min=1),
 )
 
 
@@ -138,7 +138,8 @@ class LongLLMLingua(LLMLingua):
     name = "longllmlingua"
     params = COARSE + (
         Param("question_suffix", str, None, "appended to the question when ranking chunks (the paper's restrict prompt)"),
-        Param("dynamic_delta", float, None, "keep-rate spread between the best and the worst ranked chunk (each side)"),
+        Param("dynamic_delta", float, None, "keep-rate spread between the best and the worst ranked chunk (each side)",
+              min=0, max=1),
         Param("reorder", str, None, "order of kept chunks: original, or sort (by relevance)", choices=("original", "sort")),
     )
 

@@ -46,7 +46,7 @@ class LLMLingua2(PromptCompressor):
     params = (
         Param("model", str, None, "LLMLingua-2 token-classification model (hub id or local folder)"),
         Param("force_tokens", list, None, "tokens always kept (';'-separated)"),
-        Param("steps", int, None, "rate adjustments to meet the budget in the target tokenizer"),
+        Param("steps", int, None, "rate adjustments to meet the budget in the target tokenizer", min=0),
     )
 
     def compress(self, text, budget):

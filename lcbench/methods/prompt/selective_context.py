@@ -19,7 +19,7 @@ from .units import owner_of, phrase_spans, select_within_budget, sentence_spans,
 
 COMPRESSOR = Param("compressor", str, None, "causal LM that scores tokens: 'target' (the evaluated model), "
                    "a registered model name, a hub id or a local folder")
-WINDOW = Param("window", int, None, "most tokens the compressor conditions on at once")
+WINDOW = Param("window", int, None, "most tokens the compressor conditions on at once", min=1)
 
 
 def unit_spans(text: str, unit: str, token_units: list[tuple[int, int]], phrase_words: int) -> list[tuple[int, int]]:
@@ -34,7 +34,7 @@ class SelectiveContext(PromptCompressor):
     params = (
         COMPRESSOR, WINDOW,
         Param("unit", str, None, "lexical unit that is kept or dropped", choices=("token", "phrase", "sentence")),
-        Param("phrase_words", int, None, "most words per phrase unit"),
+        Param("phrase_words", int, None, "most words per phrase unit", min=1),
     )
 
     def compress(self, text, budget):

@@ -19,8 +19,8 @@ class KIVI(QuantizeStage):
     key_axis = "channel"
     params = (
         Param("bits", int, None, "2 or 4; 0 = chosen from the ratio", choices=(0, 2, 4)),
-        Param("group_size", int, None, "tokens per key group / channels per value group"),
-        Param("window", int, None, "recent tokens kept in full precision; -1 = the longest the ratio allows"),
+        Param("group_size", int, None, "tokens per key group / channels per value group", min=1),
+        Param("window", int, None, "recent tokens kept in full precision; -1 = the longest the ratio allows", min=-1),
     )
 
     def bits_options(self):

@@ -9,8 +9,8 @@ from ..presets import from_preset
 from .plan import QuantizeStage
 
 PER_TOKEN_PARAMS = (
-    Param("group_size", int, None, "channels sharing one scale (the whole head when it does not divide it)"),
-    Param("window", int, None, "recent tokens kept in full precision; -1 = the longest the ratio allows"),
+    Param("group_size", int, None, "channels sharing one scale (the whole head when it does not divide it)", min=1),
+    Param("window", int, None, "recent tokens kept in full precision; -1 = the longest the ratio allows", min=-1),
 )
 
 

@@ -73,8 +73,8 @@ class KVMerge(Stage):
     name = "kvmerge"
     stages = ("cache",)
     params = (
-        Param("window_size", int, None, "last prompt queries whose attention scores (and weighs) the keys"),
-        Param("kernel_size", int, None, "SnapKV's max-pooling width over neighbouring keys"),
+        Param("window_size", int, None, "last prompt queries whose attention scores (and weighs) the keys", min=1),
+        Param("kernel_size", int, None, "SnapKV's max-pooling width over neighbouring keys", min=1),
     )
 
     def __init__(self, ratio: float = 0.0, **args):

@@ -42,8 +42,8 @@ class Pool(Stage):
     name = "pool"
     stages = ("context_inputs",)
     params = (
-        Param("keep_first", int, None, "initial context tokens prefilled as they are (attention sink)"),
-        Param("chunk", int, None, "tokens per pooled position; 0 sizes the chunks from --ratio"),
+        Param("keep_first", int, None, "initial context tokens prefilled as they are (attention sink)", min=0),
+        Param("chunk", int, None, "tokens per pooled position; 0 sizes the chunks from --ratio", min=0),
     )
 
     def context_inputs(self, model, ids, context_length, cache):

@@ -20,7 +20,7 @@ from ...params import Param
 from ..base import Stage
 from .kernel import BlockPattern, block_sparse_attention, causal_block_pairs
 
-BLOCK_SIZE = Param("block_size", int, None, "tokens per query/key block of the sparse pattern")
+BLOCK_SIZE = Param("block_size", int, None, "tokens per query/key block of the sparse pattern", min=1)
 
 
 def densest_within(target: float, build: Callable[[float], BlockPattern], lo: float, hi: float,

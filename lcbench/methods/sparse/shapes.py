@@ -32,7 +32,7 @@ def ashape_blocks(nb: int, sink_blocks: int, local_blocks: int, dense_last_block
 @from_preset("sparse_attention.toml")
 class AShape(SparsePrefill):
     name = "ashape"
-    params = (BLOCK_SIZE, Param("sink_tokens", int, None, "initial tokens every query attends (attention sinks)"))
+    params = (BLOCK_SIZE, Param("sink_tokens", int, None, "initial tokens every query attends (attention sinks)", min=0))
 
     def dense_last_blocks(self, length: int) -> int:
         return 0
@@ -54,7 +54,7 @@ class AShape(SparsePrefill):
 @from_preset("sparse_attention.toml")
 class TriShape(AShape):
     name = "trishape"
-    params = AShape.params + (Param("last_queries", int, None, "last queries that attend densely"),)
+    params = AShape.params + (Param("last_queries", int, None, "last queries that attend densely", min=0),)
 
     def dense_last_blocks(self, length: int) -> int:
         return math.ceil(self.args["last_queries"] / self.args["block_size"])

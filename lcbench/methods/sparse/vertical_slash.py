@@ -62,10 +62,10 @@ class VerticalSlash(SparsePrefill):
     name = "vertical_slash"
     params = (
         BLOCK_SIZE,
-        Param("last_queries", int, None, "last queries whose attention estimates the pattern"),
-        Param("sink_columns", int, None, "first key columns always attended"),
-        Param("local_slashes", int, None, "nearest diagonals always attended"),
-        Param("slash_per_vertical", float, None, "slash lines per vertical line (MInference default 6096/1000)"),
+        Param("last_queries", int, None, "last queries whose attention estimates the pattern", min=1),
+        Param("sink_columns", int, None, "first key columns always attended", min=0),
+        Param("local_slashes", int, None, "nearest diagonals always attended", min=0),
+        Param("slash_per_vertical", float, None, "slash lines per vertical line (MInference default 6096/1000)", min=0),
     )
 
     def pattern(self, query, key, groups, scaling):

@@ -30,13 +30,13 @@ _MODE = Param("mode", str, _D["mode"], "multi_turn (gold history, SCBench's defa
               ("multi_turn", "multi_request"))
 _COMMON = (
     _MODE,
-    Param("max_turns", int, _D["max_turns"], "turns per context (upstream --max_turns 5; 0 = all)"),
-    Param("max_seq_length", int, 0, "upstream --max_seq_length (131072); 0 = min(131072, the model's limit)"),
+    Param("max_turns", int, _D["max_turns"], "turns per context (upstream --max_turns 5; 0 = all)", min=0),
+    Param("max_seq_length", int, 0, "upstream --max_seq_length (131072); 0 = min(131072, the model's limit)", min=0),
     Param("chat", bool, True, "apply the model's chat template (upstream always passes --use_chat_template)"),
 )
 _RELEASED = (
     Param("data_dir", str, None, "folder with the released <task>.jsonl files (default: the hub, or --data-dir)"),
-    Param("num_samples", int, -1, "rows per task (-1 = all, upstream --num_eval_examples)"),
+    Param("num_samples", int, -1, "rows per task (-1 = all, upstream --num_eval_examples)", min=-1),
 )
 
 
@@ -184,9 +184,9 @@ class SCBenchSynthetic(SCBenchTask):
     """An offline stand-in: rows generated in the released format, scored as the released task."""
 
     params = _COMMON + (
-        Param("length", int, PROTOCOL["synthetic"]["length"], "tokens of the first turn's prompt"),
-        Param("num_samples", int, PROTOCOL["synthetic"]["num_samples"], "generated contexts"),
-        Param("num_turns", int, PROTOCOL["synthetic"]["num_turns"], "questions per context"),
+        Param("length", int, PROTOCOL["synthetic"]["length"], "tokens of the first turn's prompt", min=1),
+        Param("num_samples", int, PROTOCOL["synthetic"]["num_samples"], "generated contexts", min=1),
+        Param("num_turns", int, PROTOCOL["synthetic"]["num_turns"], "questions per context", min=1),
     )
 
     def base_task(self, dataset: str) -> str:
