@@ -44,8 +44,8 @@ class Quest(Stage):
     name = "quest"
     stages = ("prefill_attention", "decode")
     params = (
-        Param("page_size", int, None, "tokens per KV page"),
-        Param("dense_layers", int, None, "first layers that stay dense (the paper skips 2)"),
+        Param("page_size", int, None, "tokens per KV page", min=1),
+        Param("dense_layers", int, None, "first layers that stay dense (the paper skips 2)", min=0),
     )
 
     def begin_sample(self) -> None:
