@@ -183,20 +183,22 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
     if needs.queries:
         seen.queries = query
     if needs.window or needs.full_attention_sum:
-        keys = repeat_kv(key, groups).float()
-        valid = None if layer.valid is None else layer.valid.repeat_interleave(groups, dim=1)
+        valid = layer.valid  # (B, Hkv, L) or None
 
         def probs(start: int, stop: int, width: int = L) -> torch.Tensor:
-            """Attention of queries ``start:stop`` over the first ``width`` keys (the keys after
-            the last of these queries are causally masked: leaving them out changes nothing)."""
-            q = query[:, :, start:stop].float()
-            scores = q @ keys[:, :, :width].transpose(-1, -2) * scaling  # (B, Hq, n, width)
-            rows = torch.arange(start, stop, device=q.device)[:, None] + (L - q_len)
-            cols = torch.arange(width, device=q.device)[None, :]
-            allowed = cols <= rows
+            """Attention (B, Hq, n, width) of queries ``start:stop`` over the first ``width`` keys (the
+            keys after the last of these queries are causally masked: leaving them out changes nothing)."""
+            b, hq, _, _ = query.shape
+            n = stop - start
+            scores = grouped_scores(query[:, :, start:stop], key, groups, scaling, width)
+            scores = scores.view(b, hq // groups, groups, n, width)
+            rows = torch.arange(start, stop, device=query.device)[:, None] + (L - q_len)
+            cols = torch.arange(width, device=query.device)[None, :]
+            allowed = (cols <= rows)[None, None, None]
             if valid is not None:
-                allowed = allowed & (valid[:, :, None, :width] | (cols == rows))
-            return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+                allowed = allowed & (valid[:, :, None, None, :width] | (cols == rows))
+            scores.masked_fill_(~allowed, float("-inf"))
+            return softmax_in_place(scores).view(b, hq, n, width)
 
         if needs.window:
             w = min(needs.window, q_len)
@@ -205,10 +207,55 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
                 seen.window_queries = query[:, :, q_len - w:]
         if needs.full_attention_sum:
             seen.attention_sum = (attention_sum(query, key, groups, scaling, L) if valid is None else
-                                  sum_in_chunks(probs, query.shape[:2], L, q_len, query.device))
+                                  sum_in_chunks(probs, query.shape[:2], L, q_len, query.device,
+                                                chunk=query_chunk(query.shape[1], L)))
     elif needs.window_queries:
         seen.window_queries = query[:, :, max(0, q_len - 1):]
     return seen
+
+
+# Observation transients (issue #12): keys are never repeated per query head nor upcast whole —
+# scores are computed per KV head on its grouped queries, keys upcast to float32 KEY_CHUNK at a
+# time; softmax runs in float32 in place, SOFTMAX_CHUNK_BYTES of rows at a time; and a pass over
+# every query (H2O) takes as many queries at once as keep its float32 scores within CHUNK_BYTES.
+KEY_CHUNK = 4096
+CHUNK_BYTES = 256 * 2**20
+SOFTMAX_CHUNK_BYTES = 64 * 2**20
+
+
+def grouped_scores(query: torch.Tensor, key: torch.Tensor, groups: int, scaling: float,
+                   width: int | None = None) -> torch.Tensor:
+    """Float32 scaled logits (B, Hkv, G·n, width) of ``query`` (B, Hq, n, D) over the first
+    ``width`` keys of ``key`` (B, Hkv, L, D): per KV head on its ``G`` grouped query heads (query
+    head ``h·G + g`` is row block ``g`` of KV head ``h``, as ``repeat_kv`` orders them), keys
+    upcast ``KEY_CHUNK`` at a time — the same dot products as over repeated float32 keys."""
+    b, hq, n, d = query.shape
+    hkv = key.shape[1]
+    width = key.shape[2] if width is None else width
+    q = query.float().reshape(b, hkv, groups * n, d)
+    if width <= KEY_CHUNK:
+        return torch.matmul(q, key[:, :, :width].float().transpose(-1, -2)).mul_(scaling)
+    out = torch.empty(b, hkv, groups * n, width, dtype=torch.float32, device=query.device)
+    for a in range(0, width, KEY_CHUNK):
+        c = min(width, a + KEY_CHUNK)
+        out[..., a:c] = torch.matmul(q, key[:, :, a:c].float().transpose(-1, -2))
+    return out.mul_(scaling)
+
+
+def softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.softmax(-1)`` written back into ``scores`` (same numbers), a bounded block of rows
+    at a time, so no second tensor of its size exists."""
+    rows = scores.view(-1, scores.shape[-1])
+    step = max(1, SOFTMAX_CHUNK_BYTES // (4 * max(1, scores.shape[-1])))
+    for a in range(0, rows.shape[0], step):
+        rows[a:a + step] = rows[a:a + step].softmax(-1)
+    return scores
+
+
+def query_chunk(query_heads: int, length: int, limit: int = 512) -> int:
+    """Queries per chunk of a pass over every query: at most ``limit``, and few enough that the
+    chunk's float32 scores (query heads × queries × keys) stay within ``CHUNK_BYTES``."""
+    return max(1, min(limit, CHUNK_BYTES // (4 * query_heads * max(1, length))))
 
 
 def sum_in_chunks(probs, batch_heads, L: int, q_len: int, device, chunk: int = 512) -> torch.Tensor:
@@ -221,22 +268,23 @@ def sum_in_chunks(probs, batch_heads, L: int, q_len: int, device, chunk: int = 5
     return total
 
 
-def attention_sum(query, key, groups: int, scaling: float, L: int, chunk: int = 512) -> torch.Tensor:
+def attention_sum(query, key, groups: int, scaling: float, L: int, chunk: int | None = None) -> torch.Tensor:
     """:func:`sum_in_chunks` for a layer without padding, computed per KV head on the grouped
-    queries (no repeated keys) and masking only each chunk's own diagonal block: same numbers,
-    about half the time (H2O needs every query's attention, which SDPA does not return)."""
+    queries (no repeated keys, keys upcast in chunks: :func:`grouped_scores`) and masking only each
+    chunk's own diagonal block: same numbers, about half the time (H2O needs every query's
+    attention, which SDPA does not return). ``chunk`` queries at a time (default
+    :func:`query_chunk`: the float32 scores of a chunk stay within ``CHUNK_BYTES``)."""
     b, hq, q_len, d = query.shape
     hkv = hq // groups
-    keys_t = key.float().transpose(-1, -2)  # (B, Hkv, D, L)
+    chunk = chunk or query_chunk(hq, L)
     total = torch.zeros(b, hkv, groups, L, device=query.device)
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
         n, width = stop - start, L - q_len + stop
-        q = query[:, :, start:stop].float().reshape(b, hkv, groups * n, d)
-        scores = torch.matmul(q, keys_t[..., :width]).mul_(scaling).view(b, hkv, groups, n, width)
+        scores = grouped_scores(query[:, :, start:stop], key, groups, scaling, width).view(b, hkv, groups, n, width)
         future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
         scores[..., width - n:].masked_fill_(future, float("-inf"))
-        total[..., :width] += scores.softmax(-1).sum(3)
+        total[..., :width] += softmax_in_place(scores).sum(3)
     return total.reshape(b, hq, L)
 
 

@@ -12,6 +12,7 @@ layer's ``scaling`` (1/√d when the module has none).
 
 import torch
 
+from ...engine.attention import grouped_scores
 from ...params import Param
 from ..base import Needs
 from ..presets import from_preset
@@ -71,11 +72,12 @@ class H2O(ScoringDrop):
             start = self._accumulated[layer_idx][..., :n].expand(b, h, -1)
             layer.tracks[TRACK] = torch.cat([start, start.new_zeros(b, h, n - start.shape[-1])], dim=-1)
         groups = query.shape[1] // h
-        logits = query.float() @ keys.repeat_interleave(groups, dim=1).float().transpose(-1, -2)
-        logits = logits * self._scaling[layer_idx]  # (B, Hq, 1, n)
+        # per KV head on its grouped queries, keys upcast in chunks (no repeated float32 keys)
+        logits = grouped_scores(query, keys, groups, self._scaling[layer_idx])  # (B, Hkv, G, n)
         if layer.valid is not None:
-            logits = logits.masked_fill(~layer.valid.repeat_interleave(groups, dim=1)[:, :, None, :], float("-inf"))
-        layer.tracks[TRACK] = layer.tracks[TRACK] + group_mean(logits.softmax(-1)[:, :, 0], groups)
+            logits = logits.masked_fill_(~layer.valid[:, :, None, :], float("-inf"))
+        probs = logits.softmax(-1).view(b, h * groups, n)  # (B, Hq, n)
+        layer.tracks[TRACK] = layer.tracks[TRACK] + group_mean(probs, groups)
         m = min(layer.evictable(), n - self._recent[layer_idx])
         if m > 0:
             layer.evict(layer.tracks[TRACK][..., :m])
