@@ -141,6 +141,24 @@ def ls(what: str = typer.Argument(..., help="methods | tasks | models")) -> None
     describe_registry(what, console)
 
 
+@app.command("new")
+def new(
+    kind: str = typer.Argument(..., help="method | task"),
+    name: str = typer.Argument(..., help="the registered name, e.g. my_method (lower case, digits, '_')"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="folder to write (default: ./lcbench-NAME)"),
+) -> None:
+    """Write a working plugin package: one module, its entry point, a test, baselines script, CI check."""
+    from rich.markup import escape
+
+    from .scaffold import write_plugin
+
+    folder = output or Path("lcbench-" + name.replace("_", "-"))
+    written = write_plugin(kind, name, folder)
+    console.print(escape(f"wrote {len(written)} files under {folder}/: " + ", ".join(
+        str(w.relative_to(folder)) for w in written)))
+    console.print(escape(f"next: cd {folder} && pip install -e '.[dev]' && python -m pytest -q && bash make_baselines.sh"))
+
+
 @app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="run folders (or folders containing them)"),
