@@ -113,17 +113,19 @@ def visible_after(layer: KVLayer, window: int) -> torch.Tensor:
 
 def drop_unseeable(layer: KVLayer, window: int) -> KVLayer:
     """Forget the tokens no later query of a sliding-window layer can see (what transformers'
-    ``DynamicSlidingWindowLayer`` keeps: the last ``window - 1``). Done only where it is exact: every
-    row and head keep the same number of slots."""
-    keep = visible_after(layer, window)
+    ``DynamicSlidingWindowLayer`` keeps: the last ``window - 1``). Every row and head keep their last
+    ``K`` slots, ``K`` the most real tokens any of them can still see — so a row shorter than the
+    others keeps some of its left padding, and no row keeps a token it cannot see. Done only where
+    that is exact (the visible tokens are the newest slots, as after a prefill)."""
+    L = layer.seq_len()
+    seeable = visible_after(layer, window)
     if layer.valid is not None:
-        keep = keep | ~layer.valid  # padding is left where it is
-    counts = keep.sum(-1)
-    if bool(keep.all()) or not bool((counts == counts.flatten()[0]).all()):
+        seeable = seeable & layer.valid
+    k = int(seeable.sum(-1).max())
+    if k >= L or k == 0 or bool(seeable[..., : L - k].any()):
         return layer
-    b, h, L = keep.shape
-    index = torch.arange(L, device=keep.device).expand(b, h, L)[keep].view(b, h, -1)
-    layer.select(index)
+    b, h, _ = seeable.shape
+    layer.select(torch.arange(L - k, L, device=seeable.device).expand(b, h, k))
     return layer
 
 

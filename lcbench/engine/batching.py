@@ -156,6 +156,7 @@ class PerRowCompression(Stage):
         rows = row_layers(layer)
         kept = []
         for j, (stages, n) in enumerate(zip(self.row_stages, self.lengths)):
+            n = min(n, width)  # a sliding-window layer kept only its last `width` slots (engine/attention.py)
             row, row_seen = rows[j], row_observation(seen, j, width - n, n, self.needs)
             for stage in stages:
                 row = stage.compress_layer(row, row_seen)

@@ -55,7 +55,7 @@ class Quest(Stage):
         self._bounds: dict[int, tuple] = {}
 
     # --- prefill: dense; learn the context length to state the density decoding will use -------
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx):
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
         if query.shape[2] == key.shape[2] and layer_idx == 0:
             layers = module.config.num_hidden_layers
             self._planned = self._layer_keep(key.shape[2], layers, layer_idx=layers - 1)[1]
@@ -96,7 +96,8 @@ class Quest(Stage):
         g = Hq // Hkv
         ps = self.args["page_size"]
         P = math.ceil(L / ps)
-        keep, _ = self._layer_keep(L, module.config.num_hidden_layers, layer_idx)
+        seeable = L if visible is None else int(visible.sum(-1).max())  # the budget: what the window shows
+        keep, _ = self._layer_keep(seeable, module.config.num_hidden_layers, layer_idx)
         if keep >= P:
             self._count(layer, None, visible)
             return None

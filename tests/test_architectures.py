@@ -1,0 +1,296 @@
+"""Every decoder family right or refused (issue #12): the support matrix of
+:mod:`lcbench.models.support` over the tiny models of :mod:`lcbench.models.families`, plus the
+semantics it rests on — sliding windows in true positions (transformers' ``sliding_window_overlay``),
+what a window layer keeps, the full reference it is measured against, windowed sparse patterns,
+and the probe that refuses models lcbench cannot take over."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from lcbench.errors import UserError
+from lcbench.models import support
+from lcbench.models.families import FAMILIES, WINDOW, build, family
+from lcbench.models.loading import LoadedModel, use_lcbench_attention
+from lcbench.models.tiny import tiny_tokenizer
+
+warnings.filterwarnings("ignore", message=".*rope.*")
+
+REFUSED = {"falcon": "never called lcbench's attention", "deepseek-v2": "different widths",
+           "deepseek-v3": "different widths"}
+WINDOWED = [f.name for f in FAMILIES if f.overrides.get("sliding_window")]
+AVAILABLE = [f.name for f in FAMILIES if f.available()]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    yield
+    logging.set_verbosity(level)
+
+
+# --- the matrix ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", AVAILABLE)
+def test_family_is_right_or_refused(name):
+    """`full` equals model.generate (sdpa and eager) and snapkv, streamingllm, kivi, ashape and
+    truncate reach ratio 0.5 — or the family is refused with its reason before anything runs."""
+    result = support.check_family(family(name))
+    if name in REFUSED:
+        assert result.status == "refused" and REFUSED[name] in result.reason and "Fix:" in result.reason
+        return
+    assert result.status == "works", [c for c in result.checks if not c.ok]
+    assert [c.what for c in result.checks] == ["full/sdpa", "full/eager"] + [m for m, _ in support.METHODS]
+    shortfalls = [c.what for c in result.checks if c.detail.startswith("refused")]
+    # only a prompt compressor may fall short, and only where every layer has a window shorter
+    # than the compressed context (it cannot shrink what those layers hold)
+    assert shortfalls in ([], ["truncate"])
+    if shortfalls:
+        assert family(name).overrides.get("sliding_window") and "layer_types" not in family(name).overrides
+
+
+def _without(fam, feature: str):
+    over = dict(fam.overrides)
+    if feature == "window":
+        over["sliding_window"] = 4096  # longer than the context: the same layers, no window effect
+    elif feature == "softcap":
+        over["attn_logit_softcapping"] = None
+    return dataclasses.replace(fam, overrides=over, strong_sinks=feature != "sinks" and fam.strong_sinks)
+
+
+@pytest.mark.parametrize("name,feature", [(n, "window") for n in WINDOWED] + [("gemma2", "softcap"), ("gpt-oss", "sinks")])
+def test_the_matrix_context_makes_each_feature_matter(name, feature):
+    """The feature changes model.generate's output at the matrix's context length, so `full`
+    matching generate proves lcbench honours it (not that it never mattered)."""
+    tok = tiny_tokenizer()
+    s = support.sample()
+    from lcbench.engine.prompt import render
+
+    p = render(tok, s, s.context, multi_turn=False)
+    prompt = p.context_ids + p.turn_ids[0]
+    assert len(prompt) > 5 * WINDOW
+    fam = family(name)
+    with_it = support._generate(build(fam, "eager"), prompt)
+    without = support._generate(build(_without(fam, feature), "eager"), prompt)
+    assert with_it != without
+
+
+@pytest.mark.parametrize("name", ["mistral-window", "gemma2", "gpt-oss", "cohere2"])
+def test_full_token_ids_equal_generate(name):
+    """Token ids (not only text) of lcbench `full` equal model.generate's, for both turns."""
+    from lcbench.engine.prompt import render
+    from tests.conftest import engine_for
+    from tests.helpers import decoded_ids
+
+    tok = tiny_tokenizer()
+    s = support.sample()
+    p = render(tok, s, s.context, multi_turn=False)
+    fam = family(name)
+    refs = support.references(fam, [p.context_ids + t for t in p.turn_ids])
+    ref = refs.get("sdpa", refs["eager"])
+    model = support.lcbench_model(fam, "sdpa")
+    ids, _ = decoded_ids(lambda: engine_for(model, tok).run(s, False))
+    eos = tok.eos_token_id
+    assert [ids[("arch", k)] for k in range(2)] == [r[: r.index(eos)] if eos in r else r for r in ref]
+
+
+# --- window semantics ------------------------------------------------------------------------
+def test_window_mask_follows_transformers_in_true_positions():
+    """A query at true position p sees the keys at positions in (p - w, p] — transformers'
+    causal + sliding_window_overlay on positions — even after tokens were dropped (gaps)."""
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+
+    from lcbench.cache import DenseLayer
+    from lcbench.engine.attention import storage_mask
+
+    w = 5
+    positions = torch.tensor([0, 1, 2, 7, 8, 9, 13, 14, 15, 16, 17, 18])
+    layer = DenseLayer()
+    layer.append(torch.zeros(1, 2, 12, 4), torch.zeros(1, 2, 12, 4), positions[None], None)
+    reference = and_masks(causal_mask_function, sliding_window_overlay(w))
+    for q_len in (1, 4, 12):
+        mask = storage_mask(layer, q_len, w)[0, 0]
+        qpos = positions[12 - q_len:]
+        zero = torch.tensor(0)
+        want = torch.tensor([[bool(reference(zero, zero, qp, kp)) for kp in positions] for qp in qpos])
+        assert torch.equal(mask, want)
+
+
+def test_window_layer_keeps_what_transformers_sliding_cache_keeps():
+    """After the context, a window layer holds the last w - 1 tokens, like transformers'
+    DynamicSlidingWindowLayer; `full` holds exactly the reference bytes (achieved ratio 0), and that
+    reference is transformers' own cache size."""
+    from transformers import DynamicCache
+
+    from lcbench.engine.prompt import render
+    from tests.conftest import engine_for
+
+    fam = family("gemma3-text")
+    tok = tiny_tokenizer()
+    s = support.sample()
+    model = support.lcbench_model(fam, "sdpa")
+    record = engine_for(model, tok).run(s, False)[0]
+    ref = build(fam, "sdpa")
+    ids = torch.tensor([render(tok, s, s.context, False).context_ids])
+    cache = DynamicCache(config=ref.config)
+    with torch.inference_mode():
+        ref(ids, past_key_values=cache, use_cache=True)
+    held = [layer.keys.shape[2] for layer in cache.layers]
+    assert held == [WINDOW - 1, ids.shape[1]]
+    theirs = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert record["kv_bytes"] == record["kv_bytes_full"] == theirs
+    assert record["achieved_ratio"] == 0.0
+
+
+def test_dropping_on_a_window_layer_counts_only_visible_tokens():
+    """snapkv at 0.5 on a model whose every layer has a window keeps half of the w - 1 tokens
+    each layer can still see, and the ratio is measured against those."""
+    from tests.conftest import engine_for
+
+    fam = family("mistral-window")
+    model = support.lcbench_model(fam, "sdpa")
+    record = engine_for(model, tiny_tokenizer(), "snapkv", 0.5, "window_size=8").run(support.sample(), False)[0]
+    assert record["kept_tokens"] == round((WINDOW - 1) * 0.5)
+    assert record["kv_bytes_full"] == model.lcbench_geometry.dense_bytes(record["context_tokens"])
+    assert abs(record["achieved_ratio"] - 0.5) < 0.05
+
+
+def test_quest_decode_on_window_layers():
+    """Quest's decode stays inside the window (pages outside it never compete, hidden keys are
+    masked) and reports the density over the tokens the window lets a query see."""
+    from tests.conftest import engine_for
+
+    model = support.lcbench_model(family("mistral-window"), "sdpa")
+    records = engine_for(model, tiny_tokenizer(), "quest", 0.5, "page_size=4,dense_layers=0").run(support.sample(), False)
+    assert all(0 < r["attention_density"] <= 0.55 for r in records)
+
+
+# --- windowed sparse patterns ----------------------------------------------------------------
+@pytest.mark.parametrize("length,bs,window", [(70, 16, 5), (70, 16, 16), (70, 16, 33), (64, 8, 100), (33, 8, 9)])
+def test_window_block_pairs_count_the_pairs_the_window_lets_through(length, bs, window):
+    from lcbench.methods.sparse.kernel import causal_block_pairs
+
+    pairs = causal_block_pairs(length, bs, window=window)
+    q = torch.arange(length)[:, None]
+    k = torch.arange(length)[None, :]
+    visible = (k <= q) & (k > q - window)
+    blocks = torch.arange(length) // bs
+    brute = torch.zeros_like(pairs)
+    brute.index_put_((blocks[:, None].expand_as(visible)[visible], blocks[None, :].expand_as(visible)[visible]),
+                     torch.ones(int(visible.sum()), dtype=torch.long), accumulate=True)
+    assert torch.equal(pairs, brute)
+
+
+@pytest.mark.parametrize("with_columns", [False, True])
+def test_windowed_kernel_equals_dense_attention_on_its_mask(with_columns):
+    from lcbench.methods.sparse.kernel import BlockPattern, block_sparse_attention
+
+    torch.manual_seed(0)
+    B, Hkv, g, L, D, bs, w = 1, 2, 2, 70, 8, 16, 20
+    q, k, v = torch.randn(B, Hkv * g, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    nb = -(-L // bs)
+    blocks = torch.rand(B, Hkv, nb, nb) > 0.4
+    cols = torch.tensor([[[1, 30], [5, 40]]]) if with_columns else None
+    pattern = BlockPattern(blocks, bs, L, cols, window=w)
+    out = block_sparse_attention(q, k, v, pattern, 0.3)
+    mask = pattern.dense_mask().repeat_interleave(g, dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                                           attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    computed, total = pattern.pair_counts()
+    assert int(computed.sum()) == int(pattern.dense_mask().sum())
+    assert total == int(((torch.arange(L)[None] <= torch.arange(L)[:, None])
+                         & (torch.arange(L)[None] > torch.arange(L)[:, None] - w)).sum())
+
+
+# --- refusals and loading --------------------------------------------------------------------
+def test_probe_refuses_a_model_that_keeps_its_own_attention():
+    with pytest.raises(UserError, match="never called lcbench's attention"):
+        use_lcbench_attention(build(family("falcon")))
+
+
+def test_probe_refuses_mla_caches():
+    with pytest.raises(UserError, match="different widths"):
+        use_lcbench_attention(build(family("deepseek-v2")))
+
+
+def test_config_refusal_before_weights_load():
+    import transformers
+
+    assert "Falcon" in support.config_refusal(transformers.FalconConfig())
+    assert "latent attention" in support.config_refusal(transformers.DeepseekV3Config())
+    assert "linear_attention" in support.config_refusal(
+        transformers.LlamaConfig(layer_types=["full_attention", "linear_attention"], num_hidden_layers=2))
+    assert support.config_refusal(transformers.MistralConfig()) is None
+
+
+def test_cli_refuses_falcon_with_exit_2(tmp_path):
+    """What a user sees: `lcbench run --model <falcon folder>` exits 2 naming the reason, no traceback."""
+    folder = tmp_path / "falcon"
+    build(family("falcon")).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    exe = shutil.which("lcbench")
+    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
+    proc = subprocess.run(cmd + ["run", "--model", str(folder), "--method", "full", "--task", "niah",
+                                 "--output-path", str(tmp_path / "out"), "--limit", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Falcon" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gemma3_multimodal_checkpoint_max_length_and_hook():
+    """Gemma-3 instruct checkpoints load as Gemma3ForConditionalGeneration: the context length is
+    on the text config, and lcbench's hook takes over the text layers (probe passes, `full` equals
+    generate on text)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from lcbench.engine.prompt import render
+    from lcbench.models.families import tiny_config_kwargs
+    from tests.conftest import engine_for
+
+    tok = tiny_tokenizer()
+    text = {**tiny_config_kwargs(tok), **family("gemma3-text").overrides, "max_position_embeddings": 131072}
+    cfg = Gemma3Config(text_config=text, vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                             num_attention_heads=2, image_size=28, patch_size=14),
+                       mm_tokens_per_image=4, image_token_index=5, boi_token_index=6, eoi_token_index=7)
+    torch.manual_seed(0)
+    ref = Gemma3ForConditionalGeneration(cfg).eval()
+    model = Gemma3ForConditionalGeneration(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    assert LoadedModel(model, tok, "gemma3", "config").max_length == 131072
+    use_lcbench_attention(model)
+    assert model.lcbench_geometry.windows == (WINDOW, None)
+    s = support.sample()
+    p = render(tok, s, s.context, False)
+    want = support._text(tok, support._generate(ref, p.context_ids + p.turn_ids[0]))
+    assert engine_for(model, tok).run(s, False)[0]["prediction"] == want
+
+
+@pytest.mark.parametrize("method,args", [("full", None), ("snapkv", "window_size=8"), ("kivi", "group_size=8")])
+def test_window_layers_batched_across_samples_as_alone(method, args):
+    """Contexts of different lengths prefilled left-padded together (--batch-size N): each window
+    layer keeps, per row, what that row can still see; predictions and bytes equal running alone."""
+    from lcbench.engine.batching import run_batched
+    from tests.conftest import engine_for
+    from tests.helpers import make_sample
+
+    tok = tiny_tokenizer()
+    samples = [make_sample(2, repeat=r, sid=f"s{r}") for r in (9, 10, 12)]
+    model = support.lcbench_model(family("gemma2"), "sdpa")
+    ratio = 0.0 if method == "full" else 0.5
+
+    def key(r):
+        return r["sample_id"], r["turn"], r["prediction"], r["kv_bytes"], r["kv_bytes_full"]
+
+    alone = sorted(key(r) for s in samples for r in engine_for(model, tok, method, ratio, args).run(s, False))
+    batched = sorted(key(r) for _, recs in run_batched(engine_for(model, tok, method, ratio, args), samples, {}, 4)
+                     for r in recs)
+    assert batched == alone
