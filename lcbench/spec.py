@@ -58,7 +58,7 @@ class RunSpec:
         return re.sub(r"[^A-Za-z0-9._+=-]", "-", name) + f"__{digest}"  # safe as a folder name anywhere
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance()}
+        return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance(self.device)}
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], where: str = "spec.json") -> "RunSpec":
@@ -108,12 +108,14 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def provenance() -> dict[str, Any]:
+def provenance(device: str | None = None) -> dict[str, Any]:
     """Library versions, git revision and hardware, written beside the spec."""
     import importlib.metadata as md
 
     import psutil
     import torch
+
+    from .engine.timing import device_hardware
 
     versions = {}
     for pkg in ("lcbench", "torch", "transformers", "datasets", "numpy", "kvpress", "llmlingua"):
@@ -124,6 +126,5 @@ def provenance() -> dict[str, Any]:
     hw = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
           "cpu_model": _cpu_model(), "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
           "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
-    if torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(0)
+    hw.update(device_hardware(device))  # the GPU the run used (--device cuda:N), not always cuda:0
     return {"versions": versions, "git_revision": _git_revision(), "hardware": hw}

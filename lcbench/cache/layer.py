@@ -147,6 +147,7 @@ class DenseLayer(KVLayer):
             self.valid = self.valid[:, :, :length]
 
     def keep_rows(self, rows):
+        rows = rows.to(self.positions.device)
         out = type(self).__new__(type(self))
         KVLayer.__init__(out)
         out.__dict__.update(self.__dict__)

@@ -336,6 +336,7 @@ class QuantizedLayer(KVLayer):
         return self._map_rows(lambda t: t.repeat_interleave(n, dim=0))
 
     def keep_rows(self, rows):
+        rows = rows.to(self.positions.device)
         out = self._map_rows(lambda t: t.index_select(0, rows))
         if out.valid is not None and bool(out.valid.all()):
             out.valid = None

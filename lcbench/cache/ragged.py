@@ -119,6 +119,7 @@ class RaggedLayer(KVLayer):
 
     def keep_rows(self, rows):
         """Rows ``rows`` of the flat storage (each row's heads are contiguous in it) and of the tail."""
+        rows = rows.to(self.lengths.device)
         b, h = self.lengths.shape
         entry_rows = torch.repeat_interleave(torch.arange(b * h, device=self.lengths.device),
                                              self.lengths.flatten()) // h

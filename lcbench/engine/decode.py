@@ -94,8 +94,8 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
             break
         if free_finished and len(keep) < len(active):
             index = torch.tensor(keep, device=nxt.device)
-            state.cache.keep_rows(index)
-            nxt, positions = nxt.index_select(0, index), positions.index_select(0, index)
+            state.cache.keep_rows(index)  # each layer takes the index to its own device (device_map)
+            nxt, positions = nxt.index_select(0, index), positions.index_select(0, index.to(positions.device))
             active = [active[j] for j in keep]
         logits = forward(model, nxt[:, None], positions[:, None], state)
         positions += 1

@@ -131,6 +131,7 @@ class StackedLayer(KVLayer):
     def keep_rows(self, rows):
         """Each child keeps its own rows among ``rows``; children left with none go."""
         kept = []
+        rows = rows.to(self.children[0].positions.device)
         for (a, b), child in zip(self._ranges(), self.children):
             own = rows[(rows >= a) & (rows < b)] - a
             if own.numel():

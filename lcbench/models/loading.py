@@ -30,6 +30,8 @@ MODEL_PARAMS = ParamSet((
     Param("trust_remote_code", bool, False, "allow the model repo's own code"),
     Param("local_files_only", bool, False, "never touch the network"),
     Param("attn_implementation", str, "sdpa", "dense attention inside lcbench's attention hook", ("sdpa", "eager")),
+    Param("device_map", str, None, "spread a model too large for one GPU over every visible GPU (accelerate "
+          "placement; memory is measured across them)", ("auto", "balanced", "balanced_low_0", "sequential")),
 ))
 
 
@@ -126,15 +128,33 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
     try:
         refuse_before_loading(name_or_path, kw)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw, **device_placement(args, device))
     except OSError as exc:
         raise UserError(
             f"could not load model '{name_or_path}': {str(exc).splitlines()[0]} "
             f"Fix: pass a local folder with config.json and weights, a reachable hub id, or a registered "
             f"name (`lcbench ls models`)."
         ) from None
-    model.to(device).eval()
+    if not args.get("device_map"):  # a device_map has placed the weights already
+        model.to(device)
+    model.eval()
     return LoadedModel(model, tokenizer, name_or_path, name_or_path, {"dtype": str(dtype).replace("torch.", "")})
+
+
+def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
+    """``from_pretrained``'s ``device_map`` for ``--model-args device_map=...`` (accelerate),
+    refused with a clear error off CUDA or without accelerate."""
+    placement = args.get("device_map")
+    if not placement:
+        return {}
+    if torch.device(device).type != "cuda":
+        raise UserError(f"device_map={placement} spreads a model over GPUs, but --device is {device}. "
+                        f"Fix: --device cuda, or drop device_map.")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise UserError("device_map needs accelerate, which is not installed. Fix: pip install accelerate.") from None
+    return {"device_map": placement}
 
 
 def load_model(name: str, model_args: dict[str, str] | None, device: str | None = None) -> LoadedModel:

@@ -80,7 +80,7 @@ class EvictingLayer(KVLayer):
     def keep_rows(self, rows):
         out = EvictingLayer(self.inner.keep_rows(rows))
         out.prompt_slots, out.evicted = self.prompt_slots, self.evicted
-        out.tracks = {k: t.index_select(0, rows) for k, t in self.tracks.items()}
+        out.tracks = {k: t.index_select(0, rows.to(t.device)) for k, t in self.tracks.items()}
         return out
 
     # --- eviction -------------------------------------------------------------------------
