@@ -65,12 +65,12 @@ def write_plugin(kind: str, name: str, output: Path) -> list[Path]:
         raise UserError(f"'{name}' cannot name a {kind}: use lower-case letters, digits and '_', starting with a "
                         f"letter (it becomes the registered name and the Python module lcbench_{name}). "
                         f"Fix: e.g. lcbench new {kind} my_{kind}.")
-    registry = _registry(kind)
-    if name in registry:
-        raise UserError(f"'{name}' is already a registered {kind} (`lcbench ls {kind}s`). Fix: choose another name.")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UserError(f"'{output}' exists and is not an empty folder; lcbench new never overwrites files. "
                         f"Fix: pass another --output folder.")
+    registry = _registry(kind)
+    if name in registry:
+        raise UserError(f"'{name}' is already a registered {kind} (`lcbench ls {kind}s`). Fix: choose another name.")
     plugin = Plugin(kind, name, lcbench.__version__)
     env = jinja2.Environment(loader=jinja2.PackageLoader("lcbench.scaffold", "templates"),
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
