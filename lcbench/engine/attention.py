@@ -12,7 +12,25 @@ The model's own attention modules project q/k/v, apply rotary embeddings and cal
 4. in decode, lets decode stages evict after the step.
 
 No model forward code is copied: any transformers model whose attention goes through
-``ALL_ATTENTION_FUNCTIONS`` works.
+``ALL_ATTENTION_FUNCTIONS`` works — and :func:`lcbench.models.hook.probe` checks after loading that
+every layer really calls this function.
+
+What a model passes besides q/k/v is honoured (:class:`AttentionCall`), in prefill, question
+prefill and decode, for dense attention and for every stage: a sliding window in *true*
+positions (a query at position p sees keys at positions in ``(p − window, p]``, transformers'
+``sliding_window_overlay``; dropped tokens keep their positions, so the window is not counted in
+slots), Gemma-2's logit softcap and gpt-oss's learned sinks (computed explicitly, as SDPA cannot),
+the model's scaling; dropout is never applied.
+
+Compression on a sliding-window layer: each prefill pass ends by forgetting the tokens no later
+query can see (the last ``window − 1`` stay, as in transformers' ``DynamicSlidingWindowLayer``),
+before the cache stages run. A method's budget there therefore counts only what the layer can
+still see, and the uncompressed reference (``kv_bytes_full``, :class:`lcbench.models.hook.Geometry`)
+holds ``min(context, window − 1)`` tokens per window layer: no method is credited for dropping what
+the window hides anyway. Sparse prefill stages get the window and build their patterns inside it
+(density over the pairs it lets through); decode stages (Quest) get it too. Tokens appended after
+the context (question, answer) are masked by the window, not forgotten, so a multi-turn crop back
+to the context stays exact.
 """
 
 from __future__ import annotations
@@ -330,7 +348,7 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     each prefill pass ends by forgetting the context tokens no later query can see
     (:func:`drop_unseeable`, as transformers' sliding cache does), *before* any cache stage runs:
     a method's budget on such a layer counts only the tokens it can still see, and the full
-    cache it is measured against holds the same (``lcbench.models.geometry``)."""
+    cache it is measured against holds the same (:class:`lcbench.models.hook.Geometry`)."""
     state: ForwardState | None = kwargs.get("lcbench_state")
     call = AttentionCall.from_kwargs(module, query, scaling, kwargs)
     if state is None and not call.causal:  # e.g. the vision tower of a multimodal checkpoint

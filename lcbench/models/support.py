@@ -215,12 +215,13 @@ def markdown(results: list[FamilyResult]) -> str:
     lines = [f"| family | features | status | {' | '.join(cols)} |", "|" + "---|" * (len(cols) + 3)]
     for r in results:
         if r.status == "refused":
-            reason = re.sub(r"\s+", " ", r.reason).split(". Fix")[0].replace("|", "/")
+            reason = re.sub(r"\s+", " ", r.reason).split(". ")[0].split(", so ")[0].replace("|", "/")
             lines.append(f"| {r.family.name} | {r.family.features} | **refused**: {reason} |"
                          + " |" * len(cols))
             continue
         cells = {c.what: _cell(c) for c in r.checks}
-        feats = r.family.features + (f" ({r.geometry})" if r.geometry else "")
+        shape = ", ".join(part for part in r.geometry.split(", ") if not part.endswith(" layers"))
+        feats = "; ".join(x for x in (r.family.features, shape) if x)
         lines.append(f"| {r.family.name} | {feats} | {r.status} | " + " | ".join(cells.get(c, "") for c in cols) + " |")
     import transformers
 
