@@ -234,7 +234,7 @@ def sweep(
     from .sweep import expand, load_grid, run_local, run_ray
 
     if executor not in ("local", "ray"):
-        raise UserError(f"--executor {executor}: choose local or ray.")
+        raise UserError(f"--executor {executor}: choose local or ray. Fix: --executor local.")
     if gpus_per_run < 0 or cpus_per_run <= 0:
         raise UserError("--gpus-per-run must be ≥ 0 and --cpus-per-run > 0. Fix: e.g. --gpus-per-run 1 --cpus-per-run 1.")
     specs = expand(load_grid(grid), output_path, remote_devices=executor == "ray")

@@ -52,9 +52,11 @@ def csv_cell(value: Any) -> Any:
 
 def csv_frame(df):
     """A copy of a pandas frame with every text cell (and column name) passed through :func:`csv_cell`."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object:
-            out[col] = out[col].map(csv_cell)
+        if is_object_dtype(out[col]) or is_string_dtype(out[col]):
+            out[col] = out[col].map(csv_cell).astype(object)
     out.columns = [csv_cell(c) if isinstance(c, str) else c for c in out.columns]
     return out
