@@ -282,13 +282,18 @@ def main() -> None:
     """Console entry point: typer's own handling for usage errors (exit 2, its usage text) and
     ``--help``; a :class:`UserError` is one paragraph on stderr and exit 2, a :class:`RunFailed`
     exit 1; Ctrl-C exits 130 and SIGTERM 143 after saying what was kept (README "Exit codes")."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(standalone_mode=True)  # returns only through sys.exit (typer.Exit, usage errors, success)
+        app(standalone_mode=True)  # ends in sys.exit: typer.Exit codes, usage errors (2), success (0)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
     except UserError as exc:
         _fail(exc, 2)
     except RunFailed as exc:
         _fail(exc, 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(exc: Exception, code: int) -> None:

@@ -221,3 +221,26 @@ def test_sweep_bad_invocations(tmp_path):
     assert_user_error(lcbench("sweep", str(_grid(tmp_path)), "--executor", "slurm"), "choose local or ray")
     dry = lcbench("sweep", str(_grid(tmp_path)), "--output-path", str(tmp_path / "out"), "--dry-run")
     assert dry.returncode == 0 and "2 runs" in dry.stdout and not (tmp_path / "out").exists()
+
+
+# --- examples/ci relies on the exit codes ------------------------------------------------------------
+CI = Path(__file__).resolve().parents[1] / "examples" / "ci"
+
+
+def test_the_ci_example_fails_the_job_on_a_regression_and_on_bad_input(baseline, tmp_path):
+    import subprocess
+
+    def check_sh(*argv):
+        return subprocess.run(["bash", str(CI / "check.sh"), *argv], capture_output=True, text=True, timeout=300)
+
+    worse = tmp_path / "worse"
+    write_run(worse, [0, 0, 0, 1, 0, 0], method="snapkv", ratio=0.5)
+    write_run(worse, [1, 1, 1, 1, 1, 1], method="full", ratio=0.0)
+    failed = check_sh("--baseline", str(baseline), "--new", str(worse))
+    assert failed.returncode == 1 and "lcbench check FAILED: a run regressed" in failed.stderr
+    bad = check_sh("--baseline", str(tmp_path / "missing"), "--new", str(worse))
+    assert bad.returncode == 2 and "could not run: bad input" in bad.stderr
+    ok = check_sh("--baseline", str(baseline), "--new", str(baseline))
+    assert ok.returncode == 0 and "lcbench check passed" in ok.stdout
+    workflow = (CI / "lcbench-check.yml").read_text()
+    assert "bash check.sh --baseline results/baselines" in workflow and "continue-on-error" not in workflow

@@ -6,7 +6,13 @@
 set -euo pipefail
 method="${1:?usage: make_baselines.sh METHOD [OUTPUT]}"
 out="${2:-results/baselines}"
+# exit codes (README "Exit codes (for CI)"): a run that fails (2: its method misses the ratio or the
+# input is bad; 1: a crash or a full disk) must not become a baseline, so stop here and say so.
 lcbench run --method "full,${method}" --ratio 0.5,0.75 --task niah \
   --task-args "lengths=500;1000,depths=0;25;50;75;90;100,max_new_tokens=16" \
-  --device cpu --output-path "$out"
+  --device cpu --output-path "$out" || {
+  code=$?
+  echo "make_baselines.sh: lcbench run failed (exit $code); fix the cause above and re-run (it resumes)." >&2
+  exit "$code"
+}
 lcbench report "$out"
