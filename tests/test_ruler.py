@@ -101,16 +101,16 @@ def test_generation_is_deterministic_for_a_seed(seed):
 
 def _check_lengths(tok, task, fine_tolerance):
     samples = task.samples(env(tok))
-    counter = PromptCounter(tok, True)
     for s in samples:
         target, units = s.meta["length"], s.meta["haystack_units"]
         total = engine_length(tok, s)
         assert total <= target + 2, (s.id, total)
         assert abs(total - (s.meta["prompt_tokens"] + s.turns[0].max_new_tokens)) <= 2
         gen = task.generator(s.meta["dataset"], target, env(tok))
+        layout = task.layout(s.meta["dataset"], gen, tok)  # the prompt as the engine gets it (quirks included)
         bigger = gen.build(s.meta["index"], units + 1)
         if gen.upper is None or units < gen.upper:  # one more haystack unit would overflow
-            assert counter(bigger.user, bigger.answer_prefix) + gen.tokens_to_generate > target, s.id
+            assert layout.count(bigger) + gen.tokens_to_generate > target, s.id
         if s.meta["dataset"] in fine_tolerance:
             assert target - total <= fine_tolerance[s.meta["dataset"]], (s.id, total)
     return samples
@@ -229,7 +229,7 @@ def test_variable_tracking_chain_example_and_prefix():
 
 
 def test_common_words_counts_and_solved_example():
-    s = ruler(tasks="cwe", lengths="2500").samples(env())[0]
+    s = ruler(tasks="cwe", lengths="2500", quirks="fixed").samples(env())[0]
     answers = s.turns[0].answers
     head, _, listing = s.context.rpartition("Memorize the ones that appear most often.\n")
     words = Counter(re.findall(r"\d+\. (\S+)", listing))
@@ -237,6 +237,73 @@ def test_common_words_counts_and_solved_example():
     assert all(c == 1 for w, c in words.items() if w not in answers)
     assert "Answer: The top 10 words that appear most often in the list are: 1. " in head
     assert s.turns[0].question == "\nQuestion: What are the 10 most common words in the above list?"
+    assert s.chat and not s.prefix
+
+
+def test_common_words_solved_example_is_an_earlier_chat_turn_upstream():
+    """common_words_extraction.py formats each example with the *wrapped* template:
+    "\\n".join(W(example) + prefix + " " + answer) + "\\n" + W(task) + prefix, W = the chat template."""
+    tok = tiny_tokenizer()
+    up = ruler(tasks="cwe", lengths="2500").samples(env(tok))[0]
+    fixed = ruler(tasks="cwe", lengths="2500", quirks="fixed").samples(env(tok))[0]
+    assert up.meta["upstream_quirk"] == "example_turn" and not up.chat and "upstream_quirk" not in fixed.meta
+    prefix = " Answer: The top 10 words that appear most often in the list are:"
+
+    def wrap(user):
+        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+    task = ruler(tasks="cwe", lengths="2500")
+    r = task.generator("cwe", 2500, env(tok)).build(0, up.meta["haystack_units"])
+    (example, answer), = r.meta["shots"]
+    want = wrap(example) + prefix + " " + answer + "\n" + wrap(r.meta["task_head"] + r.context + r.tail) + prefix
+    assert up.prefix + up.context + up.turns[0].question + up.turns[0].answer_prefix == want
+    p = render(tok, up, up.context, False)  # the engine joins prefix and context, tokenized once
+    assert p.context_text + p.turn_texts[0] == want
+
+
+def _with_system_prompt(text):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer())  # tiny_tokenizer() is shared: never change it in place
+    tok.chat_template = ("<|im_start|>system\n" + text + "<|im_end|>\n{% for m in messages %}<|im_start|>{{ m['role'] }}"
+                         "\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant"
+                         "\n{% endif %}")
+    return tok
+
+
+def test_singular_rewrite_reaches_the_chat_template_text_upstream():
+    """niah.py rewrites the wrapped template (Some→A, are all→is, are→is, answers→answer) when one value
+    is asked: a system prompt saying "You are" becomes "You is"."""
+    tok = _with_system_prompt("You are a helpful assistant that answers questions")
+    up = ruler(tasks="niah_single_1", lengths="800").samples(env(tok))[0]
+    assert up.meta["upstream_quirk"] == "singular_wrapper" and not up.chat
+    assert up.prefix == "<|im_start|>system\nYou is a helpful assistant that answer questions<|im_end|>\n<|im_start|>user\n"
+    assert up.context.startswith("A special magic number is hidden") and up.turns[0].question.endswith("<|im_start|>assistant\n")
+    fixed = ruler(tasks="niah_single_1", lengths="800", quirks="fixed").samples(env(tok))[0]
+    assert fixed.chat and fixed.prefix == "" and fixed.context == up.context
+    multi = ruler(tasks="niah_multivalue", lengths="800").samples(env(tok))[0]  # four values: no rewrite
+    assert multi.chat and "upstream_quirk" not in multi.meta
+    plain = ruler(tasks="niah_single_1", lengths="800").samples(env())[0]  # nothing to rewrite: the chat path
+    assert plain.chat and "upstream_quirk" not in plain.meta
+
+
+def test_variable_tracking_example_is_followed_by_two_newlines():
+    """variable_tracking.py: ``randomize_icl(icl_example) + '\\n'`` before the task, the example ending in '\\n'."""
+    s = ruler(tasks="vt", lengths="1500").samples(env())[0]
+    example, sep, rest = s.context.partition("\n\nMemorize and track the chain(s)")
+    assert sep and example.startswith("Memorize and track") and not example.endswith("\n")
+
+
+def test_upstream_sizing_drops_whole_steps():
+    """sizing=upstream: one search, then each sample drops whole `incremental` steps (500 essay words)
+    while it overflows; sizing=fill fills each prompt to within one unit."""
+    up = ruler(tasks="niah_single_2", lengths="3000", num_samples=4, sizing="upstream").samples(env())
+    fill = ruler(tasks="niah_single_2", lengths="3000", num_samples=4).samples(env())
+    units = [s.meta["haystack_units"] for s in up]
+    assert all(s.meta["sizing"] == "upstream" for s in up) and all(s.meta["sizing"] == "fill" for s in fill)
+    assert len({u % 500 for u in units}) == 1  # the same search result, less whole steps
+    assert all(s.meta["prompt_tokens"] + 128 <= 3000 for s in up)
+    assert all(u <= f.meta["haystack_units"] for u, f in zip(units, fill))
 
 
 def test_freq_words_zipf_counts():

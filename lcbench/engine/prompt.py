@@ -31,11 +31,14 @@ def _chat_text(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _messages(sample: Sample, turn_count: int, gold_history: bool, first_user: str) -> list[dict]:
+def _messages(sample: Sample, turn_count: int, gold_history: bool, context: str, question: str) -> list[dict]:
     msgs: list[dict] = []
     if sample.system is not None:
         msgs.append({"role": "system", "content": sample.system})
-    msgs.append({"role": "user", "content": first_user})
+    if sample.question_message:  # the question as its own user message (NIAH's providers)
+        msgs += [{"role": "user", "content": context}, {"role": "user", "content": question}]
+    else:
+        msgs.append({"role": "user", "content": context + question})
     for k in range(1, turn_count):
         prev = sample.turns[k - 1]
         gold = prev.answers[0] if (gold_history and prev.answers) else ""
@@ -48,22 +51,22 @@ def render(tokenizer, sample: Sample, context: str, multi_turn: bool) -> Rendere
     """Render ``sample`` with ``context`` (the possibly compressed context part)."""
     turns = sample.turns
     if uses_chat(tokenizer, sample):
-        marked = _chat_text(tokenizer, _messages(sample, 1, True, context + _SPLIT + turns[0].question))
+        marked = _chat_text(tokenizer, _messages(sample, 1, True, context + _SPLIT, turns[0].question))
         if marked.count(_SPLIT) != 1:
             raise UserError("the model's chat template altered the prompt so the context could not be located; "
                             "run the task with chat disabled (--task-args chat=false) or fix the template")
         context_text, _, _ = marked.partition(_SPLIT)
-        full_first = _chat_text(tokenizer, _messages(sample, 1, True, context + turns[0].question))
+        full_first = _chat_text(tokenizer, _messages(sample, 1, True, context, turns[0].question))
         if not multi_turn:
             texts = []
             for t in turns:
-                full = _chat_text(tokenizer, _messages(sample, 1, True, context + t.question))
+                full = _chat_text(tokenizer, _messages(sample, 1, True, context, t.question))
                 texts.append(full[len(context_text):] + t.answer_prefix)
         else:
             texts = [full_first[len(context_text):] + turns[0].answer_prefix]
             previous = full_first + turns[0].answer_prefix
             for k in range(1, len(turns)):
-                full = _chat_text(tokenizer, _messages(sample, k + 1, True, context + turns[0].question))
+                full = _chat_text(tokenizer, _messages(sample, k + 1, True, context, turns[0].question))
                 if not full.startswith(previous[: len(previous) - len(turns[k - 1].answer_prefix)]):
                     raise UserError("the chat template does not render conversations as growing prefixes; "
                                     "multi-turn mode needs that (try --task-args mode=multi_request)")
@@ -74,7 +77,7 @@ def render(tokenizer, sample: Sample, context: str, multi_turn: bool) -> Rendere
                 previous = full + turns[k].answer_prefix
         ctx_ids = tokenizer(context_text, add_special_tokens=False)["input_ids"]
     else:
-        context_text = (sample.system + "\n\n" if sample.system else "") + context
+        context_text = sample.prefix + (sample.system + "\n\n" if sample.system else "") + context
         texts = []
         for k, t in enumerate(turns):
             if multi_turn and k > 0:

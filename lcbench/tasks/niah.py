@@ -9,6 +9,11 @@ depth, moved back to just after a sentence end, as upstream. Upstream's sentence
 that ``encode('.')`` gives; lcbench also accepts any token whose text ends with '.', which is the
 same for byte-level BPE and makes SentencePiece tokenizers (where a lone '.' encodes as '▁.') work.
 
+Prompt (``providers/openai.py``): system message, the context as one user message, the question
+(``"{question} Don't give information outside the document or repeat your findings"``) as a
+second; ``quirks=fixed`` joins the two in one message with a blank line between (lcbench's earlier
+layout; also used, warned, when the chat template rejects consecutive user messages).
+
 Scoring deviates from upstream, which uses an LLM judge (gpt-3.5-turbo, 1–10) that is not
 available offline: ``score`` is the fraction of the needle's content words found in the
 normalized answer (1.0 for a full match); ``score_10`` maps it onto the judge's 1–10 scale. For the
@@ -116,6 +121,23 @@ def resolve_haystack(choice: str | None, data_dir: Path | None = None) -> Resolv
     return ResolvedHaystack(read_haystack(found.path), ESSAYS, {"haystack": ESSAYS, **found.meta()})
 
 
+def two_user_messages(tokenizer, system: str) -> bool:
+    """Whether upstream's message layout applies: ``[system, user: context, user: question]``
+    (``providers/openai.py`` ``generate_prompt``; Anthropic's prompt file joins them instead). Needs a
+    chat template that accepts two user messages in a row; without one the question joins the
+    context's message (warned)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "C"}, {"role": "user", "content": "Q"}]
+    try:
+        tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return True
+    except Exception as exc:  # jinja TemplateError: "roles must alternate" and the like
+        warnings.warn(f"niah: the model's chat template rejects two user messages in a row ({exc}); the question "
+                      f"joins the context's message (records say messages='one').", stacklevel=2)
+        return False
+
+
 def _period_test(tokenizer):
     """``is_period(token_id)``: does the token end a sentence, i.e. does its text end with '.'?
 
@@ -158,6 +180,9 @@ class NeedleInAHaystack(Task):
                                        "download; the filler if none, labelled), 'filler', or a folder/text file"),
         Param("max_new_tokens", int, PROTOCOL["defaults"]["max_new_tokens"], "tokens to generate (upstream 300)", min=1),
         Param("repeats", int, 1, "samples per (length, depth) cell, with different keys", min=1),
+        Param("quirks", str, "upstream", "'upstream': context and question as two user messages, as upstream's "
+                                         "providers send them; 'fixed': one user message (context, blank line, "
+                                         "question)", ("upstream", "fixed")),
     )
 
     def _grid(self) -> tuple[list[int], list[float]]:
@@ -197,6 +222,7 @@ class NeedleInAHaystack(Task):
     def samples(self, env: TaskEnv) -> list[Sample]:
         lengths, depths = self._grid()
         up = PROTOCOL["upstream"]
+        two = self.args["quirks"] == "upstream" and two_user_messages(env.tokenizer, up["system"])
         resolved = resolve_haystack(self.args["haystack"], Path(env.data_dir) if env.data_dir else None)
         haystack = resolved.text
         dataset = "niah" if resolved.kind != FILLER else "niah[filler]"
@@ -218,12 +244,13 @@ class NeedleInAHaystack(Task):
                         answers = [needle.strip()]
                     context = self.insert_needle(tok, hay_ids, needle, length, depth)
                     sid = f"niah-L{length}-D{depth:g}" + (f"-r{r}" if self.args["repeats"] > 1 else "")
-                    turn = Turn(question="\n\n" + question + up["question_suffix"], answers=answers,
+                    asked = question + up["question_suffix"]
+                    turn = Turn(question=asked if two else "\n\n" + asked, answers=answers,
                                 max_new_tokens=self.args["max_new_tokens"], scorer=self.args["needle"])
-                    out.append(Sample(sid, context, [turn], system=up["system"],
+                    out.append(Sample(sid, context, [turn], system=up["system"], question_message=two,
                                       meta={"dataset": dataset, "length": length, "depth": depth,
                                             "length_bucket": length, "needle": self.args["needle"],
-                                            **resolved.meta}))
+                                            "messages": "two" if two else "one", **resolved.meta}))
         return out
 
     def score(self, sample: Sample, turn: Turn, prediction: str) -> dict[str, float]:

@@ -38,6 +38,11 @@ class Sample:
     ``system`` an optional system message; ``chat`` whether the model's chat template applies
     (LongBench lists datasets that are run without it). ``meta`` carries dataset, length bucket,
     depth and the like, copied into every record.
+
+    ``question_message``: with a chat template, the question is its own user message after the
+    context's (NIAH's providers send two user messages) instead of sharing one. ``prefix``: raw
+    prompt text before the context part that no stage compresses, for samples whose task renders
+    an upstream prompt layout itself (``chat=False``; RULER's model-template quirks).
     """
 
     id: str
@@ -46,3 +51,5 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     system: str | None = None
     chat: bool = True
+    question_message: bool = False
+    prefix: str = ""

@@ -34,6 +34,7 @@ class CommonWordsGenerator(Generator):
     longer than the 8,169 wonderwords words (contexts of roughly 100K tokens and more)."""
 
     probe = 100
+    incremental = _CWE["incremental"]
 
     def __init__(self, task: str, spec: dict[str, Any], length: int, seed: int,
                  extra_words: list[str] | None = None):
@@ -69,13 +70,16 @@ class CommonWordsGenerator(Generator):
     def build(self, index: int, n: int) -> Rendered:
         rng = self.rng(index)
         full_template = self.template["template"] + self.template["answer_prefix"]
-        shots = []
+        shots, parts = [], []
         for _ in range(self.num_fewshot):
             ctx, answer = self._example(rng, *self.example)
             shots.append(full_template.format(context=ctx, query="") + " " + numbered(answer))
+            parts.append((self.template["template"].format(context=ctx, query=""), numbered(answer)))
         context, answer = self._example(rng, n, *self.repeats)
         head = "\n".join(shots) + "\n" + self.head
-        return Rendered(head, context, self.tail, self.template["answer_prefix"], answer, {})
+        # the pieces again, for upstream's layout with a model template (layout.py: example_turn)
+        return Rendered(head, context, self.tail, self.template["answer_prefix"], answer,
+                        {"shots": parts, "task_head": self.head})
 
 
 class FreqWordsGenerator(Generator):

@@ -50,6 +50,7 @@ class Generator(ABC):
     """
 
     probe = 10           # units of the probe prompt for the tokens-per-unit estimate
+    incremental: int | None = None  # upstream's step when a sample overflows (default: probe)
     lower = 1            # smallest haystack the generator can build
     upper: int | None = None
 

@@ -89,3 +89,47 @@ def estimate_units(count: Callable[[int], int], budget: int, probe: int) -> int:
     tokens-per-haystack estimate)."""
     per_unit = max(count(probe), 1) / probe
     return max(1, int(budget / per_unit))
+
+
+def upstream_units(count_for: Callable[[int], Callable[[int], int]], budget: int, n_samples: int, incremental: int,
+                   estimate: int, lower: int, upper: int | None, what: str) -> list[int]:
+    """RULER's own sizing (``sizing=upstream``; ``niah.py``/``variable_tracking.py``/``qa.py``/
+    ``common_words_extraction.py`` ``generate_samples`` at c3f5e3b): one binary search for the largest
+    haystack that fits a search instance (``count_for(-1)``), then every sample starts there and
+    drops a whole ``incremental`` step while it overflows. So most samples fall well under the
+    nominal length (essay NIAH: 500 words a step). ``count_for(i)`` counts sample ``i``'s tokens."""
+    search = count_for(-1)
+    try:
+        best = fit_units(search, budget, estimate, max(lower, min(incremental, upper or incremental)), upper, what)
+    except UserError:
+        best = incremental  # upstream: `optimal_num_haystack or incremental`
+    out = []
+    for index in range(n_samples):
+        count, n = count_for(index), best
+        while count(n) > budget and n > incremental:
+            n -= incremental
+        if count(n) > budget:  # upstream would loop forever here
+            raise UserError(f"{what}: sample {index} does not fit the budget of {budget} tokens even at {n} units "
+                            f"(upstream sizing). Fix: request a longer context length, or sizing=fill.")
+        out.append(n)
+    return out
+
+
+def upstream_fwe_units(count_for: Callable[[int], Callable[[int], int]], budget: int, n_samples: int,
+                       wordlen: int) -> list[int]:
+    """``freq_words_extraction.py`` ``sys_kwext``: from ``budget // coded_wordlen`` words grow by
+    ``budget // 32`` while the prompt is under the budget, step back once; each sample then drops
+    ``budget // 32`` words while it overflows."""
+    step = max(1, budget // 32)
+    search = count_for(-1)
+    n = budget // wordlen
+    while search(n) < budget:
+        n += step
+    n -= step
+    out = []
+    for index in range(n_samples):
+        count, m = count_for(index), n
+        while count(m) > budget and m > step:
+            m -= step
+        out.append(m)
+    return out

@@ -17,15 +17,16 @@ from typing import Any
 from ...errors import UserError
 from ...params import Param
 from ..base import Task, TaskEnv
+from ..essays import Haystack, ruler_essays
 from ..sample import Sample, Turn
 from .aggregation import CommonWordsGenerator, FreqWordsGenerator
+from .layout import Layout
 from .metrics import METRICS, postprocess_pred
 from .niah import NiahGenerator
 from .protocol import PROTOCOL, Generator, Rendered
 from .qa import QAGenerator, load_qa
-from ..essays import Haystack, ruler_essays
 from .resources import essay_words, sentence_splitter
-from .sizing import PromptCounter, estimate_units, fit_units
+from .sizing import estimate_units, fit_units, upstream_fwe_units, upstream_units
 from .variable_tracking import VariableTrackingGenerator
 
 
@@ -87,6 +88,13 @@ class Ruler(Task):
         Param("cwe_words", str, None, "extra English words for cwe beyond 8,169 (RULER's english_words.json)"),
         Param("chat", bool, True, "apply the model's chat template (RULER wraps every prompt in a model template)"),
         Param("remove_newline_tab", bool, False, "upstream REMOVE_NEWLINE_TAB (default false)"),
+        Param("quirks", str, "upstream", "'upstream': with a chat template, cwe's solved example is an earlier chat "
+                                         "turn and one-value NIAH's are→is rewrite reaches the template's own text, as "
+                                         "RULER does; 'fixed': the chat template intact (layout.py)",
+              ("upstream", "fixed")),
+        Param("sizing", str, "fill", "'fill': each prompt filled to within one haystack unit of the length "
+                                     "(lcbench); 'upstream': RULER's search, then whole steps dropped per sample",
+              ("fill", "upstream")),
     )
 
     def __init__(self, **args: Any):
@@ -120,39 +128,60 @@ class Ruler(Task):
         dataset = spec["args"]["dataset"]
         return QAGenerator(task, spec, length, seed, load_qa(dataset, self.args[dataset]))
 
-    def _sample(self, task: str, length: int, index: int, rendered: Rendered, units: int, tokens: int) -> Sample:
+    def layout(self, task: str, gen: Generator, tokenizer) -> Layout:
+        kind = PROTOCOL["tasks"][task]["generator"]
+        singular = kind == "niah" and gen.num_q * gen.num_v == 1
+        return Layout(tokenizer, self.args["chat"], kind, singular, self.args["quirks"])
+
+    def _sample(self, task: str, length: int, index: int, rendered: Rendered, units: int, layout: Layout) -> Sample:
         spec = PROTOCOL["tasks"][task]
-        head, context, tail = rendered.head, rendered.context, rendered.tail
+        p = layout.parts(rendered)
+        context, question = p.context, p.question
         if self.args["remove_newline_tab"]:
-            head, context, tail = _flat(head) + " ", _flat(context), " " + _flat(tail)
+            context, question = _flat(context), " " + _flat(question)
         gen = PROTOCOL["templates"][spec["generator"]]
-        turn = Turn(question=tail, answers=list(rendered.answers), max_new_tokens=int(gen["tokens_to_generate"]),
-                    scorer=spec["metric"], answer_prefix=rendered.answer_prefix)
+        turn = Turn(question=question, answers=list(rendered.answers), max_new_tokens=int(gen["tokens_to_generate"]),
+                    scorer=spec["metric"], answer_prefix=p.answer_prefix)
         meta = {"dataset": task, "task": task, "suite": "ruler", "category": spec["category"], "length": length,
-                "length_bucket": length, "index": index, "haystack_units": units, "prompt_tokens": tokens,
+                "length_bucket": length, "index": index, "haystack_units": units,
+                "prompt_tokens": layout.count(rendered), "sizing": self.args["sizing"],
                 **{k: v for k, v in rendered.meta.items() if k in ("depth", "depths", "sentence_splitter")}}
+        if layout.quirk:
+            meta["upstream_quirk"] = layout.quirk
         if rendered.meta.get("haystack") == "essay" and self.haystack is not None:
             meta.update(self.haystack.meta())
-        return Sample(f"ruler-{task}-L{length}-{index}", head + context, [turn], meta=meta, chat=self.args["chat"])
+        return Sample(f"ruler-{task}-L{length}-{index}", context, [turn], meta=meta, chat=p.chat, prefix=p.prefix)
+
+    def _units(self, task: str, length: int, gen: Generator, layout: Layout) -> list[int]:
+        """Haystack units per sample: filled to the budget (``sizing=fill``) or RULER's steps."""
+        budget = length - gen.tokens_to_generate
+        what = f"ruler {task} at {length}"
+
+        def count_for(index: int):
+            return lambda n: layout.count(gen.build(index, n))
+
+        n_samples = self.args["num_samples"]
+        if self.args["sizing"] == "upstream":
+            if isinstance(gen, FreqWordsGenerator):
+                return upstream_fwe_units(count_for, budget, n_samples, gen.wordlen)
+            inc = gen.incremental or gen.probe
+            return upstream_units(count_for, budget, n_samples, inc, estimate_units(count_for(-1), budget, gen.probe),
+                                  gen.lower, gen.upper, what)
+        out: list[int] = []
+        for index in range(n_samples):
+            count = count_for(index)
+            start = out[-1] if out else estimate_units(count, budget, gen.probe)
+            out.append(fit_units(count, budget, start, gen.lower, gen.upper, what))
+        return out
 
     def samples(self, env: TaskEnv) -> list[Sample]:
-        counter = PromptCounter(env.tokenizer, self.args["chat"])
         out: list[Sample] = []
         for length in self.lengths:
             for task in self.task_names:
                 gen = self.generator(task, length, env)
-                budget = length - gen.tokens_to_generate
-                units: int | None = None
-                for index in range(self.args["num_samples"]):
-                    def count(n: int, index: int = index) -> int:
-                        r = gen.build(index, n)
-                        return counter(r.user, r.answer_prefix)
-
-                    start = units if units is not None else estimate_units(count, budget, gen.probe)
-                    units = fit_units(count, budget, start, gen.lower, gen.upper, f"ruler {task} at {length}")
-                    rendered = gen.build(index, units)
-                    out.append(self._sample(task, length, index, rendered, units,
-                                            counter(rendered.user, rendered.answer_prefix)))
+                layout = self.layout(task, gen, env.tokenizer)
+                for index, units in enumerate(self._units(task, length, gen, layout)):
+                    out.append(self._sample(task, length, index, gen.build(index, units), units, layout))
         return out
 
     # --- scoring ------------------------------------------------------------------------

@@ -109,5 +109,7 @@ class VariableTrackingGenerator(Generator):
         context = self._context(rng, chains, n)
         value = chains[0][0].split("=")[-1].strip()
         prefix = self.template["answer_prefix"].format(num_v=self.num_hops + 1, query=value)
-        return Rendered(icl + self.head, context, self.tail.format(query=value), prefix, list(var_sets[0]),
+        # upstream inserts ``randomize_icl(icl_example) + '\n'`` before the task template, and the example
+        # already ends in '\n': two newlines (variable_tracking.py sys_vartrack_w_noise_random)
+        return Rendered(icl + "\n" + self.head, context, self.tail.format(query=value), prefix, list(var_sets[0]),
                         {"value": value})
