@@ -294,3 +294,15 @@ def test_window_layers_batched_across_samples_as_alone(method, args):
     batched = sorted(key(r) for _, recs in run_batched(engine_for(model, tok, method, ratio, args), samples, {}, 4)
                      for r in recs)
     assert batched == alone
+
+
+def test_chunkkv_reuses_indices_only_between_layers_holding_the_same_tokens():
+    """ChunkKV's index reuse copies the first layer's kept positions to the next; a global layer
+    after a window layer holds other tokens, so it selects its own (else it kept ~12 of 241 tokens:
+    ratio 0.91 for a requested 0.5), and a window layer holding only the question is left alone."""
+    from tests.conftest import engine_for
+
+    model = support.lcbench_model(family("gemma2"), "sdpa")
+    for query_aware in (False, True):
+        record = engine_for(model, tiny_tokenizer(), "chunkkv", 0.5, query_aware=query_aware).run(support.sample(), False)[0]
+        assert 0.45 <= record["achieved_ratio"] <= 0.55

@@ -54,16 +54,20 @@ class ChunkKV(Stage):
         self._shared: torch.Tensor | None = None  # kept true positions of the group's first layer
 
     def compress_layer(self, layer, seen):
-        if self.ratio <= 0:
+        if self.ratio <= 0 or seen.context_length <= 1:  # nothing to choose (a window layer may hold only the question)
             return layer
         if not hasattr(self, "_shared"):
             self.begin_sample()
         fresh = layer.seq_len() == seen.context_length + seen.protected
         reuse = max(1, self.args["index_reuse"])
-        if seen.layer_idx % reuse and fresh and self._shared is not None:
+        # a layer reuses the group's first layer's tokens only when it held the same ones (layers
+        # with different sliding windows hold different tokens: engine/attention.py)
+        same = getattr(self, "_shared_from", None) == layer.positions.shape[-1]
+        if seen.layer_idx % reuse and fresh and same and self._shared is not None:
             # the same tokens as the group's first layer: its kept positions, as slots of this layer
             layer.select(torch.searchsorted(layer.positions.contiguous(), self._shared.to(layer.positions.device).contiguous()))
             return layer
+        self._shared_from = layer.positions.shape[-1]
         scores = window_scores(seen, self.args["window_size"], self.args["kernel_size"], "avg")
         scores = align(scores, layer, seen)
         ordered = chunk_major(scores.sum(1), self.args["chunk_size"])
