@@ -360,3 +360,30 @@ def test_end_to_end_synthetic_through_the_engine(engine):
     records = _run(engine, task)
     assert [r["turn"] for r in records] == [0, 1] and set(task.aggregate(records)) == {
         "scbench_kv_synth/turn_0", "scbench_kv_synth/turn_1", "scbench_kv_synth", "score"}
+
+
+# --- upstream prompt quirks (microsoft/MInference@fb56c91 scbench/eval_utils.py) ----------------
+def test_mf_chat_follow_ups_repeat_the_last_turns_question_line_upstream():
+    """create_multiturn_prompt (mf, chat): the follow-up comprehension reads ``prefix`` left from the loop
+    before it, so every follow-up asks "What is the median number in the list?"; quirks=fixed asks each its own."""
+    (up,) = by_dataset(fixture_samples(tasks="mf")[1], "scbench_mf")
+    (fixed,) = by_dataset(fixture_samples(tasks="mf", quirks="fixed")[1], "scbench_mf")
+    assert up.turns[1].question == "What is the median number in the list?\n\nThe smallest number in the list is: "
+    assert up.turns[2].question == "What is the median number in the list?\n\nThe median number in the list is: "
+    assert fixed.turns[1].question == "What is the smallest number in the list?\n\nThe smallest number in the list is: "
+    assert up.turns[0].question == fixed.turns[0].question and up.context == fixed.context
+
+
+def test_context_ending_in_whitespace_tokenizes_as_one_prompt(tmp_path):
+    """Upstream encodes the first prompt in one pass; the engine tokenizes the context part and the
+    question part apart, so trailing whitespace of the context moves into the question part."""
+    row = json.loads((FIXTURES / "scbench_kv.jsonl").read_text().splitlines()[0])
+    row["context"] = row["context"] + "\n"
+    (tmp_path / "scbench_kv.jsonl").write_text(json.dumps(row) + "\n")
+    tok = tiny_tokenizer()
+    (s,) = TASKS.get("scbench_kv")(data_dir=str(tmp_path), max_turns=2).samples(env())
+    assert not s.context[-1].isspace() and s.turns[0].question.startswith("\n\n\n")
+    p = render(tok, s, s.context, True)
+    one_pass = tok.apply_chat_template([{"role": "user", "content": s.context + s.turns[0].question}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert p.context_ids + p.turn_ids[0] == tok(one_pass, add_special_tokens=False)["input_ids"]

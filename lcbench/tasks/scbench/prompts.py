@@ -19,6 +19,7 @@ another 1000) — here applied to the context text so that the template around i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -80,8 +81,13 @@ def _around_context(template: str, values: dict[str, Any]) -> tuple[str, str]:
     return head.format(**values), tail.format(**values)
 
 
-def parts(task: str, row: dict, multi_request: bool, chat: bool) -> tuple[str, str, list[str], list[str]]:
-    """(text before the context, the context, each turn's question part, each turn's answer prefix)."""
+def parts(task: str, row: dict, multi_request: bool, chat: bool,
+          quirks: str = "upstream") -> tuple[str, str, list[str], list[str]]:
+    """(text before the context, the context, each turn's question part, each turn's answer prefix).
+
+    ``quirks=upstream``: mf's chat follow-ups all get the *last* turn's question line
+    (``create_multiturn_prompt``'s list comprehension reads ``prefix`` left over from the loop
+    before it); ``fixed``: each turn its own."""
     turns = row["multi_turns"]
     context = row["context"] if "context" in row else row["input"]
     context = context if isinstance(context, str) else str(context)  # mf: a list, rendered as by str.format
@@ -100,7 +106,10 @@ def parts(task: str, row: dict, multi_request: bool, chat: bool) -> tuple[str, s
     questions, prefixes = [first], [""]
     for t in turns[1:]:
         if chat:
-            questions.append(PROTOCOL["multiturn_follow_up_templates_in_chat_template"][task].format(**fields(task, t)))
+            values = fields(task, t)
+            if task == "scbench_mf" and quirks == "upstream":
+                values["prefix"] = mf_prefix(turns[-1])
+            questions.append(PROTOCOL["multiturn_follow_up_templates_in_chat_template"][task].format(**values))
             prefixes.append(PROTOCOL["summary"]["chat_follow_up_answer_prefix"] if task == "scbench_summary" else "")
         else:
             plain = PROTOCOL["multiturn_follow_up_templates"][task]
@@ -152,13 +161,24 @@ def length_bucket(tokens: int) -> int:
     return bucket
 
 
+def _seam(context_part: str, questions: list[str]) -> tuple[str, list[str]]:
+    """Multi-turn: the first prompt is one string upstream (``tok.encode(prompts[0])``), while the
+    engine tokenizes the context part and the question part apart; a context ending in whitespace
+    next to a question starting with it would tokenize differently (one extra token). The
+    whitespace moves into the question part, as LongBench's prompt split does."""
+    kept = context_part.rstrip()
+    if not kept or kept == context_part:
+        return context_part, questions
+    return kept, [context_part[len(kept):] + questions[0]] + questions[1:]
+
+
 def build_sample(task: str, row: dict, *, sample_id: str, dataset: str, mode: str, chat: bool, tokenizer: Any,
-                 max_seq_length: int, turn_budget: int, max_turns: int) -> Sample:
+                 max_seq_length: int, turn_budget: int, max_turns: int, quirks: str = "upstream") -> Sample:
     """One SCBench row as a sample (``turn_budget``: the turn count used for the input budget)."""
     row = {**row, "multi_turns": list(row["multi_turns"])[:max_turns] if max_turns > 0 else list(row["multi_turns"])}
     multi_request = mode == "multi_request"
     use_chat = bool(chat and getattr(tokenizer, "chat_template", None))
-    head, context, questions, prefixes = parts(task, row, multi_request, use_chat)
+    head, context, questions, prefixes = parts(task, row, multi_request, use_chat, quirks)
     first_tail = None if multi_request else questions[0]
     limit = input_budget(task, turn_budget, max_seq_length, multi_request)
     context, truncated = truncate_middle(tokenizer, use_chat, head, context, first_tail, limit)
@@ -177,7 +197,11 @@ def build_sample(task: str, row: dict, *, sample_id: str, dataset: str, mode: st
             meta[key] = row[key]
     if "task" in row and isinstance(row["task"], str):
         meta["row_task"] = row["task"]
-    return Sample(sample_id, head + context, turns, meta=meta, chat=chat)
+    context_part = head + context
+    if not multi_request:  # multi-request: upstream encodes context and query apart too (test_scdq)
+        context_part, moved = _seam(context_part, [t.question for t in turns])
+        turns = [dataclasses.replace(t, question=q) for t, q in zip(turns, moved)]
+    return Sample(sample_id, context_part, turns, meta=meta, chat=chat)
 
 
 def _metric(task: str, turn: dict) -> str:

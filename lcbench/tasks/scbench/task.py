@@ -33,6 +33,8 @@ _COMMON = (
     Param("max_turns", int, _D["max_turns"], "turns per context (upstream --max_turns 5; 0 = all)", min=0),
     Param("max_seq_length", int, 0, "upstream --max_seq_length (131072); 0 = min(131072, the model's limit)", min=0),
     Param("chat", bool, True, "apply the model's chat template (upstream always passes --use_chat_template)"),
+    Param("quirks", str, "upstream", "prompts: 'upstream' (mf chat follow-ups repeat the last turn's question "
+                                     "line, as eval_utils does) or 'fixed' (each turn its own)", ("upstream", "fixed")),
 )
 _RELEASED = (
     Param("data_dir", str, None, "folder with the released <task>.jsonl files (default: the hub, or --data-dir)"),
@@ -88,7 +90,7 @@ class SCBenchTask(Task):
                 sample = build_sample(task, row, sample_id=f"{dataset}-{row.get('id', i)}", dataset=dataset,
                                       mode=self.mode, chat=self.args["chat"], tokenizer=env.tokenizer,
                                       max_seq_length=max_seq, turn_budget=turn_budget,
-                                      max_turns=self.args["max_turns"])
+                                      max_turns=self.args["max_turns"], quirks=self.args["quirks"])
                 out.append(sample)
                 self._collect_needles(sample)
         return out
