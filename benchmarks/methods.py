@@ -5,8 +5,10 @@ and ``kvpress:SnapKVPress`` when kvpress is installed) compresses the same ~4K-t
 (Paul Graham essays from ../shared/data/niah) at ``--ratio`` through lcbench's engine, exactly as
 a run does: one compressing prefill (the cache stage runs on each layer right after its
 attention, and its time — observations included — is the compression time), then a one-token
-answer. Reported per method: the measured ratio, KV bytes held and their share of the full
-cache, prefill time, compression time and compression as % of prefill. On a shared CPU the
+answer of ``--decode-tokens`` tokens (EOS masked until then, so every method decodes as many).
+Reported per method: the measured ratio, KV bytes held and their share of the full cache, prefill
+time, compression time, compression as % of prefill, and decode tokens/s with its ratio to
+``full``'s (issue #14's target for ``kivi``/``int4``/``int8``: ≥ 0.7 × full at 4K on CPU). On a shared CPU the
 timings move with the machine's load; the bytes do not.
 
     python benchmarks/methods.py                        # SmolLM2-135M-Instruct, 4K, ratio 0.5
@@ -63,14 +65,17 @@ def measure(loaded, sample: Sample, method: str, ratio: float) -> dict:
     return rec
 
 
-def row(method: str, rec: dict) -> list[str]:
+def row(method: str, rec: dict, full_tok_s: float | None) -> list[str]:
     share = rec["kv_bytes"] / rec["kv_bytes_full"]
+    tok_s = rec.get("decode_tok_s") or 0.0
+    vs_full = f"{tok_s / full_tok_s:.2f}" if full_tok_s else "–"
     return [method, f"{rec['achieved_ratio']:.3f}", f"{rec['kept_tokens']:.0f}", f"{rec['kv_bytes'] / 2**20:.1f}",
             f"{100 * share:.1f}%", f"{rec['prefill_s']:.2f}", f"{rec['compress_s']:.2f}",
-            f"{100 * rec['compress_s'] / rec['prefill_s']:.1f}%"]
+            f"{100 * rec['compress_s'] / rec['prefill_s']:.1f}%", f"{tok_s:.2f}", vs_full]
 
 
-HEADER = ["method", "ratio", "kept tok", "KV MB", "KV vs full", "prefill s", "compress s", "compress/prefill"]
+HEADER = ["method", "ratio", "kept tok", "KV MB", "KV vs full", "prefill s", "compress s", "compress/prefill",
+          "decode tok/s", "decode vs full"]
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -89,17 +94,22 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--methods", default=None, help="comma-separated (default: all KV methods and chains)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens each method decodes (EOS masked until then)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, {}, "cpu")
     sample = Sample("essays", essay_context(loaded.tokenizer, args.context_tokens),
-                    [Turn(question="What is the main point of the text?", answers=[""], max_new_tokens=1, scorer="none")])
+                    [Turn(question="What is the main point of the text?", answers=[""], max_new_tokens=args.decode_tokens,
+                          scorer="none", min_new_tokens=args.decode_tokens)])
     methods = args.methods.split(",") if args.methods else default_methods()
     print(f"model {args.model} ({loaded.model.dtype}, CPU, {args.threads} threads), ratio {args.ratio}", flush=True)
     rows = []
+    full_tok_s = None
     for method in methods:
         rec = measure(loaded, sample, method, args.ratio)
-        rows.append(row(method, rec))
+        if method == "full":
+            full_tok_s = rec.get("decode_tok_s")
+        rows.append(row(method, rec, full_tok_s))
         print("  " + "  ".join(rows[-1]), flush=True)
     print(f"\ncontext: {rec['context_tokens']} tokens; full KV cache {rec['kv_bytes_full'] / 2**20:.1f} MB\n")
     print_table(rows)

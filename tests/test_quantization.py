@@ -269,3 +269,40 @@ def test_ragged_layer_is_quantized_with_each_heads_recent_tokens_in_the_window()
                 lo, hi = real_k.amin(0), real_k.amax(0)
                 bound = (hi - lo) / (2 * 3) + 2**-10 * torch.maximum(lo.abs(), hi.abs()) + 1e-6
                 assert ((got[before: before + len(real_k)] - real_k).abs() <= bound).all(), (head, group)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, "channel", 32, 16), QuantSpec(8, "token", 8, 4), QuantSpec(4, "token", 8, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_dequantizes_each_group_once_into_a_buffer_of_the_models_dtype(monkeypatch, spec, dtype):
+    """Issue #14: a decode step does not dequantize the whole layer — each group is dequantized
+    once, when it closes, into the compute buffer (model dtype) that dense() returns; that buffer
+    equals dequantizing all packed groups at once (the former dense()), and nbytes() stays the
+    packed storage's."""
+    from lcbench.cache import quantized
+
+    keys, values = (t.to(dtype) for t in random_kv(tokens=160))
+    layer = layer_of(keys[:, :, :100], values[:, :, :100], spec)
+    dequantized: list[int] = []
+    real = quantized.dequantize
+
+    def counting(codes, *args):
+        dequantized.append(codes.numel())
+        return real(codes, *args)
+
+    monkeypatch.setattr(quantized, "dequantize", counting)
+    for t in range(100, 160):  # decoding, one token at a time
+        layer.append(keys[:, :, t:t + 1], values[:, :, t:t + 1], torch.tensor([[t]]), None)
+        k, v = layer.dense()
+        assert k.dtype == dtype and k.shape[2] == t + 1
+    # per step at most one closing token group of keys and of values, never the whole layer
+    group = 2 * 2 * spec.token_group() * 16  # keys + values, 2 heads, a group of tokens, 16 channels
+    assert sum(dequantized) <= group * (60 // spec.token_group() + 1)
+    monkeypatch.setattr(quantized, "dequantize", real)
+    cg = layer._channel_group()
+    whole_k = layer._dequantize_keys(layer.qkeys).to(dtype)
+    whole_v = quantized.dequantize_tokens(layer.qvalues, spec.bits, cg).to(dtype)
+    k, v = layer.dense()
+    assert torch.equal(k[:, :, :layer.quantized], whole_k) and torch.equal(v[:, :, :layer.quantized], whole_v)
+    assert torch.equal(k[:, :, layer.quantized:], keys[:, :, layer.quantized:])  # the window as is
+    assert layer.nbytes() == spec.nbytes(1, 2, 160, 16, keys.element_size())
+    assert layer.buffer_nbytes() == 2 * layer.quantized * 2 * 16 * keys.element_size()

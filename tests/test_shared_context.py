@@ -167,3 +167,47 @@ def test_folded_attention_equals_attention_over_each_rows_copy(kind, window):
         if step == 1:  # the middle row finishes
             index = torch.tensor([0, 2])
             shared, copy, rows = shared.keep_rows(index), copy.keep_rows(index), 2
+
+
+def _rows_of(layer, rows):
+    """Per row: the valid (position, key, value) triples of ``layer``, per head, in storage order."""
+    keys, values = layer.dense()
+    valid = layer.valid if layer.valid is not None else torch.ones_like(layer.positions, dtype=torch.bool)
+    return [[(layer.positions[r, h][valid[r, h]].tolist(), keys[r, h][valid[r, h]], values[r, h][valid[r, h]])
+             for h in range(keys.shape[1])] for r in rows]
+
+
+def _same(a, b):
+    for ra, rb in zip(a, b, strict=True):
+        for (pa, ka, va), (pb, kb, vb) in zip(ra, rb, strict=True):
+            assert pa == pb and torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+@pytest.mark.parametrize("kind", ["dense", "ragged", "quantized", "stacked", "shared", "evicting"])
+def test_keep_rows_keeps_exactly_those_rows_for_every_layer_kind(kind):
+    from lcbench.cache.quantized import QuantizedLayer, QuantSpec
+    from lcbench.engine.row_stack import stack_rows
+    from lcbench.methods.dropping.decode_eviction import EvictingLayer
+
+    gen = torch.Generator().manual_seed(3)
+    base = _context_layer("ragged" if kind == "ragged" else "dense")
+    if kind == "quantized":
+        base = QuantizedLayer.from_layer(base, QuantSpec(4, "token", 8, 2))
+    if kind == "stacked":
+        other = QuantizedLayer.from_layer(_context_layer("dense", length=9), QuantSpec(8, "token", 8, 0))
+        layer = stack_rows([base.repeat_rows(2), other])  # rows 0, 1 (dense), 2 (quantized)
+    elif kind == "shared":
+        layer = SharedContextLayer(base, 3)
+    else:
+        layer = base.repeat_rows(3)
+    if kind == "evicting":
+        layer = EvictingLayer(layer)
+        layer.tracks["t"] = torch.arange(3.0)[:, None, None].expand(3, 2, layer.seq_len()).contiguous()
+    k, v = torch.randn(3, 2, 2, 8, generator=gen), torch.randn(3, 2, 2, 8, generator=gen)
+    layer.append(k, v, torch.tensor([[40, 41]] * 3), torch.tensor([[True, True], [False, True], [True, True]]))
+    rows = torch.tensor([0, 2])
+    kept = layer.keep_rows(rows)
+    assert kept.positions.shape[0] == 2
+    _same(_rows_of(kept, [0, 1]), _rows_of(layer, [0, 2]))
+    if kind == "evicting":
+        assert kept.tracks["t"][:, 0, 0].tolist() == [0.0, 2.0]
