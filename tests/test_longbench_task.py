@@ -212,3 +212,25 @@ def test_samsum_generation_rule_matches_generate():
             assert want == free[:3] and got["stopped_by"] == "stop" and got["decode_tokens"] == 3
         else:
             assert want[0] != free[0]
+
+
+@pytest.mark.parametrize("max_length", [0, 120])
+def test_chat_never_feeds_exactly_upstreams_token_ids(max_length):
+    """pred.py for any model outside its 8: ``tokenizer(prompt)`` (default special tokens) of the
+    middle-truncated raw prompt, no wrapper. chat=never gives the same ids through the engine."""
+    from lcbench.engine.prompt import render
+    from lcbench.tasks.longbench import data
+
+    tok = tiny_tokenizer()
+    names = ["hotpotqa", "trec", "samsum", "lcc", "passage_retrieval_zh"]
+    task = LongBench(datasets=";".join(names), chat="never", max_length=max_length)
+    for s in task.samples(env()):
+        row = data.load_rows(s.meta["dataset"], FIXTURES)[s.meta["index"]]
+        prompt = P["prompts"][s.meta["dataset"]].format(**row)
+        ids = tok(prompt, truncation=False)["input_ids"]
+        budget = s.meta["max_length"]
+        if len(ids) > budget:
+            half = int(budget / 2)
+            prompt = (tok.decode(ids[:half], skip_special_tokens=True) + tok.decode(ids[-half:], skip_special_tokens=True))
+        p = render(tok, s, s.context, multi_turn=False)
+        assert not s.chat and p.context_ids + p.turn_ids[0] == tok(prompt)["input_ids"], s.id

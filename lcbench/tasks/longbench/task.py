@@ -6,6 +6,13 @@ Per-row ``score`` is 0–100 (``100 ×`` the metric), so a dataset's mean is Lon
 ``score_upstream`` reproduces LongBench's quirks, ``score_fixed`` applies the named fixes (see
 :mod:`.metrics`); ``quirks=fixed`` makes the fixed one primary.
 
+Chat wrapper (a labelled lcbench deviation): ``pred.py`` ``build_chat`` wraps prompts only for its 8
+models (chatglm2/3, llama2 ``[INST]…[/INST]``, longchat/vicuna via fastchat, xgen, internlm) and
+feeds every other model the raw prompt; lcbench's default ``chat=auto`` applies each model's own
+chat template outside the no-chat list, since today's instruct models expect it. ``chat=never``
+reproduces upstream's ids for any model outside the 8 exactly (``tokenizer(prompt)`` with default
+special tokens; tested).
+
 Prompt length: ``max_length`` comes from ``model2maxlen.json`` when the model is listed there,
 else from the model's window minus the generation length and the chat template's tokens
 (:func:`.prompt.prompt_budget`); the ``max_length`` parameter overrides both.
@@ -37,7 +44,8 @@ def common_params(default_datasets: str) -> tuple[Param, ...]:
                                      "released format (default: data.zip from the Hugging Face hub, cached)"),
         Param("revision", str, data.default_revision(), "commit of the hub dataset zai-org/LongBench whose "
                                                        "data.zip is read (pinned; recorded in the spec)"),
-        Param("chat", str, "auto", "chat template: auto (LongBench's no-chat list), always, never",
+        Param("chat", str, "auto", "chat template: auto (the model's, except LongBench's no-chat list; upstream "
+                                   "wraps only its 8 models), always, never (upstream's raw prompt, exact)",
               ("auto", "always", "never")),
         Param("max_length", int, 0, "middle-truncation budget in tokens (0: model2maxlen.json, else the model window)",
               min=0),
