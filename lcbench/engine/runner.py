@@ -3,7 +3,9 @@
 text stage → render → prefill the context part (cache stages compress each layer as it
 finishes) → per turn, prefill the question part on the compressed cache and decode greedily.
 In multi-request mode the turns of a context decode together as one batch, each row starting
-from the same compressed context; in multi-turn mode they run in order with gold history.
+from the same compressed context — held once and shared by the rows (:mod:`lcbench.cache.shared`)
+unless a stage changes each row's context later — and each row leaves the batch when it ends;
+in multi-turn mode they run in order with gold history.
 Every turn yields one record with quality inputs, timings, KV bytes and memory.
 """
 
