@@ -80,3 +80,20 @@ def download(file: HubFile, what: str, fix_local: str) -> Path:
     except OSError as exc:  # a full disk or an unwritable cache folder
         raise UserError(f"{what}: could not write {where} into the HF cache ({hf_cache_dir()}): {exc}. Fix: free "
                         f"space or set HF_HOME to a writable folder, or {fix_local}.") from None
+
+
+def datasets_error_cause(exc: Exception) -> str:
+    """What an exception of ``datasets.load_dataset`` on a hub dataset means, in words."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    name = type(exc).__name__
+    if isinstance(exc, DatasetNotFoundError):
+        return "the dataset was not found on the hub (renamed, gated, or HF_ENDPOINT points at a mirror without it)"
+    if isinstance(exc, (ConnectionError, TimeoutError)) or name in ("LocalEntryNotFoundError", "ConnectError",
+                                                                     "ConnectTimeout", "OfflineModeIsEnabled"):
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "") \
+            not in ("", "0")
+        why = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" if offline else "the hub could not be reached"
+        return f"{why} and the HF cache ({hf_cache_dir()}) has no copy"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{name}: {first}"[:300]

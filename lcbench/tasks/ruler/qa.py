@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
+from ..hub import datasets_error_cause
 from .protocol import PROTOCOL, Generator, Rendered, split_template
 
 _QA = PROTOCOL["qa"]
@@ -88,11 +89,12 @@ def load_qa(dataset: str, path: str | None) -> tuple[tuple[dict, ...], tuple[str
         import datasets
 
         rows = datasets.load_dataset(repo, config, split=split)
-    except Exception as exc:  # offline, missing dataset, hub errors: all mean "no data here"
+    except Exception as exc:  # datasets raises many types; datasets_error_cause names the real one
         raise UserError(
             f"ruler {'qa_1' if dataset == 'squad' else 'qa_2'} needs {dataset} data and the hub dataset '{repo}' "
-            f"could not be loaded ({type(exc).__name__}). Fix: pass a local copy with --task-args "
-            f"{dataset}=PATH (the upstream JSON file), or drop the QA tasks (tasks=synthetic)."
+            f"could not be loaded: {datasets_error_cause(exc)}. Fix: run once with network access (it is cached), "
+            f"pass a local copy with --task-args {dataset}=PATH (the upstream JSON file), or drop the QA tasks "
+            f"(tasks=synthetic)."
         ) from None
     data = squad_from_hub(rows) if dataset == "squad" else hotpotqa_from_hub(rows)
     qas, docs = reader(data)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
+from ..hub import datasets_error_cause
 from .protocol import PROTOCOL
 
 
@@ -91,20 +92,6 @@ def load_local(folder: Path, task: str) -> list[dict]:
                     f"point data_dir= at the folder that has it.")
 
 
-def _hub_cause(exc: Exception) -> str:
-    """What an exception of ``datasets.load_dataset`` means, in words."""
-    from datasets.exceptions import DatasetNotFoundError
-
-    if isinstance(exc, DatasetNotFoundError):
-        return "the dataset was not found (renamed, gated, or HF_ENDPOINT points at a mirror without it)"
-    if isinstance(exc, (ConnectionError, TimeoutError)) or "offline" in str(exc).lower() or \
-            type(exc).__name__ in ("LocalEntryNotFoundError", "ConnectError", "ConnectTimeout"):
-        return "the hub could not be reached and the HF cache has no copy (offline?)"
-    if isinstance(exc, ValueError):
-        return f"the hub dataset has no config '{exc}'"[:300]
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
-
-
 def load_hub(task: str) -> list[dict]:
     """``load_dataset("microsoft/SCBench", task, split="test")`` (``run_scbench.py``; the card's parquet,
     no loading script), falling back to the older cards' ``train`` split."""
@@ -126,7 +113,7 @@ def load_hub(task: str) -> list[dict]:
         raise
     except Exception as exc:  # datasets raises many types; _hub_cause names the real one
         raise UserError(
-            f"scbench: {task} could not be loaded from the hub dataset '{repo}': {_hub_cause(exc)}. Fix: run once "
+            f"scbench: {task} could not be loaded from the hub dataset '{repo}': {datasets_error_cause(exc)}. Fix: run once "
             f"with network access (the data is cached in the HF cache), or download the released files "
             f"(data/{task}.jsonl) and pass their folder with --task-args data_dir=PATH (or --data-dir PATH)."
         ) from None
