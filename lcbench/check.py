@@ -154,7 +154,9 @@ def run_check(baseline: Path, console: Console, new: list[Path] | None = None, o
         output = Path(output) if output else Path(tempfile.mkdtemp(prefix="lcbench-check-"))
         console.print(terminal_text(f"re-running {len(baselines)} baseline spec(s) into {output}"))
         fresh = rerun(baselines, output, lambda label: console.print(f"  {terminal_text(label)}"))
-    comparisons = compare(pair_runs(baselines, fresh), opts)
+    # a re-run is its baseline's partner by construction (its run id changes when the task's version does)
+    pairs = pair_runs(baselines, fresh) if new else list(zip(baselines, fresh))
+    comparisons = compare(pairs, opts)
     render(comparisons, console, opts)
     failed = [c for c in comparisons if c.failed]
     if markdown is not None:

@@ -70,6 +70,17 @@ def _abortable(output: object):
         raise typer.Exit(128 + signal_number(exc)) from None
 
 
+@contextmanager
+def _writing(output: object, flag: str):
+    """A report or site that cannot be written (a full disk, no permission) is one paragraph, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = getattr(exc, "filename", None) or output
+        raise UserError(f"cannot write {where}: {exc.strerror or exc}. Fix: free space or pass a writable "
+                        f"folder with {flag}.") from None
+
+
 @app.command()
 def run(
     model: str = typer.Option("smollm2-135m-instruct", "--model", help="registered name, hub id or local folder"),
@@ -171,7 +182,8 @@ def report(
     from .report.build import build_report
 
     groupings, fmts = tuple(_names(group_by, "--group-by", "dataset")), tuple(_names(formats, "--format", "csv,md"))
-    written = build_report(run_dirs, console, output, groupings, fmts, plots)
+    with _writing(output, "-o"):
+        written = build_report(run_dirs, console, output, groupings, fmts, plots)
     if written:
         console.print(terminal_text(f"wrote {len(written)} files under {output}"))
 
@@ -189,7 +201,8 @@ def leaderboard(
     fixed = _ratios(ratios, "--ratios") if ratios is not None else None
     if fixed and not all(0.0 <= r < 1.0 for r in fixed):
         raise UserError(f"--ratios {ratios}: each ratio must be in [0, 1). Fix: e.g. --ratios 0.5,0.75.")
-    index = build_leaderboard(run_dirs, output, fixed, title)
+    with _writing(output, "-o"):
+        index = build_leaderboard(run_dirs, output, fixed, title)
     console.print(terminal_text(f"leaderboard: {index}"))
 
 

@@ -244,3 +244,18 @@ def test_the_ci_example_fails_the_job_on_a_regression_and_on_bad_input(baseline,
     assert ok.returncode == 0 and "lcbench check passed" in ok.stdout
     workflow = (CI / "lcbench-check.yml").read_text()
     assert "bash check.sh --baseline results/baselines" in workflow and "continue-on-error" not in workflow
+
+
+def test_check_rerun_that_misses_its_ratio_fails_the_check(tmp_path):
+    """A re-run whose method now falls short of its ratio is a failed run: verdict FAILED, exit 1."""
+    base = tmp_path / "base"
+    folder = write_run(base, [1.0, 1.0], method="ashape", ratio=0.95, model="tiny-random-llama")
+    payload = json.loads((folder / "spec.json").read_text())
+    payload["spec"]["task_args"] = {"lengths": "320", "depths": "50", "max_new_tokens": 2}  # too short for 0.95
+    (folder / "spec.json").write_text(json.dumps(payload))
+    proc = lcbench("check", "--baseline", str(base), "--output-path", str(tmp_path / "again"))
+    out = flat(proc.stdout)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED" in out and "the new run failed" in out and "compression ratio" in out
+    folder = next((tmp_path / "again").glob("niah__ashape__*"))
+    assert json.loads((folder / "status.json").read_text())["state"] == "failed"
