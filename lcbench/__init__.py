@@ -13,6 +13,9 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when lcbench runs from one
+# True for a source checkout (editable install); False for an installed wheel, whose REPO_ROOT is
+# site-packages' parent (possibly inside some other project's git repository)
+IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "tasks").is_dir()
 PROTOCOL_KINDS = ("tasks", "methods")
 
 

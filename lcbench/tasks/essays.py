@@ -35,7 +35,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .. import REPO_ROOT, protocol_file
+from .. import IN_CHECKOUT, REPO_ROOT, protocol_file
 from ..errors import UserError
 
 TIMEOUT_S = 30
@@ -67,7 +67,7 @@ def local_data_root() -> Path | None:
     if env is not None:
         return Path(env).expanduser() if env else None
     shared = REPO_ROOT.parent / "shared" / "data"
-    return shared if shared.is_dir() else None
+    return shared if IN_CHECKOUT and shared.is_dir() else None
 
 
 def cache_root() -> Path:
