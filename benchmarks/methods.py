@@ -25,8 +25,7 @@ import torch
 
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.methods.chain import Chain, resolve_chain
-from lcbench.methods.dropping import BUILTIN as DROPPING
-from lcbench.methods.quantization import BUILTIN as QUANTIZATION
+from lcbench.methods.registry import builtin_methods
 from lcbench.models.loading import load_model
 from lcbench.tasks.sample import Sample, Turn
 
@@ -45,7 +44,11 @@ def essay_context(tokenizer, tokens: int) -> str:
 
 
 def default_methods() -> list[str]:
-    methods = ["full", *DROPPING, *QUANTIZATION, *CHAINS]
+    kv = {"kv_dropping": [], "kv_quantization": []}
+    for name, cls in sorted(builtin_methods().items()):
+        if getattr(cls, "family", None) in kv:
+            kv[cls.family].append(name)
+    methods = ["full", *kv["kv_dropping"], *kv["kv_quantization"], *CHAINS]
     try:
         import kvpress  # noqa: F401
 
