@@ -19,7 +19,7 @@ def test_grid_ids_and_meta():
     assert [s.id for s in samples] == [f"niah-L{n}-D{d}" for n in (400, 600) for d in (0, 50, 100)]
     assert samples[4].meta == {"dataset": "niah[filler]", "length": 600, "depth": 50.0, "length_bucket": 600,
                                "needle": "passkey", "messages": "two", "haystack": "filler",
-                               "haystack_source": "builtin filler"}
+                               "haystack_source": "builtin filler", "data_label": "filler"}
 
 
 def test_context_and_question_are_two_user_messages_as_upstream():
@@ -62,7 +62,7 @@ def test_filler_fallback_is_warned_and_labelled(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="filler haystack.*HF_HUB_OFFLINE forbids downloading"):
         s = NeedleInAHaystack(lengths="400", depths="50").samples(_env(tiny_tokenizer()))[0]
     assert s.meta["dataset"] == "niah[filler]" and s.meta["haystack"] == "filler"
-    assert s.meta["haystack_source"].startswith("fallback: ")
+    assert s.meta["haystack_source"].startswith("fallback: ") and s.meta["data_label"] == "filler"
     assert "The grass is green." in s.context
 
 

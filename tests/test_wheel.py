@@ -77,6 +77,8 @@ def test_installed_wheel_lists_and_runs(wheel_venv, tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads(next((tmp_path / "out").glob("*/summary.json")).read_text())
     assert summary["overall"]["n"] == 1
+    # offline with no essays anywhere: NIAH's filler fallback, warned and labelled in the table
+    assert "filler haystack" in run.stderr and "niah[filler]" in run.stdout
 
 
 def test_plugin_against_the_installed_wheel(wheel_venv, tmp_path):

@@ -34,8 +34,10 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
             batch = sum(r.get("batch_samples", 1) for r in run.records) / len(run.records)
         s = run.spec
         failed = run.failed
+        # a task's own label for the data it fell back to (NIAH's filler haystack: meta["data_label"])
+        labels = sorted({str(r["meta"]["data_label"]) for r in run.records if (r.get("meta") or {}).get("data_label")})
         rows.append({
-            "task": s["task"], "method": run.method, "ratio": s["ratio"],
+            "task": s["task"] + (f"[{', '.join(labels)}]" if labels else ""), "method": run.method, "ratio": s["ratio"],
             "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
             "score": None if failed else suite.get("score"), "score_ci": None if failed else suite.get("ci"),
             "achieved_ratio": overall.get("achieved_ratio"),

@@ -107,7 +107,8 @@ def resolve_haystack(choice: str | None, data_dir: Path | None = None) -> Resolv
     ``haystack=filler``; ``filler`` (also ``None``, what the argument's default was before
     lcbench 0.1's essays, so older specs replay as they ran); or a path."""
     if choice is None or choice == FILLER:
-        return ResolvedHaystack(filler_text(), FILLER, {"haystack": FILLER, "haystack_source": "builtin filler"})
+        return ResolvedHaystack(filler_text(), FILLER, {"haystack": FILLER, "haystack_source": "builtin filler",
+                                                        "data_label": "filler"})
     if choice != ESSAYS:
         text = read_haystack(choice)
         return ResolvedHaystack(text, "path", {"haystack": "path", "haystack_source": str(choice),
@@ -117,7 +118,8 @@ def resolve_haystack(choice: str | None, data_dir: Path | None = None) -> Resolv
         warnings.warn(f"niah: using lcbench's filler haystack, not upstream's Paul Graham essays: {why}. Records and "
                       f"tables are labelled haystack=filler / niah[filler]. Fix: run once with network access, or "
                       f"pass haystack=PATH to a folder of essays.", stacklevel=2)
-        return ResolvedHaystack(filler_text(), FILLER, {"haystack": FILLER, "haystack_source": f"fallback: {why}"})
+        return ResolvedHaystack(filler_text(), FILLER, {"haystack": FILLER, "haystack_source": f"fallback: {why}",
+                                                        "data_label": "filler"})
     return ResolvedHaystack(read_haystack(found.path), ESSAYS, {"haystack": ESSAYS, **found.meta()})
 
 
