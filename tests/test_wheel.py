@@ -87,8 +87,13 @@ def test_plugin_against_the_installed_wheel(wheel_venv, tmp_path):
     src.mkdir()
     (src / "lcb_plugin_example.py").write_text(textwrap.dedent(PLUGIN))
     (src / "pyproject.toml").write_text(PYPROJECT)
-    pip = _run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                "--no-index", str(src)], env, tmp_path)
+    # built here (the venv's own bundled setuptools may be too old to build wheels), installed there
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "--no-index", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    wheel = next((tmp_path / "dist").glob("lcbench_plugin_example-*.whl"))
+    pip = _run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+               env, tmp_path)
     assert pip.returncode == 0, pip.stderr
     lcbench = str(bin_dir / "lcbench")
     listed = _run([lcbench, "ls", "methods"], env, tmp_path)
