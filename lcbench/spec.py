@@ -58,7 +58,12 @@ class RunSpec:
         return re.sub(r"[^A-Za-z0-9._+=-]", "-", name) + f"__{digest}"  # safe as a folder name anywhere
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance(self.device)}
+        """spec.json: the run id, the spec, the provenance and a description of each method
+        component (family, paper, parameters) that reports read instead of the live registry."""
+        from .methods.registry import describe_component
+
+        return {"run_id": self.run_id, "spec": asdict(self), "provenance": provenance(self.device),
+                "methods": [describe_component(m["name"]) for m in self.method]}
 
     @classmethod
     def from_json(cls, payload: dict[str, Any], where: str = "spec.json") -> "RunSpec":

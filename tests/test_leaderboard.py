@@ -204,3 +204,16 @@ def test_browser_renders_sorts_filters_and_runs_no_injected_script(site, browser
     for page in sorted(site.parent.glob("*/*.html")):
         browser.get(page.as_uri())
         assert _no_alert(browser) and browser.execute_script("return window.__pwned === undefined"), page.name
+
+
+def test_method_pages_describe_methods_from_the_stored_specs(tmp_path):
+    """The site reads a method's description from its runs' spec.json, never from the installation
+    that builds it: a stored description shows even where this lcbench would describe it otherwise."""
+    folder = write_run(tmp_path / "runs", [1, 0], method="snapkv")
+    payload = json.loads((folder / "spec.json").read_text())
+    assert payload["methods"][0]["name"] == "snapkv" and "SnapKV" in payload["methods"][0]["paper"]
+    payload["methods"][0]["paper"] = "The paper as stored with the run"
+    (folder / "spec.json").write_text(json.dumps(payload))
+    root = build_leaderboard([tmp_path / "runs"], tmp_path / "site").parent
+    page = next((root / "methods").glob("method__snapkv-*.html")).read_text()
+    assert "The paper as stored with the run" in page and "LLM Knows What You are Looking for" not in page

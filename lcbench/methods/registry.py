@@ -81,3 +81,17 @@ class MethodRegistry(Registry):
 
 METHODS: Registry = MethodRegistry("method", "lcbench.methods", discover=builtin_methods,
                                    validate=check_declaration)
+
+
+def describe_component(name: str) -> dict[str, Any]:
+    """What a run stores about one component of its chain (spec.json ``methods``), so reports and
+    the leaderboard describe it from the stored run, never from the installation that reads it:
+    family, paper, summary and declared parameters — or ``registered: False`` when this
+    installation does not know it."""
+    try:
+        cls = METHODS.get(name)
+    except (UserError, ImportError, AttributeError):
+        return {"name": name, "registered": False}
+    return {"name": name, "registered": True, "family": cls.family, "paper": cls.paper, "summary": cls.summary,
+            "params": [{"name": p.name, "type": p.type.__name__, "default": repr(p.default), "help": p.help}
+                       for p in cls.params]}

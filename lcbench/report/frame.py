@@ -37,6 +37,7 @@ class Run:
     status: str = "complete"  # status.json: complete, failed, aborted or running (unfinished)
     error: str | None = None  # why a failed run failed
     notes: list[str] = field(default_factory=list)  # e.g. corrupt lines skipped while reading
+    methods: list[dict[str, Any]] = field(default_factory=list)  # spec.json "methods": each component described
 
     @property
     def failed(self) -> bool:
@@ -77,7 +78,7 @@ def load_run(folder: Path | str) -> Run:
     notes = [f"{store.folder / RunStore.SAMPLES}: {store.skipped} corrupt line(s) skipped (re-running the same "
              f"command moves them to {RunStore.QUARANTINE} and recomputes those turns)"] if store.skipped else []
     return Run(store.folder, payload["run_id"], spec, payload.get("provenance", {}), records, summary,
-               status["state"], status.get("error"), notes)
+               status["state"], status.get("error"), notes, list(payload.get("methods") or []))
 
 
 def load_runs(paths: Iterable[str | Path]) -> list[Run]:

@@ -132,24 +132,17 @@ def rankings(views: list[RunView], ratios: list[float] | None) -> list[dict[str,
     return sections
 
 
-def method_info(label: str) -> list[dict[str, Any]]:
-    """Family, paper, summary and declared parameters of each component of a method chain, from the
-    method registry of this installation (no model is loaded)."""
-    from ..methods.registry import METHODS
-
+def method_info(label: str, runs: Iterable[Run]) -> list[dict[str, Any]]:
+    """Family, paper, summary and declared parameters of each component of a method chain, as the
+    runs stored them in their spec.json (reports never read the live registry); a component no
+    run described is ``{"name", "registered": False}``."""
     name = label.removesuffix(" (qa)")
-    info = []
-    for part in name.split("+"):
-        try:
-            cls = METHODS.get(part)
-        except (UserError, ImportError, KeyError, AttributeError):
-            info.append({"name": part, "registered": False})
-            continue
-        info.append({"name": part, "registered": True, "family": getattr(cls, "family", ""),
-                     "paper": getattr(cls, "paper", ""), "summary": getattr(cls, "summary", ""),
-                     "params": [{"name": p.name, "type": p.type.__name__, "default": repr(p.default), "help": p.help}
-                                for p in getattr(cls, "params", ())]})
-    return info
+    stored: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for part in run.methods:
+            if isinstance(part, dict) and part.get("registered") and part.get("name") not in stored:
+                stored[part["name"]] = part
+    return [stored.get(part, {"name": part, "registered": False}) for part in name.split("+")]
 
 
 def _assets() -> dict[str, str]:
@@ -253,7 +246,7 @@ def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[fl
     for method in methods:
         mine = [v for v in views if v.method == method]
         page = env.get_template("method.html").render(
-            **common, root="../", method=method, info=method_info(method), views=mine,
+            **common, root="../", method=method, info=method_info(method, [v.run for v in mine]), views=mine,
             plots=[p for v in mine for p in v.plots]
             + [p for p in plots if p.kind == "score_vs_ratio" and method in p.methods])
         (out / "methods" / f"{slug('method', method)}.html").write_text(page, encoding="utf-8")
