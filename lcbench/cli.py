@@ -1,12 +1,13 @@
 """The ``lcbench`` command line (typer + rich). Flags follow lm-evaluation-harness where it fits.
 
-Bad input (unknown names, misspelled or mistyped parameters, a ratio outside [0, 1), an
-unwritable output path) prints one paragraph naming the fix and exits with code 2, no traceback.
+Exit codes (README "Exit codes (for CI)"): 0 success; 1 ``check`` found a regression, or a run failed
+for a reason other than its input (a crash, a full disk); 2 bad input — one paragraph naming the
+problem and the fix, no traceback — and every usage error (typer's own handling); 130 on Ctrl-C and
+143 on SIGTERM, after saying how many records were kept and how to resume.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from contextlib import contextmanager
@@ -145,11 +146,15 @@ def _run(model, model_args, method, method_args, task, task_args, data_dir, rati
 
 
 @app.command("ls")
-def ls(what: str = typer.Argument(..., help="methods | tasks | models")) -> None:
-    """List registered methods, tasks or models with their parameters."""
-    from .describe import describe_registry
+def ls(what: str = typer.Argument(..., help="methods | tasks | models"),
+       name: Optional[str] = typer.Argument(None, help="one method or task, shown in full")) -> None:
+    """List registered methods, tasks or models with their parameters (or one of them in full)."""
+    from .describe import describe_entry, describe_registry
 
-    describe_registry(what, console)
+    if name is None:
+        describe_registry(what, console)
+    else:
+        describe_entry(what, name, console)
 
 
 @app.command("new")

@@ -20,7 +20,7 @@ import torch
 
 from .engine.batching import auto_rows, batch_refusal, run_batched
 from .engine.runner import Engine, EngineConfig
-from .errors import RunAborted, RunFailed, UserError, signal_number
+from .errors import CompressionShortfall, RunAborted, UserError, signal_number
 from .methods.chain import Chain, chain_ratio, resolve_chain
 from .models.loading import DEFAULT_MODEL, MODEL_PARAMS, LoadedModel, load_model, resolve_device, resolve_dtype
 from .params import parse_kv
@@ -232,6 +232,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
                     EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk,
                                  batch_size=spec.batch_size if isinstance(spec.batch_size, int) else None))
     store = RunStore(folder)
+    fresh = not folder.exists()
     try:
         store.open(spec.to_json())
     except OSError as exc:
@@ -254,9 +255,21 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
         raise disk_full_error(folder, exc, _count(store)) from None
     except BaseException as exc:
         _end(store, FAILED, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+        if fresh and isinstance(exc, UserError) and not isinstance(exc, CompressionShortfall) and not _count(store):
+            _remove_fresh(folder)  # bad input found only once the first sample ran: leave no folder behind
         raise
     store.close()
     return RunOutcome(spec, folder, summary, written)
+
+
+def _remove_fresh(folder: Path) -> None:
+    """Delete a run folder this process just created and wrote no record into."""
+    for name in (RunStore.SPEC, RunStore.STATUS, RunStore.SAMPLES, RunStore.LOCK):
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _count(store: RunStore) -> int:

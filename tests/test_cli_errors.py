@@ -125,6 +125,7 @@ def test_usage_errors_spawn_fast(tmp_path):
     (["--task-args", "max_new_tokens=0"], "'max_new_tokens' must be ≥ 1, got 0"),
     (["--task-args", "needle=haystack"], "'needle' must be one of"),
     (["--data-dir", "/tmp"], "task 'niah' reads no released data"),
+    (["--method", "ashape", "--prefill-chunk", "64"], "--prefill-chunk cannot be used with method 'ashape'"),
     (["--model", "/no/such/model/folder"], "could not load model"),
 ])
 def test_bad_run_input_exit_2_and_writes_nothing(argv, expected, tmp_path):

@@ -7,7 +7,7 @@ written; re-opening the folder resumes (keyed by sample id and turn) and never d
   with that pid; a lock whose process is gone (killed) is taken over;
 - a torn last line (a kill in the middle of a write) is dropped; a corrupt line *between* good
   ones is moved to ``samples.quarantine.jsonl`` (with its line number), every other record kept;
-- ``status.json`` says how the last writer ended: ``running`` (or killed), ``complete``,
+- ``status.json`` says how the last writer ended: ``running`` (``incomplete`` once killed), ``complete``,
   ``failed`` (with the error: a compression shortfall, a crash, a full disk) or ``aborted``
   (Ctrl-C/SIGTERM); reports never show a failed run as a valid result.
 
@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from ..errors import RunFailed, UserError
 
-RUNNING, COMPLETE, FAILED, ABORTED = "running", "complete", "failed", "aborted"
+RUNNING, COMPLETE, FAILED, ABORTED, INCOMPLETE = "running", "complete", "failed", "aborted", "incomplete"
 DISK_FULL = {28, 122, 27}  # ENOSPC, EDQUOT, EFBIG
 
 
@@ -180,17 +180,21 @@ class RunStore:
         return payload
 
     def status(self) -> dict[str, Any]:
-        """How the last writer ended; folders written before status.json existed: ``complete``
-        when they have a summary, else ``running`` (unfinished)."""
+        """How the last writer ended: ``complete``, ``failed``, ``aborted``, ``running`` (its writer
+        is alive) or ``incomplete`` (its writer was killed). Folders written before status.json
+        existed: ``complete`` when they have a summary, else ``incomplete``."""
         path = self.folder / self.STATUS
+        payload: dict[str, Any] = {}
         if path.exists():
             try:
                 payload = json.loads(path.read_text(encoding="utf-8"))
-                if isinstance(payload, dict) and payload.get("state") in (RUNNING, COMPLETE, FAILED, ABORTED):
-                    return payload
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                pass
-        return {"state": COMPLETE if (self.folder / self.SUMMARY).exists() else RUNNING, "error": None}
+                payload = {}
+        if not isinstance(payload, dict) or payload.get("state") not in (RUNNING, COMPLETE, FAILED, ABORTED):
+            payload = {"state": COMPLETE if (self.folder / self.SUMMARY).exists() else INCOMPLETE, "error": None}
+        if payload["state"] == RUNNING and not _alive(_read_lock(self.folder / self.LOCK), socket.gethostname()):
+            payload = {**payload, "state": INCOMPLETE}
+        return payload
 
     def _read_json(self, name: str) -> Any:
         path = self.folder / name
