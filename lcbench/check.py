@@ -10,6 +10,7 @@ run regressed or is incomplete, 0 otherwise: what a method author puts in CI.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def rerun(baselines: list[Run], output: Path, progress: Callable[[str], None] | 
             if (folder / "spec.json").exists():
                 run = load_run(folder)
             else:
-                run = Run(folder, spec.run_id, spec.to_json()["spec"], {}, [], {})
+                run = Run(folder, spec.run_id, dataclasses.asdict(spec), {}, [], {})
             run.status, run.error = "failed", error
             runs.append(run)
     return runs
