@@ -67,7 +67,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
     (["check", "--tolerance", "x"], "--tolerance"),
     (["check", "--confidence", "high"], "--confidence"),
     (["ls"], "Missing argument"),
-    (["ls", "methods", "EXTRA"], "unexpected extra argument"),
+    (["ls", "methods", "snapkv", "EXTRA"], "unexpected extra argument"),
 ])
 def test_usage_errors_exit_2_with_usage_text(argv, needle, tmp_path):
     proc = lcbench(*argv, cwd=tmp_path)
