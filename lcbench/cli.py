@@ -146,11 +146,15 @@ def _run(model, model_args, method, method_args, task, task_args, data_dir, rati
 
 
 @app.command("ls")
-def ls(what: str = typer.Argument(..., help="methods | tasks | models")) -> None:
-    """List registered methods, tasks or models with their parameters."""
-    from .describe import describe_registry
+def ls(what: str = typer.Argument(..., help="methods | tasks | models"),
+       name: Optional[str] = typer.Argument(None, help="one method or task, shown in full")) -> None:
+    """List registered methods, tasks or models with their parameters (or one of them in full)."""
+    from .describe import describe_entry, describe_registry
 
-    describe_registry(what, console)
+    if name is None:
+        describe_registry(what, console)
+    else:
+        describe_entry(what, name, console)
 
 
 @app.command("new")

@@ -29,6 +29,49 @@ def _limits(p) -> str:
     return f"  [{'; '.join(parts)}]" if parts else ""
 
 
+def describe_entry(what: str, name: str, console: Console) -> None:
+    """``lcbench ls methods NAME`` / ``ls tasks NAME``: one entry in full — its docstring, paper or
+    source, every parameter with type, default, accepted values and meaning, and a task's
+    sub-tasks (datasets) where it has them."""
+    import inspect
+
+    kind = what.lower().rstrip("s")
+    if kind == "method":
+        from .methods.registry import METHODS as reg
+    elif kind == "task":
+        from .tasks.registry import TASKS as reg
+    else:
+        raise UserError(f"`lcbench ls {terminal_text(what)} {terminal_text(name)}`: one entry is shown for methods "
+                        f"or tasks. Fix: e.g. `lcbench ls methods snapkv`.")
+    cls = reg.get(name)  # an unknown name: did-you-mean
+    facts = Table.grid(padding=(0, 2))
+    rows = [("name", name)]
+    if kind == "method":
+        rows += [("family", cls.family), ("paper", cls.paper), ("summary", cls.summary),
+                 ("stages", ", ".join(cls.stages) or "–"), ("ratio tolerance", f"{cls.tolerance:g}")]
+    else:
+        rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),
+                 ("summary", cls.summary), ("mode", cls.mode)]
+    rows.append(("defined in", f"{cls.__module__}:{cls.__qualname__}"))
+    for key, value in rows:
+        facts.add_row(f"[bold]{key}[/]", terminal_text(str(value or "–")))
+    console.print(facts)
+    doc = inspect.cleandoc(cls.__dict__.get("__doc__") or "")  # its own, not a base class's
+    if doc:
+        console.print(terminal_text(doc), highlight=False)
+    params = Table("parameter", "type", "default", "accepted", "meaning", title="parameters")
+    for p in cls.params:
+        params.add_row(*map(terminal_text, (p.name, p.type.__name__, repr(p.default), _limits(p).strip(" []") or "–",
+                                            p.help)))
+    console.print(params if cls.params else "no parameters")
+    subtasks = cls.subtasks() if kind == "task" else None
+    if subtasks:
+        sub = Table("sub-task", "what", title=f"{len(subtasks)} sub-tasks (select with --task-args)")
+        for key, value in subtasks.items():
+            sub.add_row(terminal_text(key), terminal_text(value))
+        console.print(sub)
+
+
 def describe_registry(what: str, console: Console) -> None:
     what = what.lower().rstrip("s")
     if what == "method":
@@ -43,10 +86,13 @@ def describe_registry(what: str, console: Console) -> None:
     elif what == "task":
         from .tasks.registry import TASKS as reg
 
-        table = Table("name", "suite", "version", "source", "parameters (type = default)", title="tasks", show_lines=True)
+        table = Table("name", "suite", "version", "source", "sub-tasks", "parameters (type = default)", title="tasks",
+                      show_lines=True)
         for name in reg.names():
             cls = reg.get(name)
-            table.add_row(*map(terminal_text, (name, cls.suite, cls.version, cls.source or cls.summary)),
+            subtasks = cls.subtasks() or {}
+            table.add_row(*map(terminal_text, (name, cls.suite, cls.version, cls.source or cls.summary,
+                                               f"{len(subtasks)}: " + ", ".join(subtasks) if subtasks else "–")),
                           _params(cls.params))
     elif what == "model":
         from .models.loading import MODEL_PARAMS, MODELS

@@ -67,6 +67,12 @@ class Task(ABC):
         the engine bootstraps it over samples for its confidence interval."""
         return self.aggregate(records).get("score")
 
+    @classmethod
+    def subtasks(cls) -> dict[str, str] | None:
+        """The suite's sub-tasks (datasets) by name, with a few words each, for ``lcbench ls``;
+        None for a task without them."""
+        return None
+
     # --- provenance -----------------------------------------------------------------------
     def protocol_payload(self) -> Any:
         """The protocol constants this task depends on (templates, lengths); hashed into results.
@@ -81,6 +87,18 @@ class Task(ABC):
 
 
 MODES = ("multi_request", "multi_turn")
+
+
+def unknown_subtask(task: str, what: str, name: str, known: list[str], fix: str) -> "UserError":
+    """The error for a sub-task (dataset) name the suite does not have, with did-you-mean."""
+    import difflib
+
+    from ..errors import UserError
+
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UserError(f"{task}: unknown {what} '{name}'.{hint} Known: {', '.join(known)} (`lcbench ls tasks {task}`). "
+                     f"Fix: {fix}")
 
 
 def _module_digest(cls: type) -> str | None:

@@ -123,6 +123,12 @@ class MiniLongBench(LongBenchBase):
     take_first_line = MINI["protocol"]["first_line"]
     newline_stop = MINI["protocol"]["newline_stop"]
 
+    @classmethod
+    def subtasks(cls) -> dict[str, str]:
+        proto = longbench_protocol()
+        return {d: f"{proto['language'].get(d, '')} · {proto['category'].get(d, '')} · {proto['metric'][d]}"
+                for d in MINI["dataset_order"]}
+
     def template(self, dataset: str) -> str:
         proto = longbench_protocol()
         if self.args["templates"] == "opencompass":

@@ -155,6 +155,11 @@ class LongBench(LongBenchBase):
     config_suffix = ""  # the hub config / file name is <dataset><suffix>
     datasets_key = "datasets"  # the list in tasks/longbench.json
 
+    @classmethod
+    def subtasks(cls) -> dict[str, str]:
+        return {d: f"{PROTOCOL['language'].get(d, '')} · {PROTOCOL['category'].get(d, '')} · {PROTOCOL['metric'][d]}"
+                for d in PROTOCOL[cls.datasets_key]}
+
     def samples(self, env: TaskEnv) -> list[Sample]:
         out = []
         n = self.args["n_per_dataset"]

@@ -16,7 +16,7 @@ from typing import Any
 
 from ...errors import UserError
 from ...params import Param
-from ..base import Task, TaskEnv
+from ..base import Task, TaskEnv, unknown_subtask
 from ..essays import Haystack, ruler_essays
 from ..sample import Sample, Turn
 from .aggregation import CommonWordsGenerator, FreqWordsGenerator
@@ -38,8 +38,8 @@ def _names(text: str) -> list[str]:
             names.extend(PROTOCOL["groups"].get(part, [part]))
     unknown = [n for n in names if n not in PROTOCOL["tasks"]]
     if unknown:
-        raise UserError(f"ruler: unknown task(s) {unknown}. Known: {', '.join(PROTOCOL['tasks'])}, or the groups "
-                        f"{', '.join(PROTOCOL['groups'])}. Fix: tasks=niah_single_1;vt (';'-separated).")
+        raise unknown_subtask("ruler", "task", unknown[0], [*PROTOCOL["tasks"], *PROTOCOL["groups"]],
+                              "tasks=niah_single_1;vt (';'-separated tasks or groups).")
     return list(dict.fromkeys(names))
 
 
@@ -96,6 +96,10 @@ class Ruler(Task):
                                      "(lcbench); 'upstream': RULER's search, then whole steps dropped per sample",
               ("fill", "upstream")),
     )
+
+    @classmethod
+    def subtasks(cls) -> dict[str, str]:
+        return {name: f"{spec['category']} ({spec['metric']})" for name, spec in PROTOCOL["tasks"].items()}
 
     def __init__(self, **args: Any):
         super().__init__(**args)

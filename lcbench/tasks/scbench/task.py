@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from ...errors import UserError
 from ...params import Param
-from ..base import Task, TaskEnv
+from ..base import Task, TaskEnv, unknown_subtask
 from ..sample import Sample, Turn
 from . import repoqa
 from .data import load_rows
@@ -167,6 +167,10 @@ class SCBench(SCBenchTask):
     summary = "SCBench's 12 released tasks (hub or local folder), multi-turn or multi-request"
     params = (Param("tasks", str, "all", "';'-separated task names (scbench_kv or kv) or 'all'"),) + _COMMON + _RELEASED
 
+    @classmethod
+    def subtasks(cls) -> dict[str, str]:
+        return {t.removeprefix("scbench_"): f"released task {t}" for t in TASKS}
+
     def dataset_names(self) -> list[str]:
         if self.args["tasks"] in ("all", "", None):
             return list(TASKS)
@@ -177,7 +181,8 @@ class SCBench(SCBenchTask):
                 continue
             full = part if part.startswith("scbench_") else f"scbench_{part}"
             if full not in TASKS:
-                raise UserError(f"scbench: unknown task '{part}'. Known: {', '.join(TASKS)}. Fix: tasks=kv;vt.")
+                raise unknown_subtask("scbench", "task", part, [t.removeprefix("scbench_") for t in TASKS],
+                                      "tasks=kv;vt (';'-separated).")
             names.append(full)
         return names
 
