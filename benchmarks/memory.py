@@ -132,7 +132,7 @@ def main() -> None:
         ratio_table(rows, mb, "turns")
 
 
-LONG_CASES = [("full", 0.0, None), ("snapkv", 0.5, None), ("kivi", 0.75, None)]
+LONG_CASES = [("full", 0.0, None), ("snapkv", 0.5, None)]
 TURN_CASES = [("full", 0.0, None), ("snapkv", 0.5, None), ("kivi", 0.75, None)]
 
 

@@ -117,6 +117,9 @@ class Packed:
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    # storage with room to grow along dim 2 that codes/scale/zero are the leading views of (None:
+    # they own their storage); what is held — and counted — is the views
+    room: tuple[torch.Tensor, ...] | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.codes, self.scale, self.zero
@@ -148,10 +151,27 @@ def dequantize_channels(p: Packed, bits: int, token_group: int) -> torch.Tensor:
     return dequantize(codes.view(b, h, t // token_group, token_group, d), p.scale, p.zero, -2).view(b, h, t, d)
 
 
+GROW = 256  # slots of room added along the token axis when packed storage must grow
+
+
 def _cat(a: Packed | None, b: Packed) -> Packed:
+    """``a`` then ``b`` along the token axis. Appends go into room kept beyond ``a``'s end, grown
+    ``GROW`` slots at a time, so decoding does not copy the whole packed layer at every step
+    (the room is at most ``GROW`` slots per tensor; :meth:`QuantizedLayer.nbytes` counts the views)."""
     if a is None:
         return b
-    return Packed(*(torch.cat([x, y], dim=2) for x, y in zip(a.tensors(), b.tensors())))
+    room = list(a.room) if a.room is not None else [None, None, None]
+    views = []
+    for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
+        used, need = x.shape[2], x.shape[2] + y.shape[2]
+        base = room[i]
+        if base is None or base.shape[2] < need or base.data_ptr() != x.data_ptr():
+            base = torch.empty((*x.shape[:2], need + max(y.shape[2], GROW), *x.shape[3:]), dtype=x.dtype, device=x.device)
+            base[:, :, :used] = x
+        base[:, :, used:need] = y
+        room[i] = base
+        views.append(base[:, :, :need])
+    return Packed(*views, room=tuple(room))
 
 
 def _slice(p: Packed, groups: int, tokens: int) -> Packed:
