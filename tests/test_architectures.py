@@ -23,8 +23,8 @@ from lcbench.models.tiny import tiny_tokenizer
 
 warnings.filterwarnings("ignore", message=".*rope.*")
 
-REFUSED = {"falcon": "never called lcbench's attention", "deepseek-v2": "different widths",
-           "deepseek-v3": "different widths"}
+REFUSED = {"falcon": "attention with its own code", "deepseek-v2": "latent attention",
+           "deepseek-v3": "latent attention", "llama4-text": "chunked_attention", "qwen3-next": "linear_attention"}
 WINDOWED = [f.name for f in FAMILIES if f.overrides.get("sliding_window")]
 AVAILABLE = [f.name for f in FAMILIES if f.available()]
 
@@ -213,12 +213,20 @@ def test_windowed_kernel_equals_dense_attention_on_its_mask(with_columns):
 
 
 # --- refusals and loading --------------------------------------------------------------------
-def test_probe_refuses_a_model_that_keeps_its_own_attention():
-    with pytest.raises(UserError, match="never called lcbench's attention"):
+def test_probe_refuses_a_model_that_keeps_its_own_attention(monkeypatch):
+    """Beyond the known configs: a model whose layers never call lcbench's attention is caught by
+    counting the calls of a 2-token probe (Falcon, with its config refusal switched off)."""
+    from lcbench.models import hook
+
+    monkeypatch.setattr(hook, "config_refusal", lambda cfg: None)
+    with pytest.raises(UserError, match="layers 0, 1 of 2 never called lcbench's attention"):
         use_lcbench_attention(build(family("falcon")))
 
 
-def test_probe_refuses_mla_caches():
+def test_probe_refuses_mla_caches(monkeypatch):
+    from lcbench.models import hook
+
+    monkeypatch.setattr(hook, "config_refusal", lambda cfg: None)
     with pytest.raises(UserError, match="different widths"):
         use_lcbench_attention(build(family("deepseek-v2")))
 
@@ -230,6 +238,7 @@ def test_config_refusal_before_weights_load():
     assert "latent attention" in support.config_refusal(transformers.DeepseekV3Config())
     assert "linear_attention" in support.config_refusal(
         transformers.LlamaConfig(layer_types=["full_attention", "linear_attention"], num_hidden_layers=2))
+    assert "KV sharing" in support.config_refusal(transformers.Gemma3nTextConfig())
     assert support.config_refusal(transformers.MistralConfig()) is None
 
 

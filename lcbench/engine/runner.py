@@ -37,7 +37,11 @@ class EngineConfig:
 
 
 def kv_bytes_per_token(model) -> int:
-    """Bytes one token's keys+values take in a dense cache of this model (all layers)."""
+    """Bytes one token's keys+values take in a dense cache of this model (all layers): as probed
+    when lcbench attention was switched on (layers may differ: Gemma-4), else from the config."""
+    geometry = getattr(model, "lcbench_geometry", None)
+    if geometry is not None:
+        return sum(geometry.bytes_per_token)
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

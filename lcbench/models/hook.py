@@ -79,6 +79,41 @@ class Geometry:
         return ", ".join(parts)
 
 
+# refused by the config alone (before any weights are fetched); the probe refuses the rest
+_OWN_ATTENTION = {
+    "falcon": "Falcon computes attention with its own code, not through transformers' attention interface",
+}
+_KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def config_refusal(cfg) -> str | None:
+    """Why lcbench refuses a model of this config, or None. Only what the config proves; the
+    post-load probe checks the rest."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    model_type = getattr(text, "model_type", "") or getattr(cfg, "model_type", "")
+    if model_type in _OWN_ATTENTION:
+        return (f"{_OWN_ATTENTION[model_type]}, so lcbench cannot run methods on it or measure it. "
+                f"Fix: use a supported architecture (README, supported architectures).")
+    if getattr(text, "kv_lora_rank", None) and getattr(text, "v_head_dim", None):
+        qk = (getattr(text, "qk_nope_head_dim", 0) or 0) + (getattr(text, "qk_rope_head_dim", 0) or 0)
+        if qk != text.v_head_dim:
+            return (f"multi-head latent attention (keys {qk} and values {text.v_head_dim} wide per head, as in "
+                    f"DeepSeek-V2/V3) is not supported: lcbench's cache layers, quantizers and sparse kernels assume "
+                    f"keys and values of one width. Fix: use a model with standard multi-head / grouped-query attention.")
+    kinds = set(getattr(text, "layer_types", None) or ()) - _KNOWN_LAYER_TYPES
+    if kinds:
+        return (f"its layers include {', '.join(sorted(kinds))}, which lcbench's attention does not implement "
+                f"(only full and sliding-window attention). Fix: use a supported architecture (README).")
+    if getattr(text, "num_kv_shared_layers", 0):
+        return (f"{text.num_kv_shared_layers} of its layers reuse another layer's keys and values (KV sharing, as in "
+                f"Gemma-3n): lcbench's cache holds and compresses each layer's own. Fix: use a supported "
+                f"architecture (README).")
+    if getattr(text, "attention_chunk_size", None):
+        return ("chunked attention (attention_chunk_size) is not implemented by lcbench's attention. "
+                "Fix: use a supported architecture (README).")
+    return None
+
+
 def text_config(model):
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
@@ -96,6 +131,9 @@ def probe(model) -> Geometry:
     from ..engine.decode import forward
     from ..engine.state import ForwardState
 
+    reason = config_refusal(model.config)
+    if reason:
+        raise UserError(f"{_arch(model)}: {reason}")
     layers = text_config(model).num_hidden_layers
     cache = KVCache(layers)
     seen = HookProbe()

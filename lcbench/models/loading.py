@@ -105,10 +105,10 @@ def use_lcbench_attention(model, dense: str = "sdpa") -> None:
 
 def refuse_before_loading(name_or_path: str, kw: dict[str, Any]) -> None:
     """Read only the config and refuse, before any weights are fetched, an architecture the
-    post-load probe would refuse anyway (:func:`lcbench.models.support.config_refusal`)."""
+    post-load probe would refuse anyway (:func:`lcbench.models.hook.config_refusal`)."""
     from transformers import AutoConfig
 
-    from .support import config_refusal
+    from .hook import config_refusal
 
     try:
         cfg = AutoConfig.from_pretrained(name_or_path, **kw)

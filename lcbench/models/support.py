@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CompressionShortfall, UserError
 from .families import FAMILIES, WINDOW, Family, build
+from .hook import config_refusal
 
 # one method of each family, with settings that fit a ~250-token context and a 24-token window
 METHODS: tuple[tuple[str, str | None], ...] = (
@@ -42,37 +43,6 @@ METHODS: tuple[tuple[str, str | None], ...] = (
 )
 RATIO = 0.5
 NEW_TOKENS = 8
-
-# refused by the config alone (before any weights are fetched); the probe refuses the rest
-_OWN_ATTENTION = {
-    "falcon": "Falcon computes attention with its own code, not through transformers' attention interface",
-}
-_KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention"}
-
-
-def config_refusal(cfg) -> str | None:
-    """Why lcbench refuses a model of this config, or None. Only what the config proves; the
-    post-load probe checks the rest."""
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    model_type = getattr(text, "model_type", "") or getattr(cfg, "model_type", "")
-    if model_type in _OWN_ATTENTION:
-        return (f"{_OWN_ATTENTION[model_type]}, so lcbench cannot run methods on it or measure it. "
-                f"Fix: use a supported architecture (README, supported architectures).")
-    if getattr(text, "kv_lora_rank", None) and getattr(text, "v_head_dim", None):
-        qk = (getattr(text, "qk_nope_head_dim", 0) or 0) + (getattr(text, "qk_rope_head_dim", 0) or 0)
-        if qk != text.v_head_dim:
-            return (f"multi-head latent attention (keys {qk} and values {text.v_head_dim} wide per head, as in "
-                    f"DeepSeek-V2/V3) is not supported: lcbench's cache layers, quantizers and sparse kernels assume "
-                    f"keys and values of one width. Fix: use a model with standard multi-head / grouped-query attention.")
-    kinds = set(getattr(text, "layer_types", None) or ()) - _KNOWN_LAYER_TYPES
-    if kinds:
-        return (f"its layers include {', '.join(sorted(kinds))}, which lcbench's attention does not implement "
-                f"(only full and sliding-window attention). Fix: use a supported architecture (README).")
-    if getattr(text, "attention_chunk_size", None):
-        return ("chunked attention (attention_chunk_size) is not implemented by lcbench's attention. "
-                "Fix: use a supported architecture (README).")
-    return None
-
 
 @dataclass
 class Check:
@@ -157,6 +127,10 @@ def check_family(fam: Family, methods=METHODS) -> FamilyResult:
     p = render(tok, s, s.context, multi_turn=False)
     prompts = [p.context_ids + t for t in p.turn_ids]
     try:
+        model = build(fam, "eager")
+        reason = config_refusal(model.config)  # what load_model says before fetching weights
+        if reason:
+            raise UserError(reason)
         model = lcbench_model(fam, "sdpa")
     except UserError as exc:
         result.status, result.reason = "refused", str(exc)
