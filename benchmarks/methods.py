@@ -90,6 +90,54 @@ def print_table(rows: list[list[str]]) -> None:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 
 
+def decode_step_table(model, methods: list[str], ratio: float, length: int, steps: int = 64, rounds: int = 5) -> None:
+    """The cache's share of a decode step, side by side: every layer kind a method leaves (built
+    by the method's own cache stage from random keys/values of the model's layer shape and
+    ``length`` tokens) appends ``steps`` tokens one at a time and hands attention its dense view,
+    in interleaved rounds (so machine load hits every method alike); the median ms per step and
+    layer, and its ratio to ``full``'s."""
+    import statistics
+
+    from lcbench.cache.layer import DenseLayer
+    from lcbench.methods.base import LayerObservation
+
+    cfg = model.config
+    heads = cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, heads, length, dim, generator=gen, dtype=model.dtype) for _ in range(2))
+    seen = LayerObservation(layer_idx=0, num_layers=1, num_groups=cfg.num_attention_heads // heads,
+                            context_length=length, protected=0)
+
+    def build(method: str):
+        layer = DenseLayer()
+        layer.append(keys, values, torch.arange(length)[None], None)
+        if method != "full":
+            for stage in Chain.build(resolve_chain(method, None, ratio), ratio).stages:
+                stage.begin_sample()
+                layer = stage.compress_layer(layer, seen)
+        return layer
+
+    times = {m: [] for m in methods}
+    new = [(torch.randn(1, heads, 1, dim, generator=gen, dtype=model.dtype),
+            torch.randn(1, heads, 1, dim, generator=gen, dtype=model.dtype)) for _ in range(steps)]
+    for _ in range(rounds):
+        for method in methods:
+            layer = build(method)
+            start = time.perf_counter()
+            for t, (k, v) in enumerate(new):
+                layer.append(k, v, torch.tensor([[length + t]]), None)
+                layer.dense()
+            times[method].append((time.perf_counter() - start) / steps * 1000)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    print(f"\ncache append + dense view per decode step and layer ({heads} KV heads × {dim}, {length} tokens, "
+          f"{model.dtype}), median of {rounds} interleaved rounds of {steps} steps\n")
+    print("| method | ms per step and layer | full ÷ method |")
+    print("|---|---:|---:|")
+    for m in methods:
+        print(f"| {m} | {med[m]:.3f} | {med.get('full', med[m]) / med[m]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -98,9 +146,13 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="comma-separated (default: all KV methods and chains)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens each method decodes (EOS masked until then)")
+    parser.add_argument("--steps-only", action="store_true", help="only the side-by-side cache-step table")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, {}, "cpu")
+    if args.steps_only:
+        decode_step_table(loaded.model, (args.methods or "full,kivi,int4,int8").split(","), args.ratio, args.context_tokens)
+        return
     sample = Sample("essays", essay_context(loaded.tokenizer, args.context_tokens),
                     [Turn(question="What is the main point of the text?", answers=[""], max_new_tokens=args.decode_tokens,
                           scorer="none", min_new_tokens=args.decode_tokens)])
@@ -116,6 +168,9 @@ def main() -> None:
         print("  " + "  ".join(rows[-1]), flush=True)
     print(f"\ncontext: {rec['context_tokens']} tokens; full KV cache {rec['kv_bytes_full'] / 2**20:.1f} MB\n")
     print_table(rows)
+    quantized = [m for m in methods if m in ("full", "kivi", "int4", "int8")]
+    if "full" in quantized and len(quantized) > 1:
+        decode_step_table(loaded.model, quantized, args.ratio, rec["context_tokens"])
 
 
 if __name__ == "__main__":
