@@ -18,22 +18,22 @@ def test_grid_ids_and_meta():
     samples = NeedleInAHaystack(lengths="400;600", depths="0;50;100", haystack="filler").samples(_env(tok))
     assert [s.id for s in samples] == [f"niah-L{n}-D{d}" for n in (400, 600) for d in (0, 50, 100)]
     assert samples[4].meta == {"dataset": "niah[filler]", "length": 600, "depth": 50.0, "length_bucket": 600,
-                               "needle": "passkey", "messages": "two", "haystack": "filler",
+                               "needle": "passkey", "messages": "one", "haystack": "filler",
                                "haystack_source": "builtin filler", "data_label": "filler"}
 
 
-def test_context_and_question_are_two_user_messages_as_upstream():
-    """providers/openai.py: [system, user: context, user: question]; quirks=fixed joins them."""
+def test_context_and_question_as_two_user_messages_as_upstreams_openai_provider():
+    """providers/openai.py: [system, user: context, user: question] (messages=two); the default joins them."""
     from lcbench.engine.prompt import render
 
     tok = tiny_tokenizer()
-    up = NeedleInAHaystack(lengths="400", depths="50", haystack="filler").samples(_env(tok))[0]
+    up = NeedleInAHaystack(lengths="400", depths="50", haystack="filler", messages="two").samples(_env(tok))[0]
     p = render(tok, up, up.context, multi_turn=False)
     q = "What is the pass key? Don't give information outside the document or repeat your findings"
     want = tok.apply_chat_template([{"role": "system", "content": up.system}, {"role": "user", "content": up.context},
                                     {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
     assert p.context_text + p.turn_texts[0] == want and up.turns[0].question == q
-    fixed = NeedleInAHaystack(lengths="400", depths="50", haystack="filler", quirks="fixed").samples(_env(tok))[0]
+    fixed = NeedleInAHaystack(lengths="400", depths="50", haystack="filler").samples(_env(tok))[0]
     p = render(tok, fixed, fixed.context, multi_turn=False)
     assert p.context_text + p.turn_texts[0] == tok.apply_chat_template(
         [{"role": "system", "content": up.system}, {"role": "user", "content": up.context + "\n\n" + q}],

@@ -9,10 +9,13 @@ depth, moved back to just after a sentence end, as upstream. Upstream's sentence
 that ``encode('.')`` gives; lcbench also accepts any token whose text ends with '.', which is the
 same for byte-level BPE and makes SentencePiece tokenizers (where a lone '.' encodes as '▁.') work.
 
-Prompt (``providers/openai.py``): system message, the context as one user message, the question
-(``"{question} Don't give information outside the document or repeat your findings"``) as a
-second; ``quirks=fixed`` joins the two in one message with a blank line between (lcbench's earlier
-layout; also used, warned, when the chat template rejects consecutive user messages).
+Prompt: the system message, then the context and the question
+(``"{question} Don't give information outside the document or repeat your findings"``). Upstream's
+OpenAI provider (``providers/openai.py``) sends them as two user messages (``messages=two``);
+its Anthropic prompt (``providers/Anthropic_prompt.txt``) joins them with a blank line, which is
+lcbench's default (``messages=one``: one user message, as every recorded lcbench run used; a
+labelled deviation from the OpenAI layout; ``two`` falls back to one, warned, when the chat
+template rejects consecutive user messages).
 
 Scoring deviates from upstream, which uses an LLM judge (gpt-3.5-turbo, 1–10) that is not
 available offline: ``score`` is the fraction of the needle's content words found in the
@@ -182,9 +185,9 @@ class NeedleInAHaystack(Task):
                                        "download; the filler if none, labelled), 'filler', or a folder/text file"),
         Param("max_new_tokens", int, PROTOCOL["defaults"]["max_new_tokens"], "tokens to generate (upstream 300)", min=1),
         Param("repeats", int, 1, "samples per (length, depth) cell, with different keys", min=1),
-        Param("quirks", str, "upstream", "'upstream': context and question as two user messages, as upstream's "
-                                         "providers send them; 'fixed': one user message (context, blank line, "
-                                         "question)", ("upstream", "fixed")),
+        Param("messages", str, "one", "'one': context, blank line, question in one user message (as upstream's "
+                                      "Anthropic prompt); 'two': context and question as two user messages (upstream's "
+                                      "OpenAI provider)", ("one", "two")),
     )
 
     def _grid(self) -> tuple[list[int], list[float]]:
@@ -224,7 +227,7 @@ class NeedleInAHaystack(Task):
     def samples(self, env: TaskEnv) -> list[Sample]:
         lengths, depths = self._grid()
         up = PROTOCOL["upstream"]
-        two = self.args["quirks"] == "upstream" and two_user_messages(env.tokenizer, up["system"])
+        two = self.args["messages"] == "two" and two_user_messages(env.tokenizer, up["system"])
         resolved = resolve_haystack(self.args["haystack"], Path(env.data_dir) if env.data_dir else None)
         haystack = resolved.text
         dataset = "niah" if resolved.kind != FILLER else "niah[filler]"
