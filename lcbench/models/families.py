@@ -93,7 +93,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("gemma3n-text", "Gemma3nTextConfig", "Gemma3nForCausalLM",
            {**_ALT, "num_kv_shared_layers": 0, "vocab_size_per_layer_input": 64, "hidden_size_per_layer_input": 8,
             "altup_num_inputs": 2, "laurel_rank": 8, "activation_sparsity_pattern": [0.0, 0.0]},
-           "alternating window, AltUp"),
+           "alternating window, AltUp; KV sharing off (checkpoints that share KV are refused)"),
     Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}, "MoE"),
     Family("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
            {"num_local_experts": 4, "num_experts_per_tok": 2}, "MoE, custom scaling"),
