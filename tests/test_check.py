@@ -153,7 +153,7 @@ def test_a_deliberately_worse_method_fails_on_the_default_model(tmp_path, monkey
     from lcbench.methods.dropping.streamingllm import StreamingLLM
 
     spec = build_spec(method="streamingllm", ratio=0.5, task="niah", device="cpu", output_path=str(tmp_path / "base"),
-                      task_args="lengths=500,depths=70;85;100,max_new_tokens=16")
+                      task_args="lengths=500,depths=70;85;100,max_new_tokens=16,haystack=filler")
     outcome = evaluate(spec, ModelPool())
     assert outcome.summary["overall"]["score"] == 1.0
     assert run_check(outcome.folder.parent, Console(), output=tmp_path / "again") == 0
