@@ -87,6 +87,10 @@ class RunSpec:
 
 
 def _git(*args: str) -> str | None:
+    """git in lcbench's own checkout; None for an installed wheel (its parent folder may be some
+    other project's repository, whose revision is not lcbench's)."""
+    if not lcbench.IN_CHECKOUT:
+        return None
     try:
         out = subprocess.run(["git", *args], cwd=lcbench.REPO_ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else None
