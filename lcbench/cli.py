@@ -314,6 +314,15 @@ def main() -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def entry() -> None:
+    """The ``lcbench`` console script: :func:`main`, then Ctrl-C and SIGTERM are ignored while the
+    interpreter shuts down — the command's work is done and its output printed, so a late signal
+    must not turn a finished run into a death by signal (torch's teardown takes about a second)."""
+    main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _fail(exc: Exception, code: int) -> None:
     err_console.show_cursor(True)
     err_console.print(f"[bold red]error:[/] {terminal_text(str(exc))}", highlight=False)
@@ -326,4 +335,4 @@ def _on_sigterm(signum, frame) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -74,7 +74,10 @@ def test_ctrl_c_in_a_terminal_restores_the_cursor(tmp_path):
     """On a terminal the progress bar hides the cursor; after Ctrl-C it is shown again."""
     out = tmp_path / "out"
     master, slave = pty.openpty()
-    proc = subprocess.Popen(_cmd(*RUN_10, "--output-path", str(out)), env={**ENV, "TERM": "xterm"},
+    # 60 samples (NIAH_10 × 6 repeats): the signal lands mid-run even on a fast machine (a signal
+    # after the run finished is ignored by the console script: the results are complete)
+    run_60 = [*RUN_10[:-1], NIAH_10 + ",repeats=6"]
+    proc = subprocess.Popen(_cmd(*run_60, "--output-path", str(out)), env={**ENV, "TERM": "xterm"},
                             stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
     os.close(slave)
     chunks = []
