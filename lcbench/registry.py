@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
+import pkgutil
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, TypeVar
 
@@ -94,3 +96,45 @@ class Registry(Generic[T]):
             obj = getattr(obj, part)
         self._loaded[name] = obj
         return self.get(name)
+
+
+def origin(obj: Any) -> str:
+    """The source file that defines ``obj`` (its module's name when there is none)."""
+    try:
+        return inspect.getsourcefile(obj) or obj.__module__
+    except (TypeError, OSError):
+        return getattr(obj, "__module__", "?")
+
+
+def _subclasses(cls: type):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def discover_subclasses(base: type, package: str, kind: str) -> dict[str, type]:
+    """``name → class`` of every concrete subclass of ``base`` with its own ``name`` defined in a
+    module under ``package`` (all of which are imported): how built-in methods and tasks are found
+    without a hand-kept list. A name declared twice is an error naming both files."""
+    root = importlib.import_module(package)
+    for info in pkgutil.walk_packages(root.__path__, package + "."):
+        importlib.import_module(info.name)
+    found: dict[str, type] = {}
+    for cls in _subclasses(base):
+        if not cls.__dict__.get("name") or not cls.__module__.startswith(package + ".") or inspect.isabstract(cls):
+            continue
+        if cls.name in found and found[cls.name] is not cls:
+            raise UserError(f"{kind} name '{cls.name}' is declared twice: in {origin(found[cls.name])} and in "
+                            f"{origin(cls)}. Fix: give one of them another name.")
+        found[cls.name] = cls
+    return found
+
+
+def refuse_wrong_declaration(kind: str, name: str, cls: Any, errors: list[str]) -> None:
+    """Raise one UserError naming ``cls``'s file and every mistake in ``errors`` (plus a registered
+    name that differs from the class's own); nothing when there is none."""
+    if isinstance(cls, type) and getattr(cls, "name", "") and cls.name != name:
+        errors = [*errors, f"it is registered as '{name}' but its class says name = {cls.name!r} (runs record "
+                           f"the class's name; make the two the same)"]
+    if errors:
+        raise UserError(f"{kind} '{name}' ({origin(cls)}) is declared wrongly: " + "; ".join(errors) + ".")

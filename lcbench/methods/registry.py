@@ -11,58 +11,26 @@ taken twice is refused with an error that names its file.
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from typing import Any
 
 from ..errors import UserError
-from ..registry import Registry
+from ..registry import Registry, discover_subclasses, refuse_wrong_declaration
 
 KVPRESS_PREFIX = "kvpress:"
 
 
-def _origin(obj: Any) -> str:
-    try:
-        return inspect.getsourcefile(obj) or obj.__module__
-    except (TypeError, OSError):
-        return getattr(obj, "__module__", "?")
-
-
-def _subclasses(cls: type):
-    for sub in cls.__subclasses__():
-        yield sub
-        yield from _subclasses(sub)
-
-
 def builtin_methods() -> dict[str, type]:
     """``name → class`` of every method defined under ``lcbench/methods/`` (imports them all)."""
-    from . import __path__ as package_path
     from .base import Stage
 
-    for info in pkgutil.walk_packages(package_path, __name__.rpartition(".")[0] + "."):
-        importlib.import_module(info.name)
-    found: dict[str, type] = {}
-    for cls in _subclasses(Stage):
-        if not cls.__dict__.get("name") or not cls.__module__.startswith("lcbench.methods."):
-            continue
-        if cls.name in found and found[cls.name] is not cls:
-            raise UserError(f"method name '{cls.name}' is declared twice: in {_origin(found[cls.name])} and in "
-                            f"{_origin(cls)}. Fix: give one of them another name.")
-        found[cls.name] = cls
-    return found
+    return discover_subclasses(Stage, "lcbench.methods", "method")
 
 
 def check_declaration(name: str, cls: Any) -> None:
     """Refuse a method class whose declaration is wrong, naming its file and every mistake."""
     from .base import declaration_errors
 
-    errors = declaration_errors(cls)
-    if isinstance(cls, type) and cls.name and cls.name != name:
-        errors.append(f"it is registered as '{name}' but its class says name = {cls.name!r} (runs record the "
-                      f"class's name; make the two the same)")
-    if errors:
-        raise UserError(f"method '{name}' ({_origin(cls)}) is declared wrongly: " + "; ".join(errors) + ".")
+    refuse_wrong_declaration("method", name, cls, declaration_errors(cls))
 
 
 class MethodRegistry(Registry):
