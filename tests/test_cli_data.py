@@ -27,6 +27,13 @@ RUN_3 = ["run", "--model", "tiny-random-llama", "--task-args", NIAH_3]
 ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _default_sigint() -> None:
+    """In the child before exec: Ctrl-C as a terminal delivers it. A shell that started the tests in
+    the background (`&` without job control) passes SIGINT on as ignored, and Python then installs
+    no KeyboardInterrupt handler, so the signal tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cmd(*args: str) -> list[str]:
     return [EXE, *args] if EXE else [sys.executable, "-m", "lcbench.cli", *args]
 
@@ -53,7 +60,8 @@ def _state(folder: Path) -> dict:
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_run_exits_with_its_code_says_what_was_kept_and_resumes(tmp_path, sig, code):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(*RUN_10, "--output-path", str(out)), env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(*RUN_10, "--output-path", str(out)), env=ENV, preexec_fn=_default_sigint,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     folder = _wait_for_records(out, 2, proc)
     proc.send_signal(sig)
@@ -77,7 +85,7 @@ def test_ctrl_c_in_a_terminal_restores_the_cursor(tmp_path):
     # 60 samples (NIAH_10 × 6 repeats): the signal lands mid-run even on a fast machine (a signal
     # after the run finished is ignored by the console script: the results are complete)
     run_60 = [*RUN_10[:-1], NIAH_10 + ",repeats=6"]
-    proc = subprocess.Popen(_cmd(*run_60, "--output-path", str(out)), env={**ENV, "TERM": "xterm"},
+    proc = subprocess.Popen(_cmd(*run_60, "--output-path", str(out)), env={**ENV, "TERM": "xterm"}, preexec_fn=_default_sigint,
                             stdout=subprocess.DEVNULL, stderr=slave, stdin=subprocess.DEVNULL)
     os.close(slave)
     chunks = []
