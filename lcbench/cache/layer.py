@@ -58,10 +58,10 @@ class KVLayer(CacheLayerMixin):
     def repeat_rows(self, n: int) -> "KVLayer":
         """A new layer holding each batch row ``n`` times (turns that share a context)."""
 
+    @abstractmethod
     def keep_rows(self, rows: torch.Tensor) -> "KVLayer":
         """The layer holding only batch rows ``rows`` (1-D long, ascending), in that order: how a
-        decode lets finished rows go. Every lcbench layer kind implements it."""
-        raise NotImplementedError(f"{type(self).__name__} cannot drop batch rows (keep_rows)")
+        decode lets finished rows go."""
 
     # --- derived --------------------------------------------------------------------------
     def seq_len(self) -> int:

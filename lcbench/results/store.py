@@ -85,10 +85,7 @@ class RunStore:
                         f"{holder.get('host')}); two writers would duplicate its records. Fix: wait for it to end "
                         f"or stop it (kill {holder.get('pid')}), then re-run; or pass another --output-path."
                     ) from None
-                try:  # the holder is gone (killed): take the lock over
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
+                path.unlink(missing_ok=True)  # the holder is gone (killed): take the lock over
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
@@ -103,10 +100,7 @@ class RunStore:
         path = self.folder / self.LOCK
         holder = _read_lock(path)
         if holder.get("pid") == os.getpid():
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+            path.unlink(missing_ok=True)
         self._locked = False
 
     def close(self, state: str = COMPLETE, error: str | None = None) -> None:
