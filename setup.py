@@ -1,4 +1,4 @@
-"""Build hook: the protocol data kept in the top-level ``tasks/`` and ``methods/`` folders (the
+"""Build hook: the protocol data kept in the top-level ``tasks/`` folder (the
 layout DESIGN.md shows) is copied into the package as ``lcbench/_protocol/<kind>/`` when the wheel
 is built, so an installed lcbench reads it with ``importlib.resources`` (:func:`lcbench.protocol_file`).
 Everything else is declared in pyproject.toml."""
@@ -8,12 +8,12 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-PROTOCOL_FOLDERS = ("tasks", "methods")
+PROTOCOL_FOLDERS = ("tasks",)
 PROTOCOL_SUFFIXES = (".toml", ".json", ".txt")
 
 
 class BuildPyWithProtocol(build_py):
-    """``build_py`` plus ``tasks/*`` and ``methods/*`` → ``<build_lib>/lcbench/_protocol/``."""
+    """``build_py`` plus ``tasks/*`` → ``<build_lib>/lcbench/_protocol/``."""
 
     def protocol_files(self):
         root = Path(__file__).resolve().parent

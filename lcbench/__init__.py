@@ -16,14 +16,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when lcbench
 # True for a source checkout (editable install); False for an installed wheel, whose REPO_ROOT is
 # site-packages' parent (possibly inside some other project's git repository)
 IN_CHECKOUT = (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "tasks").is_dir()
-PROTOCOL_KINDS = ("tasks", "methods")
+PROTOCOL_KINDS = ("tasks",)
 
 
 def protocol_file(kind: str, name: str):
-    """The protocol data file ``<kind>/<name>`` (``kind`` is ``tasks`` or ``methods``).
+    """The protocol data file ``<kind>/<name>`` (``kind`` is ``tasks``).
 
-    A built wheel carries the top-level ``tasks/`` and ``methods/`` folders as
-    ``lcbench/_protocol/<kind>/`` (copied by the build hook in ``setup.py``), read through
+    A built wheel carries the top-level ``tasks/`` folder as ``lcbench/_protocol/<kind>/`` (copied by the build hook in ``setup.py``), read through
     ``importlib.resources``; an editable install from a checkout reads the folders themselves.
     Returns a path-like object with ``read_text``/``read_bytes``/``open``.
     """

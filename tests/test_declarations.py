@@ -6,6 +6,7 @@ import gc
 import pytest
 
 from lcbench.errors import UserError
+from lcbench.params import Param
 from lcbench.methods.base import Stage, declaration_errors, overridden_stages
 from lcbench.methods.registry import METHODS, builtin_methods, check_declaration
 
@@ -42,6 +43,8 @@ def test_every_builtin_is_found_and_declared_right():
     ({"stages": ("text",)}, "overrides compress_layer but its `stages` leaves out 'cache'"),
     ({"stages": ("cache", "kache")}, "unknown stage 'kache'"),
     ({"name": "bad+name"}, "contains one of"),
+    ({"params": (Param("window", int, None, "w"),)}, "parameter 'window' has no default"),
+    ({"params": (Param("window", int, 8, "w"),), "defaults": {"windw": 4}}, "`defaults` set 'windw'"),
 ])
 def test_declaration_mistakes_are_refused_naming_the_file(body, message):
     attrs = {"name": "mistake_test", "family": "kv_dropping", "compress_layer": lambda self, layer, seen: layer,
@@ -52,6 +55,24 @@ def test_declaration_mistakes_are_refused_naming_the_file(body, message):
         METHODS.get("mistake_test")
     assert message in str(err.value)
     assert "test_declarations.py" in str(err.value)  # the file the class lives in
+
+
+def test_defaults_are_declared_once_on_the_class():
+    """A class's ``defaults`` override its params' defaults (one value, written once); SnapKV's
+    window and pooling are declared once and reused by the methods that score like it."""
+    class Wider(Stage):
+        name, family = "wider_test", "kv_dropping"
+        params = (Param("window", int, 8, "w"), Param("seed", int, 0, "s"))
+        defaults = {"window": 32}
+
+        def compress_layer(self, layer, seen):
+            return layer
+
+    assert [(p.name, p.default) for p in Wider.params] == [("window", 32), ("seed", 0)]
+    assert Wider(0.5).args == {"window": 32, "seed": 0}
+    for name in ("snapkv", "pyramidkv", "adakv", "chunkkv", "kvmerge"):
+        window = {p.name: p.default for p in METHODS.get(name).params}["window_size"]
+        assert window == 64, name
 
 
 def test_registered_name_must_be_the_class_name():

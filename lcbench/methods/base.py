@@ -21,6 +21,7 @@ engine brings them together.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -135,6 +136,9 @@ class Stage:
     params: ClassVar[tuple[Param, ...]] = ()
     stages: ClassVar[tuple[str, ...]] = ()
     tolerance: ClassVar[float] = 0.05
+    # parameter defaults this class sets on the ``params`` it declares or inherits (a shared Param
+    # may carry its own default; a class overrides it here, so one value is written once)
+    defaults: ClassVar[dict[str, Any]] = {}
     needs: Needs = Needs()
     # True when what the stage does to a sample depends on earlier samples (e.g. statistics
     # calibrated on them); such a chain never batches samples together (engine/batching.py)
@@ -144,6 +148,9 @@ class Stage:
         super().__init_subclass__(**kwargs)
         if "stages" not in cls.__dict__:  # not listed by this class: follow its hooks
             cls.stages = overridden_stages(cls)
+        if cls.__dict__.get("defaults"):
+            cls.params = tuple(dataclasses.replace(p, default=cls.defaults[p.name]) if p.name in cls.defaults else p
+                               for p in cls.params)
 
     def __init__(self, ratio: float = 0.0, **args: Any):
         self.ratio = float(ratio)
@@ -226,6 +233,11 @@ def declaration_errors(cls: Any) -> list[str]:
     names = [p.name for p in cls.params]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"it declares the parameter {dup!r} twice")
+    for unknown in sorted(set(cls.__dict__.get("defaults") or {}) - set(names)):
+        errors.append(f"its `defaults` set {unknown!r}, which is not one of its params ({', '.join(names) or 'none'})")
+    for p in cls.params:
+        if p.default is None:
+            errors.append(f"its parameter {p.name!r} has no default (give the Param one, or set it in `defaults`)")
     return errors
 
 

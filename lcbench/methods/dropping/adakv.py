@@ -15,11 +15,10 @@ import torch
 from ...cache.ragged import RaggedLayer
 from ...params import Param
 from ..base import Stage
-from ..presets import from_preset
 from .expected_attention import ExpectedAttention
 from .knorm import KNorm
 from .select import align, context_budget, context_slots
-from .snapkv import SnapKV
+from .snapkv import KERNEL_SIZE, WINDOW_SIZE, SnapKV
 from .tova import TOVA
 
 SCORERS: dict[str, type] = {"snapkv": SnapKV, "tova": TOVA, "knorm": KNorm, "expected_attention": ExpectedAttention}
@@ -41,15 +40,19 @@ def headwise_keep(scores: torch.Tensor, k: int, floor: int) -> torch.Tensor:
     return keep
 
 
-@from_preset("kv_dropping.toml")
 class AdaKV(Stage):
     name = "adakv"
+    family = "kv_dropping"
+    paper = ("Feng et al., Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for "
+             "Efficient LLM Inference (arXiv:2407.11550)")
+    summary = "head-wise budgets: one top-k over all heads of a layer (with a per-head floor); ragged storage"
+    defaults = {"scorer": "snapkv", "alpha_safeguard": 0.2}
     stages = ("cache",)
     params = (
         Param("scorer", str, None, "the per-token scores to allocate over", choices=tuple(SCORERS)),
         Param("alpha_safeguard", float, None, "each head keeps at least this share of the uniform budget", min=0, max=1),
-        Param("window_size", int, None, "observation window of window-based scorers", min=1),
-        Param("kernel_size", int, None, "pooling width of SnapKV's scores", min=1),
+        WINDOW_SIZE,
+        KERNEL_SIZE,
     )
 
     def __init__(self, ratio: float = 0.0, **args):

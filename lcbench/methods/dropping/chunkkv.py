@@ -13,9 +13,8 @@ import torch
 
 from ...params import Param
 from ..base import Needs, Stage
-from ..presets import from_preset
 from .select import align, keep_top
-from .snapkv import window_scores
+from .snapkv import KERNEL_SIZE, WINDOW_SIZE, window_scores
 
 
 def chunk_major(token_scores: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -35,15 +34,20 @@ def chunk_major(token_scores: torch.Tensor, chunk: int) -> torch.Tensor:
     return per_token + 0.5 * within
 
 
-@from_preset("kv_dropping.toml")
 class ChunkKV(Stage):
     name = "chunkkv"
+    family = "kv_dropping"
+    paper = ("Liu et al., ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context "
+             "LLM Inference (arXiv:2502.00299)")
+    summary = ("SnapKV scores summed per chunk of tokens; whole chunks kept; indices reused across "
+               "adjacent layers")
+    defaults = {"chunk_size": 10, "index_reuse": 2}
     stages = ("cache",)
     params = (
         Param("chunk_size", int, None, "tokens per chunk", min=1),
         Param("index_reuse", int, None, "consecutive layers sharing one layer's kept indices (1 = no reuse)", min=1),
-        Param("window_size", int, None, "observation window of the SnapKV scores", min=1),
-        Param("kernel_size", int, None, "pooling width of the SnapKV scores", min=1),
+        WINDOW_SIZE,
+        KERNEL_SIZE,
     )
 
     def __init__(self, ratio: float = 0.0, **args):

@@ -15,7 +15,6 @@ import torch
 
 from ...params import Param
 from ..base import Needs
-from ..presets import from_preset
 from .rope import cos_sin, rotate, unrotate
 from .scoring import ScoringDrop
 from .select import context_slots, force_keep, group_mean, query_positions
@@ -29,9 +28,20 @@ def averaged_rotation(module, start: int, count: int, like: torch.Tensor) -> tor
     return rotate(eye, cos.mean(0), sin.mean(0))
 
 
-@from_preset("kv_dropping.toml")
 class ExpectedAttention(ScoringDrop):
     name = "expected_attention"
+    family = "kv_dropping"
+    paper = ("Devoto et al., Expected Attention: KV Cache Compression by Estimating Attention from "
+             "Future Queries Distribution (arXiv:2510.00636)")
+    summary = ("attention expected from future queries (Gaussian query statistics, averaged RoPE), times "
+               "value norm")
+    defaults = {
+        "n_future_positions": 512,
+        "n_sink": 4,
+        "use_covariance": True,
+        "use_vnorm": True,
+        "epsilon": 0.0,
+    }
     needs = Needs(queries=True)
     params = (
         Param("n_future_positions", int, None, "future positions the RoPE rotation is averaged over", min=0),

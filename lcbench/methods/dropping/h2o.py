@@ -15,7 +15,6 @@ import torch
 from ...engine.attention import grouped_scores
 from ...params import Param
 from ..base import Needs
-from ..presets import from_preset
 from .decode_eviction import EvictingLayer
 from .scoring import ScoringDrop
 from .select import context_budget, force_keep, group_mean, keep_top, pass_slots
@@ -23,9 +22,13 @@ from .select import context_budget, force_keep, group_mean, keep_top, pass_slots
 TRACK = "h2o"
 
 
-@from_preset("kv_dropping.toml")
 class H2O(ScoringDrop):
     name = "h2o"
+    family = "kv_dropping"
+    paper = ("Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large "
+             "Language Models, NeurIPS 2023 (arXiv:2306.14048)")
+    summary = "accumulated attention (heavy hitters) + recent tokens; evicts again at every decoding step"
+    defaults = {"recent_ratio": 0.5, "decode_eviction": True}
     stages = ("cache", "decode")
     needs = Needs(full_attention_sum=True)
     params = (

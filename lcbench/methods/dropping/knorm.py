@@ -7,14 +7,16 @@ with the lowest key norm are kept (score = −‖k‖₂, computed in float32).
 
 import torch
 
-from ..presets import from_preset
 from .scoring import ScoringDrop
 from .select import context_slots
 
 
-@from_preset("kv_dropping.toml")
 class KNorm(ScoringDrop):
     name = "knorm"
+    family = "kv_dropping"
+    paper = ("Devoto et al., A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, "
+             "EMNLP 2024 (arXiv:2406.11430)")
+    summary = "keep the keys with the lowest L2 norm"
 
     def scores(self, layer, seen):
         keys, _ = layer.dense()

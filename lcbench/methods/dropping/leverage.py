@@ -19,7 +19,6 @@ import torch
 from ...errors import UserError
 from ...params import Param
 from ..base import Needs
-from ..presets import from_preset
 from .rope import cos_sin, unrotate
 from .scoring import ScoringDrop
 from .select import context_slots, group_mean
@@ -71,9 +70,13 @@ def chunked_attention(queries: torch.Tensor, keys: torch.Tensor, chunk: int, sca
     return probs.sum(-2).reshape(b, h, chunks * chunk)[..., :n]
 
 
-@from_preset("kv_dropping.toml")
 class Leverage(ScoringDrop):
     name = "leverage"
+    family = "kv_dropping"
+    paper = ("Chari & Van Durme, Compactor: Calibrated Query-Agnostic KV Cache Compression with "
+             "Approximate Leverage Scores (arXiv:2507.08143)")
+    summary = "approximate statistical leverage of the pre-RoPE keys (Gaussian sketch)"
+    defaults = {"sketch_dimension": 48, "seed": 0}
     params = LEVERAGE_PARAMS
 
     def scores(self, layer, seen):
@@ -81,9 +84,20 @@ class Leverage(ScoringDrop):
         return leverage_scores(pre_rope_keys(layer, seen, n), self.args["sketch_dimension"], self.args["seed"])
 
 
-@from_preset("kv_dropping.toml")
 class Compactor(ScoringDrop):
     name = "compactor"
+    family = "kv_dropping"
+    paper = ("Chari & Van Durme, Compactor: Calibrated Query-Agnostic KV Cache Compression with "
+             "Approximate Leverage Scores (arXiv:2507.08143)")
+    summary = "leverage scores blended with non-causal chunked attention; sinks at both ends kept"
+    defaults = {
+        "sketch_dimension": 48,
+        "seed": 0,
+        "chunk_size": 256,
+        "sink_start": 8,
+        "sink_end": 4,
+        "blending": -1.0,
+    }
     needs = Needs(queries=True)
     params = LEVERAGE_PARAMS + (
         Param("chunk_size", int, None, "tokens per chunk of the non-causal attention", min=1),

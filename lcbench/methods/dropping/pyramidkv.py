@@ -21,7 +21,6 @@ context tokens per head).
 from __future__ import annotations
 
 from ...params import Param
-from ..presets import from_preset
 from .select import context_budget, real_context_slots
 from .snapkv import SNAPKV_PARAMS, SnapKV
 
@@ -48,9 +47,13 @@ def layer_budget(n: int, mean: int, window: int, beta: float, layer: int, layers
     return int(round(high - layer * (high - low) / (layers - 1)))
 
 
-@from_preset("kv_dropping.toml")
 class PyramidKV(SnapKV):
     name = "pyramidkv"
+    family = "kv_dropping"
+    paper = ("Cai et al., PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information "
+             "Funneling (arXiv:2406.02069)")
+    summary = "SnapKV scores with per-layer budgets decreasing linearly from the first to the last layer"
+    defaults = {"beta": 20}
     params = SNAPKV_PARAMS + (
         Param("beta", float, None,
               "steepness: the last layer keeps mean/beta tokens; where mean/beta < window_size (defaults: "

@@ -14,14 +14,17 @@ import torch
 
 from ...params import Param
 from ..base import Needs
-from ..presets import from_preset
 from .scoring import ScoringDrop
 from .select import context_slots
 
 
-@from_preset("kv_dropping.toml")
 class QFilters(ScoringDrop):
     name = "qfilters"
+    family = "kv_dropping"
+    paper = ("Godey et al., Q-Filters: Leveraging QK Geometry for Efficient KV Cache Compression "
+             "(arXiv:2503.02812)")
+    summary = "project keys on the principal direction of the queries (filters estimated on the fly)"
+    defaults = {"calibration_samples": 1}
     needs = Needs(queries=True)
     params = (Param("calibration_samples", int, None, "samples whose queries estimate the filters (0: every sample)", min=0),)
 

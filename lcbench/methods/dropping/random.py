@@ -3,15 +3,17 @@
 import torch
 
 from ...params import Param
-from ..presets import from_preset
 from .scoring import ScoringDrop
 
 
-@from_preset("kv_dropping.toml")
 class RandomDrop(ScoringDrop):
     """Keeps a uniformly random subset of the context tokens per KV head (seeded per sample)."""
 
     name = "random"
+    family = "kv_dropping"
+    paper = "baseline used by kvpress (NVIDIA, 2024) and most KV-dropping papers"
+    summary = "uniformly random token eviction (a floor)"
+    defaults = {"seed": 0}
     params = (Param("seed", int, None, "seed of the random scores"),)
 
     def begin_sample(self):

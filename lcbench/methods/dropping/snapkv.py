@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from ...params import Param
 from ..base import Needs
-from ..presets import from_preset
 from .scoring import ScoringDrop
 from .select import group_mean
 
@@ -33,16 +32,20 @@ def window_scores(seen, window: int, kernel: int, pooling: str) -> torch.Tensor:
     return torch.cat([scores, inside], dim=-1)
 
 
-SNAPKV_PARAMS = (
-    Param("window_size", int, None, "last prompt queries whose attention scores the keys", min=1),
-    Param("kernel_size", int, None, "pooling width over neighbouring keys", min=1),
-    Param("pooling", str, None, "pooling of the scores: avg or max", choices=("avg", "max")),
-)
+# SnapKV's observation window and pooling, with the paper's defaults; methods that score with
+# SnapKV's attention reuse these declarations (and their defaults) instead of repeating them
+WINDOW_SIZE = Param("window_size", int, 64, "last prompt queries whose attention scores the keys", min=1)
+KERNEL_SIZE = Param("kernel_size", int, 5, "pooling width over neighbouring keys", min=1)
+POOLING = Param("pooling", str, "avg", "pooling of the scores: avg or max", choices=("avg", "max"))
+SNAPKV_PARAMS = (WINDOW_SIZE, KERNEL_SIZE, POOLING)
 
 
-@from_preset("kv_dropping.toml")
 class SnapKV(ScoringDrop):
     name = "snapkv"
+    family = "kv_dropping"
+    paper = ("Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024 "
+             "(arXiv:2404.14469)")
+    summary = "attention of the last window of queries, pooled, top-k per KV head; the window is kept"
     params = SNAPKV_PARAMS
 
     def __init__(self, ratio: float = 0.0, **args):

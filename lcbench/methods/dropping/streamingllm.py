@@ -10,14 +10,17 @@ does without its KeyRerotationPress).
 import torch
 
 from ...params import Param
-from ..presets import from_preset
 from .decode_eviction import EvictingLayer
 from .scoring import ScoringDrop
 
 
-@from_preset("kv_dropping.toml")
 class StreamingLLM(ScoringDrop):
     name = "streamingllm"
+    family = "kv_dropping"
+    paper = ("Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024 "
+             "(arXiv:2309.17453)")
+    summary = "attention sinks + a recent window; rolling window during decoding"
+    defaults = {"n_sink": 4, "rolling": True}
     stages = ("cache", "decode")
     params = (
         Param("n_sink", int, None, "initial tokens always kept (attention sinks)", min=0),

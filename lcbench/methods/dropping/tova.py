@@ -7,14 +7,15 @@ TOVAPress does; its own weight is nearly always the largest anyway).
 """
 
 from ..base import Needs
-from ..presets import from_preset
 from .scoring import ScoringDrop
 from .select import force_keep
 
 
-@from_preset("kv_dropping.toml")
 class TOVA(ScoringDrop):
     name = "tova"
+    family = "kv_dropping"
+    paper = "Oren et al., Transformers are Multi-State RNNs (TOVA), EMNLP 2024 (arXiv:2401.06104)"
+    summary = "attention of the last query, averaged over heads; the last token is kept"
     needs = Needs(window=1)
 
     def scores(self, layer, seen):

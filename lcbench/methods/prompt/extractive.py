@@ -15,7 +15,6 @@ import re
 
 from ...errors import UserError
 from ...params import Param
-from ..presets import from_preset
 from .base import PromptCompressor
 from .units import chunk_spans, render, select_within_budget, sentence_spans
 
@@ -64,9 +63,14 @@ def embedding_scores(model_name: str, units: list[str], query: str | None) -> li
 
 
 
-@from_preset("prompt_compression.toml")
 class Extractive(PromptCompressor):
     name = "extractive"
+    family = "prompt_compression"
+    paper = ("Robertson & Zaragoza, The Probabilistic Relevance Framework: BM25 and Beyond, 2009; as a "
+             "compression baseline in LongLLMLingua (arXiv:2310.06839)")
+    summary = ("keep the sentences/chunks that best match the question (BM25, or sentence-transformers "
+               "embeddings)")
+    defaults = {"chunk_words": 0, "embedding_model": ""}
     params = (
         Param("chunk_words", int, None, "words per chunk of whole sentences; 0 ranks single sentences", min=0),
         Param("embedding_model", str, None, "sentence-transformers model (name or path); empty: BM25"),

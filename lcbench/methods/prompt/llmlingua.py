@@ -31,7 +31,6 @@ import torch
 
 from ...errors import UserError
 from ...params import Param
-from ..presets import from_preset
 from .base import PromptCompressor
 from .lm import CompressorLM, load_compressor
 from .selective_context import COMPRESSOR, WINDOW
@@ -100,9 +99,19 @@ COARSE = (
 )
 
 
-@from_preset("prompt_compression.toml")
 class LLMLingua(PromptCompressor):
     name = "llmlingua"
+    family = "prompt_compression"
+    paper = ("Jiang et al., LLMLingua: Compressing Prompts for Accelerated Inference of Large Language "
+             "Models, EMNLP 2023 (arXiv:2310.05736)")
+    summary = "budget controller over chunks + iterative token-level compression by perplexity"
+    defaults = {
+        "compressor": "target",
+        "window": 4096,
+        "chunk_tokens": 128,
+        "coarse_factor": 2.0,
+        "segment_size": 200,
+    }
     params = COARSE
 
     def compress(self, text, budget):
@@ -133,9 +142,23 @@ def fine_rate(text, tokens: Tokens, order: list[int], budget: int) -> float:
     return min(1.0, budget / max(1e-9, target_per_compressor) / max(1, len(order)))
 
 
-@from_preset("prompt_compression.toml")
 class LongLLMLingua(LLMLingua):
     name = "longllmlingua"
+    family = "prompt_compression"
+    paper = ("Jiang et al., LongLLMLingua: Accelerating and Enhancing LLMs in Long Context Scenarios via "
+             "Prompt Compression, ACL 2024 (arXiv:2310.06839)")
+    summary = ("question-aware coarse ranking, contrastive token scores, dynamic ratios, reordering (needs "
+               "--query-aware)")
+    defaults = {
+        "compressor": "target",
+        "window": 4096,
+        "chunk_tokens": 128,
+        "coarse_factor": 2.0,
+        "segment_size": 200,
+        "question_suffix": "We can get the answer to this question in the given documents.",
+        "dynamic_delta": 0.25,
+        "reorder": "original",
+    }
     params = COARSE + (
         Param("question_suffix", str, None, "appended to the question when ranking chunks (the paper's restrict prompt)"),
         Param("dynamic_delta", float, None, "keep-rate spread between the best and the worst ranked chunk (each side)",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from ...errors import UserError
 from ...params import Param
-from ..presets import from_preset
 from .base import PromptCompressor
 from .units import count_tokens
 
@@ -40,9 +39,17 @@ def load_llmlingua2(model: str, device: str):
     return _LOADED[key]
 
 
-@from_preset("prompt_compression.toml")
 class LLMLingua2(PromptCompressor):
     name = "llmlingua2"
+    family = "prompt_compression"
+    paper = ("Pan et al., LLMLingua-2: Data Distillation for Efficient and Faithful Task-Agnostic Prompt "
+             "Compression, Findings of ACL 2024 (arXiv:2403.12968)")
+    summary = "token classification by a distilled encoder, through the llmlingua package (optional extra)"
+    defaults = {
+        "model": "microsoft/llmlingua-2-xlm-roberta-large-meetingbank",
+        "force_tokens": ['\n', '?'],
+        "steps": 3,
+    }
     params = (
         Param("model", str, None, "LLMLingua-2 token-classification model (hub id or local folder)"),
         Param("force_tokens", list, None, "tokens always kept (';'-separated)"),

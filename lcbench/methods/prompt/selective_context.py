@@ -12,7 +12,6 @@ noun phrases) or ``sentence``.
 from __future__ import annotations
 
 from ...params import Param
-from ..presets import from_preset
 from .base import PromptCompressor
 from .lm import load_compressor
 from .units import owner_of, phrase_spans, select_within_budget, sentence_spans, token_spans, render
@@ -28,9 +27,13 @@ def unit_spans(text: str, unit: str, token_units: list[tuple[int, int]], phrase_
     return sentence_spans(text) if unit == "sentence" else phrase_spans(text, phrase_words)
 
 
-@from_preset("prompt_compression.toml")
 class SelectiveContext(PromptCompressor):
     name = "selective_context"
+    family = "prompt_compression"
+    paper = ("Li et al., Compressing Context to Enhance Inference Efficiency of Large Language Models, "
+             "EMNLP 2023 (arXiv:2310.06201)")
+    summary = "drop the phrases/sentences/tokens with the least self-information under a small LM"
+    defaults = {"compressor": "target", "window": 4096, "unit": "phrase", "phrase_words": 4}
     params = (
         COMPRESSOR, WINDOW,
         Param("unit", str, None, "lexical unit that is kept or dropped", choices=("token", "phrase", "sentence")),

@@ -9,14 +9,17 @@ ranges are decoded, as LongBench does.
 from __future__ import annotations
 
 from ...params import Param
-from ..presets import from_preset
 from .base import PromptCompressor
 from .units import count_tokens
 
 
-@from_preset("prompt_compression.toml")
 class Truncate(PromptCompressor):
     name = "truncate"
+    family = "prompt_compression"
+    paper = ("Bai et al., LongBench: A Bilingual, Multitask Benchmark for Long Context Understanding, "
+             "ACL 2024 (arXiv:2308.14508), pred.py truncation")
+    summary = "cut the middle (LongBench), the head or the tail of the context in target tokens"
+    defaults = {"side": "middle"}
     params = (Param("side", str, None, "which part is cut: middle (LongBench), head or tail",
                     choices=("middle", "head", "tail")),)
 

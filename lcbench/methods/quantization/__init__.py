@@ -1,3 +1,2 @@
 """KV-cache quantization: cache-stage components that store keys/values in fewer bits
-(:class:`~lcbench.cache.quantized.QuantizedLayer`, packed, dequantized on use). Presets in
-``methods/kv_quantization.toml``."""
+(:class:`~lcbench.cache.quantized.QuantizedLayer`, packed, dequantized on use)."""

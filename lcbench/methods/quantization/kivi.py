@@ -9,13 +9,18 @@ quantized a whole group at a time once they fall out of it, also during decoding
 """
 
 from ...params import Param
-from ..presets import from_preset
 from .plan import QuantizeStage
 
 
-@from_preset("kv_quantization.toml")
 class KIVI(QuantizeStage):
     name = "kivi"
+    family = "kv_quantization"
+    paper = ("Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache, ICML 2024 "
+             "(arXiv:2402.02750)")
+    summary = ("2/4-bit asymmetric quantization, keys per channel, values per token, full-precision recent "
+               "window")
+    tolerance = 0.05
+    defaults = {"bits": 0, "group_size": 32, "window": -1}
     key_axis = "channel"
     params = (
         Param("bits", int, None, "2 or 4; 0 = chosen from the ratio", choices=(0, 2, 4)),

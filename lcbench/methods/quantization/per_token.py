@@ -5,7 +5,6 @@ baselines of KIVI (Liu et al., ICML 2024, arXiv:2402.02750). The most recent ``w
 stay in full precision; ``window=-1`` lets the ratio choose it (:mod:`.plan`)."""
 
 from ...params import Param
-from ..presets import from_preset
 from .plan import QuantizeStage
 
 PER_TOKEN_PARAMS = (
@@ -14,18 +13,28 @@ PER_TOKEN_PARAMS = (
 )
 
 
-@from_preset("kv_quantization.toml")
 class Int8(QuantizeStage):
     name = "int8"
+    family = "kv_quantization"
+    paper = ("per-token INT8 KV quantization (transformers QuantizedCache; baseline in KIVI, ICML 2024, "
+             "arXiv:2402.02750)")
+    summary = "8-bit per-token quantization of keys and values, full-precision recent window"
+    tolerance = 0.05
+    defaults = {"group_size": 64, "window": -1}
     params = PER_TOKEN_PARAMS
 
     def bits_options(self):
         return (8,)
 
 
-@from_preset("kv_quantization.toml")
 class Int4(QuantizeStage):
     name = "int4"
+    family = "kv_quantization"
+    paper = ("per-token INT4 KV quantization (transformers QuantizedCache; baseline in KIVI, ICML 2024, "
+             "arXiv:2402.02750)")
+    summary = "4-bit per-token quantization of keys and values, full-precision recent window"
+    tolerance = 0.05
+    defaults = {"group_size": 64, "window": -1}
     params = PER_TOKEN_PARAMS
 
     def bits_options(self):

@@ -27,7 +27,6 @@ import torch
 from ...errors import UserError
 from ...params import Param
 from ..base import ContextInputs, Stage, keep_count
-from ..presets import from_preset
 
 CONFIG_NAME = "lcbench_compressor.json"
 
@@ -98,9 +97,15 @@ def write_kv(cache, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torc
         layer.append(k.to(positions.device, dtype), v.to(positions.device, dtype), positions, None)
 
 
-@from_preset("soft_compression.toml")
 class SoftCompressorStage(Stage):
     name = "soft_compressor"
+    family = "soft_compression"
+    paper = ("adapter for trained compressors, e.g. Mu et al., Learning to Compress Prompts with Gist "
+             "Tokens, NeurIPS 2023; Ge et al., In-context Autoencoder (ICAE), ICLR 2024")
+    summary = ("a trained compressor loaded from a folder turns the context into input embeddings or a KV "
+               "cache")
+    tolerance = 0.05
+    defaults = {"path": "", "trust_code": False}
     stages = ("context_inputs",)
     params = (
         Param("path", str, None, "folder of a trained soft compressor (with lcbench_compressor.json)"),

@@ -13,6 +13,8 @@ The stored bytes are SnapKV's at the same ratio: merging changes what is held, n
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +23,7 @@ from ...errors import UserError
 from ...params import Param
 from ..base import Stage
 from ..dropping.select import align, context_slots, group_mean
-from ..dropping.snapkv import SnapKV
-from ..presets import from_preset
+from ..dropping.snapkv import KERNEL_SIZE, WINDOW_SIZE, SnapKV
 
 EPS = 1e-6  # keeps every weight positive, so a kept token nothing is merged into stays itself
 SIM_CHUNK = 2048  # evicted tokens compared with the kept ones at a time
@@ -68,13 +69,17 @@ def merge_evicted(keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, 
     return merged[0], merged[1]
 
 
-@from_preset("soft_compression.toml")
 class KVMerge(Stage):
     name = "kvmerge"
+    family = "soft_compression"
+    paper = ("Zhang et al., CaM: Cache Merging for Memory-efficient LLMs Inference, ICML 2024; Wan et "
+             "al., D2O (arXiv:2406.13035); eviction set of SnapKV (arXiv:2404.14469)")
+    summary = ("tokens SnapKV would evict are merged (attention-weighted average) into their most similar "
+               "kept token")
     stages = ("cache",)
     params = (
-        Param("window_size", int, None, "last prompt queries whose attention scores (and weighs) the keys", min=1),
-        Param("kernel_size", int, None, "SnapKV's max-pooling width over neighbouring keys", min=1),
+        dataclasses.replace(WINDOW_SIZE, help="last prompt queries whose attention scores (and weighs) the keys"),
+        dataclasses.replace(KERNEL_SIZE, help="SnapKV's max-pooling width over neighbouring keys"),
     )
 
     def __init__(self, ratio: float = 0.0, **args):

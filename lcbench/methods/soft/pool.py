@@ -20,7 +20,6 @@ import torch
 
 from ...params import Param
 from ..base import ContextInputs, Stage, keep_count
-from ..presets import from_preset
 
 
 def chunk_bounds(length: int, slots: int) -> torch.Tensor:
@@ -37,9 +36,13 @@ def mean_pool(embeds: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return (total / sizes[None, :, None]).to(embeds.dtype)
 
 
-@from_preset("soft_compression.toml")
 class Pool(Stage):
     name = "pool"
+    family = "soft_compression"
+    paper = ("Feldman & Artzi, Simple Context Compression: Mean-Pooling and Multi-Ratio Training "
+             "(arXiv:2510.20797); here training-free, over input embeddings")
+    summary = "context input embeddings mean-pooled over chunks, one position each"
+    defaults = {"keep_first": 1, "chunk": 0}
     stages = ("context_inputs",)
     params = (
         Param("keep_first", int, None, "initial context tokens prefilled as they are (attention sink)", min=0),

@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..presets import from_preset
 from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
 
@@ -37,9 +36,13 @@ def pooled_block_scores(query: torch.Tensor, key: torch.Tensor, groups: int, blo
     return torch.einsum("bhgid,bhjd->bhij", q, k) / groups
 
 
-@from_preset("sparse_attention.toml")
 class BlockTopK(SparsePrefill):
     name = "block_topk"
+    family = "sparse_attention"
+    paper = "Jiang et al., MInference 1.0 (block-sparse pattern), NeurIPS 2024 (arXiv:2407.02490)"
+    summary = "per query block, the top key blocks by mean-pooled block scores"
+    tolerance = 0.05
+    defaults = {"block_size": 64}
     params = (BLOCK_SIZE,)
 
     def pattern(self, query, key, groups, scaling):

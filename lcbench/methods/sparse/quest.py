@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from ...params import Param
 from ..base import Stage
-from ..presets import from_preset
 
 
 def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,9 +38,14 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) 
     return k.masked_fill(~ok, float("inf")).amin(3), k.masked_fill(~ok, float("-inf")).amax(3)
 
 
-@from_preset("sparse_attention.toml")
 class Quest(Stage):
     name = "quest"
+    family = "sparse_attention"
+    paper = ("Tang et al., Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference, ICML "
+             "2024 (arXiv:2406.10774)")
+    summary = "decode attends the KV pages with the highest query-key upper bounds"
+    tolerance = 0.05
+    defaults = {"page_size": 16, "dense_layers": 2}
     stages = ("prefill_attention", "decode")
     params = (
         Param("page_size", int, None, "tokens per KV page", min=1),

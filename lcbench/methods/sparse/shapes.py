@@ -14,7 +14,6 @@ import math
 import torch
 
 from ...params import Param
-from ..presets import from_preset
 from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
 
@@ -29,9 +28,15 @@ def ashape_blocks(nb: int, sink_blocks: int, local_blocks: int, dense_last_block
     return keep & (j <= i)
 
 
-@from_preset("sparse_attention.toml")
 class AShape(SparsePrefill):
     name = "ashape"
+    family = "sparse_attention"
+    paper = ("Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024 "
+             "(arXiv:2309.17453); as a prefill pattern: Jiang et al., MInference 1.0, NeurIPS 2024 "
+             "(arXiv:2407.02490)")
+    summary = "prefill attends attention sinks + a local window (window sized from --ratio)"
+    tolerance = 0.05
+    defaults = {"block_size": 64, "sink_tokens": 64}
     params = (BLOCK_SIZE, Param("sink_tokens", int, None, "initial tokens every query attends (attention sinks)", min=0))
 
     def dense_last_blocks(self, length: int) -> int:
@@ -51,9 +56,14 @@ class AShape(SparsePrefill):
         return densest_within(self.target_density(), build, 1, nb, integer=True)
 
 
-@from_preset("sparse_attention.toml")
 class TriShape(AShape):
     name = "trishape"
+    family = "sparse_attention"
+    paper = ("Li et al., SCBench: A KV Cache-Centric Analysis of Long-Context Methods, ICLR 2025 "
+             "(arXiv:2412.10319)")
+    summary = "A-shape prefill plus dense attention for the last queries"
+    tolerance = 0.05
+    defaults = {"block_size": 64, "sink_tokens": 64, "last_queries": 64}
     params = AShape.params + (Param("last_queries", int, None, "last queries that attend densely", min=0),)
 
     def dense_last_blocks(self, length: int) -> int:

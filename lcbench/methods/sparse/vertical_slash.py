@@ -19,7 +19,6 @@ import math
 import torch
 
 from ...params import Param
-from ..presets import from_preset
 from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
 
@@ -57,9 +56,20 @@ def slash_blocks(offsets: torch.Tensor, nb: int, block_size: int) -> torch.Tenso
     return diag[:, :, gap.reshape(-1)].reshape(B, Hkv, nb, nb) & (j <= i)
 
 
-@from_preset("sparse_attention.toml")
 class VerticalSlash(SparsePrefill):
     name = "vertical_slash"
+    family = "sparse_attention"
+    paper = ("Jiang et al., MInference 1.0: Accelerating Pre-filling for Long-Context LLMs via Dynamic "
+             "Sparse Attention, NeurIPS 2024 (arXiv:2407.02490)")
+    summary = "vertical key columns + slash diagonals estimated from the last queries' attention"
+    tolerance = 0.05
+    defaults = {
+        "block_size": 64,
+        "last_queries": 64,
+        "sink_columns": 30,
+        "local_slashes": 100,
+        "slash_per_vertical": 6.096,
+    }
     params = (
         BLOCK_SIZE,
         Param("last_queries", int, None, "last queries whose attention estimates the pattern", min=1),
