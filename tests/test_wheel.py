@@ -1,5 +1,5 @@
 """lcbench as users install it: a wheel built from this working tree, installed into a fresh venv
-outside the checkout, must carry its protocol data (``tasks/``, ``methods/``) and templates and
+outside the checkout, must carry its protocol data (``tasks/``) and templates and
 run the CLI, a tiny run and a third-party plugin without the source tree."""
 
 from __future__ import annotations
@@ -52,10 +52,9 @@ def test_wheel_carries_the_protocol_data(wheel_venv):
 
     _, _, wheel = wheel_venv
     names = set(zipfile.ZipFile(wheel).namelist())
-    for kind in ("tasks", "methods"):
-        for f in (REPO / kind).iterdir():
-            if f.suffix in (".toml", ".json", ".txt"):
-                assert f"lcbench/_protocol/{kind}/{f.name}" in names, f
+    for f in (REPO / "tasks").iterdir():
+        if f.suffix in (".toml", ".json", ".txt"):
+            assert f"lcbench/_protocol/tasks/{f.name}" in names, f
     assert "lcbench/report/templates/index.html" in names
 
 
