@@ -42,29 +42,10 @@ HINT_PROMPT = (
 TEMPLATE_HINT = "Answer:"
 
 
-@torch.inference_mode()
-def greedy_line(lm: CompressorLM, prompt: str, max_tokens: int) -> str:
-    """The compressor's greedy continuation of ``prompt``, up to the end of its first line."""
-    ids, _ = lm.encode(prompt)
-    session = lm.session(ids[:-1])
-    out: list[int] = []
-    last = ids[-1:]
-    for _ in range(max_tokens):
-        session.commit(last)
-        token = int(session.next_logp.argmax())
-        if token == lm.tokenizer.eos_token_id:
-            break
-        out.append(token)
-        if "\n" in lm.tokenizer.decode(out):
-            break
-        last = [token]
-    return lm.tokenizer.decode(out).split("\n")[0].strip()
-
-
 def answer_hint(lm: CompressorLM, question: str, mode: str, max_tokens: int) -> str:
     """The answer hint prefix that follows the question (falls back to the template cue)."""
     if mode == "generate":
-        hint = greedy_line(lm, HINT_PROMPT.format(question=question.strip()), max_tokens)
+        hint = lm.generate(HINT_PROMPT.format(question=question.strip()), max_tokens, stop="\n").strip()
         if hint:
             return hint
     return TEMPLATE_HINT

@@ -51,6 +51,25 @@ class CompressorLM:
         out = [session.commit(ids[k: k + CHUNK]) for k in range(0, len(ids), CHUNK)]
         return torch.cat(out) if out else torch.zeros(0)
 
+    def generate(self, prompt: str, max_tokens: int, stop: str | None = None) -> str:
+        """The greedy continuation of ``prompt`` (at most ``max_tokens`` tokens, ending before EOS
+        or before the first ``stop``), as text (AttentionRAG's hint, Perception's guiding questions)."""
+        ids, _ = self.encode(prompt)
+        session = self.session(ids[:-1])
+        out: list[int] = []
+        last = ids[-1:]
+        for _ in range(max_tokens):
+            session.commit(last)
+            token = int(session.next_logp.argmax())
+            if token == self.tokenizer.eos_token_id:
+                break
+            out.append(token)
+            if stop is not None and stop in self.tokenizer.decode(out):
+                break
+            last = [token]
+        text = self.tokenizer.decode(out)
+        return text.split(stop)[0] if stop is not None else text
+
 
 class Session:
     """A conditioning state that grows: :meth:`score` asks how surprising some tokens would be
