@@ -122,7 +122,7 @@ def test_bridge_errors_are_user_errors(model, tok, monkeypatch):  # noqa: F811
         resolve_chain("kvpress:SnapKvPress", None, 0.5)
     with pytest.raises(UserError, match="press=SnapKVPress"):
         resolve_chain("kvpress:AdaKVPress", None, 0.5)
-    with pytest.raises(UserError, match="changed the key vectors"):
+    with pytest.raises(UserError, match="re-rotates the kept keys"):
         run(model, tok, "kvpress:KeyRerotationPress", 0.5, args="press=KnormPress")
     from lcbench.methods import kvpress_bridge
 

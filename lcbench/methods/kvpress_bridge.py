@@ -31,11 +31,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
 import typing
 from typing import Any, ClassVar
 
 import torch
 
+from ..cache.layer import DenseLayer
 from ..cache.ragged import RaggedLayer
 from ..errors import UserError
 from ..params import Param
@@ -69,27 +71,40 @@ def press_class(class_name: str) -> type:
     return cls
 
 
-def _param_type(field: dataclasses.Field) -> type | None:
-    kind = field.type
+def _param_type(kind: Any) -> type | None:
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     if args:  # Optional[float] and the like
         kind = args[0]
     return kind if kind in (int, float, bool, str) else None
 
 
+def constructor(cls: type) -> dict[str, tuple[Any, Any]]:
+    """The press's constructor arguments: name → (annotation, default or None). Read from the
+    signature, so a press with its own ``__init__`` (CriticalKVPress) is described as it is called."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an annotation that does not resolve: fall back to the raw ones
+        hints = {}
+    out = {}
+    for name, p in inspect.signature(cls).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        out[name] = (hints.get(name, p.annotation), None if p.default is p.empty else p.default)
+    return out
+
+
 def press_params(cls: type) -> tuple[Param, ...]:
-    """lcbench parameters for a press dataclass: its simple public fields, and ``press`` (the name
-    of the inner press class) for wrapper presses."""
+    """lcbench parameters for a press: its simple public constructor arguments, and ``press`` (the
+    name of the inner press class) for wrapper presses."""
     base = kvpress_module().BasePress
     out = []
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_") or f.name == "compression_ratio":
+    for name, (kind, default) in constructor(cls).items():
+        if name.startswith("_") or name == "compression_ratio":
             continue
-        default = None if f.default is dataclasses.MISSING else f.default
-        if isinstance(f.type, type) and issubclass(f.type, base):
-            out.append(Param(f.name, str, default, "inner press class name (e.g. SnapKVPress)"))
-        elif _param_type(f) is not None:
-            out.append(Param(f.name, _param_type(f), default, f"{cls.__name__}.{f.name}"))
+        if name == "press" or (isinstance(kind, type) and issubclass(kind, base)):
+            out.append(Param(name, str, None, "inner press class name (e.g. SnapKVPress)"))
+        elif _param_type(kind) is not None:
+            out.append(Param(name, _param_type(kind), default, f"{cls.__name__}.{name}"))
     return tuple(out)
 
 
@@ -132,6 +147,33 @@ def returned_slots(keys: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return slots
 
 
+
+def adopt(layer, keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.Tensor, kept_values: torch.Tensor,
+          name: str):
+    """The layer holding what a press's ``compress`` returned: the slots whose keys it kept (true
+    positions and all) with the *values it returned* — a press that folds evicted values into the
+    kept ones (MergingPress) keeps its merged values. A press whose returned keys are not rows of
+    the layer (re-rotated, merged, channel-pruned keys) is refused: its tokens have no position."""
+    if kept_keys.shape[:2] != keys.shape[:2] or kept_values.shape != kept_keys.shape:
+        raise UserError(f"{name} returned keys {tuple(kept_keys.shape)} and values {tuple(kept_values.shape)} for a "
+                        f"cache of {tuple(keys.shape)}; the bridge maps one value per kept key. Fix: use an lcbench method.")
+    if torch.equal(kept_keys, keys) and torch.equal(kept_values, values):
+        return layer
+    slots = returned_slots(keys, kept_keys)
+    slots, order = slots.sort(dim=-1)
+    if bool((slots[..., 1:] == slots[..., :-1]).any()):
+        raise UserError(f"{name} returned the same cached token twice; the bridge keeps each slot once. "
+                        f"Fix: use an lcbench method.")
+    kept_values = kept_values.gather(2, order[..., None].expand_as(kept_values))
+    layer.select(slots)
+    _, held = layer.dense()
+    if not torch.equal(held, kept_values):  # the press changed the values it kept (merging)
+        if not isinstance(layer, DenseLayer):
+            raise UserError(f"{name} changed the values it kept, which a {type(layer).__name__} cannot take. "
+                            f"Fix: put the kvpress press first among the cache stages.")
+        layer.values = kept_values.to(held.dtype).contiguous()
+    return layer
+
 class KvpressStage(Stage):
     """Base of the stage classes :func:`press_stage` makes, one per press class."""
 
@@ -146,19 +188,19 @@ class KvpressStage(Stage):
 
     def _build(self, cls: type, args: dict[str, Any]):
         kwargs = {k: v for k, v in args.items() if v is not None}
-        for f in dataclasses.fields(cls):
-            if f.name == "press":
-                if "press" not in kwargs:
-                    raise UserError(f"{self.name} wraps another press: pass it, e.g. --method-args press=SnapKVPress.")
-                inner_cls = press_class(kwargs["press"])
-                kwargs["press"] = inner_cls(**({"compression_ratio": self.ratio} if _has_ratio(inner_cls) else {}))
+        if "press" in constructor(cls):
+            if "press" not in kwargs:
+                raise UserError(f"{self.name} wraps another press: pass it, e.g. --method-args press=SnapKVPress.")
+            inner_cls = press_class(kwargs["press"])
+            refuse(inner_cls.__name__)
+            kwargs["press"] = inner_cls(**({"compression_ratio": self.ratio} if _has_ratio(inner_cls) else {}))
         if _has_ratio(cls):
             kwargs["compression_ratio"] = self.ratio
         try:
             press = cls(**kwargs)
         except (AssertionError, TypeError, ValueError) as exc:
             raise UserError(f"{self.name} rejected its arguments {kwargs}: {exc}") from None
-        if hasattr(press, "compression_ratio"):
+        if not _has_ratio(cls):  # a wrapper's ratio is a property that sets its inner press's
             press.compression_ratio = self.ratio
         return press
 
@@ -178,18 +220,19 @@ class KvpressStage(Stage):
                     scores = self.press.score(module, hidden, keys, values, None, kwargs)
                     keep = max(1, int(seen.context_length * (1 - self.ratio)))
                     return keep_top(layer, scores, self.ratio, seen, keep=keep)
-                kept_keys, _ = self.press.compress(module, hidden, keys, values, None, kwargs)
+                # copies: a press may write into what it is given (ThinKPress zeroes key channels in place)
+                kept_keys, kept_values = self.press.compress(module, hidden, keys.clone(), values.clone(), None, kwargs)
         except AssertionError as exc:
             raise UserError(f"{self.name} cannot compress this input: {exc or 'a kvpress assertion failed'}") from None
         masked = module.__dict__.get("masked_key_indices")
         if masked is not None:  # per-head masking (AdaKVPress): store what is not masked, ragged
+            if not (torch.equal(kept_keys, keys) and torch.equal(kept_values, values)):
+                raise UserError(f"{self.name} both masked keys per head and changed the cache; the bridge stores one "
+                                f"or the other. Fix: use a press that does one.")
             keep = torch.ones(layer.positions.shape, dtype=torch.bool, device=keys.device)
             keep[masked] = False
             return RaggedLayer.from_layer(layer, keep)
-        if kept_keys.shape == keys.shape:
-            return layer
-        layer.select(returned_slots(keys, kept_keys))
-        return layer
+        return adopt(layer, keys, values, kept_keys, kept_values, self.name)
 
     def _inputs(self, layer, seen: LayerObservation, keys: torch.Tensor, values: torch.Tensor):
         """The press's ``module``, ``hidden_states`` and ``kwargs`` for this layer's pass."""
@@ -212,13 +255,14 @@ class KvpressStage(Stage):
 
 
 def _has_ratio(cls: type) -> bool:
-    return any(f.name == "compression_ratio" for f in dataclasses.fields(cls))
+    return "compression_ratio" in constructor(cls)
 
 
 @functools.lru_cache(maxsize=None)
 def press_stage(class_name: str) -> type[Stage]:
     """The lcbench stage class for ``kvpress:<class_name>`` (made once per press class)."""
     cls = press_class(class_name)
+    refuse(class_name)
     doc = (cls.__doc__ or "").strip().splitlines()
     return type(f"Kvpress{class_name}", (KvpressStage,), {
         "name": PREFIX + class_name,
@@ -228,3 +272,179 @@ def press_stage(class_name: str) -> type[Stage]:
         "press_cls": cls,
         "__doc__": f"kvpress's {class_name} run by lcbench's engine (see lcbench.methods.kvpress_bridge).",
     })
+
+
+# --- every press kvpress exports: native in lcbench, run by the bridge, or refused --------------
+@dataclasses.dataclass(frozen=True)
+class PressSupport:
+    """How lcbench runs one kvpress press. ``native``: the lcbench ``method`` (with ``args``) keeps
+    exactly the positions the press (built with ``press_kwargs``; a wrapper's inner press with
+    ``inner``) keeps on a fixed input (tests/test_kvpress_presses.py); ``bridged``: ``kvpress:<press>``
+    (with ``args``) runs it; ``refused``: ``kvpress:<press>`` stops with ``reason``."""
+
+    press: str
+    status: str  # native | bridged | refused
+    method: str = ""
+    args: str | None = None
+    press_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inner: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reason: str = ""
+    exact: bool = True  # False: kept positions agree with kvpress's only up to float rounding (a note says how far)
+    note: str = ""
+
+
+def _native(press: str, method: str, args: str | None = None, inner: dict | None = None, **kwargs) -> PressSupport:
+    return PressSupport(press, "native", method, args, kwargs, inner or {})
+
+
+def _bridged(press: str, args: str | None = None, note: str = "") -> PressSupport:
+    return PressSupport(press, "bridged", args=args, exact=not note, note=note)
+
+
+def _refused(press: str, reason: str) -> PressSupport:
+    return PressSupport(press, "refused", reason=reason)
+
+
+DECODE = "acts while decoding (its own forward_hook on every generated token); the bridge runs prefill presses"
+PRESSES: tuple[PressSupport, ...] = (
+    _native("SnapKVPress", "snapkv", "window_size=16,kernel_size=5,pooling=avg", window_size=16, kernel_size=5),
+    _native("StreamingLLMPress", "streamingllm", "n_sink=4", n_sink=4),
+    _native("KnormPress", "knorm"),
+    _native("TOVAPress", "tova"),
+    _native("ExpectedAttentionPress", "expected_attention", "n_sink=4,n_future_positions=512", n_sink=4,
+            n_future_positions=512),
+    _native("PyramidKVPress", "pyramidkv", "window_size=8,kernel_size=5,beta=2", window_size=8, kernel_size=5, beta=2),
+    _native("AdaKVPress", "adakv", "window_size=16,kernel_size=5", inner={"press": "SnapKVPress", "window_size": 16}),
+    _native("KeyDiffPress", "keydiff"),
+    _native("LagKVPress", "lagkv", "n_sink=4,lag_size=32", n_sink=4, lag_size=32),
+    _native("CURPress", "cur"),
+    _native("CriticalKVPress", "criticalkv", "window_size=16", inner={"press": "SnapKVPress", "window_size": 16}),
+    _native("CriticalAdaKVPress", "criticaladakv", "window_size=16", inner={"press": "SnapKVPress", "window_size": 16}),
+    _bridged("RandomPress", "seed=0"),
+    _bridged("ChunkPress", "press=KnormPress,chunk_length=64"),
+    _bridged("ChunkKVPress", "press=KnormPress,chunk_length=10"),
+    _bridged("EntropyGatedChunkKVPress", "press=KnormPress"),
+    _bridged("BlockPress", "press=KeyDiffPress,block_size=64"),
+    _bridged("MergingPress", "press=KnormPress"),
+    _bridged("CompactorPress", "chunk_size=64"),
+    _bridged("LeverageScorePress", note="a Cholesky of a random sketch of pre-RoPE keys, which the bridge recovers by "
+                                         "un-rotating the cached keys: on the fixed input ≥ 97% of kvpress's kept "
+                                         "tokens per head, not all"),
+    _bridged("NonCausalAttnPress", "chunk_size=64"),
+    _bridged("CapPress"),
+    _refused("BasePress", "the abstract base of every press: it compresses nothing"),
+    _refused("ScorerPress", "the abstract base of scoring presses: it has no score"),
+    _refused("ComposedPress", "takes a list of presses and runs them in its own forward_hook; compose lcbench "
+                              "stages with a chain (a+b) instead"),
+    _refused("PerLayerCompressionPress", "takes a list of per-layer ratios and sets them in its own forward_hook "
+                                         "(flash attention only); lcbench's pyramidkv gives layers their own budgets"),
+    _refused("KeyRerotationPress", "re-rotates the kept keys to the positions 0..K−1; lcbench keeps every token at its "
+                                   "true position, so re-rotated keys have no slot to map to"),
+    _refused("ThinKPress", "prunes key channels (zeroes them in the dense cache: no byte is saved) and its ratio "
+                           "cannot be set; lcbench's `think` stores fewer key channels"),
+    _refused("SimLayerKVPress", "its compression is decided by lazy_threshold and its compression_ratio cannot be "
+                                "set; lcbench's `simlayerkv` takes the requested ratio"),
+    _refused("DuoAttentionPress", "needs hub artifacts (DuoAttention's head patterns for a few models) or extra "
+                                  "model passes on random samples (on_the_fly_scoring) in post_init_from_model"),
+    _refused("QFilterPress", "needs hub artifacts (nthngdy/<model>_qfilt); lcbench's `qfilters` estimates its "
+                             "filters offline"),
+    _refused("ExpectedAttentionStatsPress", "needs hub artifacts (query statistics per model) or a calibration "
+                                            "pass over a hub dataset"),
+    _refused("KVzapPress", "needs hub artifacts (a trained KVzap scorer model)"),
+    _refused("FastKVzipPress", "needs hub artifacts (Fast-KVzip's trained gates)"),
+    _refused("RestoreKVPress", "needs hub artifacts (restore embeddings and a LoRA adapter) and extra model passes"),
+    _refused("LUKVPress", "needs downloaded artifacts (a per-model, per-scorer budget curve fetched by URL)"),
+    _refused("KVzipPress", "needs extra model passes (the context is re-fed for reconstruction scoring), run from "
+                           "its own __call__"),
+    _refused("KVgradPress", "needs extra forward and backward passes over the context, run from its own __call__"),
+    _refused("KVComposePress", "compresses after the whole prefill, across layers, from its own __call__"),
+    _refused("FinchPress", "needs a delimiter token between context and question in the input ids (its __call__ "
+                           "hooks the embedding layer); use lcbench's --query-aware methods"),
+    _refused("ObservedAttentionPress", "needs the eager attention weights of every prefill query (output "
+                                       "attentions), which lcbench's attention does not materialize; lcbench's "
+                                       "`h2o` scores by the same accumulated attention"),
+    _refused("DMSPress", "evicts by a score threshold, not a ratio, in its own forward_hook (also while decoding)"),
+    _refused("DecodingPress", DECODE),
+    _refused("CompressionRatioDecodingPress", DECODE),
+    _refused("PrefillDecodingPress", "pairs a prefill press with a decoding press in its own forward_hook; " + DECODE),
+    _refused("CAMPress", "merges values while decoding (a DecodingPress); " + DECODE),
+)
+SUPPORT: dict[str, PressSupport] = {p.press: p for p in PRESSES}
+
+
+def refuse(class_name: str) -> None:
+    """UserError for a press the bridge does not run, with its reason and what to use instead."""
+    entry = SUPPORT.get(class_name)
+    if entry is not None and entry.status == "refused":
+        raise UserError(f"kvpress:{class_name} is not run by lcbench's bridge: {entry.reason}. Fix: choose "
+                        f"another press (`python -m lcbench.methods.kvpress_bridge` lists them) or an lcbench method.")
+
+
+def markdown() -> str:
+    """The README's table: one row per press kvpress exports."""
+    kvpress = kvpress_module()
+    exported = [n for n in kvpress.__all__ if isinstance(getattr(kvpress, n), type)
+                and issubclass(getattr(kvpress, n), kvpress.BasePress)]
+    lines = ["| kvpress press | in lcbench | how |", "|---|---|---|"]
+    counts = {"native": 0, "bridged": 0, "refused": 0}
+    for name in exported:
+        entry = SUPPORT.get(name)
+        if entry is None:
+            lines.append(f"| {name} | **unclassified** | add it to `PRESSES` in lcbench/methods/kvpress_bridge.py |")
+            continue
+        counts[entry.status] += 1
+        if entry.status == "native":
+            how = f"`--method {entry.method}` keeps kvpress's exact positions; `kvpress:{name}` runs too"
+        elif entry.status == "bridged":
+            how = f"`--method kvpress:{name}`" + (f" `--method-args {entry.args}`" if entry.args else "")
+            how += f" (keeps what kvpress keeps up to float rounding: {entry.note})" if entry.note else ""
+        else:
+            how = entry.reason
+        label = {"native": f"native (`{entry.method}`)", "bridged": "bridged", "refused": "**refused**"}[entry.status]
+        lines.append(f"| {name} | {label} | {how} |")
+    lines.append("")
+    lines.append(f"Generated by `python -m lcbench.methods.kvpress_bridge --markdown` from kvpress {_version()}'s "
+                 f"{len(exported)} exported press classes: {counts['native']} native, {counts['bridged']} bridged, "
+                 f"{counts['refused']} refused. Native: checked to keep exactly kvpress's positions (per layer and KV "
+                 f"head) on a fixed input; bridged: checked to keep what kvpress's own hook keeps (positions and "
+                 f"values) on that input; refused: `kvpress:<press>` stops with the reason shown. Tests: "
+                 f"tests/test_kvpress_presses.py.")
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("kvpress")
+
+
+BEGIN, END = "<!-- kvpress:begin -->", "<!-- kvpress:end -->"
+
+
+def write_readme(table: str, readme) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise UserError(f"{readme} has no {BEGIN} … {END} markers. Fix: add them where the table belongs.")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m lcbench.methods.kvpress_bridge",
+                                     description="Print (or write into README.md) how lcbench runs each kvpress press.")
+    parser.add_argument("--markdown", action="store_true", help="write the table into README.md between the markers")
+    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
+    args = parser.parse_args(argv)
+    table = markdown()
+    print(table)
+    if args.markdown:
+        write_readme(table, args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
