@@ -108,36 +108,37 @@ class FlexPrefill(SparsePrefill):
         return vertical, slash, query_aware, blocks
 
     def pattern(self, query, key, groups, scaling):
-        B, Hkv, L, _ = key.shape
-        bs = self.args["block_size"]
-        nb = math.ceil(L / bs)
-        vertical, slash, query_aware, blocks = self.estimate(query, key, groups, scaling)
+        estimates = self.estimate(query, key, groups, scaling)
+        query_aware = estimates[2]
         self.query_aware_heads = getattr(self, "query_aware_heads", 0) + int(query_aware.sum())
         self.heads = getattr(self, "heads", 0) + query_aware.numel()
+        return densest_within(self.target_density(), lambda gamma: self.select(estimates, gamma, key.shape[2]),
+                              0.0, 1.0, integer=False)
+
+    def select(self, estimates, gamma: float, length: int) -> BlockPattern:
+        """The pattern at coverage ``gamma`` from :meth:`estimate`'s output."""
+        vertical, slash, query_aware, blocks = estimates
+        B, Hkv, nb, _ = blocks.shape
+        bs = self.args["block_size"]
         lo = max(1, math.ceil(self.args["min_budget"] / bs))
         hi = nb if self.args["max_budget"] <= 0 else max(lo, min(nb, math.ceil(self.args["max_budget"] / bs)))
         v_blocks = block_pool(vertical, bs)
         v_blocks[..., 0] = float("inf")  # the first (sink) column block always
-        s_blocks = block_pool(slash, bs)  # index = block diagonal i − j
+        s_blocks = block_pool(slash, bs)[..., :nb]  # index = block diagonal i − j
         s_blocks[..., 0] = float("inf")  # the main diagonal always
         v_rank = v_blocks.argsort(-1, descending=True).argsort(-1)
         s_rank = s_blocks.argsort(-1, descending=True).argsort(-1)
-        i = torch.arange(nb, device=key.device)[:, None]
-        j = torch.arange(nb, device=key.device)[None, :]
+        i = torch.arange(nb, device=blocks.device)[:, None]
+        j = torch.arange(nb, device=blocks.device)[None, :]
         causal = (j <= i).expand(B, Hkv, nb, nb)
-        flat_causal = causal.reshape(B, Hkv, -1)
         diag = (i - j).clamp(min=0)
-
-        def build(gamma: float) -> BlockPattern:
-            n_v = (cover_count(vertical, gamma) // bs + 1).clamp(lo, hi)
-            n_s = (cover_count(slash, gamma) // bs + 1).clamp(lo, hi)
-            n_v = torch.where(query_aware, lo, n_v)
-            n_s = torch.where(query_aware, lo, n_s)
-            cols = v_rank < n_v[..., None]  # (B, Hkv, nb) key-block columns
-            diags = s_rank < n_s[..., None]  # (B, Hkv, nb) block diagonals
-            keep = cols[:, :, None, :] | diags[:, :, diag.reshape(-1)].reshape(B, Hkv, nb, nb)
-            chosen = cover_threshold(blocks.reshape(B, Hkv, -1), gamma, None, flat_causal).reshape(B, Hkv, nb, nb)
-            keep = keep | (chosen & query_aware[..., None, None])
-            return BlockPattern(keep & causal, bs, L, window=self.window)
-
-        return densest_within(self.target_density(), build, 0.0, 1.0, integer=False)
+        n_v = (cover_count(vertical, gamma) // bs + 1).clamp(lo, hi)
+        n_s = (cover_count(slash, gamma) // bs + 1).clamp(lo, hi)
+        n_v = torch.where(query_aware, lo, n_v)
+        n_s = torch.where(query_aware, lo, n_s)
+        cols = v_rank < n_v[..., None]  # (B, Hkv, nb) key-block columns
+        diags = s_rank < n_s[..., None]  # (B, Hkv, nb) block diagonals
+        keep = cols[:, :, None, :] | diags[:, :, diag.reshape(-1)].reshape(B, Hkv, nb, nb)
+        chosen = cover_threshold(blocks.reshape(B, Hkv, -1), gamma, None, causal.reshape(B, Hkv, -1))
+        keep = keep | (chosen.reshape(B, Hkv, nb, nb) & query_aware[..., None, None])
+        return BlockPattern(keep & causal, bs, length, window=self.window)

@@ -90,16 +90,15 @@ class XAttention(SparsePrefill):
                                          self.window)
 
     def pattern(self, query, key, groups, scaling):
-        B, Hkv, L, _ = key.shape
-        bs = self.args["block_size"]
-        nb = math.ceil(L / bs)
         scores = self.block_scores(query, key, groups, scaling)
-        i = torch.arange(nb, device=key.device)[:, None]
-        j = torch.arange(nb, device=key.device)[None, :]
-        causal, forced = j <= i, (j == 0) | (j == i)
+        return densest_within(self.target_density(), lambda t: self.select(scores, t, key.shape[2]),
+                              0.0, 1.0, integer=False)
 
-        def build(threshold: float) -> BlockPattern:
-            keep = cover_threshold(scores, threshold, forced, causal)
-            return BlockPattern(keep, bs, L, window=self.window)
-
-        return densest_within(self.target_density(), build, 0.0, 1.0, integer=False)
+    def select(self, scores: torch.Tensor, threshold: float, length: int) -> BlockPattern:
+        """Per query block: the sink and diagonal blocks, then the fewest highest-scoring causal
+        blocks whose cumulative share of the row's mass reaches ``threshold``."""
+        nb = scores.shape[-1]
+        i = torch.arange(nb, device=scores.device)[:, None]
+        j = torch.arange(nb, device=scores.device)[None, :]
+        keep = cover_threshold(scores, threshold, (j == 0) | (j == i), j <= i)
+        return BlockPattern(keep, self.args["block_size"], length, window=self.window)
