@@ -22,13 +22,16 @@ XSS_MODEL = '"><img src=x onerror="window.__pwned=1">'
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    """Runs: full, snapkv (0.5, 0.75), streamingllm (0.5 only), a method and a model named as attacks."""
+    """Runs: full, snapkv (0.5, 0.75), h2o (0.5, 0.75: keeps 95 % of full up to r=0.55), streamingllm (0.5 only),
+    a method and a model named as attacks."""
     tmp_path = tmp_path_factory.mktemp("leaderboard")
     runs = tmp_path / "runs"
     write_run(runs, [1, 1, 1, 1], method="full", ratio=0.0)
     write_run(runs, [1, 1, 0, 1], method="snapkv", ratio=0.5, metas=[{"depth": d} for d in (0, 50, 100, 50)])
     write_run(runs, [1, 0, 0, 1], method="snapkv", ratio=0.75)
     write_run(runs, [1, 1, 1, 0], method="streamingllm", ratio=0.5)
+    write_run(runs, [1, 1, 1, 1], method="h2o", ratio=0.5)
+    write_run(runs, [1, 0, 1, 1], method="h2o", ratio=0.75)
     write_run(runs, [0, 1, 0, 0], method=XSS_METHOD, ratio=0.5, predictions=["</script><script>alert(2)</script>"] * 4)
     write_run(runs, [0, 1, 0, 0], method=XSS_METHOD, ratio=0.75)
     write_run(runs, [1, 0], method="snapkv", ratio=0.5, model=XSS_MODEL)
@@ -50,7 +53,7 @@ class Links(HTMLParser):
 def test_site_is_self_contained_and_every_link_resolves(site):
     root = site.parent
     pages = sorted(root.glob("**/*.html"))
-    assert len(pages) == 1 + 4 + 7  # index, 4 methods (full, snapkv, streamingllm, the attack name), 7 runs
+    assert len(pages) == 1 + 5 + 9  # index, 5 methods (full, snapkv, h2o, streamingllm, the attack name), 9 runs
     for page in pages:
         text = page.read_text()
         assert "http://" not in text and "https://" not in text  # nothing to fetch
@@ -61,7 +64,8 @@ def test_site_is_self_contained_and_every_link_resolves(site):
             target = url.split("#")[0]
             if target:
                 assert (page.parent / target).resolve().exists(), (page.name, url)
-    assert len(list((root / "plots").glob("*.png"))) == len(list((root / "plots").glob("*.svg"))) == 2 + 2 + 1
+    # per model: score vs ratio, latency/memory, equal memory; one needle heatmap
+    assert len(list((root / "plots").glob("*.png"))) == len(list((root / "plots").glob("*.svg"))) == 2 + 2 + 2 + 1
     snapkv_run = next((root / "runs").glob("*snapkv__r0.5__tiny*.html")).read_text()
     assert "needle heatmap" in snapkv_run  # the run with depths in its meta has its heatmap
 
@@ -84,8 +88,8 @@ def test_rankings_at_fixed_ratios(site):
     index = site.read_text()
     section = index.split('id="rank__niah__tiny-random-llama-')[1].split("</table>")[0]
     rows = re.findall(r"<tr><td data-v=\"(\d*)\">.*?<a href=\"methods/[^\"]+\">([^<]+)</a>", section, re.S)
-    # snapkv mean(0.75, 0.5) = 0.625 > attack mean(0.25, 0.25); streamingllm lacks r=0.75: unranked
-    assert rows == [("1", "snapkv"), ("2", "&lt;script&gt;alert(1)&lt;/script&gt;"), ("", "streamingllm")]
+    # h2o mean(1, 0.75) > snapkv mean(0.75, 0.5) = 0.625 > attack mean(0.25, 0.25); streamingllm lacks r=0.75
+    assert rows == [("1", "h2o"), ("2", "snapkv"), ("3", "&lt;script&gt;alert(1)&lt;/script&gt;"), ("", "streamingllm")]
     assert "full</a> (reference)" in section
 
 

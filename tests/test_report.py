@@ -80,7 +80,7 @@ def test_report_cli_writes_tables_and_plots(runs, tmp_path):
     csv = pd.read_csv(out / "by_dataset.csv")
     assert csv.loc[csv["ratio"] == 0.5, "qa score"].item() == 0.5
     pngs, svgs = sorted((out / "plots").glob("*.png")), sorted((out / "plots").glob("*.svg"))
-    assert len(pngs) == len(svgs) == 1 + 3 + 1  # score vs ratio, a heatmap per run, latency/memory
+    assert len(pngs) == len(svgs) == 1 + 3 + 1 + 1  # score vs ratio, a heatmap per run, latency/memory, equal memory
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert len(pd.read_csv(out / "records.csv")) == 12
 

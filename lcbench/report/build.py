@@ -1,4 +1,5 @@
-"""``lcbench report``: print the grouped tables and write them (CSV/Markdown/LaTeX) with the plots."""
+"""``lcbench report``: print the grouped tables, the equal-memory table and the 95 % summary, and write
+them (CSV/Markdown/LaTeX) with the plots."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ from rich.console import Console
 from ..errors import UserError
 from .export import FORMATS, check_formats, render_grouped, write_table
 from .frame import load_runs, records_frame, scored_runs
+from .equal_memory import equal_memory_table, families
 from .grouped import GROUPINGS, report_tables
 from .plots import EXTENSIONS, all_plots
+from .reproduce import run_command
+from .retention import retention_grouped
 from .safe import csv_frame, terminal_text
 from .table import render_table, run_rows
 
@@ -19,8 +23,9 @@ from .table import render_table, run_rows
 def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None = None,
                  groupings: tuple[str, ...] = GROUPINGS, formats: tuple[str, ...] = FORMATS,
                  plots: bool = True, title: str = "lcbench results") -> list[Path]:
-    """Print the run table and one table per grouping; with ``output``, write each as ``by_<grouping>.<fmt>`` and the
-    plots under ``output/plots/``. Returns the files written."""
+    """Print the run table, one table per grouping, the equal-memory table and the 95 % summary; with
+    ``output``, write each as ``<name>.<fmt>`` (``by_<grouping>``, ``equal_memory``, ``retention``) and the plots
+    under ``output/plots/``. Returns the files written."""
     bad = [g for g in groupings if g not in GROUPINGS]
     if bad:
         raise UserError(f"--group-by {','.join(bad)}: choose among {', '.join(GROUPINGS)}. "
@@ -42,7 +47,9 @@ def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None
                         "above and re-run (`lcbench run` with the same flags resumes).")
     df = records_frame(scored)
     written: list[Path] = []
-    for table in report_tables(df, groupings):
+    commands = {r.run_id: run_command(r.spec, str(r.folder / "spec.json")).text for r in scored}
+    views = [equal_memory_table(df, families(scored), commands), retention_grouped(df)]
+    for table in [*report_tables(df, groupings), *views]:
         render_grouped(table, console)
         if output is not None:
             written += write_table(table, output, formats)
@@ -50,6 +57,6 @@ def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None
         written.append(output / "records.csv")
         csv_frame(df.drop(columns=["prediction"])).to_csv(written[-1], index=False)
         if plots:
-            for plot in all_plots(df, output / "plots"):
+            for plot in all_plots(df, output / "plots", families(scored)):
                 written += [output / "plots" / plot.path(ext) for ext in EXTENSIONS]
     return written

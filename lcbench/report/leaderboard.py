@@ -1,12 +1,16 @@
 """``lcbench leaderboard``: a self-contained static site built from stored runs.
 
-Pages: ``index.html`` (per task and model, methods ranked at fixed ratios; every run in one
-sortable, filterable table; the plots), ``methods/<slug>.html`` (paper, parameters, all runs of
+Pages: ``index.html`` (per task and model, methods ranked at fixed ratios; the equal-memory view,
+score against measured KV bytes with every family on one axis; the ratio at which each method
+keeps 95 % of full's score, with its interval; every run in one sortable, filterable table; the
+plots), ``methods/<slug>.html`` (paper, parameters, all runs of
 a method), ``runs/<slug>.html`` (the provenance of every number: resolved spec, library versions,
 git revision, hardware, per-dataset/length/turn breakdowns and the records). Styles and the small
 sort/filter script are inlined, so pages open from disk with no network. Templates are rendered by
 jinja2 with autoescaping on and data embedded with ``|tojson`` (``<``, ``>``, ``&`` escaped), so no
-string from results is read as HTML or script.
+string from results is read as HTML or script. Every number carries the one ``lcbench run``
+command that reproduces it (:mod:`lcbench.report.reproduce`, built from the run's spec.json): as
+the tooltip of its cell, in the run's table row and on its run page.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ import lcbench
 
 from ..errors import UserError
 from ..results.summary import summarize
+from .equal_memory import MemoryPoint, equal_memory_points, families
 from .frame import BATCH_MARK, Run, batch_note, load_runs, method_label, records_frame, scored_runs, task_labels
 from .grouped import fmt_number
 from .plots import Plot, all_plots, slug
+from .reproduce import Command, run_command
+from .retention import LEVEL, Retention, points_text, retention_table
 
 MARKER = ".lcbench-leaderboard"
 OWNED = ("index.html", "data.json", "methods", "runs", "plots")
@@ -52,6 +59,11 @@ class RunView:
     @property
     def spec(self) -> dict[str, Any]:
         return self.run.spec
+
+    @property
+    def command(self) -> Command:
+        """The ``lcbench run`` command that reproduces this run, from its stored spec."""
+        return run_command(self.run.spec, f"{self.run.folder.name}/spec.json")
 
     @property
     def batched(self) -> bool:
@@ -77,6 +89,8 @@ class RunView:
             "kv_mb": (kv_mb, fmt_number(kv_mb)),
             "density": (density, fmt_number(density, "achieved_ratio") if density is not None else "–"),
             "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s")) + mark),
+            "compress": (o.get("compress_s"), fmt_number(o.get("compress_s")) + mark),
+            "text": (o.get("text_s"), fmt_number(o.get("text_s"))),
             "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s")) + mark),
             "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb")) + mark),
             "n": (o.get("n"), str(o.get("n", 0))),
@@ -130,6 +144,29 @@ def rankings(views: list[RunView], ratios: list[float] | None) -> list[dict[str,
         sections.append({"task": task, "model": model, "ratios": fixed, "rows": ranked,
                          "reference": reference[0] if reference else None, "anchor": slug("rank", task, model)})
     return sections
+
+
+def memory_sections(df, views: list[RunView], family_of: dict[str, str], plots: list[Plot]) -> list[dict[str, Any]]:
+    """Per (task, model): the equal-memory plot and its runs, each with its run view (page, command)."""
+    by_id = {v.run.run_id: v for v in views}
+    sections = []
+    for (task, model), points in equal_memory_points(df, family_of).items():
+        rows: list[tuple[MemoryPoint, RunView]] = [(p, by_id[p.run_id]) for p in points if p.run_id in by_id]
+        plot = next((p for p in plots if p.kind == "equal_memory" and (p.task, p.model) == (task, model)), None)
+        sections.append({"task": task, "model": model, "rows": rows, "plot": plot,
+                         "anchor": slug("memory", task, model)})
+    return sections
+
+
+def retention_rows(df, views: list[RunView]) -> list[dict[str, Any]]:
+    """The 95 % summary: each row with the views of the runs it was computed from (full's first)."""
+    by_id = {v.run.run_id: v for v in views}
+    out = []
+    for r in retention_table(df):
+        runs = [by_id[i] for i in ([r.reference_run] if r.reference_run else []) + list(r.run_ids) if i in by_id]
+        out.append({"r": r, "points": points_text(r), "runs": runs, "method_slug": slug("method", r.method),
+                    "value": {"no_reference": None, "not_below": r.estimate.largest}.get(r.estimate.kind, r.estimate.ratio)})
+    return out
 
 
 def method_info(label: str, runs: Iterable[Run]) -> list[dict[str, Any]]:
@@ -209,7 +246,7 @@ def site_data(views: list[RunView]) -> list[dict[str, Any]]:
     """Machine-readable numbers of every run (embedded in index.html and written as data.json)."""
     return _finite([{"run_id": v.run.run_id, "task": v.spec["task"], "task_label": v.task, "model": v.spec["model"],
                      "method": v.method, "ratio": float(v.spec["ratio"]), "suite": v.summary.get("suite"),
-                     "overall": v.overall, "page": f"runs/{v.slug}.html"}
+                     "overall": v.overall, "command": v.command.text, "page": f"runs/{v.slug}.html"}
                     for v in views])
 
 
@@ -226,7 +263,8 @@ def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[fl
     _prepare(out)
     views = _views(runs)
     df = records_frame(runs)
-    plots = all_plots(df, out / "plots")
+    family_of = families(runs)
+    plots = all_plots(df, out / "plots", family_of)
     for v in views:
         v.plots = [p for p in plots if p.run_id == v.run.run_id]
     env = _environment()
@@ -240,7 +278,8 @@ def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[fl
     index = env.get_template("index.html").render(
         **common, root="", sections=rankings(views, ratios), views=views, methods=methods, failed=failed,
         method_slugs={m: slug("method", m) for m in methods},
-        overview_plots=[p for p in plots if p.kind in ("score_vs_ratio", "cost")], data=data)
+        overview_plots=[p for p in plots if p.kind in ("score_vs_ratio", "cost")], data=data,
+        memory=memory_sections(df, views, family_of, plots), retention=retention_rows(df, views), level=LEVEL)
     (out / "index.html").write_text(index, encoding="utf-8")
     (out / "methods").mkdir()
     for method in methods:

@@ -4,7 +4,9 @@
   kvpress benchmark plot): the uncompressed ``full`` run is a dashed reference line;
 - the needle heatmap, depth × context length, one per run that has both in its sample meta
   (gkamradt/LLMTest_NeedleInAHaystack's visualisation);
-- TTFT, decode speed and peak memory against context length, one line per method × ratio.
+- TTFT, decode speed and peak memory against context length, one line per method × ratio;
+- the equal-memory view: score against measured KV MB, every run of a task and model on one axis
+  (marker by family, the frontier drawn as a step line; :mod:`lcbench.report.equal_memory`).
 
 File names are slugs of the labels plus a short hash, so any method or model name is safe on disk.
 SVGs carry no date and a fixed hash salt, so rebuilding from the same results gives the same files.
@@ -34,7 +36,7 @@ EXTENSIONS = ("png", "svg")
 class Plot:
     """One figure on disk: ``stem`` + each extension, what it shows and which runs it draws."""
 
-    kind: str  # score_vs_ratio | needle | cost
+    kind: str  # score_vs_ratio | needle | cost | equal_memory
     title: str
     stem: str
     task: str
@@ -188,6 +190,54 @@ def cost_vs_length(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
     return plots
 
 
-def all_plots(df: pd.DataFrame, out_dir: Path) -> list[Plot]:
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def equal_memory(df: pd.DataFrame, out_dir: Path, family_of: dict[str, str] | None = None) -> list[Plot]:
+    """Per task and model: each run's mean score (95% CI bars) against its measured KV MB (mean over
+    turns), colour by method, marker by family; the frontier as a dashed step line."""
+    from .equal_memory import equal_memory_points
+
+    plots = []
+    for (task, model), points in equal_memory_points(df, family_of).items():
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6.8, 4.4), layout="constrained")
+        families = sorted({p.family for p in points})
+        methods = sorted({p.method for p in points})
+        colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
+        for method in methods:
+            mine = [p for p in points if p.method == method]
+            for fam in families:
+                pts = [p for p in mine if p.family == fam]
+                if not pts:
+                    continue
+                x = np.array([p.kv_mb for p in pts])
+                y = np.array([p.score for p in pts])
+                err = [y - np.array([p.ci[0] for p in pts]), np.array([p.ci[1] for p in pts]) - y]
+                ax.errorbar(x, y, yerr=err, fmt=MARKERS[families.index(fam) % len(MARKERS)], capsize=3,
+                            color=colours[method], label=_text(f"{method} ({fam})"))
+                for p in pts:
+                    ax.annotate(f"{p.ratio:g}", (p.kv_mb, p.score), textcoords="offset points", xytext=(4, 3),
+                                fontsize=6, color=colours[method])
+        front = sorted((p for p in points if p.frontier), key=lambda p: p.kv_bytes)
+        if front:
+            ax.step([p.kv_mb for p in front], [p.score for p in front], where="post", color="black",
+                    linestyle="--", linewidth=0.8, label="frontier")
+        ax.set_xlabel("measured KV cache (MB, mean per turn)")
+        ax.set_ylabel("score")
+        ax.set_xlim(left=0)
+        ax.set_title(f"equal memory: {_text(task)} — {_text(model)}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        stem = slug("equal_memory", task, model)
+        _save(fig, out_dir, stem)
+        plots.append(Plot("equal_memory", f"score vs measured KV memory: {task}, {model}", stem, task, model,
+                          tuple(methods)))
+    return plots
+
+
+def all_plots(df: pd.DataFrame, out_dir: Path, family_of: dict[str, str] | None = None) -> list[Plot]:
     """Every plot the records support, written under ``out_dir``."""
-    return score_vs_ratio(df, out_dir) + needle_heatmaps(df, out_dir) + cost_vs_length(df, out_dir)
+    return (score_vs_ratio(df, out_dir) + needle_heatmaps(df, out_dir) + cost_vs_length(df, out_dir)
+            + equal_memory(df, out_dir, family_of))

@@ -16,7 +16,8 @@ from .safe import terminal_text
 COLUMNS = {
     "task": "task", "model": "model", "method": "method", "ratio": "ratio", "n": "n",
     "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
-    "attention_density": "attn density", "ttft_s": "TTFT s", "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
+    "attention_density": "attn density", "ttft_s": "TTFT s", "compress_s": "compress s", "text_s": "text s",
+    "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
 }
 DENSITY_NOTE = ("attn density: share of the prefill's attention computed by a sparse-attention component; "
                 "sparse attention keeps the full KV cache, so KV MB falls only through a chain's other components.")
@@ -42,7 +43,8 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
             "score": None if failed else suite.get("score"), "score_ci": None if failed else suite.get("ci"),
             "achieved_ratio": overall.get("achieved_ratio"),
             "kv_mb": overall["kv_bytes"] / 2**20 if overall.get("kv_bytes") is not None else None,
-            "ttft_s": overall.get("ttft_s"), "decode_tok_s": overall.get("decode_tok_s"),
+            "ttft_s": overall.get("ttft_s"), "compress_s": overall.get("compress_s"),
+            "text_s": overall.get("text_s"), "decode_tok_s": overall.get("decode_tok_s"),
             "peak_memory_mb": overall.get("peak_memory_mb"),
             "memory_kind": run.records[0].get("memory_kind") if run.records else None,
             "attention_density": overall.get("attention_density"),
@@ -90,7 +92,7 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell = f"{row['score']:.2f} [{lo:.2f},{hi:.2f}]"
             if k == "method" and row.get("query_aware"):
                 cell += " (qa)"
-            if k in BATCH_DEPENDENT and batched[idx]:
+            if k in (*BATCH_DEPENDENT, "compress_s") and batched[idx]:
                 cell += BATCH_MARK
             if k == "score" and row.get("status") == "failed":
                 cell = "FAILED"
