@@ -59,13 +59,16 @@ def sentence_filter(context: str, query: str, tokenizer, budget: int) -> str:
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled to [0, 1] (non-finite values count as the minimum; a constant signal is 0)."""
     x = torch.nan_to_num(x.float(), nan=0.0, posinf=float("nan"), neginf=float("nan"))
     finite = x[~torch.isnan(x)]
     if finite.numel() == 0:
         return torch.zeros_like(x)
     lo, hi = finite.min(), finite.max()
     x = torch.where(torch.isnan(x), lo, x)
-    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    if hi - lo <= 1e-5 * max(1.0, float(hi.abs()), float(lo.abs())):  # constant up to float noise
+        return torch.zeros_like(x)
+    return (x - lo) / (hi - lo)
 
 
 def position_importance(n: int) -> torch.Tensor:
