@@ -7,7 +7,11 @@ against a dense decode step. Shapes are SmolLM2-135M's attention (9 query heads,
 head dim 64); the inputs are random, so the data-dependent patterns (vertical_slash, block_topk)
 are timed on arbitrary scores — their timing, not their choices, is what this measures. Each
 time is the best of ``--repeats`` runs (dense is re-timed between methods and its best kept, so a
-busy machine inflates neither side); pattern estimation is included in the sparse times.
+busy machine inflates neither side); pattern estimation is included in the sparse times. The layer
+timed is the model's last; ``tri_mix`` is timed as one of its Triangle layers at the target density
+(``starting_layer=0``: its shallow layers are plain dense attention, which the model table counts);
+a density a pattern cannot express (``dilated`` above about 1/2, ``tri_mix`` at or below its dense
+layers' share in the model table) is printed as refused.
 
 A second table times the *whole-model* prefill of the real default model (SmolLM2-135M-Instruct,
 30 layers, MLPs and all) through lcbench's engine — ``Engine.run`` on one context of each length,
@@ -37,6 +41,7 @@ from lcbench.cache.layer import DenseLayer
 from lcbench.engine.attention import dense_attention
 from lcbench.engine.prompt import render
 from lcbench.engine.runner import Engine, EngineConfig
+from lcbench.errors import UserError
 from lcbench.methods.chain import Chain, resolve_chain
 from lcbench.methods.registry import METHODS
 from lcbench.models.loading import DEFAULT_MODEL, load_model
@@ -75,9 +80,15 @@ def prefill_rows(lengths, methods, densities, repeats):
         measured = []
         for name in methods:
             for target in densities:
-                stage = METHODS.get(name)(ratio=1.0 - target)
+                # one layer: tri_mix's Triangle layer at the target (its dense layers are the model table's)
+                stage = METHODS.get(name)(ratio=1.0 - target, **({"starting_layer": 0} if name == "tri_mix" else {}))
                 stage.begin_sample()
-                seconds, _ = best_time(lambda: stage.prefill_attention(module, q, k, v, None, scaling, 0), repeats)
+                try:  # the last layer (a deep one)
+                    seconds, _ = best_time(lambda: stage.prefill_attention(module, q, k, v, None, scaling, LAYERS - 1),
+                                           repeats)
+                except UserError as exc:  # a density the pattern cannot express is refused, not timed
+                    print(f"{L:>6}  {name:<15} {target:>5.2f}  refused: {str(exc).split('. Fix')[0]}", flush=True)
+                    continue
                 measured.append((name, target, stage.sample_stats()["attention_density"], seconds))
                 print(f"{L:>6}  {name:<15} {target:>5.2f}  {measured[-1][2]:.3f}  {seconds * 1000:.1f} ms", flush=True)
             dense_s = min(dense_s, best_time(dense, 1)[0])  # dense re-timed between methods: same load
@@ -151,13 +162,19 @@ def model_rows(loaded, lengths, methods, densities, repeats):
                 ratio = 0.0 if name == "full" else round(1.0 - density, 6)
                 engine = Engine(loaded.model, tok, Chain.build(resolve_chain(name, None, ratio), ratio),
                                 EngineConfig(check_ratio=False))
-                rec = engine.run(sample, multi_turn=False)[0]
+                try:
+                    rec = engine.run(sample, multi_turn=False)[0]
+                except UserError as exc:  # refused (a density the pattern cannot express)
+                    print(f"{L:>6}  {name:<15} {density:>5.2f}  refused: {str(exc).split('. Fix')[0]}", flush=True)
+                    continue
                 if (name, density) not in best or rec["prefill_s"] < best[name, density][0]:
                     best[name, density] = (rec["prefill_s"], rec)
         dense_s, dense_rec = best["full", 1.0]
         tokens = dense_rec["context_tokens"]
         rows.append((L, tokens, "full", 1.0, 1.0, dense_s, 1.0))
         for name, density in runs[1:]:
+            if (name, density) not in best:
+                continue
             seconds, rec = best[name, density]
             rows.append((L, tokens, name, density, rec.get("attention_density", float("nan")), seconds, dense_s / seconds))
             print(f"{L:>6}  {name:<15} {density:>5.2f}  {rows[-1][4]:.3f}  {seconds:.2f} s "
@@ -188,7 +205,7 @@ def target_verdict(what: str, candidates: list[tuple[int, str, float, float, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4096,8192,16384")
-    ap.add_argument("--methods", default="ashape,trishape,vertical_slash,block_topk")
+    ap.add_argument("--methods", default="ashape,trishape,vertical_slash,block_topk,flexprefill,xattention,tri_mix,dilated")
     ap.add_argument("--densities", default="0.5,0.3,0.2,0.1,0.05")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 gives steadier times on a shared machine)")

@@ -138,7 +138,7 @@ def test_xattention_keeps_the_blocks_with_the_highest_antidiagonal_mass():
     assert bool(pattern.blocks[..., 6:, 5].all())
     scores = antidiagonal_block_scores(q, k, 2, 0.25, 16, 4)
     assert bool((scores[..., 6:, 5] > 0.5 * scores[..., 6:, :].sum(-1)).all())  # the mass is there
-    kept = s.select(scores, 0.8, 256).blocks
+    kept = s.select(s.ranking(scores), 0.8, 256).blocks
     for h in range(2):
         for r in range(16):
             row = scores[0, h, r, : r + 1].double()
@@ -191,7 +191,7 @@ def test_flexprefill_query_aware_blocks_are_the_smallest_set_reaching_gamma():
     causal = torch.ones(nb, nb, dtype=torch.bool).tril()
     forced = (torch.arange(nb)[None, :] == 0) | torch.eye(nb, dtype=torch.bool)  # sink column, diagonal
     for gamma in (0.3, 0.7):
-        kept = s.select(estimates, gamma, 256).blocks
+        kept = s.select(s.plan(estimates), gamma, 256).blocks
         for h in range(2):
             flat = estimates[3][0, h][causal].double()
             assert float(flat.sum()) == pytest.approx(nb)

@@ -20,7 +20,9 @@ the top block diagonals (block-pooled scores; the first column and the main diag
 Query-aware heads also get ``min_budget`` of verticals and slashes, as upstream.
 
 ``--ratio`` sets the density target ``1 − r``: ``gamma`` is searched for the densest pattern within
-it (upstream fixes gamma, 0.9–0.95; budgets are adaptive per head and input either way).
+it (upstream fixes gamma, 0.9–0.95; budgets are adaptive per head and input either way). The
+default ``min_budget`` is 128 tokens: upstream's 512–1024 are meant for 128K contexts, and at the
+2K–16K contexts lcbench runs on a CPU they alone would cost 10–50 % density.
 lcbench deviation: upstream decides and selects per query head; here attention estimates are
 averaged over the query heads of each KV head and one pattern serves the group (:mod:`.kernel`).
 """
@@ -35,7 +37,7 @@ from ...params import Param
 from .block_topk import pooled_block_scores
 from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
-from .select import cover_threshold
+from .select import ThresholdCover
 from .vertical_slash import last_query_scores
 
 
@@ -54,10 +56,15 @@ def block_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, nb * block_size - n)).reshape(*x.shape[:-1], nb, block_size).sum(-1)
 
 
-def cover_count(scores: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per row of (…, n) distributions, the fewest entries whose sum reaches ``gamma`` (≥ 1)."""
+def cover_curve(scores: torch.Tensor) -> torch.Tensor:
+    """Per row of (…, n) masses, the cumulative share of the top entries (…, n), ending at 1."""
     top = scores.double().sort(dim=-1, descending=True).values.cumsum(-1)
-    return ((top < gamma * scores.double().sum(-1, keepdim=True)).sum(-1) + 1).clamp(max=scores.shape[-1])
+    return top / top[..., -1:].clamp(min=1e-30)
+
+
+def cover_count(curve: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The fewest entries whose share reaches ``gamma`` (≥ 1), from :func:`cover_curve`."""
+    return ((curve < gamma).sum(-1) + 1).clamp(max=curve.shape[-1])
 
 
 class FlexPrefill(SparsePrefill):
@@ -67,11 +74,11 @@ class FlexPrefill(SparsePrefill):
              "Long-Sequence Inference, ICLR 2025 (arXiv:2502.20766)")
     summary = "per head: query-aware blocks or vertical-slash (by JS divergence), budgets by a cumulative-attention gamma"
     tolerance = 0.05
-    defaults = {"block_size": 64, "tau": 0.1, "min_budget": 512, "max_budget": 0}
+    defaults = {"block_size": 64, "tau": 0.1, "min_budget": 128, "max_budget": 0}
     params = (
         BLOCK_SIZE,
         Param("tau", float, None, "sqrt-JS divergence below which a head is query-aware (paper 0.1)", min=0, max=1),
-        Param("min_budget", int, None, "fewest tokens of verticals and of slashes per head (upstream 512/1024)", min=0),
+        Param("min_budget", int, None, "fewest tokens of verticals and of slashes per head (upstream 512/1024 at 128K)", min=0),
         Param("max_budget", int, None, "most tokens of verticals and of slashes per head (0: no limit)", min=0),
     )
 
@@ -112,33 +119,45 @@ class FlexPrefill(SparsePrefill):
         query_aware = estimates[2]
         self.query_aware_heads = getattr(self, "query_aware_heads", 0) + int(query_aware.sum())
         self.heads = getattr(self, "heads", 0) + query_aware.numel()
-        return densest_within(self.target_density(), lambda gamma: self.select(estimates, gamma, key.shape[2]),
+        plan = self.plan(estimates)
+        return densest_within(self.target_density(), lambda gamma: self.select(plan, gamma, key.shape[2]),
                               0.0, 1.0, integer=False)
 
-    def select(self, estimates, gamma: float, length: int) -> BlockPattern:
-        """The pattern at coverage ``gamma`` from :meth:`estimate`'s output."""
+    def plan(self, estimates) -> dict:
+        """What does not depend on gamma: rankings of key-block columns, block diagonals and
+        (query-aware heads) block pairs, and the sorted vertical/slash masses."""
         vertical, slash, query_aware, blocks = estimates
         B, Hkv, nb, _ = blocks.shape
         bs = self.args["block_size"]
-        lo = max(1, math.ceil(self.args["min_budget"] / bs))
-        hi = nb if self.args["max_budget"] <= 0 else max(lo, min(nb, math.ceil(self.args["max_budget"] / bs)))
         v_blocks = block_pool(vertical, bs)
         v_blocks[..., 0] = float("inf")  # the first (sink) column block always
-        s_blocks = block_pool(slash, bs)[..., :nb]  # index = block diagonal i − j
+        s_blocks = block_pool(slash, bs)  # index = block diagonal i − j
         s_blocks[..., 0] = float("inf")  # the main diagonal always
-        v_rank = v_blocks.argsort(-1, descending=True).argsort(-1)
-        s_rank = s_blocks.argsort(-1, descending=True).argsort(-1)
         i = torch.arange(nb, device=blocks.device)[:, None]
         j = torch.arange(nb, device=blocks.device)[None, :]
         causal = (j <= i).expand(B, Hkv, nb, nb)
-        diag = (i - j).clamp(min=0)
-        n_v = (cover_count(vertical, gamma) // bs + 1).clamp(lo, hi)
-        n_s = (cover_count(slash, gamma) // bs + 1).clamp(lo, hi)
+        return {
+            "query_aware": query_aware, "causal": causal, "diag": (i - j).clamp(min=0),
+            "v_rank": v_blocks.argsort(-1, descending=True).argsort(-1),
+            "s_rank": s_blocks.argsort(-1, descending=True).argsort(-1),
+            "v_cum": cover_curve(vertical), "s_cum": cover_curve(slash),
+            "pairs": ThresholdCover(blocks.reshape(B, Hkv, -1), None, causal.reshape(B, Hkv, -1)),
+        }
+
+    def select(self, plan: dict, gamma: float, length: int) -> BlockPattern:
+        """The pattern at coverage ``gamma`` (:meth:`plan` of :meth:`estimate`'s output)."""
+        B, Hkv, nb, _ = plan["causal"].shape
+        bs = self.args["block_size"]
+        lo = max(1, math.ceil(self.args["min_budget"] / bs))
+        hi = nb if self.args["max_budget"] <= 0 else max(lo, min(nb, math.ceil(self.args["max_budget"] / bs)))
+        query_aware = plan["query_aware"]
+        n_v = (cover_count(plan["v_cum"], gamma) // bs + 1).clamp(lo, hi)
+        n_s = (cover_count(plan["s_cum"], gamma) // bs + 1).clamp(lo, hi)
         n_v = torch.where(query_aware, lo, n_v)
         n_s = torch.where(query_aware, lo, n_s)
-        cols = v_rank < n_v[..., None]  # (B, Hkv, nb) key-block columns
-        diags = s_rank < n_s[..., None]  # (B, Hkv, nb) block diagonals
-        keep = cols[:, :, None, :] | diags[:, :, diag.reshape(-1)].reshape(B, Hkv, nb, nb)
-        chosen = cover_threshold(blocks.reshape(B, Hkv, -1), gamma, None, causal.reshape(B, Hkv, -1))
-        keep = keep | (chosen.reshape(B, Hkv, nb, nb) & query_aware[..., None, None])
-        return BlockPattern(keep & causal, bs, length, window=self.window)
+        cols = plan["v_rank"] < n_v[..., None]  # (B, Hkv, nb) key-block columns
+        diags = plan["s_rank"] < n_s[..., None]  # (B, Hkv, nb) block diagonals
+        keep = cols[:, :, None, :] | diags[:, :, plan["diag"].reshape(-1)].reshape(B, Hkv, nb, nb)
+        chosen = plan["pairs"](gamma).reshape(B, Hkv, nb, nb)
+        keep = keep | (chosen & query_aware[..., None, None])
+        return BlockPattern(keep & plan["causal"], bs, length, window=self.window)

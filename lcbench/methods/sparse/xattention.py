@@ -32,7 +32,7 @@ from ...errors import UserError
 from ...params import Param
 from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
-from .select import cover_threshold
+from .select import ThresholdCover
 
 
 def antidiagonal_block_scores(query: torch.Tensor, key: torch.Tensor, groups: int, scaling: float,
@@ -90,15 +90,19 @@ class XAttention(SparsePrefill):
                                          self.window)
 
     def pattern(self, query, key, groups, scaling):
-        scores = self.block_scores(query, key, groups, scaling)
-        return densest_within(self.target_density(), lambda t: self.select(scores, t, key.shape[2]),
+        cover = self.ranking(self.block_scores(query, key, groups, scaling))
+        return densest_within(self.target_density(), lambda t: self.select(cover, t, key.shape[2]),
                               0.0, 1.0, integer=False)
 
-    def select(self, scores: torch.Tensor, threshold: float, length: int) -> BlockPattern:
-        """Per query block: the sink and diagonal blocks, then the fewest highest-scoring causal
-        blocks whose cumulative share of the row's mass reaches ``threshold``."""
+    @staticmethod
+    def ranking(scores: torch.Tensor) -> ThresholdCover:
+        """Each query block's causal blocks ranked by score, the sink and diagonal blocks forced."""
         nb = scores.shape[-1]
         i = torch.arange(nb, device=scores.device)[:, None]
         j = torch.arange(nb, device=scores.device)[None, :]
-        keep = cover_threshold(scores, threshold, (j == 0) | (j == i), j <= i)
-        return BlockPattern(keep, self.args["block_size"], length, window=self.window)
+        return ThresholdCover(scores, (j == 0) | (j == i), j <= i)
+
+    def select(self, cover: ThresholdCover, threshold: float, length: int) -> BlockPattern:
+        """Per query block: the sink and diagonal blocks, then the fewest highest-scoring causal
+        blocks whose cumulative share of the row's mass reaches ``threshold``."""
+        return BlockPattern(cover(threshold), self.args["block_size"], length, window=self.window)
