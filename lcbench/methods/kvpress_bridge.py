@@ -340,10 +340,11 @@ PRESSES: tuple[PressSupport, ...] = (
                                          "(flash attention only); lcbench's pyramidkv gives layers their own budgets"),
     _refused("KeyRerotationPress", "re-rotates the kept keys to the positions 0..K−1; lcbench keeps every token at its "
                                    "true position, so re-rotated keys have no slot to map to"),
-    _refused("ThinKPress", "prunes key channels (zeroes them in the dense cache: no byte is saved) and its ratio "
-                           "cannot be set; lcbench's `think` stores fewer key channels"),
-    _refused("SimLayerKVPress", "its compression is decided by lazy_threshold and its compression_ratio cannot be "
-                                "set; lcbench's `simlayerkv` takes the requested ratio"),
+    _refused("ThinKPress", "prunes key channels by zeroing them in the dense cache (no byte is saved) and its ratio "
+                           "cannot be set; lcbench has no stored layer with fewer key channels yet"),
+    _refused("SimLayerKVPress", "its compression is decided per layer by lazy_threshold (a lazy layer keeps its sinks "
+                                "and a recent window, any other layer everything), so no requested ratio can be "
+                                "honoured, and its compression_ratio cannot be set"),
     _refused("DuoAttentionPress", "needs hub artifacts (DuoAttention's head patterns for a few models) or extra "
                                   "model passes on random samples (on_the_fly_scoring) in post_init_from_model"),
     _refused("QFilterPress", "needs hub artifacts (nthngdy/<model>_qfilt); lcbench's `qfilters` estimates its "
