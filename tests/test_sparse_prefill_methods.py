@@ -241,3 +241,67 @@ def test_dilated_patterns_attend_every_other_block_diagonal(variant):
         assert all(offsets[d] for d in range(dense))  # dense local ...
         assert all(d % 2 == 0 for d in kept if d >= dense)  # ... then dilated
     assert bool(blocks[1:, 0].all())  # the sink block
+
+
+# --- MInference's per-head pattern search ---------------------------------------------------------
+MINF = ("block_size=16,sink_tokens=16,last_queries=16,sink_columns=4,local_slashes=8,slash_per_vertical=0.5,"
+        "search_queries=64")
+
+
+@pytest.fixture
+def minference_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCBENCH_CACHE", str(tmp_path))
+    return tmp_path / "minference"
+
+
+def two_kinds_of_heads(L=256):
+    """KV head 0: query block i attends key block i // 2 (a different block per query block, no line:
+    only a block-level estimate sees it); KV head 1: every query attends 10 single keys scattered
+    over 10 blocks (vertical lines, which no small set of blocks covers)."""
+    q, k, v = qkv(L=L)
+    e = 5.0 * torch.eye(16)
+    for i in range(2, 16):  # head 0: q heads 0, 1
+        q[:, :2, i * 16:(i + 1) * 16] += e[i]
+        k[:, 0, (i // 2) * 16:(i // 2 + 1) * 16] += e[i]
+    u = 5.0 * F.normalize(torch.ones(16), dim=0)
+    q[:, 2:] += u  # head 1: q heads 2, 3
+    k[:, 1, [20, 41, 60, 75, 99, 120, 140, 161, 180, 200]] += 2 * u
+    return q, k, v
+
+
+def test_minference_search_picks_the_pattern_with_the_highest_recall_per_head(minference_cache):
+    q, k, v = two_kinds_of_heads()
+    s = stage("minference", 0.7, MINF)
+    s.begin_sample()
+    out = s.prefill_attention(MODULE4, q, k, v, None, 0.25, 0)
+    assert s.choices[0] == ["block_topk", "vertical_slash"]
+    pattern = s.pattern(q, k, 2, 0.25)
+    assert torch.allclose(out, reference(q, k, v, pattern.dense_mask(), 0.25), atol=1e-5)
+    assert 0.25 <= s.sample_stats()["attention_density"] <= 0.3 + s.tolerance
+    # the choice is cached per model: a new instance (a later run) reuses it without searching
+    assert len(list(minference_cache.glob("*.json"))) == 1
+    again = stage("minference", 0.7, MINF)
+    again.search = lambda *a, **k: pytest.fail("searched again although the choice is cached")
+    again.begin_sample()
+    again.prefill_attention(MODULE4, *qkv(L=256, seed=5), None, 0.25, 0)
+    assert again.choices[0] == ["block_topk", "vertical_slash"]
+
+
+@pytest.mark.parametrize("target", [0.75, 0.5, 0.25])
+def test_minference_meets_density_and_is_dense_on_its_blocks(minference_cache, target):
+    q, k, v = qkv(L=1024)
+    s = stage("minference", 1 - target, MINF)
+    s.begin_sample()
+    out = s.prefill_attention(MODULE4, q, k, v, None, 0.25, 0)
+    assert abs(s.sample_stats()["attention_density"] - target) <= s.tolerance
+    assert torch.allclose(out, reference(q, k, v, s.pattern(q, k, 2, 0.25).dense_mask(), 0.25), atol=1e-5)
+
+
+def test_minference_through_the_engine(tiny, sample, minference_cache):
+    full = run(tiny, sample, "full", 0.0)
+    zero = run(tiny, sample, "minference", 0.0, MINF)
+    assert [r["_ids"] for r in zero] == [r["_ids"] for r in full]
+    assert not minference_cache.exists()  # ratio 0: dense, nothing searched
+    rec = run(tiny, sample, "minference", 0.5, MINF)[0]
+    assert abs(rec["attention_density"] - 0.5) <= 0.05 and rec["kv_bytes"] == full[0]["kv_bytes"]
+    assert len(list(minference_cache.glob("*.json"))) == 1
