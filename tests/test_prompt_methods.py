@@ -80,6 +80,11 @@ def test_longcodezip_hits_the_requested_ratio_within_its_tolerance(ratio, tok, m
     assert within(stats, ratio, above=lcz.LongCodeZip.tolerance), stats  # whole functions and blocks
 
 
+def test_longcodezip_on_text_without_definitions_meets_the_budget(essay, tok, model):
+    out, stats = compress("longcodezip", 0.5, essay, tok, model, questions=[QUESTION])
+    assert within(stats, 0.5, above=lcz.LongCodeZip.tolerance), stats  # one chunk: its lines fill the budget
+
+
 def test_dspc_query_agnostic_hits_the_ratio(essay, tok, model):
     out, stats = compress("dspc", 0.5, essay, tok, model)
     assert within(stats, 0.5), stats

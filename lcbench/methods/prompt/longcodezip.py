@@ -241,6 +241,14 @@ class LongCodeZip(PromptCompressor):
         capacity = int(rate * len(members)) - sum(weights[k] for k in preserved)
         rest = [k for k in range(len(blocks)) if k not in preserved]
         chosen = {rest[i] for i in knapsack([weights[k] for k in rest], [values[k] for k in rest], capacity)}
-        scores = [(2 * KEPT_FIRST if k in preserved else KEPT_FIRST if k in chosen else 0.0)
-                  + (values[k] if math.isfinite(values[k]) else -1.0) for k in range(len(blocks))]
-        return blocks, scores
+        spans, scores = [], []
+        for k, block in enumerate(blocks):
+            value = values[k] if math.isfinite(values[k]) else -1.0
+            if k in preserved or k in chosen:
+                spans.append(block)
+                scores.append((2 * KEPT_FIRST if k in preserved else KEPT_FIRST) + value)
+            else:  # left out by the knapsack: the final fit may still take its lines, after every chosen block
+                pieces = line_spans(context, *block)
+                spans += pieces
+                scores += [value] * len(pieces)
+        return spans, scores

@@ -149,7 +149,6 @@ class Perception(PromptCompressor):
         cap = max(1, lm.window // 2)
         relevance = []
         for c in range(len(tokens.chunks)):
-            prefix = [tokens.ids[t] for t in tokens.chunk_tokens(c)][-cap:]
-            relevance.append(sum(w * float(lm.surprisal(cond, prefix=prefix).mean())
-                                 for w, cond in zip(weights, conditions)))
+            session = lm.session([tokens.ids[t] for t in tokens.chunk_tokens(c)][-cap:])  # the chunk read once
+            relevance.append(sum(w * float(session.score(cond).mean()) for w, cond in zip(weights, conditions)))
         return sorted(range(len(tokens.chunks)), key=lambda c: relevance[c])
