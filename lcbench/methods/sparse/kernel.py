@@ -10,13 +10,16 @@ time — falls with the density. The result equals dense attention restricted to
 mask (:meth:`BlockPattern.dense_mask`) up to floating-point summation order.
 
 MInference (Jiang et al., NeurIPS 2024, arXiv:2407.02490) computes its patterns with Triton
-kernels over the same block/column structure; this is the portable equivalent.
+kernels over the same block/column structure; this is the portable equivalent. On CUDA the same
+pattern runs as one compiled FlexAttention call with a block mask (:mod:`.flex`); the loop here is
+the exact CPU path, and tests check the two against each other and against dense attention.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +140,21 @@ class BlockPattern:
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            pattern: BlockPattern, scaling: float) -> torch.Tensor:
     """Causal attention of ``query`` (B, Hq, L, D) over ``key``/``value`` (B, Hkv, L, D) computing
-    only ``pattern``; returns (B, L, Hq, D) like transformers' attention functions."""
+    only ``pattern``; returns (B, L, Hq, D) like transformers' attention functions. On CUDA it runs
+    as compiled FlexAttention (:mod:`.flex`); ``LCBENCH_SPARSE_KERNEL=loop`` (or ``flex``) forces
+    the exact loop below (or FlexAttention, uncompiled off CUDA) anywhere."""
+    impl = os.environ.get("LCBENCH_SPARSE_KERNEL", "auto")
+    if impl == "flex" or (impl == "auto" and query.is_cuda):
+        from . import flex
+
+        if flex.available():
+            return flex.flex_block_sparse_attention(query, key, value, pattern, scaling)
+    return loop_block_sparse_attention(query, key, value, pattern, scaling)
+
+
+def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                pattern: BlockPattern, scaling: float) -> torch.Tensor:
+    """The exact path: one gathered SDPA call per query block (CPU, or anywhere on request)."""
     B, Hq, L, D = query.shape
     Hkv = key.shape[1]
     g = Hq // Hkv
