@@ -129,3 +129,22 @@ def test_criticaladakv_gives_heads_different_budgets_and_stores_them_ragged():
     assert int(counts.sum()) == heads * n // 2 and counts[1] > counts[0]
     assert counts[0] >= int(n // 2 * 0.2)  # the safeguard
     assert out.nbytes() == int(counts.sum()) * 2 * d * 4
+
+
+def test_cli_runs_a_native_method_and_refuses_an_unmappable_press(tmp_path):
+    """Real processes: `lcbench run --method criticalkv` writes its records at the requested ratio;
+    `kvpress:ThinKPress` exits 2 with its reason, no traceback and no run folder."""
+    import json
+
+    from test_cli_errors import SMALL_NIAH, TINY, assert_user_error, lcbench
+
+    out = tmp_path / "runs"
+    proc = lcbench("run", *TINY, "--method", "criticalkv", "--method-args", "window_size=8", "--ratio", "0.5",
+                   "--task", "niah", "--task-args", SMALL_NIAH, "--output-path", str(out))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    records = [json.loads(line) for f in out.rglob("samples.jsonl") for line in f.read_text().splitlines()]
+    assert records and all(abs(r.get("measured", r)["achieved_ratio"] - 0.5) <= 0.05 for r in records)
+    refused = tmp_path / "refused"
+    assert_user_error(lcbench("run", *TINY, "--method", "kvpress:ThinKPress", "--task", "niah", "--task-args",
+                              SMALL_NIAH, "--output-path", str(refused)), "prunes key channels")
+    assert not refused.exists() or not any(refused.rglob("samples.jsonl"))
