@@ -11,10 +11,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from markupsafe import escape
 from test_report_fixtures import tiny_runs, write_run
 
 from lcbench.errors import UserError
 from lcbench.report.leaderboard import build_leaderboard
+from lcbench.report.reproduce import run_command
 
 XSS_METHOD = "<script>alert(1)</script>"
 XSS_MODEL = '"><img src=x onerror="window.__pwned=1">'
@@ -91,6 +93,42 @@ def test_rankings_at_fixed_ratios(site):
     # h2o mean(1, 0.75) > snapkv mean(0.75, 0.5) = 0.625 > attack mean(0.25, 0.25); streamingllm lacks r=0.75
     assert rows == [("1", "h2o"), ("2", "snapkv"), ("3", "&lt;script&gt;alert(1)&lt;/script&gt;"), ("", "streamingllm")]
     assert "full</a> (reference)" in section
+
+
+def _stored_command(runs_root: Path, pattern: str) -> str:
+    """The command of the run whose folder matches ``pattern``, from its spec.json."""
+    payload = json.loads(next(runs_root.glob(f"{pattern}/spec.json")).read_text())
+    return run_command(payload["spec"]).text
+
+
+def test_every_run_carries_the_command_of_its_stored_spec(site):
+    root = site.parent
+    runs_root = root.parent / "runs"
+    data = json.loads((root / "data.json").read_text())
+    for entry in data:
+        folder = next(p for p in runs_root.iterdir() if json.loads((p / "spec.json").read_text())["run_id"] == entry["run_id"])
+        assert entry["command"] == run_command(json.loads((folder / "spec.json").read_text())["spec"]).text
+    h2o = _stored_command(runs_root, "*h2o__r0.75*")
+    assert h2o.startswith("lcbench run --model tiny-random-llama ") and "--method h2o " in h2o and "--ratio 0.75 " in h2o
+    page = next((root / "runs").glob("*h2o__r0.75*.html")).read_text()
+    assert f'<code id="reproduce-command">{escape(h2o)}</code>' in page
+    index = site.read_text()
+    assert f'title="{escape(h2o)}"' in index  # the ranking's score and achieved cells of that run
+
+
+def test_equal_memory_and_95_summary_sections(site):
+    index = site.read_text()
+    section = index.split('id="memory__niah__tiny-random-llama-', 1)[1].split("</table>")[0]
+    kv = [float(v) for v in re.findall(r'<tr title="reproduce: [^"]*"><td data-v="([^"]+)">', section)]
+    assert kv == sorted(kv) and len(kv) == 8  # every run of the task and model but the other model's, by bytes
+    assert "equal_memory__niah__tiny-random-llama" in section  # its plot
+    table = index.split('id="retention-table"')[1].split("</table>")[0]
+    h2o = table.split('data-method="h2o"')[1].split("</tr>")[0]
+    assert '<td class="r95" data-v="0.55">0.550</td>' in h2o and '<td class="ci">[0.517, ≥0.75]</td>' in h2o
+    streaming = table.split('data-method="streamingllm"')[1].split("</tr>")[0]
+    assert "not reached (&lt; 0.5, the smallest ratio run" in streaming
+    other_model = [row for row in table.split("<tr ")[1:] if "&#34;&gt;&lt;img" in row]
+    assert len(other_model) == 1 and "– (no full run" in other_model[0]  # no full run of that model
 
 
 def test_method_and_run_pages_carry_paper_parameters_and_provenance(site):
@@ -204,6 +242,26 @@ def test_browser_renders_sorts_filters_and_runs_no_injected_script(site, browser
     visible = [r for r in table.find_elements(By.CSS_SELECTOR, "tbody tr") if r.is_displayed()]
     assert len(visible) == 1 and "streamingllm" in visible[0].text
     assert browser.find_element(By.ID, "runs-table-count").text == "1 shown"
+
+    browser.get(site.as_uri())  # unfiltered again
+    # the equal-memory view: its plot is drawn and its table lists runs in order of measured bytes
+    memory = browser.find_element(By.CSS_SELECTOR, "table.equal-memory[id^='memory__niah__tiny-random-llama']")
+    assert memory.is_displayed() and len(memory.find_elements(By.CSS_SELECTOR, "tbody tr")) == 8
+    plot = browser.find_element(By.CSS_SELECTOR, "#equal-memory ~ figure img[src*='equal_memory__niah__tiny']")
+    assert browser.execute_script("return arguments[0].naturalWidth", plot) > 100
+    kv = [float(td.get_attribute("data-v")) for td in memory.find_elements(By.CSS_SELECTOR, "tbody tr td:nth-child(1)")]
+    assert kv == sorted(kv)
+    # the 95 % summary row of a method, as shown
+    row = browser.find_element(By.CSS_SELECTOR, '#retention-table tr[data-method="h2o"]')
+    assert row.find_element(By.CSS_SELECTOR, "td.r95").text == "0.550"
+    assert row.find_element(By.CSS_SELECTOR, "td.ci").text == "[0.517, ≥0.75]"
+    # a reproduce command, visible, equal to the one its spec.json gives
+    expected = _stored_command(site.parent.parent / "runs", "*h2o__r0.75*")
+    shown = [c for c in browser.find_elements(By.CSS_SELECTOR, "#runs-table code.cmd") if "--method h2o" in c.text
+             and "--ratio 0.75" in c.text]
+    assert len(shown) == 1 and shown[0].is_displayed() and shown[0].text == expected
+    browser.get(next((site.parent / "runs").glob("*h2o__r0.75*.html")).as_uri())
+    assert browser.find_element(By.ID, "reproduce-command").text == expected
 
     for page in sorted(site.parent.glob("*/*.html")):
         browser.get(page.as_uri())
