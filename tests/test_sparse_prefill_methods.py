@@ -4,14 +4,18 @@ token-identical to ``full`` at ratio 0, and does what its paper promises on a co
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lcbench.errors import UserError
+from lcbench.errors import CompressionShortfall, UserError
 from lcbench.methods.sparse.flexprefill import sqrt_js_divergence
 from lcbench.methods.sparse.select import cover_threshold
 from lcbench.methods.sparse.xattention import antidiagonal_block_scores
@@ -83,9 +87,26 @@ def test_engine_records_density_next_to_the_full_cache(tiny, sample, key, ratio)
     assert rec["kv_bytes"] == full[0]["kv_bytes"]
 
 
-def test_tri_mix_refusal_reaches_the_cli_as_a_user_error(tiny, sample):
-    with pytest.raises(UserError, match="layers attend densely"):
+def test_tri_mix_refusal_is_a_failed_run_in_the_engine(tiny, sample):
+    with pytest.raises(CompressionShortfall, match="layers attend densely"):
         run(tiny, sample, "tri_mix", 0.5, ARGS["tri_mix"].replace("starting_layer=1", "starting_layer=-1"))
+
+
+def test_cli_runs_the_new_methods_and_fails_only_the_refused_one(tmp_path):
+    """The installed console script: flexprefill at r=0.6 runs; tri_mix at r=0.6 on the 2-layer
+    model (one dense layer) is a failed run with its reason, the other run still completes."""
+    exe = shutil.which("lcbench")
+    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
+    proc = subprocess.run(cmd + ["run", "--model", "tiny-random-llama", "--method", "tri_mix,flexprefill",
+                                 "--method-args", "block_size=16", "--task", "niah", "--limit", "1",
+                                 "--ratio", "0.6", "--output-path", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "largest ratio it can approach is" in " ".join(proc.stderr.split())
+    status = {p.parent.name.split("__")[1]: json.loads(p.read_text())["state"] for p in tmp_path.glob("*/status.json")}
+    assert status == {"tri_mix": "failed", "flexprefill": "complete"}
+    rec = json.loads((next(tmp_path.glob("*flexprefill*")) / "samples.jsonl").read_text().splitlines()[0])
+    assert 0.35 <= rec["method_stats"]["attention_density"] <= 0.4 + 1e-9
 
 
 # --- the threshold rule both papers share ---------------------------------------------------------

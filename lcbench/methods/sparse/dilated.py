@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ...errors import UserError
+from ...errors import CompressionShortfall
 from ...params import Param
 from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill, densest_within
@@ -79,7 +79,7 @@ class Dilated(SparsePrefill):
         target = self.target_density()
         pattern = densest_within(target, build, 1, (step + 1) * nb, integer=True)
         if pattern.density() < target - self.tolerance:  # even the widest span is sparser than asked
-            raise UserError(
+            raise CompressionShortfall(
                 f"method 'dilated' (variant={self.args['variant']}, interval={step}) computes at most "
                 f"{pattern.density():.3f} of the attention pairs at {L} tokens (one block diagonal in {step + 1} "
                 f"diagonal), but --ratio {self.ratio} asks for density {target:.3f}. Fix: request "

@@ -90,8 +90,9 @@ class MInference(SparsePrefill):
             "block_topk": BlockTopK(ratio, block_size=bs),
         }
         self.choices: dict[int, list[str]] = {}  # layer → pattern name per KV head
-        self._path: Path | None = None
+        self._path: Path | None = None  # the cache file (set by prefill_attention from the model)
         self._layer = 0
+        self._module = None
 
     # --- the search and its cache ------------------------------------------------------------
     def cache_path(self, module, heads: int) -> Path:
@@ -166,7 +167,8 @@ class MInference(SparsePrefill):
         patterns = {n: c.pattern(query, key, groups, scaling) for n, c in self.candidates.items() if n in needed}
         if self._layer not in self.choices:
             self.choices[self._layer] = self.search(patterns, query, key, groups, scaling)
-            self.save(self._module)
+            if self._path is not None:
+                self.save(self._module)
         return combine(patterns, self.choices[self._layer])
 
 

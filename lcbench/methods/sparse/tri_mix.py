@@ -11,13 +11,14 @@ Llama-3.1-8B's 32) attend densely. The others use *Triangle* attention: every qu
 gradient probe finds contributes little to decoding in deep layers, is skipped. This is SCBench's
 Tri-shape (:mod:`.shapes`) per layer; upstream fixes the window (``n_local`` 512), lcbench sizes it
 so the density over *all* layers (dense ones counted as computed) meets ``1 − ratio``. A target at
-or below the dense layers' share cannot be met and is refused when the first layer runs.
+or below the dense layers' share cannot be met: the first layer refuses it (``CompressionShortfall``,
+a failed run naming the largest ratio it can approach).
 """
 
 from __future__ import annotations
 
 
-from ...errors import UserError
+from ...errors import CompressionShortfall, UserError
 from ...params import Param
 from .kernel import causal_block_pairs
 from .shapes import TriShape
@@ -54,8 +55,8 @@ class TriMix(TriShape):
         target = 1.0 - self.ratio
         deep = num_layers - start
         self._deep_target = (target * num_layers - start) / deep
-        if self.ratio > 0 and self._deep_target <= 0:
-            raise UserError(f"method 'tri_mix': {start} of {num_layers} layers attend densely, so the "
+        if self.ratio > 0 and self._deep_target <= 0:  # a failed run (the sweep's others still go)
+            raise CompressionShortfall(f"method 'tri_mix': {start} of {num_layers} layers attend densely, so the "
                             f"density cannot fall to {target:.3f} (--ratio {self.ratio}); the largest "
                             f"ratio it can approach is {deep / num_layers:.3f}. Fix: request a smaller "
                             f"--ratio, or start Triangle attention earlier (starting_layer=N).")
