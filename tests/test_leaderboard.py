@@ -257,9 +257,15 @@ def test_browser_renders_sorts_filters_and_runs_no_injected_script(site, browser
     assert row.find_element(By.CSS_SELECTOR, "td.ci").text == "[0.517, ≥0.75]"
     # a reproduce command, visible, equal to the one its spec.json gives
     expected = _stored_command(site.parent.parent / "runs", "*h2o__r0.75*")
-    shown = [c for c in browser.find_elements(By.CSS_SELECTOR, "#runs-table code.cmd") if "--method h2o" in c.text
-             and "--ratio 0.75" in c.text]
-    assert len(shown) == 1 and shown[0].is_displayed() and shown[0].text == expected
+    (cell,) = [d for d in browser.find_elements(By.CSS_SELECTOR, "#runs-table details.cmd")
+               if "h2o__r0.75" in d.find_element(By.CSS_SELECTOR, "code").get_attribute("data-run")]
+    code = cell.find_element(By.CSS_SELECTOR, "code")
+    assert not code.is_displayed()  # folded in the table of all runs
+    cell.find_element(By.TAG_NAME, "summary").click()
+    assert code.is_displayed() and code.text == expected
+    (shown,) = [c for c in browser.find_elements(By.CSS_SELECTOR, "table.equal-memory code.cmd")
+                if "h2o__r0.75" in c.get_attribute("data-run")]
+    assert shown.is_displayed() and shown.text == expected  # shown as it is in the equal-memory table
     browser.get(next((site.parent / "runs").glob("*h2o__r0.75*.html")).as_uri())
     assert browser.find_element(By.ID, "reproduce-command").text == expected
 
