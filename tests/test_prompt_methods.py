@@ -23,6 +23,7 @@ from lcbench.methods.prompt.attentionrag import TEMPLATE_HINT, answer_hint
 from lcbench.methods.prompt.llmlingua import iterative_scores
 from lcbench.methods.prompt.lm import CompressorLM
 from lcbench.methods.prompt.perception import linear_deltas, semi_guided_scores
+from lcbench.methods.prompt.semantic import Semantic, neighbour_similarity, topic_chunks
 from lcbench.methods.prompt.units import count_tokens, sentence_spans
 from lcbench.models.tiny import tiny_llama
 from test_prompt_compression import NEEDLE, QUESTION, compress, run, within
@@ -90,7 +91,7 @@ def test_dspc_query_agnostic_hits_the_ratio(essay, tok, model):
     assert within(stats, 0.5), stats
 
 
-@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception"])
+@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception", "semantic"])
 def test_ratio_zero_returns_the_context_unchanged(name, essay, tok, model):
     out, stats = compress(name, 0.0, essay, tok, model, questions=[QUESTION])
     assert out == essay and stats == {}
@@ -254,8 +255,52 @@ def test_perception_reorders_chunks_by_relevance(essay, tok, model):
     assert within(stats, 0.3) and out != original  # the same retrieval, chunks in rank order
 
 
+# --- Semantic compression -------------------------------------------------------------------
+APPLES = ["The apple orchard grows red apple trees. ", "Red apple trees fill the apple orchard. ",
+          "Every apple tree in the orchard is red. ", "The orchard sells red apple juice. "]
+SHIPS = ["Ships sail past the harbour lighthouse. ", "The harbour lighthouse guides the ships. ",
+         "Harbour ships follow the lighthouse light. ", "The lighthouse keeper counts harbour ships. "]
+
+
+def test_semantic_chunks_are_cut_at_the_topic_boundary(tok):
+    context = "".join(APPLES[:3] + SHIPS[:4] + APPLES[3:])
+    sentences = sentence_spans(context)
+    pieces = [context[s:e] for s, e in sentences]
+    sizes = [count_tokens(tok, p) for p in pieces]
+    chunks = topic_chunks(sentences, sizes, neighbour_similarity(pieces, ""), sum(sizes[:3]))
+    assert "".join(context[s:e] for s, e in chunks) == context
+    assert chunks[0] == (0, sentences[2][1])  # the apples end the first chunk, not its size
+    assert context[slice(*chunks[1])] == "".join(SHIPS[:4])
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_semantic_summaries_meet_the_budget(ratio, tok, model):
+    text = "".join(APPLES + SHIPS) * 2
+    out, stats = compress("semantic", ratio, text, tok, model, chunk_tokens=48)
+    assert within(stats, ratio, above=Semantic.tolerance), stats  # the random generator never stops early
+
+
+def test_semantic_rewrites_each_chunk_with_a_seq2seq_generator_in_order(tmp_path, tok, model, monkeypatch):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    BartForConditionalGeneration(BartConfig(
+        vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=None)).save_pretrained(tmp_path / "bart")
+    tok.save_pretrained(tmp_path / "bart")
+    seen, real = [], Semantic.summarise
+    monkeypatch.setattr(Semantic, "summarise", lambda self, t, chunk, n: seen.append((chunk, real(self, t, chunk, n)))
+                        or seen[-1][1])
+    text = "".join(APPLES + SHIPS)
+    out, stats = compress("semantic", 0.5, text, tok, model, generator=str(tmp_path / "bart"), chunk_tokens=30)
+    assert "".join(chunk for chunk, _ in seen) == text and len(seen) >= 2  # every chunk rewritten once, in order
+    assert out.startswith(seen[0][1].strip()[:5]) and within(stats, 0.5, above=Semantic.tolerance)
+
+
 # --- in the engine and from the command line ------------------------------------------------
-@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception"])
+@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception", "semantic"])
 def test_engine_ratio_zero_is_token_identical_to_full(name, model, tok, sample_qa):
     full = run(model, tok, sample_qa, "full", 0.0, query_aware=True)
     recs = run(model, tok, sample_qa, name, 0.0, query_aware=True)
