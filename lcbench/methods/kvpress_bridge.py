@@ -279,7 +279,8 @@ def press_stage(class_name: str) -> type[Stage]:
 class PressSupport:
     """How lcbench runs one kvpress press. ``native``: the lcbench ``method`` (with ``args``) keeps
     exactly the positions the press (built with ``press_kwargs``; a wrapper's inner press with
-    ``inner``) keeps on a fixed input (tests/test_kvpress_presses.py); ``bridged``: ``kvpress:<press>``
+    ``inner``) keeps on a fixed input (tests/test_kvpress_presses.py; ThinK: the key channels it prunes),
+    and ``reason``, when set, is why ``kvpress:<press>`` itself is refused; ``bridged``: ``kvpress:<press>``
     (with ``args``) runs it; ``refused``: ``kvpress:<press>`` stops with ``reason``."""
 
     press: str
@@ -340,8 +341,9 @@ PRESSES: tuple[PressSupport, ...] = (
                                          "(flash attention only); lcbench's pyramidkv gives layers their own budgets"),
     _refused("KeyRerotationPress", "re-rotates the kept keys to the positions 0..K−1; lcbench keeps every token at its "
                                    "true position, so re-rotated keys have no slot to map to"),
-    _refused("ThinKPress", "prunes key channels by zeroing them in the dense cache (no byte is saved) and its ratio "
-                           "cannot be set; lcbench has no stored layer with fewer key channels yet"),
+    PressSupport("ThinKPress", "native", "think", "window_size=32", {"key_channel_compression_ratio": 0.5},
+                 reason="prunes key channels by zeroing them in the dense cache (no byte is saved) and its ratio "
+                        "cannot be set; lcbench's `think` prunes the same channels and stores fewer of them"),
     _refused("SimLayerKVPress", "its compression is decided per layer by lazy_threshold (a lazy layer keeps its sinks "
                                 "and a recent window, any other layer everything), so no requested ratio can be "
                                 "honoured, and its compression_ratio cannot be set"),
@@ -376,7 +378,7 @@ SUPPORT: dict[str, PressSupport] = {p.press: p for p in PRESSES}
 def refuse(class_name: str) -> None:
     """UserError for a press the bridge does not run, with its reason and what to use instead."""
     entry = SUPPORT.get(class_name)
-    if entry is not None and entry.status == "refused":
+    if entry is not None and entry.reason:
         raise UserError(f"kvpress:{class_name} is not run by lcbench's bridge: {entry.reason}. Fix: choose "
                         f"another press (`python -m lcbench.methods.kvpress_bridge` lists them) or an lcbench method.")
 
@@ -395,7 +397,9 @@ def markdown() -> str:
             continue
         counts[entry.status] += 1
         if entry.status == "native":
-            how = f"`--method {entry.method}` keeps kvpress's exact positions; `kvpress:{name}` runs too"
+            kept = "pruned key channels" if entry.method == "think" else "positions"
+            how = f"`--method {entry.method}` keeps kvpress's exact {kept}; " + (
+                f"`kvpress:{name}` is refused: {entry.reason}" if entry.reason else f"`kvpress:{name}` runs too")
         elif entry.status == "bridged":
             how = f"`--method kvpress:{name}`" + (f" `--method-args {entry.args}`" if entry.args else "")
             how += f" (keeps what kvpress keeps up to float rounding: {entry.note})" if entry.note else ""
