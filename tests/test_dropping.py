@@ -18,7 +18,7 @@ from lcbench.engine import runner
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.engine.state import QUESTION, ForwardState
 from lcbench.engine.timing import Stopwatch
-from lcbench.errors import CompressionShortfall
+from lcbench.errors import CompressionShortfall, UserError
 from lcbench.methods.chain import Chain, resolve_chain
 from lcbench.methods.dropping.decode_eviction import EvictingLayer
 from lcbench.methods.dropping.pyramidkv import layer_budget
@@ -124,6 +124,10 @@ def test_every_method_is_registered_with_paper_family_and_defaults():
 @pytest.mark.parametrize("method", sorted(DROPPING))
 def test_achieved_ratio_within_tolerance(model, tok, method):
     for ratio in RATIOS:
+        if ratio >= getattr(METHODS.get(method), "max_ratio", 1.0):  # a ratio it cannot reach: refused up front
+            with pytest.raises(UserError, match="cannot be reached"):
+                run(model, tok, method, ratio, args=window_args(method, 16))
+            continue
         records = run(model, tok, method, ratio, args=window_args(method, 16))
         achieved = records[0]["achieved_ratio"]
         assert abs(achieved - ratio) <= METHODS.get(method).tolerance, (method, ratio, achieved)
