@@ -45,7 +45,28 @@ def densest_within(target: float, build: Callable[[float], BlockPattern], lo: fl
     return best
 
 
-class SparsePrefill(Stage, metaclass=ABCMeta):
+class DensityStats:
+    """The density bookkeeping of a sparse-prefill stage: computed and total causal pairs of the
+    sample's prefill, reported as ``attention_density`` (mixed in before :class:`Stage`)."""
+
+    def begin_sample(self) -> None:
+        self._computed = 0.0
+        self._total = 0.0
+
+    def _count(self, computed: float, total: float) -> None:
+        if not hasattr(self, "_total"):
+            self.begin_sample()
+        self._computed += computed
+        self._total += total
+
+    def sample_stats(self) -> dict[str, float]:
+        if not getattr(self, "_total", 0.0):
+            return {}
+        density = self._computed / self._total
+        return {"attention_density": density, "prefill_attention_density": density}
+
+
+class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
     """Base of the sparse-prefill methods: subclasses implement :meth:`pattern`.
 
     The pattern replaces attention only where the whole sequence is being prefilled from an
@@ -55,10 +76,6 @@ class SparsePrefill(Stage, metaclass=ABCMeta):
     """
 
     stages = ("prefill_attention",)
-
-    def begin_sample(self) -> None:
-        self._computed = 0.0
-        self._total = 0.0
 
     def target_density(self) -> float:
         return 1.0 - self.ratio
@@ -86,15 +103,3 @@ class SparsePrefill(Stage, metaclass=ABCMeta):
         computed, _ = pattern.pair_counts()
         self._count(float(computed.sum()), total)
         return block_sparse_attention(query, key, value, pattern, scaling)
-
-    def _count(self, computed: float, total: float) -> None:
-        if not hasattr(self, "_total"):
-            self.begin_sample()
-        self._computed += computed
-        self._total += total
-
-    def sample_stats(self) -> dict[str, float]:
-        if not getattr(self, "_total", 0.0):
-            return {}
-        density = self._computed / self._total
-        return {"attention_density": density, "prefill_attention_density": density}
