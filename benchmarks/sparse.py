@@ -205,7 +205,8 @@ def target_verdict(what: str, candidates: list[tuple[int, str, float, float, flo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4096,8192,16384")
-    ap.add_argument("--methods", default="ashape,trishape,vertical_slash,block_topk,flexprefill,xattention,tri_mix,dilated")
+    ap.add_argument("--methods", default="ashape,trishape,vertical_slash,block_topk,flexprefill,xattention,tri_mix,dilated,"
+                                          "minference,hyperattention")
     ap.add_argument("--densities", default="0.5,0.3,0.2,0.1,0.05")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 gives steadier times on a shared machine)")

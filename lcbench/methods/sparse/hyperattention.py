@@ -196,6 +196,9 @@ class HyperAttention(DensityStats, Stage):
         """(block, leaf) of the densest plan within the target (the smallest block when none is);
         every block size is tried, since the density is not monotone in it (a piece turns exact
         once it fits a leaf)."""
+        cached = getattr(self, "_sizes", {}).get(length)
+        if cached is not None:
+            return cached
         total = length * (length + 1) / 2
         factor = self.args["leaf_blocks"]
         best, best_density = 1, -1.0
@@ -203,6 +206,7 @@ class HyperAttention(DensityStats, Stage):
             density = planned_pairs(length, block, factor * block) / total
             if best_density < density <= self.target_density():
                 best, best_density = block, density
+        self._sizes = {**getattr(self, "_sizes", {}), length: (best, factor * best)}  # every layer asks
         return best, factor * best
 
     def target_density(self) -> float:
