@@ -15,15 +15,22 @@ import sys
 
 import pytest
 import torch
-from test_dropping import CONTEXT, chain, context_ids, kept_positions, prefill, run
-from test_dropping import model, tok  # noqa: F401  (fixtures)
+from test_dropping import (  # noqa: F401  (fixtures)
+    CONTEXT,
+    chain,
+    context_ids,
+    kept_positions,
+    model,
+    prefill,
+    run,
+    tok,
+)
 
 from lcbench.errors import UserError
 from lcbench.methods.chain import resolve_chain
-from lcbench.models.tiny import tiny_llama
 
 kvpress = pytest.importorskip("kvpress")
-from transformers import DynamicCache  # noqa: E402
+from test_kvpress_presses import ids, kvpress_reference, sdpa_model  # noqa: F401  (fixtures)
 
 # lcbench method + args ↔ kvpress press + kwargs, with matching settings
 PAIRS = [
@@ -36,45 +43,9 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def sdpa_model():
-    return tiny_llama(layers=2)  # same seed and config as the lcbench fixture model, plain SDPA
-
-
-@pytest.fixture(scope="module")
-def ids(tok):  # noqa: F811
-    out = context_ids(tok, CONTEXT)
-    return out[: len(out) // 4 * 4]  # a multiple of 4: int(n·(1−r)) = round(n·(1−r)) at r = 0.5, 0.75
-
-
-def native_kvpress_positions(model, ids: list[int], press) -> list[torch.Tensor]:
-    """Per layer (H, K) positions kvpress keeps, run natively."""
-    x = torch.tensor([ids])
-
-    def hook(module, args, kwargs, output):
-        kwargs = {**kwargs, "past_key_values": kwargs["cache"], "cache_position": torch.arange(len(ids))}
-        return press.forward_hook(module, args, kwargs, output)
-
-    press.post_init_from_model(model)
-    with torch.no_grad():
-        full = DynamicCache()
-        model(input_ids=x, cache=full, use_cache=True)
-        hooks = []
-        for layer in model.model.layers:
-            layer.self_attn.rotary_emb = model.model.rotary_emb
-            hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
-        compressed = DynamicCache()
-        try:
-            model(input_ids=x, cache=compressed, use_cache=True)
-        finally:
-            for h in hooks:
-                h.remove()
-    out = []
-    for layer_full, layer in zip(full.layers, compressed.layers):
-        same = (layer_full.keys[0][:, :, None, :] == layer.keys[0][:, None, :, :]).all(-1)  # (H, n, K)
-        assert bool((same.sum(1) == 1).all()), "every kept key is exactly one original key"
-        out.append(same.float().argmax(1).sort(-1).values)
-    return out
+def native_kvpress_positions(model, ids: list[int], press) -> list[torch.Tensor]:  # noqa: F811
+    """Per layer (H, K) positions kvpress keeps, run natively (tests/test_kvpress_presses.py)."""
+    return [torch.tensor(positions) for positions, _ in kvpress_reference(model, ids, press)]
 
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])

@@ -10,12 +10,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from test_dropping import model, tok  # noqa: F401  (fixtures)
 
 from lcbench.cache.layer import DenseLayer
 from lcbench.cache.ragged import RaggedLayer
 from lcbench.methods.base import LayerObservation
 from lcbench.methods.registry import METHODS
-from test_dropping import model, tok  # noqa: F401  (fixtures)
 
 
 def dense(keys: torch.Tensor, values: torch.Tensor) -> DenseLayer:
@@ -175,7 +175,6 @@ def test_think_keeps_the_channels_the_queries_use_and_stores_fewer():
 
 def test_think_chains_with_token_dropping_and_refuses_what_it_cannot_reach(model, tok):  # noqa: F811
     import pytest
-
     from test_dropping import run
 
     from lcbench.errors import UserError

@@ -27,7 +27,7 @@ class ChannelLayer(KVLayer):
         self.is_initialized = True
 
     @classmethod
-    def from_layer(cls, layer: KVLayer, channels: torch.Tensor) -> "ChannelLayer":
+    def from_layer(cls, layer: KVLayer, channels: torch.Tensor) -> ChannelLayer:
         """Keep the key channels ``channels`` (B, H, Dk) of every slot ``layer`` holds."""
         keys, values = layer.dense()
         channels = channels.sort(dim=-1).values
@@ -105,7 +105,7 @@ class ChannelLayer(KVLayer):
         self.select(torch.arange(length, device=self.compact_keys.device).expand(*self.compact_keys.shape[:2], -1))
         self.tail = DenseLayer()
 
-    def _map_rows(self, fn) -> "ChannelLayer":
+    def _map_rows(self, fn) -> ChannelLayer:
         tail = DenseLayer() if self.tail.positions is None else None
         out = ChannelLayer(fn(self.compact_keys), fn(self.context_values), fn(self.channels), self.head_dim,
                            fn(self.context_positions), None if self.context_valid is None else fn(self.context_valid),

@@ -83,7 +83,7 @@ def constructor(cls: type) -> dict[str, tuple[Any, Any]]:
     signature, so a press with its own ``__init__`` (CriticalKVPress) is described as it is called."""
     try:
         hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # an annotation that does not resolve: fall back to the raw ones
+    except (NameError, TypeError, AttributeError):  # an annotation that does not resolve: fall back to the raw ones
         hints = {}
     out = {}
     for name, p in inspect.signature(cls).parameters.items():
@@ -258,7 +258,7 @@ def _has_ratio(cls: type) -> bool:
     return "compression_ratio" in constructor(cls)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def press_stage(class_name: str) -> type[Stage]:
     """The lcbench stage class for ``kvpress:<class_name>`` (made once per press class)."""
     cls = press_class(class_name)

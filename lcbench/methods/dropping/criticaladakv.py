@@ -15,13 +15,12 @@ import torch
 
 from ...cache.ragged import RaggedLayer
 from ...params import Param
-from ..base import Stage
-from .adakv import SCORERS, headwise_keep
-from .criticalkv import CRITICAL_PARAMS, projected_value_norm, top_mask
+from .adakv import headwise_keep
+from .criticalkv import CRITICAL_PARAMS, ScoredBy, projected_value_norm, top_mask
 from .select import align, context_budget, context_slots
 
 
-class CriticalAdaKV(Stage):
+class CriticalAdaKV(ScoredBy):
     name = "criticaladakv"
     family = "kv_dropping"
     paper = ("Feng et al., Identify Critical KV Cache in LLM Inference from an Output Perturbation Perspective "
@@ -30,16 +29,6 @@ class CriticalAdaKV(Stage):
     params = (*CRITICAL_PARAMS,
               Param("alpha_safeguard", float, 0.2, "each head keeps at least this share of the uniform budget",
                     min=0, max=1))
-
-    def __init__(self, ratio: float = 0.0, **args):
-        super().__init__(ratio, **args)
-        scorer_cls = SCORERS[self.args["scorer"]]
-        accepted = {p.name for p in scorer_cls.params}
-        self.scorer = scorer_cls(ratio, **{k: v for k, v in self.args.items() if k in accepted})
-        self.needs = self.scorer.needs
-
-    def begin_sample(self):
-        self.scorer.begin_sample()
 
     def compress_layer(self, layer, seen):
         n = context_slots(layer, seen)

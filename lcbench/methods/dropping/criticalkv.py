@@ -18,6 +18,7 @@ import torch
 
 from ...errors import UserError
 from ...params import Param
+from ..base import Stage
 from .adakv import SCORERS
 from .scoring import ScoringDrop
 from .select import align, context_budget, context_slots
@@ -28,6 +29,25 @@ FIRST_STAGE = Param("first_stage_ratio", float, 0.5, "share of the budget chosen
                     min=0, max=1)
 EPSILON = Param("epsilon", float, 1e-4, "added to the scores before the value-norm weighting", min=0)
 CRITICAL_PARAMS = (SCORER, FIRST_STAGE, EPSILON, WINDOW_SIZE, KERNEL_SIZE)
+
+
+def make_scorer(ratio: float, args: dict) -> Stage:
+    """The stage-1 scorer (one of :data:`.adakv.SCORERS`) with the arguments it takes."""
+    scorer_cls = SCORERS[args["scorer"]]
+    accepted = {p.name for p in scorer_cls.params}
+    return scorer_cls(ratio, **{k: v for k, v in args.items() if k in accepted})
+
+
+class ScoredBy(Stage):
+    """A stage that scores with another dropping method's scores (stage 1 of CriticalKV)."""
+
+    def __init__(self, ratio: float = 0.0, **args):
+        super().__init__(ratio, **args)
+        self.scorer = make_scorer(ratio, self.args)
+        self.needs = self.scorer.needs
+
+    def begin_sample(self):
+        self.scorer.begin_sample()
 
 
 def projected_value_norm(values: torch.Tensor, module, num_groups: int) -> torch.Tensor:
@@ -52,23 +72,13 @@ def top_mask(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return ranks < counts[..., None]
 
 
-class CriticalKV(ScoringDrop):
+class CriticalKV(ScoredBy, ScoringDrop):
     name = "criticalkv"
     family = "kv_dropping"
     paper = ("Feng et al., Identify Critical KV Cache in LLM Inference from an Output Perturbation Perspective "
              "(CriticalKV, arXiv:2502.03805)")
     summary = "two stages: top scores first, then scores × ‖W_o·v‖₁ (output perturbation) fill the budget"
     params = CRITICAL_PARAMS
-
-    def __init__(self, ratio: float = 0.0, **args):
-        super().__init__(ratio, **args)
-        scorer_cls = SCORERS[self.args["scorer"]]
-        accepted = {p.name for p in scorer_cls.params}
-        self.scorer = scorer_cls(ratio, **{k: v for k, v in self.args.items() if k in accepted})
-        self.needs = self.scorer.needs
-
-    def begin_sample(self):
-        self.scorer.begin_sample()
 
     def scores(self, layer, seen):
         n = context_slots(layer, seen)

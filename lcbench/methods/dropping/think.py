@@ -12,7 +12,6 @@ so bytes fall with the channels. Read against kvpress 0.5.5 ``kvpress/presses/th
 matches exactly (tests/test_kvpress_presses.py).
 """
 
-import torch
 
 from ...cache.channels import ChannelLayer
 from ...errors import UserError
@@ -23,7 +22,7 @@ from .select import context_slots, group_mean
 
 def pruned_channels(head_dim: int, ratio: float) -> int:
     """Key channels to drop so that a share ``ratio`` of the KV memory (keys + values) goes."""
-    return int(round(2 * ratio * head_dim))
+    return round(2 * ratio * head_dim)
 
 
 class ThinK(Stage):
