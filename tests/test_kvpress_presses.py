@@ -163,6 +163,18 @@ def test_native_method_keeps_kvpress_positions(model, sdpa_model, ids, entry):  
     assert_same(cache, reference, entry.method, values=False)
 
 
+@pytest.mark.parametrize("entry", NATIVE, ids=lambda e: e.press)
+def test_native_press_also_runs_through_the_bridge(model, sdpa_model, ids, entry):  # noqa: F811
+    """What the table says of a native press: `kvpress:<press>` runs too, keeping kvpress's positions
+    (a wrapper's inner press with its defaults: the bridge passes only its class)."""
+    inner = {"press": entry.inner["press"]} if entry.inner else {}
+    reference = kvpress_reference(sdpa_model, ids, build_press(entry.press, RATIO, entry.press_kwargs, inner))
+    parts = [f"press={inner['press']}"] if inner else []
+    args = ",".join(parts + [f"{k}={v}" for k, v in entry.press_kwargs.items()])
+    cache, _ = prefill(model, chain(f"kvpress:{entry.press}", RATIO, args or None), ids)
+    assert_same(cache, reference, entry.press, values=False)
+
+
 @pytest.mark.parametrize("entry", BRIDGED, ids=lambda e: e.press)
 def test_bridged_press_keeps_what_kvpress_keeps(model, sdpa_model, ids, entry):  # noqa: F811
     kwargs, inner = bridge_kwargs(entry)
