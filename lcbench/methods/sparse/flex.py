@@ -96,6 +96,10 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     if pad:  # padded keys lie after every real query (the mask hides them); padded rows are cut
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     mask = block_mask(pattern, Hq)
-    run = _compiled() if (query.is_cuda if compiled is None else compiled) else flex_attention
-    out = run(query, key, value, block_mask=mask, scale=scaling, enable_gqa=key.shape[1] != Hq)
+    compiled = query.is_cuda if compiled is None else compiled
+    run = _compiled() if compiled else flex_attention
+    # the compiled kernel's tiles must divide the mask's blocks (its defaults are 128 or 64)
+    options = {"BLOCK_M": min(bs, 64), "BLOCK_N": min(bs, 64)} if compiled else None
+    out = run(query, key, value, block_mask=mask, scale=scaling, enable_gqa=key.shape[1] != Hq,
+              kernel_options=options)
     return out[:, :, :L].transpose(1, 2).contiguous()

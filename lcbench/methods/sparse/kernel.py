@@ -142,9 +142,12 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     """Causal attention of ``query`` (B, Hq, L, D) over ``key``/``value`` (B, Hkv, L, D) computing
     only ``pattern``; returns (B, L, Hq, D) like transformers' attention functions. On CUDA it runs
     as compiled FlexAttention (:mod:`.flex`); ``LCBENCH_SPARSE_KERNEL=loop`` (or ``flex``) forces
-    the exact loop below (or FlexAttention, uncompiled off CUDA) anywhere."""
+    the exact loop below (or FlexAttention, uncompiled off CUDA) anywhere; a block size that is not
+    a power of two ≥ 16 stays on the loop under ``auto``."""
     impl = os.environ.get("LCBENCH_SPARSE_KERNEL", "auto")
-    if impl == "flex" or (impl == "auto" and query.is_cuda):
+    bs = pattern.block_size
+    tiles = bs >= 16 and bs & (bs - 1) == 0  # compiled FlexAttention (Triton) tiles: powers of two
+    if impl == "flex" or (impl == "auto" and query.is_cuda and tiles):
         from . import flex
 
         if flex.available():
