@@ -81,8 +81,8 @@ class Dilated(SparsePrefill):
         if pattern.density() < target - self.tolerance:  # even the widest span is sparser than asked
             raise CompressionShortfall(
                 f"method 'dilated' (variant={self.args['variant']}, interval={step}) computes at most "
-                f"{pattern.density():.3f} of the attention pairs at {L} tokens (one block diagonal in {step + 1} "
-                f"diagonal), but --ratio {self.ratio} asks for density {target:.3f}. Fix: request "
+                f"{pattern.density():.3f} of the attention pairs at {L} tokens (one block diagonal in {step + 1}), "
+                f"but --ratio {self.ratio} asks for density {target:.3f}. Fix: request "
                 f"--ratio >= {1 - pattern.density() - self.tolerance:.2f}, or use variant=strided (its dense "
                 f"local window reaches higher densities).")
         return pattern
