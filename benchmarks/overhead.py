@@ -25,7 +25,8 @@ import torch
 from lcbench.engine.prompt import render
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.methods.chain import Chain, resolve_chain
-from lcbench.models.loading import DEFAULT_MODEL, load_model, use_lcbench_attention
+from lcbench.models.loading import DEFAULT_MODEL, load_model
+from lcbench.engine.attach import use_lcbench_attention
 from lcbench.tasks.sample import Sample, Turn
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
@@ -94,7 +95,7 @@ def main() -> None:
     args = parse_args(__doc__, questions=(int, 8))
     loaded = load_model(args.model, {}, args.device)
     model, tok = loaded.model, loaded.tokenizer
-    engine = Engine(model, tok, Chain.build(resolve_chain("full", None, 0.0)), EngineConfig(batch_size=args.questions))
+    engine = Engine(model, tok, Chain.build(resolve_chain("full", None, 0.0)), EngineConfig(decode_rows=args.questions))
     one = make_sample(tok, args.context_tokens, 1, args.new_tokens)
     many = make_sample(tok, args.context_tokens, args.questions, args.new_tokens)
     p1 = render(tok, one, one.context, False)

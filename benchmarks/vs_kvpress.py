@@ -29,7 +29,8 @@ import torch
 from lcbench.engine.prompt import render
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.methods.chain import Chain, resolve_chain
-from lcbench.models.loading import load_model, use_lcbench_attention
+from lcbench.models.loading import load_model
+from lcbench.engine.attach import use_lcbench_attention
 
 try:  # the sample, options and timer of the overhead benchmark
     from overhead import make_sample, parse_args, timed
@@ -76,9 +77,9 @@ def main() -> None:
     press = kvpress.SnapKVPress(compression_ratio=args.ratio, window_size=window, kernel_size=kernel)
     engines = {
         "lcbench kvpress:SnapKVPress": Engine(model, tok, Chain.build(resolve_chain(
-            "kvpress:SnapKVPress", f"window_size={window},kernel_size={kernel}", args.ratio)), EngineConfig(batch_size=8)),
+            "kvpress:SnapKVPress", f"window_size={window},kernel_size={kernel}", args.ratio)), EngineConfig(decode_rows=8)),
         "lcbench snapkv": Engine(model, tok, Chain.build(resolve_chain(
-            "snapkv", f"window_size={window},kernel_size={kernel},pooling=avg", args.ratio)), EngineConfig(batch_size=8)),
+            "snapkv", f"window_size={window},kernel_size={kernel},pooling=avg", args.ratio)), EngineConfig(decode_rows=8)),
     }
     model.set_attn_implementation("sdpa")
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok, device=model.device)

@@ -8,6 +8,7 @@ problem and the fix, no traceback — and every usage error (typer's own handlin
 
 from __future__ import annotations
 
+import inspect
 import signal
 import sys
 from contextlib import contextmanager
@@ -16,10 +17,18 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from .errors import RunAborted, RunFailed, Terminated, UserError, signal_number
 from .report.safe import terminal_text
+from .spec import DATA_DIR, DEFAULT_MODEL, run_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lcbench: long-context compression methods × task suites, with quality, latency and memory.")
@@ -82,34 +91,39 @@ def _writing(output: object, flag: str):
                         f"folder with {flag}.") from None
 
 
-@app.command()
-def run(
-    model: str = typer.Option("smollm2-135m-instruct", "--model", help="registered name, hub id or local folder"),
-    model_args: Optional[str] = typer.Option(None, "--model-args", help="k=v,... e.g. dtype=bfloat16,gguf_file=x.gguf"),
-    method: str = typer.Option("full", "--method", help="method chain a+b; several runs: comma-separated"),
-    method_args: Optional[str] = typer.Option(None, "--method-args", help="k=v,... or name.k=v for one component"),
-    task: str = typer.Option("niah", "--task", help="task name; several: comma-separated"),
-    task_args: Optional[str] = typer.Option(None, "--task-args", help="k=v,... (lists use ';')"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local copy of a suite's released data (same as --task-args data_dir=PATH)"),
-    ratio: str = typer.Option("0.5", "--ratio", help="fraction of the context KV memory removed, in [0,1); list allowed"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="first N samples only"),
-    batch_size: str = typer.Option("turns", "--batch-size", help="turns (default: one sample at a time, its turns decoded together; per-request latency) | N | auto: N rows decoded together, samples whose turns fit prefilled together (throughput; latencies are the batch's)"),
-    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="prefill the context N tokens at a time (the last chunk compresses)"),
-    output_path: str = typer.Option("results", "--output-path", help="folder of run folders"),
-    seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 (default: cuda if available)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16, float16 (default: auto)"),
-    query_aware: bool = typer.Option(False, "--query-aware", help="compress after the question is prefilled"),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="replay a spec.json (other flags ignored)"),
-) -> None:
+def _run_parameters() -> list[inspect.Parameter]:
+    """``lcbench run``'s options: the axes (model, method chain, task, their arguments, ratio) and
+    ``--spec`` here; every plain setting derived from its RunSpec declaration (lcbench/spec.py)."""
+    def option(name: str, annotation, default, flag: str, help: str) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                 default=typer.Option(default, flag, help=help))
+
+    axes = [
+        option("model", str, DEFAULT_MODEL, "--model", "registered name, hub id or local folder"),
+        option("model_args", Optional[str], None, "--model-args", "k=v,... e.g. dtype=bfloat16,gguf_file=x.gguf"),
+        option("method", str, "full", "--method", "method chain a+b; several runs: comma-separated"),
+        option("method_args", Optional[str], None, "--method-args", "k=v,... or name.k=v for one component"),
+        option("task", str, "niah", "--task", "task name; several: comma-separated"),
+        option("task_args", Optional[str], None, "--task-args", "k=v,... (lists use ';')"),
+        option("data_dir", DATA_DIR.cli_type, DATA_DIR.cli_default, DATA_DIR.flag, DATA_DIR.help),
+        option("ratio", str, "0.5", "--ratio", "fraction of the context KV memory removed, in [0,1); list allowed"),
+    ]
+    settings = [option(f.name, s.cli_type, s.cli_default, s.flag, s.help) for f, s in run_settings()]
+    replay = option("spec", Optional[Path], None, "--spec", "replay a spec.json (other flags ignored)")
+    return axes + settings + [replay]
+
+
+def run(**options) -> None:
     """Evaluate method chains on tasks; print a table; write results/<run-id>/."""
-    with _abortable(output_path):
-        _run(model, model_args, method, method_args, task, task_args, data_dir, ratio, limit, batch_size,
-             prefill_chunk, output_path, seed, device, dtype, query_aware, spec)
+    with _abortable(options["output_path"]):
+        _run(**options)
 
 
-def _run(model, model_args, method, method_args, task, task_args, data_dir, ratio, limit, batch_size,
-         prefill_chunk, output_path, seed, device, dtype, query_aware, spec) -> None:
+run.__signature__ = inspect.Signature(_run_parameters())
+app.command("run")(run)
+
+
+def _run(*, model, model_args, method, method_args, task, task_args, data_dir, ratio, spec, **settings) -> None:
     from .errors import CompressionShortfall
     from .evaluate import ModelPool, build_spec, evaluate, load_spec_file
     from .report.table import render_table, run_rows
@@ -121,9 +135,7 @@ def _run(model, model_args, method, method_args, task, task_args, data_dir, rati
         ratios = _ratios(ratio)
         methods = _names(method, "--method", "snapkv")
         specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, ratio=r,
-                            task=t, task_args=task_args, limit=limit, seed=seed, device=device, dtype=dtype,
-                            query_aware=query_aware, batch_size=batch_size, output_path=output_path,
-                            prefill_chunk=prefill_chunk, data_dir=data_dir)
+                            task=t, task_args=task_args, data_dir=data_dir, **settings)
                  for t in tasks for r in ratios for m in methods]
     pool = ModelPool()
     folders, failed = [], []
@@ -247,8 +259,8 @@ def sweep(
     """Run every combination of a grid as its own resumable run; print one combined report (the
     run table and the grouped tables) and write it, with the plots, beside the runs."""
     from .report.build import build_report
-    from .report.table import run_rows
     from .report.safe import csv_frame
+    from .report.table import run_rows
     from .sweep import expand, load_grid, run_local, run_ray
 
     if executor not in ("local", "ray"):

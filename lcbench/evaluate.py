@@ -18,26 +18,41 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .engine.attach import use_lcbench_attention
 from .engine.batching import auto_rows, batch_refusal, run_batched
 from .engine.runner import Engine, EngineConfig
 from .errors import CompressionShortfall, RunAborted, UserError, signal_number
 from .methods.chain import Chain, chain_ratio, resolve_chain
-from .models.loading import DEFAULT_MODEL, MODEL_PARAMS, LoadedModel, load_model, resolve_device, resolve_dtype
+from .models.loading import (
+    MODEL_PARAMS,
+    LoadedModel,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
 from .params import parse_kv
+from .results.record import TurnRecord
 from .results.store import ABORTED, FAILED, RunStore, disk_full, disk_full_error
 from .results.summary import suite_score, summarize
-from .spec import RunSpec
+from .spec import DEFAULT_MODEL, RunSpec, run_settings
 from .tasks.base import TaskEnv
 from .tasks.registry import TASKS
 
 
 def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = None, method: str = "full",
                method_args: str | None = None, ratio: float = 0.5, task: str = "niah",
-               task_args: str | dict | None = None, limit: int | None = None, seed: int = 0,
-               device: str | None = None, dtype: str | None = None, query_aware: bool = False,
-               batch_size: int | str = "turns", output_path: str = "results",
-               prefill_chunk: int | None = None, data_dir: str | None = None) -> RunSpec:
-    """Expand command-line values into a fully resolved RunSpec (every default filled in)."""
+               task_args: str | dict | None = None, data_dir: str | None = None, **settings: Any) -> RunSpec:
+    """Expand command-line values into a fully resolved RunSpec (every default filled in).
+    ``settings`` are RunSpec's plain settings (:func:`lcbench.spec.run_settings`), each defaulting
+    to what the command line passes without its flag."""
+    declared = {f.name: s for f, s in run_settings()}
+    unknown = sorted(set(settings) - set(declared))
+    if unknown:
+        raise TypeError(f"build_spec: unknown setting(s) {unknown}; RunSpec declares {sorted(declared)}")
+    given = {name: settings.get(name, s.cli_default) for name, s in declared.items()}
+    limit, seed, device, dtype = given["limit"], given["seed"], given["device"], given["dtype"]
+    query_aware, batch_size, output_path = given["query_aware"], given["batch_size"], given["output_path"]
+    prefill_chunk = given["prefill_chunk"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio):
         raise UserError(f"--ratio {ratio!r} is not a number. Fix: pass e.g. --ratio 0.5.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
@@ -120,6 +135,7 @@ class ModelPool:
         if key != self._key:
             self._loaded = load_model(spec.model, {k: v for k, v in spec.model_args.items() if v is not None},
                                       spec.device)
+            use_lcbench_attention(self._loaded.model, self._loaded.dense_attention)
             self._key = key
         return self._loaded
 
@@ -148,7 +164,7 @@ def check_spec(spec: RunSpec, where: str = "spec", same_task_version: bool = Tru
             and isinstance(m.get("ratio"), (int, float)) and not isinstance(m.get("ratio"), bool) for m in spec.method):
         raise bad(f"'method' must be a non-empty list of {{name, ratio, args}}, got {spec.method!r}",
                   "write it as `lcbench run` does, or rebuild the spec with the flags")
-    for key in ("model_args", "task_args", "extra"):
+    for key in ("model_args", "task_args"):
         if not isinstance(getattr(spec, key), dict):
             raise bad(f"'{key}' must be an object, got {getattr(spec, key)!r}", "restore the spec.json")
     for key in ("model", "task", "dtype", "device", "output_path", "mode", "task_version", "task_template_hash"):
@@ -182,7 +198,7 @@ def check_spec(spec: RunSpec, where: str = "spec", same_task_version: bool = Tru
                   f"this spec was written; this lcbench has {rebuilt.task_version} ({rebuilt.task_template_hash}), "
                   f"so the replay would not compute what the spec says", "install the lcbench version that wrote "
                   "it (its provenance names it), or run the task again with the flags")
-    return dataclasses.replace(rebuilt, method=chain, ratio=requested, extra=dict(spec.extra))
+    return dataclasses.replace(rebuilt, method=chain, ratio=requested)
 
 
 def warn(message: str) -> None:
@@ -219,7 +235,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     loaded = (models or ModelPool()).get(spec)
     task = TASKS.get(spec.task)(**spec.task_args)
     env = TaskEnv(tokenizer=loaded.tokenizer, model_name=spec.model, model_max_length=loaded.max_length,
-                  seed=spec.seed, data_dir=None)
+                  seed=spec.seed)
     samples = task.samples(env)
     if spec.limit is not None:
         samples = samples[: spec.limit]
@@ -228,9 +244,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
                         f"(see `lcbench ls tasks`).")
     _check_lengths(samples, loaded.tokenizer, loaded.max_length, spec.model)
     chain = Chain.build(spec.method, spec.ratio)
-    engine = Engine(loaded.model, loaded.tokenizer, chain,
-                    EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk,
-                                 batch_size=spec.batch_size if isinstance(spec.batch_size, int) else None))
+    engine = Engine(loaded.model, loaded.tokenizer, chain, engine_config(spec, loaded, samples))
     store = RunStore(folder)
     fresh = not folder.exists()
     try:
@@ -295,10 +309,9 @@ def _fill(spec: RunSpec, store: RunStore, engine: Engine, task, samples: list,
     by_id = {s.id: s for s in samples}
     for finished, produced in _produce(engine, samples, store.done_turns(), spec.batch_size, multi_turn):
         for record in produced:
-            sample = by_id[record["sample_id"]]
-            record.update(task.score(sample, sample.turns[record["turn"]], record["prediction"]))
-            record.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
-                           "model": spec.model})
+            sample = by_id[record.sample_id]
+            record = record.scored(task.score(sample, sample.turns[record.turn], record.prediction)).stamped(
+                run_id=spec.run_id, task=spec.task, method=spec.method_name, model=spec.model)
             store.append(record)
             written += 1
         if progress:
@@ -312,18 +325,26 @@ def _fill(spec: RunSpec, store: RunStore, engine: Engine, task, samples: list,
     return written, summary
 
 
+def engine_config(spec: RunSpec, loaded: LoadedModel, samples: list) -> EngineConfig:
+    """The engine's execution settings, derived from the spec once (never changed during the run):
+    ``--batch-size turns`` decodes all of a sample's turns together; ``N`` decodes N turns at a
+    time; ``auto`` sizes that from free memory and the longest context."""
+    rows: int | None = spec.batch_size if isinstance(spec.batch_size, int) else None
+    if spec.batch_size == "auto":
+        longest = max((len(loaded.tokenizer(s.context)["input_ids"]) for s in samples), default=1)
+        rows = auto_rows(loaded.model, longest, spec.prefill_chunk)
+    return EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk, decode_rows=rows)
+
+
 def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_size: int | str,
-             multi_turn: bool) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+             multi_turn: bool) -> Iterator[tuple[int, list[TurnRecord]]]:
     """``(samples finished, records)`` as they come: with ``--batch-size N|auto``, samples batched
     together where the chain and mode allow it (engine/batching.py); otherwise one sample at a
-    time with its turns batched."""
+    time with its turns batched — both through the engine's one pipeline."""
     refusal = batch_refusal(engine.chain, multi_turn, engine.config.query_aware)
     if refusal is None and batch_size not in (1, "turns"):
         yield from run_batched(engine, samples, done, batch_size)
         return
-    if batch_size == "auto":
-        longest = max((len(engine.tokenizer(s.context)["input_ids"]) for s in samples), default=1)
-        engine.config.batch_size = auto_rows(engine.model, longest, engine.config.prefill_chunk)
     for i, sample in enumerate(samples):
         skip = done.get(sample.id, set())
         records = engine.run(sample, multi_turn, skip_turns=skip) if len(skip) < len(sample.turns) else []

@@ -1,6 +1,15 @@
 """RunSpec: everything that determines a run's results, fully resolved (every default filled in),
 serializable, and hashed into the run id (HELM/inspect-style). A short command line expands to
-a full spec that can be written down and replayed with ``lcbench run --spec spec.json``."""
+a full spec that can be written down and replayed with ``lcbench run --spec spec.json``.
+
+RunSpec is the one declaration of a run's parameters. Its plain settings (``limit``, ``seed``,
+``device``, ``dtype``, ``query_aware``, ``batch_size``, ``output_path``, ``prefill_chunk``) carry
+their flag, help text, command-line type and whether they change what a run computes (hashed)
+or only how it executes (batching, chunking, the output folder: not hashed) as field metadata
+(:class:`Setting`); ``lcbench run``'s options, a sweep grid's ``[run]`` keys and the engine's
+execution settings are derived from it (:func:`run_settings`). The axes (model, method chain and
+ratio, task, their arguments) are built from their own flags by :func:`lcbench.evaluate.build_spec`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +18,38 @@ import json
 import platform
 import re
 import subprocess
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, Optional
 
 import lcbench
 
-# fields that change how a run executes but not what it computes
-_NOT_HASHED = ("output_path", "batch_size", "prefill_chunk")
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the offline default (lcbench.models.default)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a plain RunSpec setting is given: its flag, help text, the type the command line parses,
+    the value the command line passes when the flag is absent (``None``: resolved by ``build_spec``,
+    e.g. the device), and whether it changes what the run computes (``hashed``) or only how it
+    executes."""
+
+    flag: str
+    help: str
+    cli_type: Any
+    cli_default: Any
+    hashed: bool = True
+
+
+def setting(default: Any, flag: str, help: str, cli_type: Any, *, cli_default: Any = MISSING,
+            hashed: bool = True) -> Any:
+    """A RunSpec field declared with its :class:`Setting`."""
+    meta = Setting(flag, help, cli_type, default if cli_default is MISSING else cli_default, hashed)
+    return field(default=default, metadata={"setting": meta})
+
+
+# a build input that is not a field: --data-dir lands in the task's own data_dir argument
+DATA_DIR = Setting("--data-dir", "local copy of a suite's released data (same as --task-args data_dir=PATH)",
+                   Optional[str], None)
 
 
 @dataclass
@@ -28,25 +62,32 @@ class RunSpec:
     task_args: dict[str, Any]
     task_version: str
     task_template_hash: str
-    limit: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
-    query_aware: bool = False
-    mode: str = "multi_request"
-    batch_size: int | str = "turns"  # "turns" (one sample, all its turns), decode rows across samples, or "auto"
-    output_path: str = "results"
-    prefill_chunk: int | None = None  # tokens per prefill chunk (engine/chunked.py); None = one pass
-    extra: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = setting(None, "--limit", "first N samples only", Optional[int])
+    seed: int = setting(0, "--seed", "seed of the task's generated samples and of seeded methods", int)
+    device: str = setting("cpu", "--device", "cpu, cuda, cuda:1 (default: cuda if available)", Optional[str],
+                          cli_default=None)
+    dtype: str = setting("float32", "--dtype", "float32, bfloat16, float16 (default: auto)", Optional[str],
+                         cli_default=None)
+    query_aware: bool = setting(False, "--query-aware", "compress after the question is prefilled", bool)
+    mode: str = "multi_request"  # the task's (multi_request or multi_turn), recorded
+    batch_size: int | str = setting(
+        "turns", "--batch-size", "turns (default: one sample at a time, its turns decoded together; per-request "
+        "latency) | N | auto: N rows decoded together, samples whose turns fit prefilled together (throughput; "
+        "latencies are the batch's)", str, hashed=False)
+    output_path: str = setting("results", "--output-path", "folder of run folders", str, hashed=False)
+    prefill_chunk: int | None = setting(None, "--prefill-chunk", "prefill the context N tokens at a time (the last "
+                                        "chunk compresses)", Optional[int], hashed=False)
 
     @property
     def method_name(self) -> str:
         return "+".join(m["name"] for m in self.method)
 
     def hashed_fields(self) -> dict[str, Any]:
+        """The fields that determine what the run computes (the run id's input)."""
         d = asdict(self)
-        for k in _NOT_HASHED:
-            d.pop(k, None)
+        for f, s in run_settings():
+            if not s.hashed:
+                d.pop(f.name)
         return d
 
     @property
@@ -76,6 +117,8 @@ class RunSpec:
             raise UserError(f"{where}: no 'spec' object (an lcbench spec.json holds run_id, spec and provenance). "
                             f"Fix: pass the spec.json of a run folder.")
         names = [f.name for f in fields(cls)]
+        if body.get("extra") == {}:  # written before 'extra' (never used) was dropped
+            body = {k: v for k, v in body.items() if k != "extra"}
         unknown = sorted(set(body) - set(names))
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [k for k in required if k not in body]
@@ -84,6 +127,11 @@ class RunSpec:
                 ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
                 + f". A spec has {names}. Fix: restore the spec.json, or rebuild it with `lcbench run` flags.")
         return cls(**body)
+
+
+def run_settings() -> list[tuple[Field, Setting]]:
+    """The plain settings of a run, in declaration order: each RunSpec field with its :class:`Setting`."""
+    return [(f, f.metadata["setting"]) for f in fields(RunSpec) if "setting" in f.metadata]
 
 
 def _git(*args: str) -> str | None:

@@ -39,11 +39,12 @@ from typing import Any, Callable
 
 from .errors import UserError
 from .evaluate import ModelPool, build_spec, evaluate
-from .spec import RunSpec
+from .spec import RunSpec, run_settings
 
 AXES = ("model", "method", "ratio", "task")
 PER_NAME = {"method_args": "method", "task_args": "task", "model_args": "model"}
-RUN_KEYS = ("limit", "seed", "device", "dtype", "query_aware", "batch_size", "output_path", "prefill_chunk")
+# the [run] keys: RunSpec's plain settings (declared once, in lcbench/spec.py) and --data-dir
+RUN_KEYS = tuple(f.name for f, _ in run_settings()) + ("data_dir",)
 SECTIONS = ("grid", "run", *PER_NAME)
 
 

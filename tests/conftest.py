@@ -24,7 +24,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): a 2-layer random Llama with GQA, using lcbench attention."""
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
     from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 
     model = tiny_llama()

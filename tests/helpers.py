@@ -13,22 +13,7 @@ def make_sample(n_turns: int = 1, repeat: int = 12, max_new_tokens: int = 10, si
 
 def decoded_ids(run) -> tuple[dict, dict]:
     """Call ``run()`` (which returns engine records) and return the token ids the engine decoded
-    and the records, both keyed by (sample id, turn): a spy on the decoder, rows in record order."""
-    import pytest
-
-    from lcbench.engine import runner
-
-    ids: list[list[int]] = []
-    real = runner.greedy_decode
-
-    def spy(*args, **kwargs):
-        rows = real(*args, **kwargs)
-        ids.extend(row.tokens for row in rows)
-        return rows
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "greedy_decode", spy)
-        records = run()
-    assert len(ids) == len(records)
-    keys = [(r["sample_id"], r["turn"]) for r in records]
-    return dict(zip(keys, ids)), dict(zip(keys, records))
+    (each TurnRecord keeps them) and the records, both keyed by (sample id, turn)."""
+    records = run()
+    keys = [(r.sample_id, r.turn) for r in records]
+    return {k: r.decoded_ids for k, r in zip(keys, records)}, dict(zip(keys, records))

@@ -1,5 +1,5 @@
 """Every decoder family right or refused (issue #12): the support matrix of
-:mod:`lcbench.models.support` over the tiny models of :mod:`lcbench.models.families`, plus the
+:mod:`lcbench.architectures` over the tiny models of :mod:`lcbench.models.families`, plus the
 semantics it rests on — sliding windows in true positions (transformers' ``sliding_window_overlay``),
 what a window layer keeps, the full reference it is measured against, windowed sparse patterns,
 and the probe that refuses models lcbench cannot take over."""
@@ -15,10 +15,11 @@ import warnings
 import pytest
 import torch
 
+from lcbench import architectures as support
+from lcbench.engine.attach import use_lcbench_attention
 from lcbench.errors import UserError
-from lcbench.models import support
 from lcbench.models.families import FAMILIES, WINDOW, build, family
-from lcbench.models.loading import LoadedModel, use_lcbench_attention
+from lcbench.models.loading import LoadedModel
 from lcbench.models.tiny import tiny_tokenizer
 
 warnings.filterwarnings("ignore", message=".*rope.*")
@@ -107,7 +108,11 @@ def test_full_token_ids_equal_generate(name):
 def test_window_mask_follows_transformers_in_true_positions():
     """A query at true position p sees the keys at positions in (p - w, p] — transformers'
     causal + sliding_window_overlay on positions — even after tokens were dropped (gaps)."""
-    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_overlay
+    from transformers.masking_utils import (
+        and_masks,
+        causal_mask_function,
+        sliding_window_overlay,
+    )
 
     from lcbench.cache import DenseLayer
     from lcbench.engine.attention import storage_mask
@@ -216,17 +221,17 @@ def test_windowed_kernel_equals_dense_attention_on_its_mask(with_columns):
 def test_probe_refuses_a_model_that_keeps_its_own_attention(monkeypatch):
     """Beyond the known configs: a model whose layers never call lcbench's attention is caught by
     counting the calls of a 2-token probe (Falcon, with its config refusal switched off)."""
-    from lcbench.models import hook
+    from lcbench.engine import attach
 
-    monkeypatch.setattr(hook, "config_refusal", lambda cfg: None)
+    monkeypatch.setattr(attach, "config_refusal", lambda cfg: None)
     with pytest.raises(UserError, match="layers 0, 1 of 2 never called lcbench's attention"):
         use_lcbench_attention(build(family("falcon")))
 
 
 def test_probe_refuses_mla_caches(monkeypatch):
-    from lcbench.models import hook
+    from lcbench.engine import attach
 
-    monkeypatch.setattr(hook, "config_refusal", lambda cfg: None)
+    monkeypatch.setattr(attach, "config_refusal", lambda cfg: None)
     with pytest.raises(UserError, match="different widths"):
         use_lcbench_attention(build(family("deepseek-v2")))
 

@@ -11,6 +11,7 @@ from lcbench.cache.layer import DenseLayer
 from lcbench.engine.batching import batch_refusal, plan_groups, run_batched
 from lcbench.engine.row_stack import StackedLayer, row_layers, stack_rows, take_rows
 from lcbench.evaluate import build_spec, evaluate
+from lcbench.results import read_records
 from tests.conftest import engine_for
 from tests.helpers import decoded_ids, make_sample
 
@@ -23,12 +24,12 @@ def _samples():
 
 
 def _alone(model, tok, method, ratio, args):
-    engine = engine_for(model, tok, method, ratio, method_args=args, batch_size=1)
+    engine = engine_for(model, tok, method, ratio, method_args=args, decode_rows=1)
     return decoded_ids(lambda: [r for s in _samples() for r in engine.run(s, False)])
 
 
 def _together(model, tok, method, ratio, args, rows=8):
-    engine = engine_for(model, tok, method, ratio, method_args=args, batch_size=rows)
+    engine = engine_for(model, tok, method, ratio, method_args=args, decode_rows=rows)
     assert batch_refusal(engine.chain, False, False) is None
     return decoded_ids(lambda: [r for _, recs in run_batched(engine, _samples(), {}, rows) for r in recs])
 
@@ -136,8 +137,7 @@ def test_run_folder_identical_to_batch_size_one_and_resumes(tmp_path):
     assert again.new_records == len(lines) - 2
     by_key = {}
     for folder in (one.folder, first.folder):
-        for line in (folder / "samples.jsonl").read_text().splitlines():
-            r = json.loads(line)
+        for r in read_records(folder):
             by_key.setdefault((r["sample_id"], r["turn"]), []).append(r)
     assert len(by_key) == 6 and all(len(v) == 2 for v in by_key.values())
     for alone, together in by_key.values():
@@ -153,7 +153,7 @@ def test_default_runs_one_sample_at_a_time_with_its_turns_together(tmp_path):
                       device="cpu", limit=3, output_path=str(tmp_path))
     assert spec.batch_size == "turns"
     out = evaluate(spec)
-    records = [json.loads(line) for line in (out.folder / "samples.jsonl").read_text().splitlines()]
+    records = read_records(out.folder)
     assert len(records) == 9
     assert {r["batch_samples"] for r in records} == {1}
     assert {r["batch_rows"] for r in records} == {3}

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from test_cli_errors import EXE, TINY, assert_user_error, flat, lcbench, snapshot
 
+from lcbench.results import read_records
+
 NIAH_10 = "lengths=400;600,depths=0;25;50;75;100,max_new_tokens=24"  # 10 samples, ~0.5 s each
 NIAH_3 = "lengths=320,depths=0;50;100,max_new_tokens=2"
 RUN_10 = ["run", "--model", "tiny-random-llama", "--method", "snapkv", "--task-args", NIAH_10]
@@ -39,7 +41,7 @@ def _cmd(*args: str) -> list[str]:
 
 
 def _records(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return read_records(folder)
 
 
 def _wait_for_records(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> Path:

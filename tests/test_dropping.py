@@ -23,7 +23,7 @@ from lcbench.methods.chain import Chain, resolve_chain
 from lcbench.methods.dropping.decode_eviction import EvictingLayer
 from lcbench.methods.dropping.pyramidkv import layer_budget
 from lcbench.methods.registry import METHODS
-from lcbench.models.loading import use_lcbench_attention
+from lcbench.engine.attach import use_lcbench_attention
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from lcbench.tasks.sample import Sample, Turn
 
@@ -82,7 +82,7 @@ def run(model, tok, method: str, ratio: float, args: str | None = None, sample: 
 
 
 def prefill(model, ch: Chain, ids: list[int], protected: int = 0) -> tuple[KVCache, torch.Tensor]:
-    """A compressing prefill of ``ids`` (what Engine._prefill does), returning the cache and logits."""
+    """A compressing prefill of ``ids`` (what Engine.prefill does), returning the cache and logits."""
     for stage in ch.stages:
         stage.begin_sample()
     cache = KVCache(model.config.num_hidden_layers)

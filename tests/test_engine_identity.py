@@ -37,9 +37,7 @@ def test_one_turn_matches_generate(tiny, tiny_sdpa):
 
 
 def test_decoded_token_ids_identical(tiny, tiny_sdpa):
-    """Compare ids, not text: drive the engine's decoder directly."""
-    from lcbench.engine.decode import forward, greedy_decode
-
+    """Compare ids, not text: the record keeps the decoded token ids."""
     model, tok = tiny
     ref_model, _ = tiny_sdpa
     sample = make_sample(1, max_new_tokens=20)
@@ -47,14 +45,10 @@ def test_decoded_token_ids_identical(tiny, tiny_sdpa):
     ids = p.context_ids + p.turn_ids[0]
     ref = _generate(ref_model, ids, 20)
     engine = engine_for(model, tok)
-    cache, _, _, _ = engine._prefill(p.context_ids, protected=0)
-    state = engine._state(cache)
-    with torch.inference_mode():
-        q = torch.tensor([p.turn_ids[0]])
-        pos = torch.arange(len(p.context_ids), len(ids))[None]
-        logits = forward(model, q, pos, state)
-        out = greedy_decode(model, tok, state, logits, torch.tensor([len(ids)]), [20], {-1}, [()])
-    assert out[0].tokens == ref
+    engine.eos = {-1}  # never stop early: all 20 ids are compared
+    (record,) = engine.run(sample, False)
+    assert record.decoded_ids == ref
+    assert record.prediction == tok.decode(ref, skip_special_tokens=True)
 
 
 def test_several_turns_batched_match_generate_each(tiny, tiny_sdpa):
@@ -63,7 +57,7 @@ def test_several_turns_batched_match_generate_each(tiny, tiny_sdpa):
     sample = make_sample(4, max_new_tokens=12)
     p = render(tok, sample, sample.context, False)
     refs = [_decode(tok, _generate(ref_model, p.context_ids + p.turn_ids[k], 12)) for k in range(4)]
-    records = engine_for(model, tok, batch_size=8).run(sample, False)
+    records = engine_for(model, tok, decode_rows=8).run(sample, False)
     assert [r["batch_rows"] for r in records] == [4, 4, 4, 4]
     assert [r["prediction"] for r in records] == refs
 
@@ -85,7 +79,7 @@ def test_multi_turn_with_gold_history_matches_generate(tiny, tiny_sdpa):
 
 def test_eager_dense_attention_matches_generate(tiny_sdpa):
     """``--model-args attn_implementation=eager`` computes dense attention with the explicit softmax."""
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
     from lcbench.models.tiny import tiny_llama
 
     _, tok = tiny_sdpa

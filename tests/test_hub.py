@@ -15,8 +15,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from hubserver import HubRepo, StandIn
+
+from lcbench.results import read_records
 from lcbench.tasks import essays
 from lcbench.tasks.longbench import data as lb_data
 
@@ -91,7 +92,7 @@ def lcbench(env, out: Path, task: str, task_args: str, *extra: str) -> subproces
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in next(out.glob("*/samples.jsonl")).read_text().splitlines()]
+    return read_records(next(out.glob("*/samples.jsonl")).parent)
 
 
 RUNS = {  # task → task arguments (one small sample each)

@@ -146,7 +146,7 @@ def test_longbench_e_buckets():
 def _run(task, samples, method: str = "snapkv") -> list[dict]:
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
 
     torch.set_num_threads(2)
     model = tiny_llama()
@@ -185,7 +185,7 @@ def test_samsum_generation_rule_matches_generate():
     from lcbench.engine.prompt import render
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
     from lcbench.tasks.sample import Sample, Turn
 
     torch.set_num_threads(2)

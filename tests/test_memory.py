@@ -8,7 +8,7 @@ import weakref
 import pytest
 
 from lcbench.cache import KVCache
-from lcbench.models.loading import use_lcbench_attention
+from lcbench.engine.attach import use_lcbench_attention
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from tests.conftest import engine_for
 from tests.helpers import make_sample
@@ -66,7 +66,7 @@ def test_prefill_never_holds_the_full_cache_of_every_layer(deep, monkeypatch):
 def test_several_turns_release_the_shared_context_once_copied(deep, monkeypatch):
     model, tok = deep
     sample = make_sample(3, repeat=14, max_new_tokens=4)
-    held, records = _held_bytes(engine_for(model, tok, batch_size=2), sample, monkeypatch)
+    held, records = _held_bytes(engine_for(model, tok, decode_rows=2), sample, monkeypatch)
     kv = records[0]["kv_bytes"]
     # groups of 2 then 1 turn: at most the context + its 2 copies, then the last turn reuses the context
     assert max(held) < 3.3 * kv

@@ -200,7 +200,7 @@ def test_irt_curve_is_upstreams_formula():
 def test_end_to_end_two_datasets_through_the_engine():
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
 
     torch.set_num_threads(2)
     task = MiniLongBench(data_dir=str(SHARED), datasets="lcc;multifieldqa_zh", n_per_dataset=2, max_length=192)

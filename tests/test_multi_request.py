@@ -8,8 +8,8 @@ from tests.helpers import make_sample
 def test_batched_turns_equal_single_turns_on_a_compressed_cache(tiny):
     model, tok = tiny
     sample = make_sample(5, max_new_tokens=12)
-    batched = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=8", batch_size=8).run(sample, False)
-    alone = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=8", batch_size=1).run(sample, False)
+    batched = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=8", decode_rows=8).run(sample, False)
+    alone = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=8", decode_rows=1).run(sample, False)
     assert [r["batch_rows"] for r in batched] == [5] * 5 and [r["batch_rows"] for r in alone] == [1] * 5
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in alone]
     # the compressed context is shared: same kept bytes per turn, about half the full cache

@@ -36,7 +36,7 @@ def test_question_after_dropping_uses_true_positions(tiny, tiny_sdpa):
     sample = make_sample(1, repeat=10)
     p = render(tok, sample, sample.context, False)
     engine = engine_for(model, tok, "streamingllm", 0.5)
-    cache, _, _, _ = engine._prefill(p.context_ids, protected=0)
+    cache = engine.prefill([p.context_ids]).cache
     kept = cache.layers[0].positions[0, 0]
     assert all(torch.equal(layer.positions[0, h], kept) for layer in cache.layers for h in range(layer.positions.shape[1]))
     assert len(kept) < len(p.context_ids) * 0.6 and kept[0] == 0  # dropped half, kept the sinks
@@ -45,11 +45,11 @@ def test_question_after_dropping_uses_true_positions(tiny, tiny_sdpa):
     q = torch.tensor([p.turn_ids[0]])
     base_len = cache.seq_lengths()
     with torch.inference_mode():
-        state = engine._state(cache)
+        state = engine.forward_state(cache)
         true_logits = forward(model, q, torch.arange(n, n + q.shape[1])[None], state)[0]
         cache.crop_to(base_len)
         shifted = torch.arange(len(kept), len(kept) + q.shape[1])[None]  # the renumbering mistake
-        wrong_logits = forward(model, q, shifted, engine._state(cache))[0]
+        wrong_logits = forward(model, q, shifted, engine.forward_state(cache))[0]
     ref = _reference_logits(ref_model, p.context_ids, p.turn_ids[0], kept)
     assert torch.allclose(true_logits, ref, atol=1e-4), (true_logits - ref).abs().max()
     assert (wrong_logits - ref).abs().max() > 1e-2
@@ -59,7 +59,7 @@ def test_kept_positions_are_stored_per_head(tiny):
     model, tok = tiny
     sample = make_sample(1, repeat=10)
     p = render(tok, sample, sample.context, False)
-    cache, *_ = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=8")._prefill(p.context_ids, 0)
+    cache = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=8").prefill([p.context_ids]).cache
     layer = cache.layers[0]
     n = len(p.context_ids)
     assert layer.positions.shape[-1] == round(n * 0.5)

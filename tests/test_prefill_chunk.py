@@ -31,8 +31,8 @@ def test_full_cache_chunked_prefill_gives_identical_answers(tiny, chunk):
 
 
 def _kept_positions(engine, sample):
-    prompt, _, _ = engine.prepare(sample, False)
-    cache, _, _, _ = engine._prefill(prompt.context_ids, protected=0)
+    prompt = engine.prepare(sample, False).prompt
+    cache = engine.prefill([prompt.context_ids]).cache
     return [layer.positions.clone() for layer in cache.layers]
 
 
@@ -53,7 +53,7 @@ def test_window_longer_than_the_last_chunk_is_still_observed_whole(tiny):
     """window 20 > a last chunk of a few tokens: the last span is merged, SnapKV keeps the same tokens."""
     model, tok = tiny
     sample = make_sample(1)
-    n = len(engine_for(model, tok).prepare(sample, False)[0].context_ids)
+    n = len(engine_for(model, tok).prepare(sample, False).prompt.context_ids)
     chunk = n - 5  # a 5-token last chunk, shorter than the window
     whole = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=20")
     chunked = engine_for(model, tok, "snapkv", 0.5, method_args="window_size=20", prefill_chunk=chunk)

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from lcbench.results.record import TurnRecord
 from lcbench.results.store import RunStore
 from lcbench.results.summary import summarize
 from lcbench.spec import RunSpec, provenance
@@ -54,7 +55,7 @@ def write_run(root: Path, scores: Sequence[float], *, method: str = "snapkv", ra
             "score": float(score), "run_id": spec.run_id, "task": task, "method": method, "model": model,
         })
     for record in records:
-        store.append(record)
+        store.append(TurnRecord.from_json(record))  # written as lcbench writes it (schema 2)
     store.write_json(RunStore.SUMMARY, summarize(records))
     store.close()  # status.json: complete; the writer's lock released
     return folder

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from lcbench.results import read_records
+
 ARGS = ["--model", "tiny-random-llama", "--method", "snapkv", "--ratio", "0.5", "--task", "niah",
         "--task-args", "lengths=400;600,depths=0;25;50;75;100,max_new_tokens=24", "--method-args", "window_size=8"]
 
@@ -18,7 +20,7 @@ def _cli(out: Path) -> list[str]:
 
 
 def _records(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    return read_records(folder)
 
 
 def _strip_timing(summary: dict) -> dict:
@@ -65,13 +67,14 @@ def test_sigkill_then_resume(tmp_path):
 
 
 def test_torn_last_line_is_dropped_on_resume(tmp_path):
+    from lcbench.results.record import TurnRecord
     from lcbench.results.store import RunStore
 
     store = RunStore(tmp_path / "run")
     store.open({"run_id": "x"})
-    store.append({"sample_id": "a", "turn": 0})
+    store.append(TurnRecord(sample_id="a", turn=0, prediction="x"))
     with open(tmp_path / "run" / "samples.jsonl", "a") as f:
         f.write('{"sample_id": "b", "tu')  # a kill in the middle of a write
     RunStore(tmp_path / "run").open({"run_id": "x"})
-    assert store.records() == [{"sample_id": "a", "turn": 0}]
+    assert [(r.sample_id, r.turn, r.prediction) for r in store.records()] == [("a", 0, "x")]
     assert store.done_turns() == {"a": {0}}

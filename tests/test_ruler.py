@@ -383,7 +383,7 @@ def test_bad_arguments_are_user_errors():
 def test_end_to_end_through_the_engine_with_the_tiny_model():
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
     from lcbench.models.tiny import tiny_llama
 
     tok = tiny_tokenizer()
@@ -410,7 +410,7 @@ def test_smollm2_finds_the_single_needle():
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
     from lcbench.models.default import load_smollm2
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
 
     loaded = load_smollm2({}, "cpu")
     use_lcbench_attention(loaded.model)

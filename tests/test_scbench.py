@@ -328,7 +328,7 @@ def test_synthetic_lengths_with_smollm2_tokenizer():
 def engine():
     from lcbench.engine.runner import Engine, EngineConfig
     from lcbench.methods.chain import Chain, resolve_chain
-    from lcbench.models.loading import use_lcbench_attention
+    from lcbench.engine.attach import use_lcbench_attention
     from lcbench.models.tiny import tiny_llama
 
     model = tiny_llama()

@@ -225,7 +225,7 @@ def test_chunkkv_index_reuse_keeps_the_same_pooled_tokens(tiny, sample):
     chain = Chain.build(resolve_chain("pool+chunkkv", "index_reuse=2,chunk_size=4", 0.75), 0.75)
     engine = Engine(model, tok, chain, EngineConfig())
     prompt = render(tok, sample, sample.context, False)
-    cache, *_ = engine._prefill(prompt.context_ids, protected=0)
+    cache = engine.prefill([prompt.context_ids]).cache
     first, second = (layer.positions for layer in cache.layers[:2])
     assert torch.equal(first, second)  # layer 1 reused layer 0's kept tokens
     inputs = METHODS.get("pool")(ratio=chain.stages[0].ratio).context_inputs(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lcbench import cli
+from lcbench.results import read_records
 
 TESTS = Path(__file__).resolve().parent
 SHARED = TESTS.parents[1] / "shared" / "data"
@@ -38,7 +39,7 @@ def test_suite_runs_through_the_cli(task, task_args, data_dir, tmp_path, monkeyp
     cli.main()
     out = capsys.readouterr().out
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    records = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    records = read_records(folder)
     summary = json.loads((folder / "summary.json").read_text())
     spec = json.loads((folder / "spec.json").read_text())["spec"]
     assert records and all(r["score"] is not None for r in records)

@@ -1,18 +1,27 @@
-"""One sample through the whole pipeline (DESIGN.md "The data flow of one run"):
+"""The engine: one pipeline over a group of rows (DESIGN.md "The data flow of one run").
 
-text stage → render → prefill the context part (cache stages compress each layer as it
-finishes) → per turn, prefill the question part on the compressed cache and decode greedily.
-In multi-request mode the turns of a context decode together as one batch, each row starting
-from the same compressed context — held once and shared by the rows (:mod:`lcbench.cache.shared`)
-unless a stage changes each row's context later — and each row leaves the batch when it ends;
-in multi-turn mode they run in order with gold history.
-Every turn yields one record with quality inputs, timings, KV bytes and memory.
+Its steps are public and every mode runs through them:
+
+``prepare``  reset the stages, run the text stage, render the prompt (:class:`Prepared`);
+``prefill``  prefill one or several contexts (left-padded rows); cache stages compress each layer
+             as it finishes — a one-row prefill uses the chain's own stages, a several-row one each
+             sample's own copies, so every row is compressed exactly as if alone;
+``measure``  KV bytes, kept tokens and the achieved ratio of one row's compressed context;
+``check``    fail the run when that misses the requested ratio beyond tolerance;
+``decode``   prefill question parts (left-padded rows) and decode greedily, finished rows leaving;
+``record``   one :class:`~lcbench.results.record.TurnRecord` per turn.
+
+:meth:`Engine.run_group` is the multi-request pipeline for a group of one sample (its turns decoded
+together, sharing the compressed context: :mod:`lcbench.cache.shared`) or of several samples
+(``--batch-size N|auto``, grouped by :mod:`.batching`); query-aware mode runs each turn as a group
+of one row whose protected tail is the question; multi-turn mode decodes the turns in order on one
+cache with gold history.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -20,20 +29,64 @@ from ..cache import KVCache
 from ..errors import CompressionShortfall
 from ..methods.base import TextInput
 from ..methods.chain import Chain
-from ..tasks.sample import Sample
+from ..results.record import Measured, TurnRecord
+from ..tasks.sample import Sample, Turn
+from .attach import attached, use_lcbench_attention
 from .chunked import check_chunkable, prefill_spans
-from .decode import forward, greedy_decode
+from .decode import RowOutput, forward, greedy_decode
+from .per_row import PerRowCompression, fresh_copies
 from .prompt import RenderedPrompt, render
+from .row_stack import cache_of, row_layers, take_rows
 from .state import DECODE, PREFILL, QUESTION, ForwardState
 from .timing import MemoryMeter, Stopwatch, input_device, model_devices
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineConfig:
+    """How the engine executes (derived from the RunSpec by :func:`lcbench.evaluate.engine_config`):
+    ``decode_rows`` turns decoded together (None: every pending turn of the group at once)."""
+
     query_aware: bool = False
-    batch_size: int | None = 8  # rows (turns) decoded together; None: all pending turns of a sample
+    decode_rows: int | None = None
     check_ratio: bool = True
     prefill_chunk: int | None = None  # prefill the context this many tokens at a time (see engine/chunked.py)
+
+
+@dataclass
+class Prepared:
+    """A sample after its text stage and rendering: the prompt, the context's token counts before
+    and after the text stage, what the text stage cost and measured, and the turns still to run."""
+
+    sample: Sample
+    prompt: RenderedPrompt
+    original: RenderedPrompt
+    todo: list[int]
+    text_s: float = 0.0
+    text_peak_memory_mb: float | None = None
+    stats: dict[str, float] = field(default_factory=dict)  # what its text stages measured
+
+    @property
+    def context_tokens_original(self) -> int:
+        return len(self.original.context_ids)
+
+
+@dataclass
+class Prefilled:
+    """A prefilled (and compressed) group of contexts: the cache (one row per context), the pass's
+    times, its last logits, and the stages that compressed each row (their ``sample_stats``)."""
+
+    cache: KVCache
+    prefill_s: float
+    compress_s: float
+    logits: torch.Tensor | None
+    row_stages: list[list]
+
+
+@dataclass
+class Decoded:
+    outputs: list[RowOutput]
+    question_prefill_s: float
+    decode_s: float
 
 
 def kv_bytes_per_token(model) -> int:
@@ -68,10 +121,13 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 class Engine:
-    """Runs samples for one (model, method chain) pair; the model must use lcbench attention
-    (see :func:`lcbench.models.loading.use_lcbench_attention`)."""
+    """Runs samples for one (model, method chain) pair. The model computes attention through
+    lcbench's attention function: a model not switched yet is switched (dense attention by sdpa)
+    and probed here (:func:`lcbench.engine.attach.use_lcbench_attention`)."""
 
     def __init__(self, model, tokenizer, chain: Chain, config: EngineConfig | None = None):
+        if not attached(model):
+            use_lcbench_attention(model)
         self.model = model
         self.tokenizer = tokenizer
         self.chain = chain
@@ -89,9 +145,8 @@ class Engine:
         # turns may share the compressed context (no copy per turn) unless a stage acts on each
         # row's cache after compression: decode stages (eviction, sparse decode) and sparse
         # prefill attention (it runs on the question parts too)
-        self._shares_context = not any({"decode", "prefill_attention"} & set(s.stages) for s in chain.stages)
+        self.shares_context = not any({"decode", "prefill_attention"} & set(s.stages) for s in chain.stages)
 
-    # --- helpers --------------------------------------------------------------------------
     def warm_up(self, tokens: int = 16) -> None:
         """One untimed pass before the first timed sample, so sample 1's TTFT is not device
         start-up (CUDA context, kernel selection, allocator growth): a ``tokens``-token prefill and
@@ -113,86 +168,25 @@ class Engine:
         del cache, state
         self.clock.now()  # wait for the device before anything is timed
 
-    def _state(self, cache: KVCache) -> ForwardState:
-        return ForwardState(cache=cache, stages=self.chain.stages, needs=self.chain.needs, timer=self.clock)
+    def forward_state(self, cache: KVCache, stages: list | None = None) -> ForwardState:
+        """The state one forward pass shares with lcbench attention (the chain's stages by default)."""
+        return ForwardState(cache=cache, stages=self.chain.stages if stages is None else stages,
+                            needs=self.chain.needs, timer=self.clock)
 
-    def _tensor(self, rows: list[list[int]], pad: int = 0):
-        """Left-pad rows into (B, q) ids and validity."""
+    def left_pad(self, rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of token ids left-padded into (B, q) ids and their validity, on the input device."""
         q = max(len(r) for r in rows)
         ids = torch.full((len(rows), q), pad, dtype=torch.long)
         valid = torch.zeros((len(rows), q), dtype=torch.bool)
         for i, r in enumerate(rows):
             if r:
-                ids[i, q - len(r):] = torch.tensor(r)
+                ids[i, q - len(r):] = torch.tensor(list(r))
                 valid[i, q - len(r):] = True
         return ids.to(self.device), valid.to(self.device)
 
-    def _prefill(self, ids: list[int], protected: int) -> tuple[KVCache, dict[str, float], torch.Tensor]:
-        """Prefill ``ids`` into a new cache; cache stages compress it during this pass."""
-        cache = KVCache(self.num_layers)
-        state = self._state(cache)
-        state.phase = PREFILL
-        state.compressing = bool(state.cache_stages)
-        state.protected = protected
-        times: dict[str, float] = {}
-        start = self.clock.now()
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(len(ids), device=self.device)[None]
-        with torch.inference_mode():
-            logits = self._prefill_forward(x, pos, state, len(ids) - protected)
-        total = self.clock.now() - start
-        times["compress_s"] = state.compress_seconds
-        times["prefill_s"] = total - state.compress_seconds
-        self.memory.sample()
-        return cache, times, logits, self._stage_stats(state.stats)
-
-    def _prefill_forward(self, x, pos, state: ForwardState, context_length: int):
-        """Prefill the ids, unless a ``context_inputs`` stage hands embeddings in their place (or
-        writes the context's KV itself); that stage's own time counts as compression."""
-        for stage in self.chain.stages:
-            if "context_inputs" not in stage.stages:
-                continue
-            start = self.clock.now()
-            inputs = stage.context_inputs(self.model, x, context_length, state.cache)
-            state.compress_seconds += self.clock.now() - start
-            if inputs is not None:
-                if inputs.embeds is None:
-                    return None
-                return forward(self.model, None, inputs.positions, state, inputs_embeds=inputs.embeds)
-        return self._chunked_forward(x, pos, state)
-
-    def _chunked_forward(self, x, pos, state: ForwardState, valid: torch.Tensor | None = None):
-        """Prefill ``x`` in spans of ``config.prefill_chunk`` tokens; only the last span is the
-        compressing pass (the rule and what it allows: :mod:`lcbench.engine.chunked`)."""
-        compressing = state.compressing
-        spans = prefill_spans(x.shape[1], self.config.prefill_chunk, self.chain.needs.window)
-        for a, b in spans:
-            state.compressing = compressing and b == x.shape[1]
-            logits = forward(self.model, x[:, a:b], pos[:, a:b], state, None if valid is None else valid[:, a:b])
-        state.compressing = compressing
-        return logits
-
-    def _stage_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """Merge what the stages measured on this sample (:meth:`Stage.sample_stats`) into ``stats``."""
-        for stage in self.chain.stages:
-            stats.update(stage.sample_stats())
-        return stats
-
-    # --- one sample -----------------------------------------------------------------------
-    def run(self, sample: Sample, multi_turn: bool, skip_turns: set[int] = frozenset()) -> list[dict[str, Any]]:
-        """Records for every turn of ``sample`` not in ``skip_turns``."""
-        prompt, original, common = self.prepare(sample, multi_turn)
-        if multi_turn:
-            return self._run_multi_turn(sample, prompt, original, common, skip_turns)
-        if self.config.query_aware:
-            return [self._run_query_aware(sample, k, prompt, original, common)
-                    for k in range(len(sample.turns)) if k not in skip_turns]
-        return self._run_multi_request(sample, prompt, common, skip_turns)
-
-    def prepare(self, sample: Sample, multi_turn: bool) -> tuple[RenderedPrompt, RenderedPrompt, dict[str, Any]]:
-        """The per-sample work before prefill: reset the stages, run the text stage, render.
-        Returns the rendered prompt, the prompt of the uncompressed context, and the fields every
-        record of the sample shares."""
+    # --- step 1: prepare --------------------------------------------------------------------
+    def prepare(self, sample: Sample, multi_turn: bool = False, skip_turns: Sequence[int] = ()) -> Prepared:
+        """The per-sample work before prefill: reset the stages, run the text stage, render."""
         if not self.warmed_up:
             self.warm_up()
         for stage in self.chain.stages:
@@ -209,13 +203,15 @@ class Engine:
                 if "text" in stage.stages:
                     text_in = stage.compress_text(text_in)
         prompt = original if text_in.context == sample.context else render(self.tokenizer, sample, text_in.context, multi_turn)
-        common = {
-            "context_tokens_original": len(original.context_ids),
-            "context_tokens": len(prompt.context_ids),
-            "text_s": text_times.get("text_s", 0.0),
-            "text_peak_memory_mb": self.memory.peak_mb(),  # the compressor's cost (same kind as peak_memory_mb)
-        }
-        return prompt, original, common
+        stats: dict[str, float] = {}
+        for stage in self.chain.stages:
+            if "text" in stage.stages:
+                stats.update(stage.sample_stats())
+        skip = set(skip_turns)
+        return Prepared(sample, prompt, original, [k for k in range(len(sample.turns)) if k not in skip],
+                        text_s=text_times.get("text_s", 0.0),
+                        text_peak_memory_mb=self.memory.peak_mb(),  # the compressor's cost (same kind as peak_memory_mb)
+                        stats=stats)
 
     def _fixed_tokens(self, sample: Sample, original: RenderedPrompt) -> int:
         """Tokens of the measured prefill a text stage cannot shorten: the context part's template
@@ -224,13 +220,76 @@ class Engine:
         question = len(original.turn_ids[0]) if self.config.query_aware and original.turn_ids else 0
         return max(0, len(original.context_ids) - context) + question
 
-    def _measure(self, cache: KVCache, full_tokens: int, rows: int = 1) -> dict[str, float]:
-        kv = cache.nbytes() / rows
+    # --- step 2: prefill --------------------------------------------------------------------
+    def prefill(self, rows: Sequence[Sequence[int]], protected: int = 0) -> Prefilled:
+        """Prefill ``rows`` (one context each; the last ``protected`` tokens of a row must be kept)
+        into a new cache; cache stages compress each layer during this pass. One row is compressed
+        by the chain's own stages (and may be prefilled by a ``context_inputs`` stage); several by
+        each row's own fresh copies of the cache stages (:class:`PerRowCompression`)."""
+        cache = KVCache(self.num_layers)
+        if len(rows) == 1:
+            row_stages = [self.chain.stages]
+            state = self.forward_state(cache)
+        else:
+            cache_stages = [s for s in self.chain.stages if "cache" in s.stages]
+            row_stages = [fresh_copies(cache_stages) for _ in rows]
+            per_row = PerRowCompression(row_stages, [len(r) for r in rows], self.chain.needs)
+            state = self.forward_state(cache, [per_row] if cache_stages else [])
+        state.phase = PREFILL
+        state.compressing = bool(state.cache_stages)
+        state.protected = protected
+        start = self.clock.now()
+        with torch.inference_mode():
+            if len(rows) == 1:
+                x = torch.tensor([list(rows[0])], dtype=torch.long, device=self.device)
+                pos = torch.arange(len(rows[0]), device=self.device)[None]
+                logits = self._prefill_forward(x, pos, state, len(rows[0]) - protected)
+            else:
+                ids, valid = self.left_pad(rows)
+                width = ids.shape[1]
+                offsets = torch.tensor([width - len(r) for r in rows], device=self.device)
+                pos = (torch.arange(width, device=self.device)[None, :] - offsets[:, None]).clamp(min=0)
+                logits = self.chunked_forward(ids, pos, state, valid)
+        total = self.clock.now() - start
+        self.memory.sample()
+        return Prefilled(cache, total - state.compress_seconds, state.compress_seconds, logits, row_stages)
+
+    def _prefill_forward(self, x, pos, state: ForwardState, context_length: int):
+        """Prefill the ids, unless a ``context_inputs`` stage hands embeddings in their place (or
+        writes the context's KV itself); that stage's own time counts as compression."""
+        for stage in self.chain.stages:
+            if "context_inputs" not in stage.stages:
+                continue
+            start = self.clock.now()
+            inputs = stage.context_inputs(self.model, x, context_length, state.cache)
+            state.compress_seconds += self.clock.now() - start
+            if inputs is not None:
+                if inputs.embeds is None:
+                    return None
+                return forward(self.model, None, inputs.positions, state, inputs_embeds=inputs.embeds)
+        return self.chunked_forward(x, pos, state)
+
+    def chunked_forward(self, x, pos, state: ForwardState, valid: torch.Tensor | None = None):
+        """Prefill ``x`` in spans of ``config.prefill_chunk`` tokens; only the last span is the
+        compressing pass (the rule and what it allows: :mod:`lcbench.engine.chunked`)."""
+        compressing = state.compressing
+        spans = prefill_spans(x.shape[1], self.config.prefill_chunk, self.chain.needs.window)
+        for a, b in spans:
+            state.compressing = compressing and b == x.shape[1]
+            logits = forward(self.model, x[:, a:b], pos[:, a:b], state, None if valid is None else valid[:, a:b])
+        state.compressing = compressing
+        return logits
+
+    # --- steps 3 and 4: measure, check ------------------------------------------------------
+    def measure(self, cache: KVCache, full_tokens: int) -> dict[str, float]:
+        """KV bytes, kept tokens and achieved ratio of a one-row compressed context, against the
+        dense cache of ``full_tokens`` tokens."""
+        kv = cache.nbytes()
         full = dense_kv_bytes(self.model, full_tokens, self.bytes_per_token)
         return {"kv_bytes": int(kv), "kv_bytes_full": int(full), "kept_tokens": cache.kept_tokens(),
                 "achieved_ratio": 1.0 - kv / full if full else 0.0}
 
-    def _check(self, measured: dict[str, float], stats: dict[str, float]) -> None:
+    def check(self, measured: dict[str, float], stats: dict[str, float]) -> None:
         """Fail the run when the measured compression misses the request beyond tolerance: KV
         memory for memory-compressing components, attention density for sparse ones."""
         if not self.config.check_ratio:
@@ -248,34 +307,21 @@ class Engine:
                     f"not a score. Fix the method, or request a ratio it can reach."
                 )
 
-    def _record(self, k: int, sample: Sample, out, times: dict, measured: dict, common: dict,
-                input_tokens: int, rows: int) -> dict[str, Any]:
-        turn = sample.turns[k]
-        decode_tokens = len(out.tokens)
-        ttft = common["text_s"] + times["prefill_s"] + times["compress_s"] + times["question_prefill_s"]
-        return {
-            "sample_id": sample.id, "turn": k, "meta": sample.meta,
-            "prediction": out.text, "answers": turn.answers, "stopped_by": out.stopped_by,
-            "input_tokens": input_tokens, **common, **measured,
-            "requested_ratio": self.chain.requested_ratio,
-            "prefill_s": times["prefill_s"], "compress_s": times["compress_s"],
-            "question_prefill_s": times["question_prefill_s"], "ttft_s": ttft,
-            "decode_tokens": decode_tokens, "decode_s": times["decode_s"],
-            "decode_tok_s": decode_tokens / times["decode_s"] if times["decode_s"] > 0 else None,
-            "batch_rows": rows, "batch_samples": 1, "peak_memory_mb": self.memory.peak_mb(), "memory_kind": self.memory.kind,
-            **{k2: v for k2, v in times.items() if k2 not in ("prefill_s", "compress_s", "question_prefill_s", "decode_s")},
-        }
+    def stage_stats(self, stages: list, into: dict[str, float]) -> dict[str, float]:
+        """``into`` updated with what ``stages`` measured on the current sample (:meth:`Stage.sample_stats`)."""
+        for stage in stages:
+            into.update(stage.sample_stats())
+        return into
 
-    def _decode_rows(self, cache: KVCache, turn_ids: list[list[int]], start: int | list[int], turns,
-                     stats) -> tuple[list, dict]:
+    # --- step 5: decode ---------------------------------------------------------------------
+    def decode(self, cache: KVCache, turn_ids: list[list[int]], start: int | list[int], turns: list[Turn]) -> Decoded:
         """Prefill question parts (left-padded, one row each) on ``cache`` and decode them together;
         ``start`` is the true position of each row's first question token (one int for all rows,
         or one per row when the rows continue different contexts)."""
         times: dict[str, float] = {}
-        state = self._state(cache)
+        state = self.forward_state(cache)
         state.phase = QUESTION
-        state.stats = stats
-        ids, valid = self._tensor(turn_ids)
+        ids, valid = self.left_pad(turn_ids)
         q = ids.shape[1]
         lengths = torch.tensor([len(t) for t in turn_ids], device=self.device)
         start = torch.as_tensor(start, device=self.device).reshape(-1)
@@ -285,73 +331,140 @@ class Engine:
             with self.clock.region(times, "question_prefill_s"):
                 logits = forward(self.model, ids, pos, state, valid)
             with self.clock.region(times, "decode_s"):
-                outs = greedy_decode(self.model, self.tokenizer, state, logits, start + lengths,
-                                     [t.max_new_tokens for t in turns], self.eos, [t.stop for t in turns],
-                                     [t.min_new_tokens for t in turns], [t.stop_token_ids for t in turns])
-        self._stage_stats(stats)
+                outs = self._greedy(state, logits, start + lengths, turns)
         self.memory.sample()
-        return outs, times
+        return Decoded(outs, times["question_prefill_s"], times["decode_s"])
 
-    def _run_multi_request(self, sample, prompt: RenderedPrompt, common, skip_turns) -> list[dict]:
-        cache, times, _, stats = self._prefill(prompt.context_ids, protected=0)
-        measured = self._measure(cache, common["context_tokens_original"])
-        self._check(measured, stats)
-        todo = [k for k in range(len(sample.turns)) if k not in skip_turns]
+    def decode_from(self, cache: KVCache, logits: torch.Tensor, next_position: int, turn: Turn) -> Decoded:
+        """Decode one row greedily from the prefill's last ``logits`` (query-aware mode: the
+        question was part of the prefill)."""
+        times: dict[str, float] = {}
+        state = self.forward_state(cache)
+        with torch.inference_mode(), self.clock.region(times, "decode_s"):
+            outs = self._greedy(state, logits, torch.tensor([next_position], device=self.device), [turn])
+        return Decoded(outs, 0.0, times["decode_s"])
+
+    def _greedy(self, state, logits, next_positions, turns: list[Turn]) -> list[RowOutput]:
+        return greedy_decode(self.model, self.tokenizer, state, logits, next_positions,
+                             [t.max_new_tokens for t in turns], self.eos, [t.stop for t in turns],
+                             [t.min_new_tokens for t in turns], [t.stop_token_ids for t in turns])
+
+    # --- step 6: record ---------------------------------------------------------------------
+    def record(self, p: Prepared, k: int, out: RowOutput, prefilled: Prefilled, decoded: Decoded,
+               measured: dict[str, float], stats: dict[str, float], input_tokens: int, rows: int,
+               samples: int = 1) -> TurnRecord:
+        """The record of turn ``k`` of ``p``: what the engine measured, and apart from it what the
+        method's stages reported (``stats``)."""
+        tokens = len(out.tokens)
+        ttft = p.text_s + prefilled.prefill_s + prefilled.compress_s + decoded.question_prefill_s
+        m = Measured(
+            input_tokens=input_tokens, context_tokens_original=p.context_tokens_original,
+            context_tokens=len(p.prompt.context_ids), **measured, requested_ratio=self.chain.requested_ratio,
+            text_s=p.text_s, text_peak_memory_mb=p.text_peak_memory_mb,
+            prefill_s=prefilled.prefill_s, compress_s=prefilled.compress_s,
+            question_prefill_s=decoded.question_prefill_s, ttft_s=ttft, decode_tokens=tokens,
+            decode_s=decoded.decode_s, decode_tok_s=tokens / decoded.decode_s if decoded.decode_s > 0 else None,
+            batch_rows=rows, batch_samples=samples, peak_memory_mb=self.memory.peak_mb(),
+            memory_kind=self.memory.kind)
+        turn = p.sample.turns[k]
+        return TurnRecord(sample_id=p.sample.id, turn=k, prediction=out.text, answers=list(turn.answers),
+                          meta=p.sample.meta, stopped_by=out.stopped_by, decoded_ids=list(out.tokens),
+                          measured=m, method_stats=dict(stats))
+
+    # --- the pipelines ----------------------------------------------------------------------
+    def run(self, sample: Sample, multi_turn: bool, skip_turns: set[int] = frozenset()) -> list[TurnRecord]:
+        """Records for every turn of ``sample`` not in ``skip_turns``."""
+        p = self.prepare(sample, multi_turn, skip_turns)
+        if multi_turn:
+            return self.run_multi_turn(p)
+        if self.config.query_aware:
+            return [self.run_query_aware(p, k) for k in p.todo]
+        return self.run_group([p])
+
+    def run_group(self, group: list[Prepared], rows: int | None = None) -> list[TurnRecord]:
+        """Multi-request mode: the contexts of ``group`` prefilled together (each row compressed as
+        if alone), measured and checked one by one, then every pending turn decoded from its
+        context's row, ``rows`` turns at a time (default ``config.decode_rows``; None: all). One
+        sample's turns share its compressed context where the chain allows (no copy per turn)."""
+        if len(group) > 1:
+            self.memory.reset()
+        prefilled = self.prefill([p.prompt.context_ids for p in group])
+        cache = prefilled.cache
+        per_row = [cache] if len(group) == 1 else [cache_of(list(layers)) for layers in
+                                                  zip(*(row_layers(layer) for layer in cache.layers))]
+        measured, stats = [], []
+        for j, p in enumerate(group):
+            m = self.measure(per_row[j], p.context_tokens_original)
+            s = self.stage_stats(prefilled.row_stages[j], dict(p.stats))
+            self.check(m, s)
+            measured.append(m)
+            stats.append(s)
+        del per_row
+        pending = [(j, k) for j, p in enumerate(group) for k in p.todo]
+        size = max(1, rows or self.config.decode_rows or len(pending) or 1)
         records = []
-        n_ctx = len(prompt.context_ids)
-        size = (len(todo) or 1) if self.config.batch_size is None else max(1, self.config.batch_size)
-        for start in range(0, len(todo), size):
-            group = todo[start: start + size]
-            last = start + size >= len(todo)
-            # the last group takes the cache itself when it is one row; otherwise the rows share the
-            # context's layers (cache/shared.py: no copy per turn) where the chain never changes a
-            # row's context after compression, and copy it where it does (decode-time eviction,
-            # sparse attention, re-quantized windows)
-            rows = cache if last and len(group) == 1 else (
-                cache.share_rows(len(group)) if self._shares_context else cache.repeat_rows(len(group)))
+        for begin in range(0, len(pending), size):
+            chunk = pending[begin:begin + size]
+            last = begin + size >= len(pending)
+            decode_cache = self._decode_cache(cache, [sum(1 for j2, _ in chunk if j2 == j) for j in range(len(group))],
+                                              last)
             if last:
-                del cache
-            outs, t2 = self._decode_rows(rows, [prompt.turn_ids[k] for k in group], n_ctx,
-                                         [sample.turns[k] for k in group], stats)
-            for k, out in zip(group, outs):
-                rec = self._record(k, sample, out, {**times, **t2}, {**measured, **stats}, common,
-                                   n_ctx + len(prompt.turn_ids[k]), len(group))
-                records.append(rec)
+                del cache  # no second copy of the contexts' KV outlives its use
+            decoded = self.decode(decode_cache, [group[j].prompt.turn_ids[k] for j, k in chunk],
+                                  [len(group[j].prompt.context_ids) for j, _ in chunk],
+                                  [group[j].sample.turns[k] for j, k in chunk])
+            del decode_cache
+            for (j, k), out in zip(chunk, decoded.outputs):
+                p = group[j]
+                s = self.stage_stats(prefilled.row_stages[j], stats[j])
+                records.append(self.record(p, k, out, prefilled, decoded, measured[j], s,
+                                           len(p.prompt.context_ids) + len(p.prompt.turn_ids[k]), len(chunk),
+                                           len(group)))
         return records
 
-    def _run_query_aware(self, sample, k, prompt, original, common) -> dict:
-        """SnapKV's original protocol: compress after the question is prefilled (no sharing)."""
-        q_ids = prompt.turn_ids[k]
-        ids = prompt.context_ids + q_ids
-        cache, times, logits, stats = self._prefill(ids, protected=len(q_ids))
-        measured = self._measure(cache, common["context_tokens_original"] + len(q_ids))
-        self._check(measured, stats)
-        state = self._state(cache)
-        state.stats = stats
-        t2 = {"question_prefill_s": 0.0}
-        with torch.inference_mode(), self.clock.region(t2, "decode_s"):
-            outs = greedy_decode(self.model, self.tokenizer, state, logits,
-                                 torch.tensor([len(ids)], device=self.device), [sample.turns[k].max_new_tokens],
-                                 self.eos, [sample.turns[k].stop], [sample.turns[k].min_new_tokens],
-                                 [sample.turns[k].stop_token_ids])
-        self._stage_stats(stats)
-        return self._record(k, sample, outs[0], {**times, **t2}, {**measured, **stats}, common, len(ids), 1)
+    def _decode_cache(self, cache: KVCache, counts: list[int], last: bool) -> KVCache:
+        """The cache ``counts[j]`` decode rows of context row ``j`` start from: the cache itself
+        when it is the last use and one row per context; for one context, its layers shared by
+        the rows (cache/shared.py: no copy per turn) where the chain never changes a row's context
+        after compression, else copied (decode-time eviction, sparse attention, re-quantized
+        windows); for several contexts, each row copied ``counts[j]`` times."""
+        if last and all(c == 1 for c in counts):
+            return cache
+        if len(counts) == 1:
+            return cache.share_rows(counts[0]) if self.shares_context else cache.repeat_rows(counts[0])
+        return cache_of([take_rows(layer, counts) for layer in cache.layers])
 
-    def _run_multi_turn(self, sample, prompt, original, common, skip_turns) -> list[dict]:
+    def run_query_aware(self, p: Prepared, k: int) -> TurnRecord:
+        """SnapKV's original protocol: the context and turn ``k``'s question prefilled together and
+        compressed with the question protected (no sharing across turns)."""
+        q_ids = p.prompt.turn_ids[k]
+        ids = p.prompt.context_ids + q_ids
+        prefilled = self.prefill([ids], protected=len(q_ids))
+        measured = self.measure(prefilled.cache, p.context_tokens_original + len(q_ids))
+        stats = self.stage_stats(self.chain.stages, dict(p.stats))
+        self.check(measured, stats)
+        decoded = self.decode_from(prefilled.cache, prefilled.logits, len(ids), p.sample.turns[k])
+        self.stage_stats(self.chain.stages, stats)
+        return self.record(p, k, decoded.outputs[0], prefilled, decoded, measured, stats, len(ids), 1)
+
+    def run_multi_turn(self, p: Prepared) -> list[TurnRecord]:
         """SCBench multi-turn: each turn sees the context, earlier questions and gold answers."""
-        cache, times, _, stats = self._prefill(prompt.context_ids, protected=0)
-        measured = self._measure(cache, common["context_tokens_original"])
-        self._check(measured, stats)
-        position = len(prompt.context_ids)
+        prefilled = self.prefill([p.prompt.context_ids])
+        cache = prefilled.cache
+        measured = self.measure(cache, p.context_tokens_original)
+        stats = self.stage_stats(self.chain.stages, dict(p.stats))
+        self.check(measured, stats)
+        position = len(p.prompt.context_ids)
+        todo = set(p.todo)
         records = []
-        for k, turn in enumerate(sample.turns):
+        for k, turn in enumerate(p.sample.turns):
             lengths = cache.seq_lengths()
-            outs, t2 = self._decode_rows(cache, [prompt.turn_ids[k]], position, [turn], stats)
-            position += len(prompt.turn_ids[k])
-            if k not in skip_turns:
-                records.append(self._record(k, sample, outs[0], {**times, **t2}, {**measured, **stats}, common,
-                                            position, 1))
+            decoded = self.decode(cache, [p.prompt.turn_ids[k]], position, [turn])
+            self.stage_stats(self.chain.stages, stats)
+            position += len(p.prompt.turn_ids[k])
+            if k in todo:
+                records.append(self.record(p, k, decoded.outputs[0], prefilled, decoded, measured, stats, position, 1))
             # forget the generated answer; the next turn's text carries the gold answer instead
-            cache.crop_to([min(n + len(prompt.turn_ids[k]), layer.seq_len())
+            cache.crop_to([min(n + len(p.prompt.turn_ids[k]), layer.seq_len())
                            for n, layer in zip(lengths, cache.layers)])
         return records

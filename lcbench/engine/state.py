@@ -28,7 +28,6 @@ class ForwardState:
     needs: Needs = field(default_factory=Needs)
     timer: Any = None  # engine.timing.Stopwatch
     compress_seconds: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
     probe: Any = None  # models.hook.HookProbe: records each attention call (the post-load check)
 
     def __post_init__(self):

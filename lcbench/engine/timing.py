@@ -7,7 +7,9 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
+
 import torch
+
 
 def cuda_devices(devices) -> list[torch.device]:
     """The CUDA devices among ``devices`` (one or several), each with its index made explicit

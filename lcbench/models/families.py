@@ -3,7 +3,7 @@
 Each :class:`Family` names a transformers config/model class and the overrides that make a tiny
 model of it (2 layers, hidden 64, the offline tokenizer of :mod:`lcbench.models.tiny`) — with the
 variant's attention features switched on and a sliding window (``WINDOW`` tokens) far smaller than
-the contexts the support matrix runs (:mod:`lcbench.models.support`), so the window matters. The
+the contexts the support matrix runs (:mod:`lcbench.architectures`), so the window matters. The
 matrix, its tests (``tests/test_architectures.py``) and the README table all read this list: add a
 family here when transformers adds one.
 """

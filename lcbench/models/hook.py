@@ -2,21 +2,20 @@
 
 ``set_attn_implementation("lcbench")`` is a request, not a guarantee: a model may keep its own
 attention code (Falcon), or hand lcbench a cache lcbench cannot hold (DeepSeek-V2/V3's MLA:
-keys and values of different widths). :func:`probe` runs a 2-token forward through the
-engine's path and counts the calls of lcbench's attention function per layer; every layer must
-call it exactly once, with keys and values lcbench can store. What the calls carried (sliding
-window per layer, softcap, sinks) and the bytes one token takes in each layer's dense cache are
-kept on the model as its :class:`Geometry` — the reference a compressed cache is measured
-against (a sliding-window layer's full cache holds at most ``window - 1`` context tokens).
+keys and values of different widths). The engine's probe (:func:`lcbench.engine.attach.probe`)
+runs a 2-token forward through the engine's path and counts the calls of lcbench's attention
+function per layer in a :class:`HookProbe`; every layer must call it exactly once, with keys and
+values lcbench can store. What the calls carried (sliding window per layer, softcap, sinks) and
+the bytes one token takes in each layer's dense cache are kept on the model as its
+:class:`Geometry` — the reference a compressed cache is measured against (a sliding-window
+layer's full cache holds at most ``window - 1`` context tokens). This module holds what the
+models layer needs without the engine: the records, and :func:`config_refusal`, which refuses
+from the config alone, before any weights are fetched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
-
-from ..errors import UserError
 
 
 @dataclass
@@ -119,71 +118,8 @@ def text_config(model):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _arch(model) -> str:
+def arch_name(model) -> str:
     return f"{type(model).__name__} (model_type '{getattr(model.config, 'model_type', '?')}')"
-
-
-def probe(model) -> Geometry:
-    """Run 2 tokens through lcbench's path and check every layer called lcbench's attention once,
-    with keys and values of one width; return the model's :class:`Geometry`. Raises
-    :class:`UserError` (with the reason) for a model lcbench cannot take over."""
-    from ..cache import KVCache
-    from ..engine.decode import forward
-    from ..engine.state import ForwardState
-
-    reason = config_refusal(model.config)
-    if reason:
-        raise UserError(f"{_arch(model)}: {reason}")
-    layers = text_config(model).num_hidden_layers
-    cache = KVCache(layers)
-    seen = HookProbe()
-    state = ForwardState(cache=cache, stages=[], probe=seen)
-    device = next(model.parameters()).device
-    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
-    pos = torch.arange(2, device=device)[None]
-    try:
-        with torch.inference_mode():
-            forward(model, ids, pos, state)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure here means lcbench cannot run this model
-        raise UserError(
-            f"{_arch(model)} does not run under lcbench's attention ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). lcbench cannot evaluate it. Fix: use a model "
-            f"whose attention goes through transformers' attention interface (README, supported architectures)."
-        ) from None
-    missing = [i for i in range(layers) if seen.layers.get(i, LayerCall()).calls == 0]
-    if missing:
-        raise UserError(
-            f"{_arch(model)} computes attention with its own code: layers {_ranges(missing)} of {layers} never "
-            f"called lcbench's attention function, so no method could act on them and `full` would not be "
-            f"lcbench's measurement. lcbench cannot evaluate this architecture. Fix: use a model whose attention "
-            f"goes through transformers' attention interface (README, supported architectures)."
-        )
-    twice = [i for i, r in seen.layers.items() if r.calls != 1]
-    if twice or seen.unindexed:
-        raise UserError(
-            f"{_arch(model)} calls attention more than once per layer and pass (layers {_ranges(sorted(twice))}; "
-            f"{seen.unindexed} calls without a layer index): lcbench's per-layer cache cannot follow it. "
-            f"Fix: use a supported architecture (README)."
-        )
-    uneven = [i for i, r in seen.layers.items() if r.key_dim != r.value_dim]
-    if uneven:
-        r = seen.layers[uneven[0]]
-        raise UserError(
-            f"{_arch(model)} caches keys and values of different widths ({r.key_dim} and {r.value_dim} per head: "
-            f"multi-head latent attention, as in DeepSeek-V2/V3). lcbench's cache layers, quantizers and "
-            f"sparse kernels assume one width, so lcbench refuses this model rather than measure it wrongly. "
-            f"Fix: use a model with standard multi-head / grouped-query attention (README, supported architectures)."
-        )
-    per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
-    calls = [seen.layers[i] for i in range(layers)]
-    return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
-                    any(r.sinks for r in calls))
-
-
-def _ranges(idx: list[int]) -> str:
-    return ", ".join(map(str, idx[:8])) + (" …" if len(idx) > 8 else "")
 
 
 def geometry(model) -> Geometry | None:

@@ -16,12 +16,11 @@ import torch
 from ..errors import UserError
 from ..params import Param, ParamSet
 from ..registry import Registry
+from ..spec import DEFAULT_MODEL  # the run declaration holds the default model's name
 
 MODELS: Registry = Registry("model", "lcbench.models")
-MODELS.add("smollm2-135m-instruct", "lcbench.models.default:load_smollm2")
+MODELS.add(DEFAULT_MODEL, "lcbench.models.default:load_smollm2")
 MODELS.add("tiny-random-llama", "lcbench.models.tiny:load_tiny_random_llama")
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 MODEL_PARAMS = ParamSet((
     Param("dtype", str, "auto", "torch dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16"),
@@ -42,6 +41,7 @@ class LoadedModel:
     name: str
     source: str  # where it came from (hub id, folder, gguf), for the RunSpec
     info: dict = field(default_factory=dict)
+    dense_attention: str = "sdpa"  # how lcbench's attention computes dense attention: sdpa or eager
 
     @property
     def max_length(self) -> int:
@@ -84,23 +84,6 @@ def resolve_device(device: str | None) -> str:
     if parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise UserError(f"--device {device} was requested but no XPU is available. Fix: --device cpu.")
     return device
-
-
-def use_lcbench_attention(model, dense: str = "sdpa") -> None:
-    """Route every attention call of ``model`` through lcbench's registered attention function,
-    which computes dense attention with ``dense`` (``sdpa`` or ``eager``), then check with a 2-token
-    probe that every layer really calls it (:func:`lcbench.models.hook.probe`; a model lcbench
-    cannot take over raises :class:`UserError`) and record the model's geometry."""
-    from ..engine import attention  # noqa: F401  (registers the function)
-
-    from .hook import probe
-
-    model.config.lcbench_dense_attention = dense
-    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    text.lcbench_dense_attention = dense
-    model.set_attn_implementation(attention.ATTENTION_NAME)
-    # never trust the switch silently: every layer must call lcbench's attention (models/hook.py)
-    model.lcbench_geometry = probe(model)
 
 
 def refuse_before_loading(name_or_path: str, kw: dict[str, Any]) -> None:
@@ -158,7 +141,9 @@ def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
 
 
 def load_model(name: str, model_args: dict[str, str] | None, device: str | None = None) -> LoadedModel:
-    """Load ``name`` (registered or ``from_pretrained``) on ``device`` with lcbench attention."""
+    """Load ``name`` (registered or ``from_pretrained``) on ``device``. The engine switches it to
+    lcbench's attention (:func:`lcbench.engine.attach.use_lcbench_attention`, computing dense
+    attention as ``dense_attention`` says); models never import the engine."""
     device = resolve_device(device)
     args = MODEL_PARAMS.resolve(model_args or {}, f"model '{name}'")
     if name in MODELS:
@@ -167,5 +152,5 @@ def load_model(name: str, model_args: dict[str, str] | None, device: str | None 
         loaded = load_pretrained(name, args, device)
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
-    use_lcbench_attention(loaded.model, args.get("attn_implementation") or "sdpa")
+    loaded.dense_attention = args.get("attn_implementation") or "sdpa"
     return loaded

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import RunFailed, UserError
+from .record import TurnRecord
 
 RUNNING, COMPLETE, FAILED, ABORTED, INCOMPLETE = "running", "complete", "failed", "aborted", "incomplete"
 DISK_FULL = {28, 122, 27}  # ENOSPC, EDQUOT, EFBIG
@@ -143,9 +144,10 @@ class RunStore:
             tmp.write_bytes(fixed)
             os.replace(tmp, path)
 
-    def append(self, record: dict[str, Any]) -> None:
+    def append(self, record: TurnRecord) -> None:
+        """One turn's record, as one line of its schema (:mod:`lcbench.results.record`), synced."""
         with open(self.folder / self.SAMPLES, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+            f.write(json.dumps(record.to_json(), ensure_ascii=False, default=_json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -203,9 +205,10 @@ class RunStore:
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror or exc}.") from None
 
-    def records(self) -> list[dict[str, Any]]:
-        """The records, in order; unparseable lines are skipped (``self.skipped`` counts them; a
-        writer moves them aside on open). A record without its sample id and turn is an error."""
+    def records(self) -> list[TurnRecord]:
+        """The records, in order, read through their schema (version-1 flat lines too);
+        unparseable lines are skipped (``self.skipped`` counts them; a writer moves them aside on
+        open). A record without its sample id and turn, or of a newer schema, is an error."""
         path = self.folder / self.SAMPLES
         self.skipped = 0
         if not path.exists():
@@ -226,7 +229,11 @@ class RunStore:
                 raise UserError(f"{path} line {number}: a record without its 'sample_id' and integer 'turn' "
                                 f"(not written by lcbench). Fix: remove that line (or the run folder) and re-run "
                                 f"the same command; the missing turns are recomputed.")
-            out.append(rec)
+            try:
+                out.append(TurnRecord.from_json(rec))
+            except ValueError as exc:
+                raise UserError(f"{path} line {number}: {exc}. Fix: read it with the lcbench version that "
+                                f"wrote it (see spec.json's provenance), or re-run the run.") from None
         return out
 
     def done_turns(self) -> dict[str, set[int]]:

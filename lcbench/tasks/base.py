@@ -19,13 +19,13 @@ from .sample import Sample, Turn
 @dataclass
 class TaskEnv:
     """What a task may know about the run: the target tokenizer (lengths are counted in it),
-    the model's name and context limit, the seed and an optional local data folder."""
+    the model's name and context limit and the seed. (A local copy of a suite's data is the task's
+    own ``data_dir`` argument, recorded in the spec.)"""
 
     tokenizer: Any
     model_name: str
     model_max_length: int
     seed: int = 0
-    data_dir: Path | None = None
 
 
 class Task(ABC):

@@ -228,7 +228,7 @@ class NeedleInAHaystack(Task):
         lengths, depths = self._grid()
         up = PROTOCOL["upstream"]
         two = self.args["messages"] == "two" and two_user_messages(env.tokenizer, up["system"])
-        resolved = resolve_haystack(self.args["haystack"], Path(env.data_dir) if env.data_dir else None)
+        resolved = resolve_haystack(self.args["haystack"])
         haystack = resolved.text
         dataset = "niah" if resolved.kind != FILLER else "niah[filler]"
         tok = env.tokenizer

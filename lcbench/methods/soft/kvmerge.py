@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from ...cache.layer import DenseLayer
 from ...errors import UserError
-from ...params import Param
 from ..base import Stage
 from ..dropping.select import align, context_slots, group_mean
 from ..dropping.snapkv import KERNEL_SIZE, WINDOW_SIZE, SnapKV

@@ -101,7 +101,8 @@ class LongBenchBase(Task):
 
     # --- building samples --------------------------------------------------------------
     def data_dir(self, env: TaskEnv):
-        return self.args["data_dir"] or env.data_dir
+        """The local copy of the released data (``data_dir=PATH`` / ``--data-dir``), or None: the hub."""
+        return self.args["data_dir"]
 
     def build_sample(self, env: TaskEnv, dataset: str, row: dict[str, Any], sample_id: str,
                      meta: dict[str, Any], chat_tokens: int) -> Sample:

@@ -113,7 +113,7 @@ class Ruler(Task):
     def _essay(self, env: TaskEnv) -> tuple[str, ...]:
         """The essay haystack's words (:func:`..essays.ruler_essays`: the haystack argument, the local
         data folder, lcbench's cache, or RULER's own download build); its record goes into meta."""
-        self.haystack = ruler_essays(self.args["haystack"], Path(env.data_dir) if env.data_dir else None)
+        self.haystack = ruler_essays(self.args["haystack"])
         return essay_words(str(self.haystack.path))
 
     def generator(self, task: str, length: int, env: TaskEnv) -> Generator:

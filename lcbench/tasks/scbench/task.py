@@ -10,7 +10,6 @@ with the label wrapped in a list (``score_upstream`` repeats ``score`` there, to
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -66,9 +65,6 @@ class SCBenchTask(Task):
     def rows(self, dataset: str, env: TaskEnv) -> list[dict]:
         """The rows of ``dataset`` (released data by default)."""
         folder = self.args.get("data_dir")
-        if not folder and env.data_dir:
-            sub = Path(env.data_dir) / "scbench"
-            folder = str(sub if sub.is_dir() else env.data_dir)
         rows = load_rows(dataset, folder)
         n = self.args.get("num_samples", -1)
         return rows[:n] if n is not None and n >= 0 else rows

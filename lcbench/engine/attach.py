@@ -1,0 +1,102 @@
+"""Switching a loaded model to lcbench's attention, and checking the switch took (the engine's
+side of :mod:`lcbench.models.hook`).
+
+The engine owns its attention function (:mod:`.attention`, registered with transformers'
+``AttentionInterface``), so attaching it to a model is the engine's job: the models layer loads
+weights and never imports the engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import KVCache
+from ..errors import UserError
+from ..models.hook import (
+    Geometry,
+    HookProbe,
+    LayerCall,
+    arch_name,
+    config_refusal,
+    text_config,
+)
+from . import attention
+from .decode import forward
+from .state import ForwardState
+
+
+def attached(model) -> bool:
+    """True once :func:`use_lcbench_attention` has switched ``model`` (and its probe passed)."""
+    return getattr(model, "lcbench_geometry", None) is not None
+
+
+def use_lcbench_attention(model, dense: str = "sdpa") -> None:
+    """Route every attention call of ``model`` through lcbench's registered attention function,
+    which computes dense attention with ``dense`` (``sdpa`` or ``eager``), then check with a 2-token
+    probe that every layer really calls it (:func:`probe`; a model lcbench cannot take over raises
+    :class:`UserError`) and record the model's geometry."""
+    model.config.lcbench_dense_attention = dense
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text.lcbench_dense_attention = dense
+    model.set_attn_implementation(attention.ATTENTION_NAME)
+    # never trust the switch silently: every layer must call lcbench's attention
+    model.lcbench_geometry = probe(model)
+
+
+def probe(model) -> Geometry:
+    """Run 2 tokens through lcbench's path and check every layer called lcbench's attention once,
+    with keys and values of one width; return the model's :class:`Geometry`. Raises
+    :class:`UserError` (with the reason) for a model lcbench cannot take over."""
+    reason = config_refusal(model.config)
+    if reason:
+        raise UserError(f"{arch_name(model)}: {reason}")
+    layers = text_config(model).num_hidden_layers
+    cache = KVCache(layers)
+    seen = HookProbe()
+    state = ForwardState(cache=cache, stages=[], probe=seen)
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    pos = torch.arange(2, device=device)[None]
+    try:
+        with torch.inference_mode():
+            forward(model, ids, pos, state)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means lcbench cannot run this model
+        raise UserError(
+            f"{arch_name(model)} does not run under lcbench's attention ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). lcbench cannot evaluate it. Fix: use a model "
+            f"whose attention goes through transformers' attention interface (README, supported architectures)."
+        ) from None
+    missing = [i for i in range(layers) if seen.layers.get(i, LayerCall()).calls == 0]
+    if missing:
+        raise UserError(
+            f"{arch_name(model)} computes attention with its own code: layers {_ranges(missing)} of {layers} never "
+            f"called lcbench's attention function, so no method could act on them and `full` would not be "
+            f"lcbench's measurement. lcbench cannot evaluate this architecture. Fix: use a model whose attention "
+            f"goes through transformers' attention interface (README, supported architectures)."
+        )
+    twice = [i for i, r in seen.layers.items() if r.calls != 1]
+    if twice or seen.unindexed:
+        raise UserError(
+            f"{arch_name(model)} calls attention more than once per layer and pass (layers {_ranges(sorted(twice))}; "
+            f"{seen.unindexed} calls without a layer index): lcbench's per-layer cache cannot follow it. "
+            f"Fix: use a supported architecture (README)."
+        )
+    uneven = [i for i, r in seen.layers.items() if r.key_dim != r.value_dim]
+    if uneven:
+        r = seen.layers[uneven[0]]
+        raise UserError(
+            f"{arch_name(model)} caches keys and values of different widths ({r.key_dim} and {r.value_dim} per head: "
+            f"multi-head latent attention, as in DeepSeek-V2/V3). lcbench's cache layers, quantizers and "
+            f"sparse kernels assume one width, so lcbench refuses this model rather than measure it wrongly. "
+            f"Fix: use a model with standard multi-head / grouped-query attention (README, supported architectures)."
+        )
+    per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
+    calls = [seen.layers[i] for i in range(layers)]
+    return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
+                    any(r.sinks for r in calls))
+
+
+def _ranges(idx: list[int]) -> str:
+    return ", ".join(map(str, idx[:8])) + (" …" if len(idx) > 8 else "")
