@@ -66,11 +66,11 @@ def test_shared_turns_are_token_identical_to_before_and_to_each_turn_alone(tiny,
     sample = varied_sample()
     with monkeypatch.context() as patch:
         seen = _layer_kinds(patch)
-        batched = engine_for(model, tok, method, ratio, method_args=args, batch_size=None).run(sample, False)
+        batched = engine_for(model, tok, method, ratio, method_args=args, decode_rows=None).run(sample, False)
     assert kind in seen
     with monkeypatch.context() as patch:
         _former(patch)
-        before = engine_for(model, tok, method, ratio, method_args=args, batch_size=None).run(sample, False)
+        before = engine_for(model, tok, method, ratio, method_args=args, decode_rows=None).run(sample, False)
     for field in ("prediction", "decode_tokens", "stopped_by", "kv_bytes", "kept_tokens", "batch_rows"):
         assert [r[field] for r in batched] == [r[field] for r in before], field
     assert [r["batch_rows"] for r in batched] == [len(BUDGETS)] * len(BUDGETS)
@@ -78,7 +78,7 @@ def test_shared_turns_are_token_identical_to_before_and_to_each_turn_alone(tiny,
         # a left-padded row's padding enters StreamingLLM's eviction order and Quest's pages, so
         # their batched turns differ from each turn alone — they did before too (same as above)
         return
-    alone = [engine_for(model, tok, method, ratio, method_args=args, batch_size=None).run(
+    alone = [engine_for(model, tok, method, ratio, method_args=args, decode_rows=None).run(
         Sample(sample.id, sample.context, [turn]), False)[0] for turn in sample.turns]
     assert [r["prediction"] for r in batched] == [r["prediction"] for r in alone]
     assert [r["kv_bytes"] for r in batched] == [r["kv_bytes"] for r in alone]
@@ -96,7 +96,7 @@ def test_finished_rows_leave_the_batch(tiny, monkeypatch):
         return real(model, ids, positions, state, *args, **kwargs)
 
     monkeypatch.setattr(decode_module, "forward", spy)
-    records = engine_for(model, tok, batch_size=None).run(sample, False)
+    records = engine_for(model, tok, decode_rows=None).run(sample, False)
     tokens = [r["decode_tokens"] + (r["stopped_by"] == "eos") for r in records]
     # each step feeds every row still decoding its last token (the first token comes from the
     # question prefill): rows fed = sum of (tokens - 1)
@@ -116,7 +116,7 @@ def test_context_is_held_once_not_once_per_turn(tiny, monkeypatch):
 
     monkeypatch.setattr(KVCache, "update", update)
     model, tok = tiny
-    engine = engine_for(model, tok, batch_size=None)
+    engine = engine_for(model, tok, decode_rows=None)
     records = engine.run(varied_sample(), False)
     assert held, "the turns did not share the context"
     # five rows: the context once plus each row's own question and answer tokens (not 5 contexts)
