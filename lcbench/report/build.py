@@ -9,9 +9,9 @@ from typing import Iterable
 from rich.console import Console
 
 from ..errors import UserError
+from .equal_memory import equal_memory_table, families
 from .export import FORMATS, check_formats, render_grouped, write_table
 from .frame import load_runs, records_frame, scored_runs
-from .equal_memory import equal_memory_table, families
 from .grouped import GROUPINGS, report_tables
 from .plots import EXTENSIONS, all_plots
 from .reproduce import run_command

@@ -110,10 +110,10 @@ def equal_memory_table(df: pd.DataFrame, family_of: Mapping[str, str] | None = N
             row.update({"KV MB": fmt_number(p.kv_mb), "KV % of full": _percent(p.kv_share), "method": p.method,
                         "family": p.family, "ratio": f"{p.ratio:g}",
                         "score [95% CI]": f"{p.score:.2f} [{p.ci[0]:.2f}, {p.ci[1]:.2f}]",
-                        "frontier": "◆" if p.frontier else ""})
+                        "frontier": "yes" if p.frontier else ""})
             display.append(row)
     note = ("Runs of each task and model ordered by the KV bytes they measured (mean over turns), all families and "
-            "chains on one axis. ◆: on the frontier (no run holds at most these bytes with a higher score). "
+            "chains on one axis. frontier: yes when no run holds at most these bytes with a higher score. "
             "Sparse attention keeps the full cache, so it sits at full's bytes.")
     return GroupedTable("equal_memory", "score at equal KV memory (measured bytes)", pd.DataFrame(numeric),
                         pd.DataFrame(display), note)

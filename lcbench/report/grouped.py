@@ -1,6 +1,7 @@
 """Grouped report tables: rows method × ratio (per model), columns per task/dataset, length
 bucket or turn index, each cell a mean score with its bootstrap 95% interval; plus the cost
-columns (achieved ratio, KV MB, TTFT, compression and text-stage time, decode tok/s, peak memory) averaged over the row's turns.
+columns (achieved ratio, KV MB, TTFT, compression and text-stage time, decode tok/s, peak
+memory) averaged over the row's turns.
 
 Numbers come as a numeric frame (for CSV) and as a display frame of strings (terminal, Markdown,
 LaTeX), built from the same values.
@@ -21,9 +22,8 @@ GROUPINGS = ("dataset", "length", "turn")
 ROW_KEYS = ("model", "method", "ratio")
 COST_COLUMNS = {"achieved_ratio": "achieved", "kv_mb": "KV MB", "ttft_s": "TTFT s", "compress_s": "compress s",
                 "text_s": "text s", "decode_tok_s": "decode tok/s", "peak_memory_mb": "peak MB"}
-# compress_s: the time in the cache stages' compress_layer (part of TTFT), measured on the prefill's
-# batch like TTFT; text_s: the prompt-compression stage's time on the context (also part of TTFT)
-BATCHED = (*BATCH_DEPENDENT, "compress_s")
+# compress_s: the time in the cache stages' compress_layer; text_s: the prompt-compression stage's time
+# on the context (both part of TTFT; in a run batched across samples, compress_s is the batch's too)
 
 
 @dataclass
@@ -114,7 +114,7 @@ def grouped_table(df: pd.DataFrame, by: str = "dataset", n_boot: int = 1000) -> 
         for key, label in COST_COLUMNS.items():
             num[key] = costs.loc[r, key]
             disp[mem_label if key == "peak_memory_mb" else label] = fmt_number(num[key], key) + (
-                BATCH_MARK if key in BATCHED and batch.loc[r] > 1 else "")
+                BATCH_MARK if key in BATCH_DEPENDENT and batch.loc[r] > 1 else "")
         num["batch_samples"] = batch.loc[r]
         numeric.append(num)
         display.append(disp)

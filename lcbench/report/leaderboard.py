@@ -36,7 +36,7 @@ from .frame import BATCH_MARK, Run, batch_note, load_runs, method_label, records
 from .grouped import fmt_number
 from .plots import Plot, all_plots, slug
 from .reproduce import Command, run_command
-from .retention import LEVEL, Retention, points_text, retention_table
+from .retention import LEVEL, points_text, retention_table
 
 MARKER = ".lcbench-leaderboard"
 OWNED = ("index.html", "data.json", "methods", "runs", "plots")
@@ -89,7 +89,7 @@ class RunView:
             "kv_mb": (kv_mb, fmt_number(kv_mb)),
             "density": (density, fmt_number(density, "achieved_ratio") if density is not None else "–"),
             "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s")) + mark),
-            "compress": (o.get("compress_s"), fmt_number(o.get("compress_s")) + mark),
+            "compress": (o.get("compress_s"), fmt_number(o.get("compress_s"))),
             "text": (o.get("text_s"), fmt_number(o.get("text_s"))),
             "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s")) + mark),
             "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb")) + mark),

@@ -92,7 +92,7 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell = f"{row['score']:.2f} [{lo:.2f},{hi:.2f}]"
             if k == "method" and row.get("query_aware"):
                 cell += " (qa)"
-            if k in (*BATCH_DEPENDENT, "compress_s") and batched[idx]:
+            if k in BATCH_DEPENDENT and batched[idx]:
                 cell += BATCH_MARK
             if k == "score" and row.get("status") == "failed":
                 cell = "FAILED"
