@@ -90,11 +90,13 @@ class EvictingLayer(KVLayer):
 
     def evict(self, priority: torch.Tensor) -> None:
         """Evict, in every row and head, the slot with the lowest ``priority`` (B, H, m) among the
-        first ``m ≤ evictable()`` slots; padding slots go first."""
+        first ``m ≤ evictable()`` slots. Padding slots (a left-padded question part in a batch of
+        turns) are never chosen: each row evicts the real token it would evict decoding alone, and
+        its padding stays masked (evicting padding first would let a padded row keep more)."""
         m = priority.shape[-1]
         valid = self.valid
         if valid is not None:
-            priority = priority.masked_fill(~valid[..., :m], float("-inf"))
+            priority = priority.masked_fill(~valid[..., :m], float("inf"))
         drop = priority.argmin(dim=-1, keepdim=True)  # (B, H, 1)
         b, h, _ = drop.shape
         n = self.seq_len()

@@ -9,6 +9,12 @@ and attends only the top pages (the page holding the newest tokens always). The 
 density over all layers meets ``1 − ratio``. The full KV cache is kept (Quest saves memory
 *traffic*, not memory). With grouped-query attention a page is selected per KV head, by the
 largest bound among the query heads of its group (one gather serves the whole group).
+
+Pages are cut over a row's own tokens: when the turns of a sample decode together, a row whose
+question part was left-padded holds padding slots between its context and its question, which
+would shift its pages (and its budget) against decoding alone; so a batch of rows is paged row by
+row over each row's valid slots in storage order, and every row selects (and computes) what it
+would alone.
 """
 
 from __future__ import annotations
@@ -18,8 +24,33 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ...cache.layer import DenseLayer
+from ...engine.attention import dense_attention, storage_mask
 from ...params import Param
 from ..base import Stage
+
+
+def rows_apart(layer) -> list[DenseLayer] | None:
+    """Each row of ``layer`` as a one-row layer of its valid slots only (storage order kept), so a
+    row is paged — and computed — exactly as it would be alone (also the last row of a batch, which
+    still holds its padding); None for one row without padding, or when validity differs across
+    heads (ragged storage, not a padded batch)."""
+    valid = layer.valid
+    if layer.positions.shape[0] < 2 and (valid is None or bool(valid.all())):
+        return None
+    if valid is not None and not torch.equal(valid.all(1), valid.any(1)):
+        return None
+    keys, values = layer.dense()
+    out = []
+    for b in range(layer.positions.shape[0]):
+        keep = (torch.arange(layer.positions.shape[-1], device=layer.positions.device) if valid is None
+                else valid[b, 0].nonzero().squeeze(-1))
+        row = DenseLayer()
+        row.keys, row.values = keys[b:b + 1, :, keep], values[b:b + 1, :, keep]
+        row.positions = layer.positions[b:b + 1, :, keep]
+        row.is_initialized = True
+        out.append(row)
+    return out
 
 
 def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +67,14 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) 
     k = k.reshape(B, H, P, page_size, D)
     ok = ok.reshape(B, H, P, page_size, 1)
     return k.masked_fill(~ok, float("inf")).amin(3), k.masked_fill(~ok, float("-inf")).amax(3)
+
+
+def _dense_row(module, query: torch.Tensor, row: DenseLayer, scaling: float, window: int | None) -> torch.Tensor:
+    """One row's dense decode attention over its valid slots, computed as the engine computes it
+    for that row alone (its storage mask and dense function), so a row that attends densely this
+    step matches decoding alone."""
+    keys, values = row.dense()
+    return dense_attention(module, query, keys, values, storage_mask(row, 1, window), scaling)
 
 
 class Quest(Stage):
@@ -83,7 +122,20 @@ class Quest(Stage):
     # --- decode -----------------------------------------------------------------------------
     def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
         """On a sliding-window layer only the pages the window reaches compete, keys it hides are
-        masked, and the density counts only the tokens the window lets the query see."""
+        masked, and the density counts only the tokens the window lets the query see. A batch
+        whose rows hold padding is paged row by row (:func:`rows_apart`)."""
+        rows = None if self.ratio <= 0 or layer_idx < self.args["dense_layers"] else rows_apart(layer)
+        if rows is None:
+            return self._decode_pages(module, query, layer, scaling, layer_idx, layer_idx, window)
+        outs = [self._decode_pages(module, query[b:b + 1], row, scaling, None, layer_idx, window)
+                for b, row in enumerate(rows)]
+        return torch.cat([_dense_row(module, query[b:b + 1], row, scaling, window) if out is None else out
+                          for b, (row, out) in enumerate(zip(rows, outs))], dim=0)
+
+    def _decode_pages(self, module, query, layer, scaling, cache_key, layer_idx: int, window=None):
+        """Quest's page selection on ``layer`` (None: dense this step); ``cache_key`` keys the
+        incremental page bounds (None when paged row by row: rows leave the batch, so a row index
+        names no row for long; its bounds are computed afresh)."""
         visible = None
         if window:
             visible = layer.positions > layer.positions[..., -1:] - window  # (B, Hkv, L)
@@ -107,7 +159,7 @@ class Quest(Stage):
             return None
         full = (L // ps) * ps  # whole pages; a partial newest page is always attended
         pick = keep - (1 if L > full else 0)
-        kmin, kmax = self._page_bounds(layer_idx, layer, keys, ps)
+        kmin, kmax = self._page_bounds(cache_key, layer, keys, ps)
         q = query.float().reshape(B, Hkv, g, 1, D)
         bound = torch.maximum(q * kmin[:, :, None], q * kmax[:, :, None]).sum(-1).amax(2)  # (B, Hkv, P_full)
         if layer.valid is not None:
@@ -133,11 +185,13 @@ class Quest(Stage):
         self._count(layer, float(B * Hkv * k_sel.shape[2]) if live is None else float(live.sum()), visible)
         return out.reshape(B, Hq, 1, D).transpose(1, 2)
 
-    def _page_bounds(self, layer_idx: int, layer, keys: torch.Tensor, ps: int):
+    def _page_bounds(self, key, layer, keys: torch.Tensor, ps: int):
         """Bounds of the whole pages of ``layer``, computed incrementally: pages are reused while the
         stored prefix is unchanged (checked on the stored positions); only new pages are computed."""
         full = (keys.shape[2] // ps) * ps
-        cached = self._bounds.get(layer_idx)
+        if key is None:
+            return page_bounds(keys[:, :, :full], None if layer.valid is None else layer.valid[:, :, :full], ps)
+        cached = self._bounds.get(key)
         reuse = 0
         if cached is not None:
             done, positions, kmin, kmax = cached
@@ -148,7 +202,7 @@ class Quest(Stage):
         new_min, new_max = page_bounds(keys[:, :, reuse:full], valid, ps)
         if reuse:
             new_min, new_max = torch.cat([kmin, new_min], 2), torch.cat([kmax, new_max], 2)
-        self._bounds[layer_idx] = (full, layer.positions[..., :full].clone(), new_min, new_max)
+        self._bounds[key] = (full, layer.positions[..., :full].clone(), new_min, new_max)
         return new_min, new_max
 
     def _count(self, layer, attended: float | None, visible: torch.Tensor | None = None) -> None:
