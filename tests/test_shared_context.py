@@ -207,3 +207,23 @@ def test_keep_rows_keeps_exactly_those_rows_for_every_layer_kind(kind):
     _same(_rows_of(kept, [0, 1]), _rows_of(layer, [0, 2]))
     if kind == "evicting":
         assert kept.tracks["t"][:, 0, 0].tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
+@pytest.mark.parametrize("method,args", [("streamingllm", None), ("quest", "page_size=4,dense_layers=0")])
+def test_window_softcap_and_sink_families_decode_batched_turns_as_alone(family_name, method, args):
+    """Sliding windows (with softcap on Gemma-2, learned sinks on gpt-oss): a sample's turns decoded
+    together — left-padded question parts, rows leaving as they finish — give each turn's own ids."""
+    from lcbench.engine.attach import use_lcbench_attention
+    from lcbench.models.families import FAMILIES, build
+    from lcbench.models.tiny import tiny_tokenizer
+
+    (fam,) = [f for f in FAMILIES if f.name == family_name]
+    model, tok = build(fam, "eager"), tiny_tokenizer()
+    use_lcbench_attention(model, "eager")
+    sample = varied_sample()
+    together = engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
+    alone = [engine_for(model, tok, method, 0.5, method_args=args).run(Sample(sample.id, sample.context, [t]), False)[0]
+             for t in sample.turns]
+    assert [r.decoded_ids for r in together] == [r.decoded_ids for r in alone]
+    assert [r.measured.batch_rows for r in together] == [len(sample.turns)] * len(sample.turns)
