@@ -285,3 +285,45 @@ def test_method_pages_describe_methods_from_the_stored_specs(tmp_path):
     root = build_leaderboard([tmp_path / "runs"], tmp_path / "site").parent
     page = next((root / "methods").glob("method__snapkv-*.html")).read_text()
     assert "The paper as stored with the run" in page and "LLM Knows What You are Looking for" not in page
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "leaderboard"
+
+
+def test_browser_example_site_shows_equal_memory_the_95_summary_and_reproducible_commands(browser):
+    """The committed example site (leaderboard/, built from real SmolLM2 runs): its equal-memory plot
+    and table, the 95 % summary row of snapkv agreeing with the run scores in its data.json, and
+    each run page's command equal to the one its resolved spec (shown on the same page) gives."""
+    from selenium.webdriver.common.by import By
+
+    from lcbench.report.retention import crossing
+
+    index = EXAMPLE / "index.html"
+    if not index.exists():
+        pytest.skip("the example site is not in this checkout")
+    data = json.loads((EXAMPLE / "data.json").read_text())
+    browser.get(index.as_uri())
+    memory = browser.find_element(By.CSS_SELECTOR, "table.equal-memory")
+    rows = memory.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) >= 5 and memory.is_displayed()
+    kv = [float(r.find_element(By.CSS_SELECTOR, "td").get_attribute("data-v")) for r in rows]
+    assert kv == sorted(kv)
+    families = {r.find_elements(By.CSS_SELECTOR, "td")[3].text for r in rows}
+    assert {"kv_dropping", "kv_quantization", "baseline"} <= families and any("+" in f for f in families)
+    plot = browser.find_element(By.CSS_SELECTOR, "#equal-memory ~ figure img[src*='equal_memory__']")
+    assert browser.execute_script("return arguments[0].naturalWidth", plot) > 100
+
+    row = browser.find_element(By.CSS_SELECTOR, '#retention-table tr[data-method="snapkv"]')
+    task = row.find_elements(By.CSS_SELECTOR, "td")[0].text
+    runs = [d for d in data if d["task_label"] == task]
+    full = next(d for d in runs if d["method"] == "full")["overall"]["score"]
+    points = [(d["ratio"], d["overall"]["score"]) for d in runs if d["method"] == "snapkv"]
+    assert row.find_element(By.CSS_SELECTOR, "td.r95").text == crossing(points, full).text()
+    assert row.find_element(By.CSS_SELECTOR, "td.ci").text.startswith("[")
+
+    for entry in data:
+        browser.get((EXAMPLE / entry["page"]).as_uri())
+        spec = json.loads(browser.find_element(By.CSS_SELECTOR, "#reproduce ~ pre + h3 + pre").text)
+        shown = browser.find_element(By.ID, "reproduce-command").text
+        assert shown == run_command(spec).text == entry["command"]
+        assert shown.startswith("lcbench run --model smollm2-135m-instruct ")
