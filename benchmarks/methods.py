@@ -63,7 +63,7 @@ def measure(loaded, sample: Sample, method: str, ratio: float) -> dict:
     engine = Engine(loaded.model, loaded.tokenizer, Chain.build(resolve_chain(method, None, r), r),
                     EngineConfig(check_ratio=False))
     start = time.perf_counter()
-    rec = engine.run(sample, multi_turn=False)[0]
+    rec = engine.run(sample, multi_turn=False)[0].flat()  # the record's flat view, plus the wall time
     rec["wall_s"] = time.perf_counter() - start
     return rec
 

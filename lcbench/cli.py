@@ -138,6 +138,7 @@ def _run(*, model, model_args, method, method_args, task, task_args, data_dir, r
                             task=t, task_args=task_args, data_dir=data_dir, **settings)
                  for t in tasks for r in ratios for m in methods]
     pool = ModelPool()
+    pool.plan_shared_prefill(specs)
     folders, failed = [], []
     with _progress() as bar:
         for s in specs:

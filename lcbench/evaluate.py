@@ -21,6 +21,8 @@ import torch
 from .engine.attach import use_lcbench_attention
 from .engine.batching import auto_rows, batch_refusal, run_batched
 from .engine.runner import Engine, EngineConfig
+from .engine.shared_prefill import PrefillMemo, budget_bytes, share_refusal
+from .methods.base import Needs
 from .errors import CompressionShortfall, RunAborted, UserError, signal_number
 from .methods.chain import Chain, chain_ratio, resolve_chain
 from .models.loading import (
@@ -73,6 +75,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
         raise UserError(f"--limit {limit}: must be a positive number of samples. Fix: e.g. --limit 10 (or leave it "
                         f"out for every sample).")
     batch_size = parse_batch_size(batch_size)
+    share_prefill = parse_share_prefill(given["share_prefill"])
     if prefill_chunk is not None and prefill_chunk < 0:
         raise UserError(f"--prefill-chunk {prefill_chunk}: must be a number of tokens ≥ 1 (0 = no chunking). "
                         f"Fix: e.g. --prefill-chunk 512.")
@@ -95,7 +98,23 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
                    task_args=task_obj.args, task_version=task_obj.version,
                    task_template_hash=task_obj.template_hash(), limit=limit, seed=seed, device=dev,
                    dtype=margs["dtype"], query_aware=query_aware, mode=task_obj.mode,
-                   batch_size=batch_size, output_path=output_path, prefill_chunk=prefill_chunk or None)
+                   batch_size=batch_size, output_path=output_path, prefill_chunk=prefill_chunk or None,
+                   share_prefill=share_prefill)
+
+
+def parse_share_prefill(value: str) -> str:
+    """``--share-prefill``: ``auto``, ``off`` or a budget in MB (> 0)."""
+    text = str(value).strip().lower()
+    if text in ("auto", "off"):
+        return text
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = 0.0
+    if not mb > 0:
+        raise UserError(f"--share-prefill {value}: must be 'auto' (held within half the free memory), 'off', or a "
+                        f"budget in MB > 0. Fix: e.g. --share-prefill 4096.")
+    return f"{mb:g}"
 
 
 def parse_batch_size(value: int | str) -> int | str:
@@ -123,16 +142,51 @@ class RunOutcome:
     new_records: int
 
 
+def _share_key(spec: RunSpec) -> tuple:
+    """What runs must have in common to share prefills: all but the method chain, ratio and output."""
+    return (spec.model, json.dumps(spec.model_args, sort_keys=True, default=str), spec.device, spec.dtype, spec.task,
+            json.dumps(spec.task_args, sort_keys=True, default=str), spec.limit, spec.seed, spec.mode)
+
+
 class ModelPool:
-    """Keeps the last loaded model so several runs in one command load it once."""
+    """Keeps the last loaded model so several runs in one command load it once, and the prefills
+    runs of one command share (:mod:`lcbench.engine.shared_prefill`)."""
 
     def __init__(self):
         self._key = None
         self._loaded: LoadedModel | None = None
+        self._memos: dict[tuple, PrefillMemo] = {}
+
+    def plan_shared_prefill(self, specs: list[RunSpec]) -> None:
+        """Group the runs that may share prefills (same model, task, samples and settings; chains
+        of cache and decode stages only; ``share_prefill`` not ``off``) and give every group of
+        two or more runs one memo for the union of their needs."""
+        groups: dict[tuple, list[Needs]] = {}
+        for spec in specs:
+            if spec.share_prefill == "off":
+                continue
+            chain = Chain.build(spec.method, spec.ratio)
+            if share_refusal(chain, spec.query_aware, spec.prefill_chunk) is None:
+                groups.setdefault(_share_key(spec), []).append(chain.needs)
+        for key, needs in groups.items():
+            if len(needs) > 1 and key not in self._memos:
+                union = Needs()
+                for n in needs:
+                    union = union.merge(n)
+                spec = next(s for s in specs if _share_key(s) == key)
+                self._memos[key] = PrefillMemo(union, budget_bytes(spec.share_prefill, spec.device))
+
+    def memo_for(self, spec: RunSpec, chain: Chain) -> PrefillMemo | None:
+        memo = self._memos.get(_share_key(spec))
+        if memo is None or spec.share_prefill == "off" or share_refusal(chain, spec.query_aware, spec.prefill_chunk):
+            return None
+        return memo
 
     def get(self, spec: RunSpec) -> LoadedModel:
         key = (spec.model, tuple(sorted(spec.model_args.items())), spec.device)
         if key != self._key:
+            for memo in self._memos.values():
+                memo.clear()
             self._loaded = load_model(spec.model, {k: v for k, v in spec.model_args.items() if v is not None},
                                       spec.device)
             use_lcbench_attention(self._loaded.model, self._loaded.dense_attention)
@@ -186,10 +240,8 @@ def check_spec(spec: RunSpec, where: str = "spec", same_task_version: bool = Tru
                   "'ratio'), or make the run with `lcbench run --ratio R` and replay that spec")
     if spec.batch_size is None or isinstance(spec.batch_size, bool):
         raise bad(f"'batch_size' {spec.batch_size!r} is not valid", "'turns', 'auto' or a number ≥ 1")
-    rebuilt = build_spec(model=spec.model, method="full", ratio=0.0, task=spec.task,
-                         limit=spec.limit, seed=spec.seed, device=spec.device, dtype=spec.dtype,
-                         query_aware=spec.query_aware, batch_size=spec.batch_size, output_path=spec.output_path,
-                         prefill_chunk=spec.prefill_chunk, model_args=spec.model_args, task_args=spec.task_args)
+    rebuilt = build_spec(model=spec.model, method="full", ratio=0.0, task=spec.task, model_args=spec.model_args,
+                         task_args=spec.task_args, **{f.name: getattr(spec, f.name) for f, _ in run_settings()})
     if spec.mode != rebuilt.mode:
         raise bad(f"'mode' {spec.mode!r} is not the task's ({rebuilt.mode!r})", f"set \"mode\": \"{rebuilt.mode}\"")
     if same_task_version and (spec.task_version, spec.task_template_hash) != (rebuilt.task_version,
@@ -245,6 +297,8 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     _check_lengths(samples, loaded.tokenizer, loaded.max_length, spec.model)
     chain = Chain.build(spec.method, spec.ratio)
     engine = Engine(loaded.model, loaded.tokenizer, chain, engine_config(spec, loaded, samples))
+    if models is not None:
+        engine.prefill_memo = models.memo_for(spec, chain)
     store = RunStore(folder)
     fresh = not folder.exists()
     try:

@@ -77,6 +77,10 @@ class RunSpec:
     output_path: str = setting("results", "--output-path", "folder of run folders", str, hashed=False)
     prefill_chunk: int | None = setting(None, "--prefill-chunk", "prefill the context N tokens at a time (the last "
                                         "chunk compresses)", Optional[int], hashed=False)
+    share_prefill: str = setting(
+        "auto", "--share-prefill", "several runs of one command that differ only in cache/decode-stage methods or "
+        "ratio prefill each context once: auto (held within half the free memory) | off | a budget in MB", str,
+        hashed=False)
 
     @property
     def method_name(self) -> str:

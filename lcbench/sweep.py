@@ -161,8 +161,10 @@ class Finished:
 
 def run_local(specs: list[RunSpec], on_done: Callable[[Finished], None],
               on_progress: Callable[[RunSpec, int, int], None] | None = None) -> list[Finished]:
-    """The runs one after another in this process; runs of one model share its loaded copy."""
+    """The runs one after another in this process; runs of one model share its loaded copy, and
+    runs that differ only in cache/decode-stage methods or ratio share prefills."""
     pool = ModelPool()
+    pool.plan_shared_prefill(specs)
     out = []
     for spec in sorted(specs, key=lambda s: (s.model, str(s.model_args), s.device)):
         try:

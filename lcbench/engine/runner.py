@@ -27,7 +27,7 @@ import torch
 
 from ..cache import KVCache
 from ..errors import CompressionShortfall
-from ..methods.base import TextInput
+from ..methods.base import Needs, TextInput
 from ..methods.chain import Chain
 from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
@@ -37,6 +37,7 @@ from .decode import RowOutput, forward, greedy_decode
 from .per_row import PerRowCompression, fresh_copies
 from .prompt import RenderedPrompt, render
 from .row_stack import cache_of, row_layers, take_rows
+from .shared_prefill import PrefillMemo, Recorded, Recorder, compress_recorded
 from .state import DECODE, PREFILL, QUESTION, ForwardState
 from .timing import MemoryMeter, Stopwatch, input_device, model_devices
 
@@ -80,6 +81,8 @@ class Prefilled:
     compress_s: float
     logits: torch.Tensor | None
     row_stages: list[list]
+    shared: bool = False  # made once for several runs (engine/shared_prefill.py)
+    peak_memory_mb: float | None = None  # the shared pass's peak, when it ran before this run's meter reset
 
 
 @dataclass
@@ -141,6 +144,7 @@ class Engine:
         self.num_layers = (model.config.get_text_config() if hasattr(model.config, "get_text_config")
                            else model.config).num_hidden_layers
         self.bytes_per_token = kv_bytes_per_token(model)
+        self.prefill_memo: PrefillMemo | None = None  # set when several runs share prefills (evaluate.py)
         check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk)
         # turns may share the compressed context (no copy per turn) unless a stage acts on each
         # row's cache after compression: decode stages (eviction, sparse decode) and sparse
@@ -168,10 +172,10 @@ class Engine:
         del cache, state
         self.clock.now()  # wait for the device before anything is timed
 
-    def forward_state(self, cache: KVCache, stages: list | None = None) -> ForwardState:
-        """The state one forward pass shares with lcbench attention (the chain's stages by default)."""
+    def forward_state(self, cache: KVCache, stages: list | None = None, needs: Needs | None = None) -> ForwardState:
+        """The state one forward pass shares with lcbench attention (the chain's stages and needs by default)."""
         return ForwardState(cache=cache, stages=self.chain.stages if stages is None else stages,
-                            needs=self.chain.needs, timer=self.clock)
+                            needs=self.chain.needs if needs is None else needs, timer=self.clock)
 
     def left_pad(self, rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of token ids left-padded into (B, q) ids and their validity, on the input device."""
@@ -225,7 +229,11 @@ class Engine:
         """Prefill ``rows`` (one context each; the last ``protected`` tokens of a row must be kept)
         into a new cache; cache stages compress each layer during this pass. One row is compressed
         by the chain's own stages (and may be prefilled by a ``context_inputs`` stage); several by
-        each row's own fresh copies of the cache stages (:class:`PerRowCompression`)."""
+        each row's own fresh copies of the cache stages (:class:`PerRowCompression`). With a
+        :attr:`prefill_memo` (several runs sharing prefills, :mod:`.shared_prefill`), one context
+        is prefilled once and each run compresses its own copy."""
+        if self.prefill_memo is not None and len(rows) == 1 and protected == 0:
+            return self._shared_prefill(list(rows[0]))
         cache = KVCache(self.num_layers)
         if len(rows) == 1:
             row_stages = [self.chain.stages]
@@ -253,6 +261,34 @@ class Engine:
         total = self.clock.now() - start
         self.memory.sample()
         return Prefilled(cache, total - state.compress_seconds, state.compress_seconds, logits, row_stages)
+
+    def _shared_prefill(self, ids: list[int]) -> Prefilled:
+        """The context's recorded prefill (made now if no sharing run made it yet), compressed by
+        this run's own stages (:mod:`.shared_prefill`)."""
+        memo = self.prefill_memo
+        recorded = memo.get(self.model, ids, self.chain.needs)
+        if recorded is None:
+            needs = memo.needs.merge(self.chain.needs)
+            recorder = Recorder(needs)
+            cache = KVCache(self.num_layers)
+            state = self.forward_state(cache, [recorder], needs)
+            state.phase = PREFILL
+            state.compressing = True
+            start = self.clock.now()
+            with torch.inference_mode():
+                forward(self.model, torch.tensor([ids], dtype=torch.long, device=self.device),
+                        torch.arange(len(ids), device=self.device)[None], state)
+            total = self.clock.now() - start
+            self.memory.sample()
+            recorded = Recorded(cache, recorder.seen, needs, total - state.compress_seconds, state.compress_seconds,
+                                self.memory.peak_mb())
+            memo.put(self.model, ids, recorded)
+        start = self.clock.now()
+        cache = compress_recorded(recorded, self.chain.stages)
+        own = self.clock.now() - start
+        self.memory.sample()
+        return Prefilled(cache, recorded.prefill_s, recorded.observe_s + own, None, [self.chain.stages],
+                         shared=True, peak_memory_mb=recorded.peak_memory_mb)
 
     def _prefill_forward(self, x, pos, state: ForwardState, context_length: int):
         """Prefill the ids, unless a ``context_inputs`` stage hands embeddings in their place (or
@@ -364,8 +400,10 @@ class Engine:
             prefill_s=prefilled.prefill_s, compress_s=prefilled.compress_s,
             question_prefill_s=decoded.question_prefill_s, ttft_s=ttft, decode_tokens=tokens,
             decode_s=decoded.decode_s, decode_tok_s=tokens / decoded.decode_s if decoded.decode_s > 0 else None,
-            batch_rows=rows, batch_samples=samples, peak_memory_mb=self.memory.peak_mb(),
-            memory_kind=self.memory.kind)
+            batch_rows=rows, batch_samples=samples,
+            peak_memory_mb=max((m for m in (self.memory.peak_mb(), prefilled.peak_memory_mb) if m is not None),
+                               default=None),
+            memory_kind=self.memory.kind, shared_prefill=prefilled.shared or None)
         turn = p.sample.turns[k]
         return TurnRecord(sample_id=p.sample.id, turn=k, prediction=out.text, answers=list(turn.answers),
                           meta=p.sample.meta, stopped_by=out.stopped_by, decoded_ids=list(out.tokens),

@@ -59,6 +59,7 @@ class Measured:
     batch_samples: int | None = None  # samples that shared this turn's prefill
     peak_memory_mb: float | None = None
     memory_kind: str | None = None  # what peak_memory_mb measures (device allocator or process RSS)
+    shared_prefill: bool | None = None  # the prefill was computed once for several runs (its prefill_s is that pass's)
     timings: dict[str, float] = field(default_factory=dict)  # further timed regions, by name
 
 
