@@ -32,7 +32,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
         suite = run.summary.get("suite") or {"score": overall.get("score"), "ci": overall.get("score_ci")}
         batch = overall.get("batch_samples")
         if batch is None and run.records:  # summaries written before batch_samples was summarized
-            batch = sum(r.get("batch_samples", 1) for r in run.records) / len(run.records)
+            batch = sum(r.get("batch_samples") or 1 for r in run.records) / len(run.records)
         s = run.spec
         failed = run.failed
         # a task's own label for the data it fell back to (NIAH's filler haystack: meta["data_label"])
