@@ -33,7 +33,8 @@ def test_every_builtin_is_found_and_declared_right():
     for name, cls in found.items():
         assert declaration_errors(cls) == [], name
         assert set(cls.stages) == set(overridden_stages(cls)), name
-    assert sorted(found) == [n for n in METHODS.names() if not n.startswith("kvpress:")]
+    # everything registered is a found built-in, a kvpress press, or a class another test added (*_test)
+    assert sorted(found) == [n for n in METHODS.names() if not n.startswith("kvpress:") and not n.endswith("_test")]
 
 
 @pytest.mark.parametrize("body, message", [
