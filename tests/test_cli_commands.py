@@ -120,7 +120,8 @@ def test_check_reruns_a_real_baseline_and_fails_when_it_scored_better(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     folder = next(base.glob("*/samples.jsonl"))
     records = [json.loads(line) for line in folder.read_text().splitlines()]
-    folder.write_text("".join(json.dumps({**r, "score": 1.0}) + "\n" for r in records))
+    assert all(r["schema"] == 2 for r in records)  # the task's scores live in their own namespace
+    folder.write_text("".join(json.dumps({**r, "scores": {**r["scores"], "score": 1.0}}) + "\n" for r in records))
     worse = lcbench("check", "--baseline", str(base), "--output-path", str(tmp_path / "worse"), "--max-drop", "0.1")
     assert worse.returncode == 1 and "REGRESSED" in worse.stdout, worse.stdout + worse.stderr
 
