@@ -18,13 +18,14 @@ def _run(out, *args):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    return {folder.name: read_records(folder) for folder in out.iterdir() if folder.is_dir()}
+    return {folder.name: read_records(folder) for folder in out.iterdir() if folder.is_dir()}, proc.stdout
 
 
 def test_shared_prefill_records_equal_each_run_alone(tmp_path):
     methods = ["--method", "snapkv,streamingllm,kivi,h2o,truncate", "--ratio", "0.25,0.5"]
-    shared = _run(tmp_path / "shared", *methods)
-    alone = _run(tmp_path / "alone", *methods, "--share-prefill", "off")
+    shared, table = _run(tmp_path / "shared", *methods)
+    alone, plain = _run(tmp_path / "alone", *methods, "--share-prefill", "off")
+    assert "‡: prefill shared" in table and "‡" not in plain  # the table says whose peak memory is shared
     assert shared.keys() == alone.keys() and len(shared) == 10  # the run ids do not depend on sharing
     for name, records in shared.items():
         others = alone[name]

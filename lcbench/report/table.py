@@ -13,6 +13,12 @@ from rich.table import Table
 from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs
 from .safe import terminal_text
 
+# a run whose prefills were shared with other runs of its command (engine/shared_prefill.py)
+SHARED_MARK = " ‡"
+SHARED_NOTE = ("‡: prefill shared with other runs of the command (--share-prefill): predictions, bytes and ratios "
+               "are the run's own, but the peak memory is the recording pass's, which held the whole dense cache "
+               "(--share-prefill off for a run's own peak).")
+
 COLUMNS = {
     "task": "task", "model": "model", "method": "method", "ratio": "ratio", "n": "n",
     "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
@@ -49,6 +55,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
             "memory_kind": run.records[0].get("memory_kind") if run.records else None,
             "attention_density": overall.get("attention_density"),
             "batch_samples": batch,
+            "shared_prefill": any(r.get("shared_prefill") for r in run.records),
             "run_id": run.run_id, "folder": str(run.folder), "status": run.status, "error": run.error,
         })
     df = pd.DataFrame(rows)
@@ -83,6 +90,7 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
         table.add_column(terminal_text(mem_label if key == "peak_memory_mb" else COLUMNS[key]), overflow="fold",
                          justify="left" if key in ("task", "model", "method") else "right")
     batched = df["batch_samples"].fillna(1) > 1 if "batch_samples" in df else pd.Series(False, index=df.index)
+    shared = df["shared_prefill"].fillna(False).astype(bool) if "shared_prefill" in df else pd.Series(False, index=df.index)
     for idx, row in df.iterrows():
         cells = []
         for k in shown:
@@ -94,6 +102,8 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell += " (qa)"
             if k in BATCH_DEPENDENT and batched[idx]:
                 cell += BATCH_MARK
+            if k == "peak_memory_mb" and shared[idx]:
+                cell += SHARED_MARK
             if k == "score" and row.get("status") == "failed":
                 cell = "FAILED"
             elif k == "n" and row.get("status") not in (None, "complete"):
@@ -107,6 +117,8 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                                              for _, r in failed.iterrows()))
     if batched.any():
         notes.append(batch_note(df.loc[batched, "batch_samples"].mean()))
+    if shared.any():
+        notes.append(SHARED_NOTE)
     if notes:
         table.caption = terminal_text(" ".join(notes))
         table.caption_justify = "left"
