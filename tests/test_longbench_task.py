@@ -16,12 +16,12 @@ from lcbench.tasks.longbench.task import LongBench, LongBenchE
 from lcbench.tasks.registry import TASKS
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "longbench"
+DATA = str(FIXTURES)  # the task's own data_dir argument (what --data-dir sets)
 P = longbench_protocol()
 
 
 def env(max_len: int = 4096) -> TaskEnv:
-    return TaskEnv(tokenizer=tiny_tokenizer(), model_name="tiny-random-llama", model_max_length=max_len,
-                   data_dir=FIXTURES)
+    return TaskEnv(tokenizer=tiny_tokenizer(), model_name="tiny-random-llama", model_max_length=max_len)
 
 
 def test_registered():
@@ -30,7 +30,7 @@ def test_registered():
 
 
 def test_samples_from_fixture_folder():
-    task = LongBench(datasets="hotpotqa;trec;samsum;lcc;passage_retrieval_zh")
+    task = LongBench(data_dir=DATA, datasets="hotpotqa;trec;samsum;lcc;passage_retrieval_zh")
     samples = task.samples(env())
     by_id = {s.id: s for s in samples}
     assert [s.id for s in samples] == ["hotpotqa/0", "hotpotqa/1", "trec/0", "trec/1", "samsum/0",
@@ -50,36 +50,36 @@ def test_samples_from_fixture_folder():
 
 
 def test_chat_override_and_limits():
-    samples = LongBench(datasets="hotpotqa;trec", chat="never", n_per_dataset=1).samples(env())
+    samples = LongBench(data_dir=DATA, datasets="hotpotqa;trec", chat="never", n_per_dataset=1).samples(env())
     assert [s.id for s in samples] == ["hotpotqa/0", "trec/0"] and not any(s.chat for s in samples)
-    assert all(s.chat for s in LongBench(datasets="trec", chat="always").samples(env()))
+    assert all(s.chat for s in LongBench(data_dir=DATA, datasets="trec", chat="always").samples(env()))
     with pytest.raises(UserError, match="Did you mean 'hotpotqa'"):
-        LongBench(datasets="hotpot_qa").samples(env())
+        LongBench(data_dir=DATA, datasets="hotpot_qa").samples(env())
 
 
 def test_truncation_budget_in_samples():
     # the fixture's hotpotqa/0 prompt is 359 tiny-tokenizer tokens, its question part 121
-    untruncated = LongBench(datasets="hotpotqa").samples(env())[0]
+    untruncated = LongBench(data_dir=DATA, datasets="hotpotqa").samples(env())[0]
     assert untruncated.meta["prompt_tokens"] == 359 and not untruncated.meta["truncated"]
-    s = LongBench(datasets="hotpotqa", max_length=300).samples(env())[0]
+    s = LongBench(data_dir=DATA, datasets="hotpotqa", max_length=300).samples(env())[0]
     assert s.meta["truncated"] and s.meta["max_length"] == 300 and s.meta["split"] == "template"
     assert s.turns[0].question == untruncated.turns[0].question
     ids = tiny_tokenizer()(untruncated.context + untruncated.turns[0].question)["input_ids"]
     tok = tiny_tokenizer()
     assert s.context + s.turns[0].question == tok.decode(ids[:150]) + tok.decode(ids[-150:])
     # without max_length: model_max_length - max_new_tokens - chat template tokens
-    small = LongBench(datasets="hotpotqa").samples(env(max_len=400))[0]
+    small = LongBench(data_dir=DATA, datasets="hotpotqa").samples(env(max_len=400))[0]
     assert small.meta["truncated"] and small.meta["max_length"] < 400 - 32
 
 
 def test_template_hash_tracks_the_protocol():
-    a, b = LongBench().template_hash(), LongBench(quirks="fixed").template_hash()
+    a, b = LongBench(data_dir=DATA).template_hash(), LongBench(data_dir=DATA, quirks="fixed").template_hash()
     assert a != b and len(a) == 16  # the arguments are part of the hashed payload
-    assert LongBench().protocol_payload()["protocol"]["prompts"] == P["prompts"]
+    assert LongBench(data_dir=DATA).protocol_payload()["protocol"]["prompts"] == P["prompts"]
 
 
 def test_score_rules():
-    task = LongBench(datasets="trec;hotpotqa")
+    task = LongBench(data_dir=DATA, datasets="trec;hotpotqa")
     hp, _, trec, _ = task.samples(env())
     # first-line rule for trec, then the classification metric; 0-100 scale
     assert task.score(trec, trec.turns[0], "\nCountry\nCity")["score"] == 100.0
@@ -90,7 +90,7 @@ def test_score_rules():
 
 
 def test_quirk_and_fix_are_both_reported():
-    task, fixed = LongBench(datasets="trec"), LongBench(datasets="trec", quirks="fixed")
+    task, fixed = LongBench(data_dir=DATA, datasets="trec"), LongBench(data_dir=DATA, datasets="trec", quirks="fixed")
     s = task.samples(env())[0]
     assert s.meta["dataset"] == "trec"
     s = type(s)(s.id, s.context, s.turns, {**s.meta, "all_classes": ["Other", "location", "Other location"]})
@@ -110,7 +110,7 @@ def _records(values: dict[str, list[float]], buckets: dict[str, list[str]] | Non
 
 def test_aggregate_per_dataset_category_and_avg():
     values = {ds: [10.0 * (k % 7), 10.0 * (k % 7) + 1 / 3] for k, ds in enumerate(P["datasets"])}
-    agg = LongBench().aggregate(_records(values))
+    agg = LongBench(data_dir=DATA).aggregate(_records(values))
     per = {ds: round(10.0 * (k % 7) + 1 / 6, 2) for k, ds in enumerate(P["datasets"])}
     assert {ds: agg[ds] for ds in P["datasets"]} == per
     en_sd = round((per["narrativeqa"] + per["qasper"] + per["multifieldqa_en"]) / 3, 2)
@@ -125,13 +125,13 @@ def test_aggregate_per_dataset_category_and_avg():
 
 
 def test_aggregate_partial_run_has_no_language_avg():
-    agg = LongBench().aggregate(_records({"trec": [100.0, 0.0], "hotpotqa": [50.0]}))
+    agg = LongBench(data_dir=DATA).aggregate(_records({"trec": [100.0, 0.0], "hotpotqa": [50.0]}))
     assert agg["trec"] == 50.0 and agg["score"] == 50.0
     assert not any(k.startswith(("en/", "zh/")) for k in agg)
 
 
 def test_longbench_e_buckets():
-    task = LongBenchE(datasets="trec;hotpotqa")
+    task = LongBenchE(data_dir=DATA, datasets="trec;hotpotqa")
     samples = task.samples(env())
     assert [s.id for s in samples][:3] == ["hotpotqa_e/0", "hotpotqa_e/1", "hotpotqa_e/2"]
     assert [s.meta["length_bucket"] for s in samples] == ["0-4k", "4-8k", "4-8k", "8k+", "0-4k", "4-8k", "8k+"]
@@ -155,20 +155,20 @@ def _run(task, samples, method: str = "snapkv") -> list[dict]:
     records = []
     for sample in samples:
         for rec in engine.run(sample, multi_turn=False):
-            rec.update(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
+            rec = rec.scored(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
             records.append(rec)
     return records
 
 
 def test_longbench_e_end_to_end():
-    task = LongBenchE(datasets="trec")
+    task = LongBenchE(data_dir=DATA, datasets="trec")
     records = _run(task, task.samples(env()), "streamingllm")
     agg = task.aggregate(records)
     assert {"trec", "trec/0-4k", "trec/4-8k", "trec/8k+", "0-4k", "Few-shot/8k+"} <= set(agg)
 
 
 def test_end_to_end_two_datasets_through_the_engine():
-    task = LongBench(datasets="hotpotqa;trec", n_per_dataset=2)
+    task = LongBench(data_dir=DATA, datasets="hotpotqa;trec", n_per_dataset=2)
     samples = task.samples(env())
     records = _run(task, samples)
     assert [r["sample_id"] for r in records] == ["hotpotqa/0", "hotpotqa/1", "trec/0", "trec/1"]
@@ -223,7 +223,7 @@ def test_chat_never_feeds_exactly_upstreams_token_ids(max_length):
 
     tok = tiny_tokenizer()
     names = ["hotpotqa", "trec", "samsum", "lcc", "passage_retrieval_zh"]
-    task = LongBench(datasets=";".join(names), chat="never", max_length=max_length)
+    task = LongBench(data_dir=DATA, datasets=";".join(names), chat="never", max_length=max_length)
     for s in task.samples(env()):
         row = data.load_rows(s.meta["dataset"], FIXTURES)[s.meta["index"]]
         prompt = P["prompts"][s.meta["dataset"]].format(**row)

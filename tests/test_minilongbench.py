@@ -214,7 +214,7 @@ def test_end_to_end_two_datasets_through_the_engine():
     records = []
     for sample in samples:
         for rec in engine.run(sample, multi_turn=False):
-            rec.update(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
+            rec = rec.scored(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
             records.append(rec)
     assert all(0.0 <= r["score"] <= 1.0 for r in records)
     assert all(s.meta["truncated"] and s.meta["max_length"] == 192 for s in samples)

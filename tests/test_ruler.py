@@ -396,7 +396,7 @@ def test_end_to_end_through_the_engine_with_the_tiny_model():
         for rec in engine.run(sample, multi_turn=False):
             turn = sample.turns[rec["turn"]]
             assert rec["input_tokens"] + turn.max_new_tokens <= 1500 + 2
-            rec.update(task.score(sample, turn, rec["prediction"]))
+            rec = rec.scored(task.score(sample, turn, rec["prediction"]))
             records.append(rec)
     assert len(records) == 3 and all(0.0 <= r["score"] <= 100.0 for r in records)
     agg = task.aggregate(records)

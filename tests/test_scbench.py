@@ -340,7 +340,7 @@ def _run(engine, task):
     records = []
     for sample in task.samples(env()):
         for rec in engine.run(sample, multi_turn=task.mode == "multi_turn"):
-            rec.update(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
+            rec = rec.scored(task.score(sample, sample.turns[rec["turn"]], rec["prediction"]))
             records.append(rec)
     return records
 
