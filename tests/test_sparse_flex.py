@@ -12,7 +12,7 @@ from lcbench.methods.sparse import flex
 from lcbench.methods.sparse.kernel import BlockPattern, block_sparse_attention, loop_block_sparse_attention
 from test_sparse import qkv, reference, stage
 
-pytestmark = [pytest.mark.skipif(not flex.available(), reason="this torch has no FlexAttention"),
+pytestmark = [pytest.mark.skipif(not flex.available(), reason="this torch has no torch.nn.attention.flex_attention (added in torch 2.5); the exact loop path is tested in test_sparse.py"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
