@@ -5,9 +5,18 @@ Models", NeurIPS 2023 (arXiv:2306.14048). A token's score is the attention it ha
 accumulated over every query so far (averaged over the query heads of its KV group). The budget
 is split between the most recent tokens (``recent_ratio`` of it) and the highest-scoring others.
 During decoding each new query's attention is added to the scores and, to keep the cache size,
-the lowest-scoring token outside the recent window is evicted (``decode_eviction``); generated
-tokens are never evicted (see :mod:`.decode_eviction`). The decode-time attention uses the
-layer's ``scaling`` (1/√d when the module has none).
+the lowest-scoring token outside the recent window is evicted (``decode_eviction``). The
+decode-time attention uses the layer's ``scaling`` (1/√d when the module has none).
+
+``evict_generated`` (default true) evicts among *all* tokens outside the recent window, generated
+ones included, as the paper's real-drop cache does (FMInference/H2O@ac75c2a,
+``h2o_hf/utils_real_drop/modify_llama.py``, ``H2OKVCache_LayerWise``: accumulated scores over every
+stored token, the top ``hh_size`` of those before the last ``recent_size`` kept), so the cache
+stays at its size at decode start however long the output. ``evict_generated=false`` is the
+behaviour before issue #17: only context and question tokens are evicted and generated ones
+always stay (the cache grows once the evictable prompt is gone). Scores are per KV head (averaged
+over its query group), so heads evict different tokens; multi-turn mode forgets each answer per
+head (:mod:`.decode_eviction`).
 """
 
 import torch
@@ -28,12 +37,14 @@ class H2O(ScoringDrop):
     paper = ("Zhang et al., H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large "
              "Language Models, NeurIPS 2023 (arXiv:2306.14048)")
     summary = "accumulated attention (heavy hitters) + recent tokens; evicts again at every decoding step"
-    defaults = {"recent_ratio": 0.5, "decode_eviction": True}
+    defaults = {"recent_ratio": 0.5, "decode_eviction": True, "evict_generated": True}
     stages = ("cache", "decode")
     needs = Needs(full_attention_sum=True)
     params = (
         Param("recent_ratio", float, None, "share of the budget given to the most recent tokens", min=0, max=1),
         Param("decode_eviction", bool, None, "keep evicting during decoding (constant cache size)"),
+        Param("evict_generated", bool, None, "decode eviction may evict generated tokens too (the paper's; "
+              "false: only context and question tokens, generated ones always stay)"),
     )
 
     def begin_sample(self):
@@ -81,7 +92,7 @@ class H2O(ScoringDrop):
             logits = logits.masked_fill_(~layer.valid[:, :, None, :], float("-inf"))
         probs = logits.softmax(-1).view(b, h * groups, n)  # (B, Hq, n)
         layer.tracks[TRACK] = layer.tracks[TRACK] + group_mean(probs, groups)
-        m = min(layer.evictable(), n - self._recent[layer_idx])
+        m = min(layer.evictable(self.args["evict_generated"]), n - self._recent[layer_idx])
         if m > 0:
             layer.evict(layer.tracks[TRACK][..., :m])
         return layer
