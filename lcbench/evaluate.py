@@ -21,6 +21,7 @@ import torch
 from .engine.attach import use_lcbench_attention
 from .engine.batching import auto_rows, batch_refusal, run_batched
 from .engine.runner import Engine, EngineConfig
+from .engine.loglik import produce as loglik_produce
 from .engine.shared_prefill import PrefillMemo, budget_bytes, share_refusal
 from .methods.base import Needs
 from .errors import CompressionShortfall, RunAborted, UserError, signal_number
@@ -37,7 +38,7 @@ from .results.record import TurnRecord
 from .results.store import ABORTED, FAILED, RunStore, disk_full, disk_full_error
 from .results.summary import suite_score, summarize
 from .spec import DEFAULT_MODEL, RunSpec, run_settings
-from .tasks.base import TaskEnv
+from .tasks.base import LOGLIK, TaskEnv
 from .tasks.registry import TASKS
 
 
@@ -361,10 +362,16 @@ def _fill(spec: RunSpec, store: RunStore, engine: Engine, task, samples: list,
     multi_turn = spec.mode == "multi_turn"
     written = 0
     by_id = {s.id: s for s in samples}
-    for finished, produced in _produce(engine, samples, store.done_turns(), spec.batch_size, multi_turn):
+    loglik = spec.mode == LOGLIK  # records scored by their tokens' log-likelihood (engine/loglik.py)
+    produce = (loglik_produce(engine, samples, store.done_turns(), task.score_tokens, task.args["chunk"],
+                              spec.batch_size) if loglik else
+               _produce(engine, samples, store.done_turns(), spec.batch_size, multi_turn))
+    for finished, produced in produce:
         for record in produced:
             sample = by_id[record.sample_id]
-            record = record.scored(task.score(sample, sample.turns[record.turn], record.prediction)).stamped(
+            if not loglik:
+                record = record.scored(task.score(sample, sample.turns[record.turn], record.prediction))
+            record = record.stamped(
                 run_id=spec.run_id, task=spec.task, method=spec.method_name, model=spec.model)
             store.append(record)
             written += 1

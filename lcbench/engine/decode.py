@@ -12,14 +12,16 @@ from .state import DECODE, ForwardState
 
 
 def forward(model, ids: torch.Tensor | None, positions: torch.Tensor, state: ForwardState,
-            valid: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+            valid: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+            all_logits: bool = False) -> torch.Tensor:
     """One forward pass of ``ids`` (B, q) — or of ``inputs_embeds`` (B, q, hidden) in their place —
-    at true ``positions`` through lcbench's attention; returns the logits of the last position (B, V)."""
+    at true ``positions`` through lcbench's attention; returns the logits of the last position (B, V),
+    or with ``all_logits`` those of every position (B, q, V: teacher forcing, :mod:`.loglik`)."""
     state.cache.set_incoming(positions, valid)
     inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1,
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=0 if all_logits else 1,
                 lcbench_state=state, **{_cache_kwarg(model): state.cache})
-    return out.logits[:, -1, :]
+    return out.logits if all_logits else out.logits[:, -1, :]
 
 
 @functools.lru_cache(maxsize=None)

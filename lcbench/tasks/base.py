@@ -33,7 +33,9 @@ class Task(ABC):
 
     Subclasses set ``name``, ``suite``, ``version``, ``paper``/``source`` and ``params``, and
     implement :meth:`samples` and :meth:`score`. ``mode`` is ``"multi_request"`` (every turn starts
-    from the same compressed context) or ``"multi_turn"`` (history grows, turns run in order).
+    from the same compressed context), ``"multi_turn"`` (history grows, turns run in order) or
+    ``"loglik"`` (the turn's text is teacher-forced and scored by its tokens' log-likelihood:
+    :mod:`lcbench.engine.loglik`; such a task implements ``score_tokens``; lower scores are better).
     """
 
     name: ClassVar[str] = ""
@@ -86,7 +88,9 @@ class Task(ABC):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-MODES = ("multi_request", "multi_turn")
+MODES = ("multi_request", "multi_turn", "loglik")
+LOGLIK = "loglik"  # scored by the log-likelihood of the text itself, not a prediction (engine/loglik.py)
+LOWER_IS_BETTER_MODES = (LOGLIK,)  # their ``score`` is a perplexity
 
 
 def unknown_subtask(task: str, what: str, name: str, known: list[str], fix: str) -> "UserError":
