@@ -150,6 +150,9 @@ def check_family(fam: Family, methods=METHODS) -> FamilyResult:
         try:
             records = run_method(model, tok, method, args, RATIO)
         except CompressionShortfall as exc:
+            result.checks.append(Check(method, True, "shortfall: " + str(exc).split(":")[0]))
+            continue
+        except UserError as exc:  # a clear refusal, before anything ran
             result.checks.append(Check(method, True, "refused: " + str(exc).split(":")[0]))
             continue
         except Exception as exc:  # noqa: BLE001 - the matrix reports every crash
@@ -178,8 +181,10 @@ def run_matrix(names: list[str] | None = None) -> list[FamilyResult]:
 def _cell(check: Check) -> str:
     if not check.ok:
         return "✗ " + check.detail[:60]
-    if check.detail.startswith("refused"):
+    if check.detail.startswith("shortfall"):
         return "shortfall (clear error)"
+    if check.detail.startswith("refused"):
+        return "refused (clear error)"
     return "✓ " + check.detail if check.detail and not check.detail.startswith(" (") else "✓"
 
 

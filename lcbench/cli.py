@@ -61,6 +61,18 @@ def _ratios(text: str, flag: str = "--ratio") -> list[float]:
     return ratios
 
 
+def _budgets(text: str) -> list[int]:
+    """``--budget 128,256``: whole numbers of tokens kept per layer and KV head."""
+    try:
+        budgets = [int(b) for b in _split(text)]
+    except ValueError:
+        budgets = []
+    if not budgets or any(b < 1 for b in budgets):
+        raise UserError(f"--budget '{text}': must be a whole number of tokens ≥ 1 kept per layer and KV head (or a "
+                        f"comma-separated list). Fix: e.g. --budget 512 (or 128,512,2048).")
+    return budgets
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console)
@@ -106,7 +118,10 @@ def _run_parameters() -> list[inspect.Parameter]:
         option("task", str, "niah", "--task", "task name; several: comma-separated"),
         option("task_args", Optional[str], None, "--task-args", "k=v,... (lists use ';')"),
         option("data_dir", DATA_DIR.cli_type, DATA_DIR.cli_default, DATA_DIR.flag, DATA_DIR.help),
-        option("ratio", str, "0.5", "--ratio", "fraction of the context KV memory removed, in [0,1); list allowed"),
+        option("ratio", Optional[str], None, "--ratio", "fraction of the context KV memory removed, in [0,1) "
+               "(default 0.5); list allowed"),
+        option("budget", Optional[str], None, "--budget", "instead of --ratio: tokens kept per layer and KV head "
+               "(SnapKV/PyramidKV tables); list allowed"),
     ]
     settings = [option(f.name, s.cli_type, s.cli_default, s.flag, s.help) for f, s in run_settings()]
     replay = option("spec", Optional[Path], None, "--spec", "replay a spec.json (other flags ignored)")
@@ -123,7 +138,8 @@ run.__signature__ = inspect.Signature(_run_parameters())
 app.command("run")(run)
 
 
-def _run(*, model, model_args, method, method_args, task, task_args, data_dir, ratio, spec, **settings) -> None:
+def _run(*, model, model_args, method, method_args, task, task_args, data_dir, ratio, budget, spec,
+         **settings) -> None:
     from .errors import CompressionShortfall
     from .evaluate import ModelPool, build_spec, evaluate, load_spec_file
     from .report.table import render_table, run_rows
@@ -132,23 +148,27 @@ def _run(*, model, model_args, method, method_args, task, task_args, data_dir, r
         specs = [load_spec_file(spec)]
     else:
         tasks = _names(task, "--task", "niah")
-        ratios = _ratios(ratio)
+        if ratio is not None and budget is not None:
+            raise UserError(f"--ratio {ratio} and --budget {budget} both set how much the cache keeps. Fix: pass "
+                            f"one of them.")
+        sizes = ([{"budget": b} for b in _budgets(budget)] if budget is not None
+                 else [{"ratio": r} for r in _ratios(ratio or "0.5")])
         methods = _names(method, "--method", "snapkv")
-        specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, ratio=r,
+        specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, **size,
                             task=t, task_args=task_args, data_dir=data_dir, **settings)
-                 for t in tasks for r in ratios for m in methods]
+                 for t in tasks for size in sizes for m in methods]
     pool = ModelPool()
     pool.plan_shared_prefill(specs)
     folders, failed = [], []
     with _progress() as bar:
         for s in specs:
-            job = bar.add_task(terminal_text(f"{s.task} · {s.method_name} · r={s.ratio:g}"), total=None)
+            job = bar.add_task(terminal_text(f"{s.task} · {s.method_name} · {s.size}"), total=None)
             try:
                 outcome = evaluate(s, pool, progress=lambda i, n, job=job: bar.update(job, completed=i, total=n))
             except CompressionShortfall as exc:  # this (method, ratio) failed; the other runs still go
                 if len(specs) == 1:
                     raise
-                failed.append(f"{s.task} · {s.method_name} · r={s.ratio:g}: {exc}")
+                failed.append(f"{s.task} · {s.method_name} · {s.size}: {exc}")
                 continue
             folders.append(outcome.folder)
     if folders:

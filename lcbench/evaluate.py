@@ -25,7 +25,7 @@ from .engine.loglik import produce as loglik_produce
 from .engine.shared_prefill import PrefillMemo, budget_bytes, share_refusal
 from .methods.base import Needs
 from .errors import CompressionShortfall, RunAborted, UserError, signal_number
-from .methods.chain import Chain, chain_ratio, resolve_chain
+from .methods.chain import Chain, chain_ratio, compresses_nothing, resolve_chain
 from .models.loading import (
     MODEL_PARAMS,
     LoadedModel,
@@ -43,9 +43,11 @@ from .tasks.registry import TASKS
 
 
 def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = None, method: str = "full",
-               method_args: str | None = None, ratio: float = 0.5, task: str = "niah",
-               task_args: str | dict | None = None, data_dir: str | None = None, **settings: Any) -> RunSpec:
+               method_args: str | None = None, ratio: float | None = None, task: str = "niah",
+               task_args: str | dict | None = None, data_dir: str | None = None, budget: int | None = None,
+               **settings: Any) -> RunSpec:
     """Expand command-line values into a fully resolved RunSpec (every default filled in).
+    ``ratio`` defaults to 0.5; ``budget`` (tokens kept per layer and KV head) replaces it.
     ``settings`` are RunSpec's plain settings (:func:`lcbench.spec.run_settings`), each defaulting
     to what the command line passes without its flag."""
     declared = {f.name: s for f, s in run_settings()}
@@ -56,6 +58,12 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
     limit, seed, device, dtype = given["limit"], given["seed"], given["device"], given["dtype"]
     query_aware, batch_size, output_path = given["query_aware"], given["batch_size"], given["output_path"]
     prefill_chunk = given["prefill_chunk"]
+    if budget is not None and ratio is not None:
+        raise UserError(f"--ratio {ratio} and --budget {budget} both set how much the cache keeps. Fix: pass one "
+                        f"of them (--budget N keeps N tokens per layer and KV head; --ratio r removes a fraction).")
+    if budget is not None and compresses_nothing(method):
+        budget = None  # `full` keeps everything at any budget: one run, as at any ratio
+    ratio = (0.0 if budget is not None else 0.5) if ratio is None else ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio):
         raise UserError(f"--ratio {ratio!r} is not a number. Fix: pass e.g. --ratio 0.5.")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
@@ -86,7 +94,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
     dev = resolve_device(device)
     margs = MODEL_PARAMS.resolve(margs, f"model '{model}'")
     margs["dtype"] = str(resolve_dtype(margs["dtype"], dev)).replace("torch.", "")
-    chain = resolve_chain(method, method_args, ratio)
+    chain = resolve_chain(method, method_args, ratio, budget)
     task_cls = TASKS.get(task)
     targs = dict(task_args) if isinstance(task_args, dict) else parse_kv(task_args, "--task-args")
     if data_dir:  # --data-dir: the task's own data_dir argument, so the spec records it
@@ -97,7 +105,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
     task_obj = task_cls(**targs)
     return RunSpec(model=model, model_args=margs, method=chain, ratio=chain_ratio(chain), task=task,
                    task_args=task_obj.args, task_version=task_obj.version,
-                   task_template_hash=task_obj.template_hash(), limit=limit, seed=seed, device=dev,
+                   task_template_hash=task_obj.template_hash(), budget=budget, limit=limit, seed=seed, device=dev,
                    dtype=margs["dtype"], query_aware=query_aware, mode=task_obj.mode,
                    batch_size=batch_size, output_path=output_path, prefill_chunk=prefill_chunk or None,
                    share_prefill=share_prefill)
@@ -234,6 +242,11 @@ def check_spec(spec: RunSpec, where: str = "spec", same_task_version: bool = Tru
             raise bad(f"method '{item['name']}' has ratio {ratio}, outside [0, 1)", "e.g. 0.5")
         stage = METHODS.get(item["name"])(ratio=ratio, **item.get("args", {}))  # names, types and ranges
         chain.append({"name": item["name"], "ratio": round(ratio, 6), "args": stage.args})
+        if "budget" in item:
+            chain[-1]["budget"] = _checked_budget(item, spec.budget, bad)
+    if spec.budget is not None and not any("budget" in m for m in chain):
+        raise bad(f"'budget' is {spec.budget!r} but no component of 'method' carries it", "rebuild the spec with "
+                  "`lcbench run --budget N`")
     requested = chain_ratio(chain)
     if isinstance(spec.ratio, bool) or not isinstance(spec.ratio, (int, float)) or abs(float(spec.ratio) - requested) > 1e-6:
         raise bad(f"the run is labelled ratio={spec.ratio!r} but its method chain requests {requested:g} (the "
@@ -251,7 +264,22 @@ def check_spec(spec: RunSpec, where: str = "spec", same_task_version: bool = Tru
                   f"this spec was written; this lcbench has {rebuilt.task_version} ({rebuilt.task_template_hash}), "
                   f"so the replay would not compute what the spec says", "install the lcbench version that wrote "
                   "it (its provenance names it), or run the task again with the flags")
-    return dataclasses.replace(rebuilt, method=chain, ratio=requested)
+    return dataclasses.replace(rebuilt, method=chain, ratio=requested, budget=spec.budget)
+
+
+def _checked_budget(item: dict, budget: Any, bad: Callable[[str, str], UserError]) -> int:
+    """A method item's ``budget``: a whole number ≥ 1, the spec's own, on a component that takes one."""
+    from .methods.budget import budget_refusal
+    from .methods.registry import METHODS
+
+    value = item["budget"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value != budget:
+        raise bad(f"method '{item['name']}' has budget {value!r}, but the spec's 'budget' is {budget!r} (both a "
+                  f"whole number of tokens ≥ 1)", "make them equal, or rebuild the spec with `lcbench run --budget N`")
+    why = budget_refusal(METHODS.get(item["name"]))
+    if why is not None:
+        raise bad(f"--budget cannot apply to it: {why}", "move the budget to a dropping component")
+    return value
 
 
 def warn(message: str) -> None:
@@ -381,7 +409,7 @@ def _fill(spec: RunSpec, store: RunStore, engine: Engine, task, samples: list,
     records = [r for r in store.records() if r["sample_id"] in wanted]
     summary = summarize(records, task.aggregate(records), suite_score(records, task.suite_score))
     summary.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
-                    "ratio": spec.ratio, "model": spec.model, "query_aware": spec.query_aware})
+                    "ratio": spec.ratio, "budget": spec.budget, "model": spec.model, "query_aware": spec.query_aware})
     store.write_json(RunStore.SUMMARY, summary)
     return written, summary
 

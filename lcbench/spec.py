@@ -62,6 +62,9 @@ class RunSpec:
     task_args: dict[str, Any]
     task_version: str
     task_template_hash: str
+    # --budget: tokens kept per layer and KV head by the chain's budgeted component (its method item
+    # carries it too); None for a --ratio run (then not part of the run id's input, as before it existed)
+    budget: int | None = None
     limit: int | None = setting(None, "--limit", "first N samples only", Optional[int])
     seed: int = setting(0, "--seed", "seed of the task's generated samples and of seeded methods", int)
     device: str = setting("cpu", "--device", "cpu, cuda, cuda:1 (default: cuda if available)", Optional[str],
@@ -86,12 +89,19 @@ class RunSpec:
     def method_name(self) -> str:
         return "+".join(m["name"] for m in self.method)
 
+    @property
+    def size(self) -> str:
+        """How much the run keeps, as people write it: ``r=0.5``, or ``budget=512`` (tokens per layer and head)."""
+        return f"budget={self.budget}" if self.budget is not None else f"r={self.ratio:g}"
+
     def hashed_fields(self) -> dict[str, Any]:
         """The fields that determine what the run computes (the run id's input)."""
         d = asdict(self)
         for f, s in run_settings():
             if not s.hashed:
                 d.pop(f.name)
+        if d["budget"] is None:
+            d.pop("budget")
         return d
 
     @property
@@ -99,7 +109,8 @@ class RunSpec:
         blob = json.dumps(self.hashed_fields(), sort_keys=True, default=str).encode()
         digest = hashlib.sha256(blob).hexdigest()[:10]
         model = self.model.rstrip("/").split("/")[-1]
-        name = f"{self.task}__{self.method_name}__r{self.ratio:g}__{model}"
+        size = f"b{self.budget}" if self.budget is not None else f"r{self.ratio:g}"
+        name = f"{self.task}__{self.method_name}__{size}__{model}"
         return re.sub(r"[^A-Za-z0-9._+=-]", "-", name) + f"__{digest}"  # safe as a folder name anywhere
 
     def to_json(self) -> dict[str, Any]:

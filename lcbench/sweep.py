@@ -17,7 +17,7 @@ The grid file (see ``examples/sweep_grid.toml``)::
     [grid]                  # lists (or single values) whose product is the set of runs
     model = ["smollm2-135m-instruct"]
     method = ["full", "snapkv", "snapkv+kivi"]
-    ratio = [0.25, 0.5, 0.75]
+    ratio = [0.25, 0.5, 0.75]   # or budget = [128, 512]: tokens kept per layer and head (not both)
     task = ["niah"]
     [run]                   # any other flag of `lcbench run`, shared by every run
     limit = 10
@@ -41,7 +41,7 @@ from .errors import UserError
 from .evaluate import ModelPool, build_spec, evaluate
 from .spec import RunSpec, run_settings
 
-AXES = ("model", "method", "ratio", "task")
+AXES = ("model", "method", "ratio", "budget", "task")  # ratio or budget (tokens per layer and head)
 PER_NAME = {"method_args": "method", "task_args": "task", "model_args": "model"}
 # the [run] keys: RunSpec's plain settings (declared once, in lcbench/spec.py) and --data-dir
 RUN_KEYS = tuple(f.name for f, _ in run_settings()) + ("data_dir",)
@@ -82,12 +82,15 @@ def load_grid(path: Path | str) -> Grid:
         if not values:
             raise UserError(f"'{path}' [grid] {axis} = []: an empty axis would run nothing. Fix: list at least one "
                             f"value, or drop the line for the default.")
-        want = (int, float) if axis == "ratio" else str
+        want, kind, example = {"ratio": ((int, float), "numbers", "ratio = [0.25, 0.5]."),
+                               "budget": (int, "whole numbers of tokens", "budget = [128, 512]."),
+                               }.get(axis, (str, "strings (names)", f'{axis} = ["name"].'))
         bad_values = [v for v in values if isinstance(v, bool) or not isinstance(v, want)]
         if bad_values:
-            kind = "numbers" if axis == "ratio" else "strings (names)"
-            raise UserError(f"'{path}' [grid] {axis}: {bad_values} are not {kind}. Fix: e.g. "
-                            + ("ratio = [0.25, 0.5]." if axis == "ratio" else f'{axis} = ["name"].'))
+            raise UserError(f"'{path}' [grid] {axis}: {bad_values} are not {kind}. Fix: e.g. {example}")
+    if "ratio" in axes and "budget" in axes:
+        raise UserError(f"'{path}' [grid] has both ratio and budget: each sets how much the cache keeps. Fix: keep "
+                        f"one axis (two grids for both).")
     run = data.get("run", {})
     bad = sorted(set(run) - set(RUN_KEYS))
     if bad:

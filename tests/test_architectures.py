@@ -51,12 +51,17 @@ def test_family_is_right_or_refused(name):
         return
     assert result.status == "works", [c for c in result.checks if not c.ok]
     assert [c.what for c in result.checks] == ["full/sdpa", "full/eager"] + [m for m, _ in support.METHODS]
-    shortfalls = [c.what for c in result.checks if c.detail.startswith("refused")]
+    shortfalls = [c.what for c in result.checks if c.detail.startswith("shortfall")]
     # only a prompt compressor may fall short, and only where every layer has a window shorter
     # than the compressed context (it cannot shrink what those layers hold)
     assert shortfalls in ([], ["truncate"])
     if shortfalls:
         assert family(name).overrides.get("sliding_window") and "layer_types" not in family(name).overrides
+    # a sparse method (it computes attention itself, without softcap or sinks) is refused exactly
+    # on the families that apply either, never run with other numbers than the model's attention
+    refused = [c.what for c in result.checks if c.detail.startswith("refused")]
+    geometry = result.geometry
+    assert refused == (["ashape"] if "softcap" in geometry or "sinks" in geometry else [])
 
 
 def _without(fam, feature: str):

@@ -25,6 +25,26 @@ from .decode import forward
 from .state import ForwardState
 
 
+def attention_refusal(model, stages) -> str | None:
+    """Why a stage that computes attention itself (sparse prefill, sparse decode) cannot run on
+    ``model``: its own computation (block-sparse SDPA, Quest's paged SDPA) has no attention-logit
+    softcap (Gemma-2) and no learned sink column (gpt-oss), so on such a model it would silently
+    compute other numbers than the model's attention. None when nothing stands in the way: the
+    model has neither, or the stage is at ratio 0 (it never replaces dense attention then)."""
+    geometry = getattr(model, "lcbench_geometry", None)
+    if geometry is None or not (geometry.softcap or geometry.sinks):
+        return None
+    what = " and ".join(x for x, on in (("an attention-logit softcap", geometry.softcap),
+                                         ("learned attention sinks", geometry.sinks)) if on)
+    for stage in stages:
+        if {"prefill_attention", "decode_attention"} & set(stage.stages) and stage.ratio > 0:
+            return (f"method '{stage.name}' computes attention itself (sparse {' and '.join(sorted(stage.stages))}) "
+                    f"without {what}, which {arch_name(model)} applies in every layer: its numbers would not be "
+                    f"this model's attention. Fix: a method that compresses the cache instead (e.g. snapkv, kivi), "
+                    f"or a model without softcap and sinks")
+    return None
+
+
 def attached(model) -> bool:
     """True once :func:`use_lcbench_attention` has switched ``model`` (and its probe passed)."""
     return getattr(model, "lcbench_geometry", None) is not None

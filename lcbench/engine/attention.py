@@ -46,6 +46,7 @@ from ..cache.layer import KVLayer
 from ..cache.shared import SharedContextLayer
 from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
+from ..methods.budget import compress
 from .state import DECODE, PREFILL, ForwardState
 
 ATTENTION_NAME = "lcbench"
@@ -405,7 +406,7 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         seen = observe(state.needs, query, key, layer, groups, scaling, idx, len(cache.layers),
                        min(state.protected, layer.seq_len()), module=module)
         for stage in state.cache_stages:
-            layer = stage.compress_layer(layer, seen)
+            layer = compress(stage, layer, seen)
         cache.layers[idx] = layer
         state.compress_seconds += state.timer.now() - start
     elif state.phase == DECODE and state.decode_stages:

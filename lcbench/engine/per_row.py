@@ -14,6 +14,7 @@ import copy
 import torch
 
 from ..methods.base import LayerObservation, Needs, Stage
+from ..methods.budget import compress
 from .row_stack import row_layers, stack_rows
 
 
@@ -64,7 +65,7 @@ class PerRowCompression(Stage):
             n = min(n, width)  # a sliding-window layer kept only its last `width` slots (engine/attention.py)
             row, row_seen = rows[j], row_observation(seen, j, width - n, n, self.needs)
             for stage in stages:
-                row = stage.compress_layer(row, row_seen)
+                row = compress(stage, row, row_seen)
             kept.append(row)
         return stack_rows(kept)
 

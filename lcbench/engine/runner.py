@@ -26,12 +26,12 @@ from typing import Sequence
 import torch
 
 from ..cache import KVCache
-from ..errors import CompressionShortfall
+from ..errors import CompressionShortfall, UserError
 from ..methods.base import Needs, TextInput
 from ..methods.chain import Chain
 from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
-from .attach import attached, use_lcbench_attention
+from .attach import attached, attention_refusal, use_lcbench_attention
 from .chunked import check_chunkable, prefill_spans
 from .decode import RowOutput, forward, greedy_decode
 from .per_row import PerRowCompression, fresh_copies
@@ -146,6 +146,9 @@ class Engine:
         self.bytes_per_token = kv_bytes_per_token(model)
         self.prefill_memo: PrefillMemo | None = None  # set when several runs share prefills (evaluate.py)
         check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk)
+        refusal = attention_refusal(model, chain.stages)
+        if refusal:
+            raise UserError(refusal + ".")
         # turns may share the compressed context (no copy per turn) unless a stage acts on each
         # row's cache after compression: decode stages (eviction, sparse decode) and sparse
         # prefill attention (it runs on the question parts too)
@@ -317,13 +320,22 @@ class Engine:
         return logits
 
     # --- steps 3 and 4: measure, check ------------------------------------------------------
-    def measure(self, cache: KVCache, full_tokens: int) -> dict[str, float]:
+    def measure(self, cache: KVCache, full_tokens: int, prefilled_tokens: int | None = None) -> dict[str, float]:
         """KV bytes, kept tokens and achieved ratio of a one-row compressed context, against the
-        dense cache of ``full_tokens`` tokens."""
+        dense cache of ``full_tokens`` tokens, and the ratio requested of it: the chain's, or with
+        ``--budget N`` the one of keeping ``N`` of the ``prefilled_tokens`` each layer held (a
+        sliding-window layer holds fewer) times what the chain's other components keep."""
         kv = cache.nbytes()
         full = dense_kv_bytes(self.model, full_tokens, self.bytes_per_token)
+        budget = self.chain.budget
+        if budget is None:
+            requested = self.chain.requested_ratio  # the run's label (a sparse chain's: the attention skipped)
+        else:
+            held = full_tokens if prefilled_tokens is None else prefilled_tokens
+            kept = dense_kv_bytes(self.model, min(held, budget), self.bytes_per_token)
+            requested = 1.0 - self.chain.fixed_keep() * kept / full if full else 0.0
         return {"kv_bytes": int(kv), "kv_bytes_full": int(full), "kept_tokens": cache.kept_tokens(),
-                "achieved_ratio": 1.0 - kv / full if full else 0.0}
+                "achieved_ratio": 1.0 - kv / full if full else 0.0, "requested_ratio": requested, "budget": budget}
 
     def check(self, measured: dict[str, float], stats: dict[str, float]) -> None:
         """Fail the run when the measured compression misses the request beyond tolerance: KV
@@ -331,7 +343,8 @@ class Engine:
         if not self.config.check_ratio:
             return
         chain = self.chain
-        checks = [("KV memory", chain.memory_ratio, measured["achieved_ratio"], chain.tolerance_of(False))]
+        memory = chain.memory_ratio if chain.budget is None else measured["requested_ratio"]
+        checks = [("KV memory", memory, measured["achieved_ratio"], chain.tolerance_of(False))]
         if chain.attention_ratio > 0 and "attention_density" in stats:
             checks.append(("attention", chain.attention_ratio, 1.0 - stats["attention_density"],
                            chain.tolerance_of(True)))
@@ -395,7 +408,7 @@ class Engine:
         ttft = p.text_s + prefilled.prefill_s + prefilled.compress_s + decoded.question_prefill_s
         m = Measured(
             input_tokens=input_tokens, context_tokens_original=p.context_tokens_original,
-            context_tokens=len(p.prompt.context_ids), **measured, requested_ratio=self.chain.requested_ratio,
+            context_tokens=len(p.prompt.context_ids), **measured,
             text_s=p.text_s, text_peak_memory_mb=p.text_peak_memory_mb,
             prefill_s=prefilled.prefill_s, compress_s=prefilled.compress_s,
             question_prefill_s=decoded.question_prefill_s, ttft_s=ttft, decode_tokens=tokens,
@@ -432,7 +445,7 @@ class Engine:
                                                   zip(*(row_layers(layer) for layer in cache.layers))]
         measured, stats = [], []
         for j, p in enumerate(group):
-            m = self.measure(per_row[j], p.context_tokens_original)
+            m = self.measure(per_row[j], p.context_tokens_original, len(p.prompt.context_ids))
             s = self.stage_stats(prefilled.row_stages[j], dict(p.stats))
             self.check(m, s)
             measured.append(m)
@@ -478,7 +491,7 @@ class Engine:
         q_ids = p.prompt.turn_ids[k]
         ids = p.prompt.context_ids + q_ids
         prefilled = self.prefill([ids], protected=len(q_ids))
-        measured = self.measure(prefilled.cache, p.context_tokens_original + len(q_ids))
+        measured = self.measure(prefilled.cache, p.context_tokens_original + len(q_ids), len(ids))
         stats = self.stage_stats(self.chain.stages, dict(p.stats))
         self.check(measured, stats)
         decoded = self.decode_from(prefilled.cache, prefilled.logits, len(ids), p.sample.turns[k])
@@ -489,7 +502,7 @@ class Engine:
         """SCBench multi-turn: each turn sees the context, earlier questions and gold answers."""
         prefilled = self.prefill([p.prompt.context_ids])
         cache = prefilled.cache
-        measured = self.measure(cache, p.context_tokens_original)
+        measured = self.measure(cache, p.context_tokens_original, len(p.prompt.context_ids))
         stats = self.stage_stats(self.chain.stages, dict(p.stats))
         self.check(measured, stats)
         position = len(p.prompt.context_ids)

@@ -28,6 +28,7 @@ import torch
 
 from ..cache import KVCache
 from ..methods.base import LayerObservation, Needs, Stage
+from ..methods.budget import compress
 from ..methods.chain import Chain
 
 SHAREABLE_STAGES = {"cache", "decode"}
@@ -120,7 +121,7 @@ def compress_recorded(recorded: Recorded, stages: list[Stage]) -> KVCache:
         for i, layer in enumerate(recorded.cache.layers):
             copy = layer.repeat_rows(1)
             for stage in cache_stages:
-                copy = stage.compress_layer(copy, recorded.seen[i])
+                copy = compress(stage, copy, recorded.seen[i])
             cache.layers[i] = copy
     return cache
 

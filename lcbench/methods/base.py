@@ -143,6 +143,9 @@ class Stage:
     # True when what the stage does to a sample depends on earlier samples (e.g. statistics
     # calibrated on them); such a chain never batches samples together (engine/batching.py)
     cross_sample_state: ClassVar[bool] = False
+    # False when the cache stage keeps no whole tokens per head, so ``--budget N`` cannot fix what
+    # it keeps (ThinK prunes key channels; the kvpress bridge's presses take a ratio): lcbench/methods/budget.py
+    token_budget: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -154,6 +157,7 @@ class Stage:
 
     def __init__(self, ratio: float = 0.0, **args: Any):
         self.ratio = float(ratio)
+        self.budget_tokens: int | None = None  # tokens kept per layer and KV head (--budget), set by the chain
         self.args = ParamSet(self.params).resolve(args, f"method '{self.name}'")
 
     # --- hooks (each stage overrides only what it needs) ----------------------------------

@@ -6,6 +6,10 @@ remove. With several memory-compressing components (text, cache, soft), each get
 components keep the whole cache; they take ``r`` as the fraction of attention they skip
 (density ``1 - r``) and stay out of that product. A ``name.ratio=x`` method-arg overrides one
 component. What the chain achieves is measured, never multiplied out.
+
+``--budget N`` instead fixes the tokens one token-keeping component keeps per layer and KV head
+(lcbench/methods/budget.py); the chain's other compressing components then need their own
+``name.ratio=x``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 from ..errors import UserError
 from ..params import parse_kv
 from .base import Needs, Stage
+from .budget import budget_refusal
 from .registry import METHODS
 
 
@@ -60,8 +65,24 @@ class Chain:
         stages = []
         for item in spec:
             stage_cls = METHODS.get(item["name"])
-            stages.append(stage_cls(ratio=item["ratio"], **item["args"]))
+            stage = stage_cls(ratio=item["ratio"], **item["args"])
+            stage.budget_tokens = item.get("budget")
+            stages.append(stage)
         return cls(stages, chain_ratio(spec) if ratio is None else ratio)
+
+    @property
+    def budget(self) -> int | None:
+        """Tokens kept per layer and KV head by the chain's budgeted component (``--budget``), or None."""
+        return next((s.budget_tokens for s in self.stages if s.budget_tokens is not None), None)
+
+    def fixed_keep(self) -> float:
+        """What the memory-compressing components other than the budgeted one and the text stages
+        keep together (Π(1 − rᵢ)): a budget run's requested ratio is measured against it."""
+        keep = 1.0
+        for s in self._part(sparse=False):
+            if s.budget_tokens is None and "text" not in s.stages:
+                keep *= 1.0 - s.ratio
+        return keep
 
     @property
     def name(self) -> str:
@@ -76,14 +97,14 @@ class Chain:
 
     @property
     def tolerance(self) -> float:
-        compressing = [s for s in self.stages if s.ratio > 0]
+        compressing = [s for s in self.stages if s.ratio > 0 or s.budget_tokens is not None]
         return max((s.tolerance for s in compressing), default=0.05)
 
     def has(self, stage: str) -> bool:
         return any(stage in s.stages for s in self.stages)
 
     def _part(self, sparse: bool) -> list[Stage]:
-        return [s for s in self.stages if s.ratio > 0 and is_sparse(type(s)) == sparse]
+        return [s for s in self.stages if (s.ratio > 0 or s.budget_tokens is not None) and is_sparse(type(s)) == sparse]
 
     @property
     def memory_ratio(self) -> float:
@@ -114,13 +135,24 @@ def chain_ratio(spec: list[dict[str, Any]]) -> float:
     return round(1.0 - keep, 6) if keep < 1.0 else round(sparse, 6)
 
 
-def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[dict[str, Any]]:
-    """Resolve a chain to component specs with every default filled in (for the RunSpec)."""
+def compresses_nothing(method: str) -> bool:
+    """Whether every component of the chain is a reference that keeps everything (``full``)."""
+    names = [n.strip() for n in str(method).split("+") if n.strip()]
+    return bool(names) and all(METHODS.get(n).family == "baseline" and "cache" not in METHODS.get(n).stages
+                               for n in names)
+
+
+def resolve_chain(method: str, method_args: str | None, ratio: float, budget: int | None = None) -> list[dict[str, Any]]:
+    """Resolve a chain to component specs with every default filled in (for the RunSpec); with a
+    ``budget``, the one compressing component without its own ``name.ratio`` takes it."""
     names = split_chain(method)
     per_args = split_method_args(names, method_args)
     classes = [METHODS.get(n) for n in names]
     compressing = [i for i, c in enumerate(classes)
                    if (c.family != "baseline" or c.name == "random") and not is_sparse(c)]
+    budgeted = None if budget is None else _budgeted(names, classes, compressing, per_args, budget)
+    if budgeted is not None:
+        ratio = 0.0
     n = max(1, len([i for i in compressing if "ratio" not in per_args[i]]))
     fixed_keep = 1.0
     for i in compressing:
@@ -137,5 +169,30 @@ def resolve_chain(method: str, method_args: str | None, ratio: float) -> list[di
         if not 0.0 <= comp_ratio < 1.0:
             raise UserError(f"method '{name}': ratio must be in [0, 1), got {comp_ratio}.")
         stage = cls(ratio=comp_ratio, **args)  # validates names and types
-        out.append({"name": name, "ratio": round(comp_ratio, 6), "args": stage.args})
+        item = {"name": name, "ratio": round(comp_ratio, 6), "args": stage.args}
+        if i == budgeted:
+            item["budget"] = budget
+        out.append(item)
     return out
+
+
+def _budgeted(names: list[str], classes: list, compressing: list[int], per_args: list[dict], budget: int) -> int:
+    """The index of the component a ``--budget`` applies to, or a UserError saying why none can."""
+    chain = "+".join(names)
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise UserError(f"--budget {budget!r}: must be a whole number of tokens ≥ 1 kept per layer and KV head. "
+                        f"Fix: e.g. --budget 512.")
+    free = [i for i in compressing if "ratio" not in per_args[i]]
+    if not free:
+        raise UserError(f"--budget {budget}: no component of '{chain}' is left to take it (each has its own "
+                        f"name.ratio, or none compresses the cache). Fix: a dropping method, e.g. --method snapkv.")
+    if len(free) > 1:
+        others = ", ".join(f"{names[i]}.ratio=0.5" for i in free[1:])
+        raise UserError(f"--budget {budget} fixes the tokens one component keeps, but '{chain}' has "
+                        f"{len(free)} compressing components without their own ratio. Fix: give the others one, "
+                        f"e.g. --method-args {others}.")
+    why = budget_refusal(classes[free[0]])
+    if why is not None:
+        raise UserError(f"--budget {budget}: {why}. Fix: use --ratio for it, or chain a dropping method that takes "
+                        f"the budget (e.g. --method snapkv+{names[free[0]]} --method-args {names[free[0]]}.ratio=0.5).")
+    return free[0]

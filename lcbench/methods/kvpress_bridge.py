@@ -179,6 +179,7 @@ class KvpressStage(Stage):
 
     family = "kv_dropping"
     stages = ("cache",)
+    token_budget = False  # a press is built with a compression ratio
     needs = Needs(queries=True)
     press_cls: ClassVar[type]
 

@@ -37,6 +37,12 @@ class MemoryPoint:
     n: int
     run_id: str
     frontier: bool = False
+    budget: int | None = None  # a --budget run's tokens per layer and head (its ratio is then 0)
+
+    @property
+    def size(self) -> str:
+        """The ratio, or ``budget N`` for a --budget run."""
+        return f"budget {self.budget}" if self.budget is not None else f"{self.ratio:g}"
 
     @property
     def kv_mb(self) -> float:
@@ -82,7 +88,8 @@ def equal_memory_points(df: pd.DataFrame, family_of: Mapping[str, str] | None = 
             points.append(MemoryPoint(str(task), str(model), method_label(first["method"], bool(first["query_aware"])),
                                       family_of.get(str(run_id), "?"), float(first["ratio"]), float(kv.mean()),
                                       float(share.mean()) if len(share) else float("nan"), float(scores.mean()),
-                                      (lo, hi), len(scores), str(run_id)))
+                                      (lo, hi), len(scores), str(run_id),
+                                      budget=None if pd.isna(first.get("budget")) else int(first["budget"])))
         _frontier(points)
         points.sort(key=lambda p: (p.kv_bytes, -p.score, p.method, p.ratio))
         out[(str(task), str(model))] = points
@@ -108,7 +115,7 @@ def equal_memory_table(df: pd.DataFrame, family_of: Mapping[str, str] | None = N
             if several:
                 row["model"] = model
             row.update({"KV MB": fmt_number(p.kv_mb), "KV % of full": _percent(p.kv_share), "method": p.method,
-                        "family": p.family, "ratio": f"{p.ratio:g}",
+                        "family": p.family, "ratio": p.size,
                         "score [95% CI]": f"{p.score:.2f} [{p.ci[0]:.2f}, {p.ci[1]:.2f}]",
                         "frontier": "yes" if p.frontier else ""})
             display.append(row)

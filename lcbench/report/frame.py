@@ -6,9 +6,10 @@ check`` read results the same way (json only, never by running a model).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
@@ -52,12 +53,25 @@ class Run:
         """What a run measures, apart from the code that ran it: used to pair runs across versions."""
         s = self.spec
         return (s["task"], self.method, float(s["ratio"]), s["model"], bool(s.get("query_aware", False)),
-                repr(sorted(s.get("task_args", {}).items())), s.get("limit"), s.get("seed", 0))
+                repr(sorted(s.get("task_args", {}).items())), s.get("limit"), s.get("seed", 0), s.get("budget"))
+
+    @property
+    def size(self) -> str:
+        """``r=0.5``, or ``budget=512`` for a ``--budget`` run (tokens kept per layer and head)."""
+        return size_text(self.spec)
 
     def label(self) -> str:
         s = self.spec
         qa = " (query-aware)" if s.get("query_aware") else ""
-        return f"{s['task']} · {self.method} · r={float(s['ratio']):g} · {s['model']}{qa}"
+        return f"{s['task']} · {self.method} · {size_text(s)} · {s['model']}{qa}"
+
+
+def size_text(spec: Mapping[str, Any]) -> str:
+    """How much a run keeps, from its spec (or a table row): ``r=0.5`` or ``budget=512``."""
+    budget = spec.get("budget")
+    if budget is not None and not (isinstance(budget, float) and math.isnan(budget)):
+        return f"budget={int(budget)}"
+    return f"r={float(spec['ratio']):g}"
 
 
 def load_run(folder: Path | str) -> Run:
@@ -130,7 +144,7 @@ def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
     for run in runs:
         s = run.spec
         base = {"run_id": run.run_id, "task": labels[str(run.folder)], "method": run.method, "ratio": float(s["ratio"]),
-                "model": s["model"], "query_aware": bool(s.get("query_aware", False))}
+                "budget": s.get("budget"), "model": s["model"], "query_aware": bool(s.get("query_aware", False))}
         for rec in run.records:
             row = dict(base)
             row.update({k: rec.get(k) for k in RECORD_FIELDS})
@@ -139,7 +153,7 @@ def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
             if row["dataset"] is None or row["dataset"] == s["task"]:  # the task itself, with its setup label
                 row["dataset"] = labels[str(run.folder)]
             rows.append(row)
-    columns = ["run_id", "task", "method", "ratio", "model", "query_aware", *RECORD_FIELDS, *META_FIELDS]
+    columns = ["run_id", "task", "method", "ratio", "budget", "model", "query_aware", *RECORD_FIELDS, *META_FIELDS]
     df = pd.DataFrame(rows, columns=columns)
     df["kv_mb"] = pd.to_numeric(df["kv_bytes"], errors="coerce") / 2**20
     return df

@@ -218,7 +218,7 @@ def equal_memory(df: pd.DataFrame, out_dir: Path, family_of: dict[str, str] | No
                 ax.errorbar(x, y, yerr=err, fmt=MARKERS[families.index(fam) % len(MARKERS)], capsize=3,
                             color=colours[method], label=_text(f"{method} ({fam})"))
                 for p in pts:
-                    ax.annotate(f"{p.ratio:g}", (p.kv_mb, p.score), textcoords="offset points", xytext=(4, 3),
+                    ax.annotate(p.size, (p.kv_mb, p.score), textcoords="offset points", xytext=(4, 3),
                                 fontsize=6, color=colours[method])
         front = sorted((p for p in points if p.frontier), key=lambda p: p.kv_bytes)
         if front:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 # spec fields the command sets, or leaves out on purpose (output_path: where results go; mode: the task's)
-_COVERED = {"model", "model_args", "method", "ratio", "task", "task_args", "task_version", "task_template_hash",
+_COVERED = {"model", "model_args", "method", "ratio", "budget", "task", "task_args", "task_version", "task_template_hash",
             "limit", "seed", "device", "dtype", "query_aware", "mode", "batch_size", "output_path",
             "prefill_chunk", "share_prefill", "extra"}
 
@@ -80,11 +80,13 @@ def flags(spec: Mapping[str, Any]) -> list[str]:
         out += ["--dtype", str(spec["dtype"])]
     out += ["--method", "+".join(names)]
     method_args = []
+    budget = spec.get("budget")
     for part in chain:
         own = float(part.get("ratio", ratio))
         # one component: --ratio is its ratio; a chain: each component's share written out, so the
-        # split does not depend on how this lcbench divides a ratio across components
-        if len(chain) > 1 or own != ratio:
+        # split does not depend on how this lcbench divides a ratio across components (the
+        # component a --budget applies to has no ratio of its own)
+        if "budget" not in part and (len(chain) > 1 or own != ratio):
             method_args.append(f"{part['name']}.ratio={_ratio(own)}")
         pairs = _pairs(part.get("args") or {}, f"{part['name']}.")
         if pairs:
@@ -94,7 +96,7 @@ def flags(spec: Mapping[str, Any]) -> list[str]:
     out += ["--task", str(spec["task"])]
     if _pairs(spec.get("task_args") or {}):
         out += ["--task-args", _pairs(spec.get("task_args") or {})]
-    out += ["--ratio", _ratio(ratio)]
+    out += ["--budget", str(int(budget))] if budget is not None else ["--ratio", _ratio(ratio)]
     if spec.get("limit") is not None:
         out += ["--limit", str(int(spec["limit"]))]
     out += ["--seed", str(int(spec.get("seed", 0)))]

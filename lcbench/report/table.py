@@ -10,7 +10,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs
+from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs, size_text
 from .safe import terminal_text
 
 # a run whose prefills were shared with other runs of its command (engine/shared_prefill.py)
@@ -20,7 +20,7 @@ SHARED_NOTE = ("‡: prefill shared with other runs of the command (--share-pref
                "(--share-prefill off for a run's own peak).")
 
 COLUMNS = {
-    "task": "task", "model": "model", "method": "method", "ratio": "ratio", "n": "n",
+    "task": "task", "model": "model", "method": "method", "ratio": "ratio", "budget": "budget", "n": "n",
     "score": "score [95% CI]", "achieved_ratio": "achieved", "kv_mb": "KV MB",
     "attention_density": "attn density", "ttft_s": "TTFT s", "compress_s": "compress s", "text_s": "text s",
     "decode_tok_s": "tok/s", "peak_memory_mb": "peak MB",
@@ -45,6 +45,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
         labels = sorted({str(r["meta"]["data_label"]) for r in run.records if (r.get("meta") or {}).get("data_label")})
         rows.append({
             "task": s["task"] + (f"[{', '.join(labels)}]" if labels else ""), "method": run.method, "ratio": s["ratio"],
+            "budget": s.get("budget"),
             "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
             "score": None if failed else suite.get("score"), "score_ci": None if failed else suite.get("ci"),
             "achieved_ratio": overall.get("achieved_ratio"),
@@ -65,7 +66,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
 def _fmt(value, key: str) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
-    if key in ("n",):
+    if key in ("n", "budget"):
         return str(int(value))
     if isinstance(value, float):
         if key in ("ratio", "achieved_ratio"):
@@ -84,7 +85,7 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
         next(iter(kinds)) if len(kinds) == 1 else "", "peak MB")
     models = sorted(set(df["model"])) if "model" in df else []
     shown = [k for k in COLUMNS if not (k == "model" and len(models) <= 1)
-             and not (k == "attention_density" and df.get(k, pd.Series(dtype=float)).isna().all())]
+             and not (k in ("attention_density", "budget") and df.get(k, pd.Series(dtype=float)).isna().all())]
     table = Table(title=terminal_text(f"{title} — model: {', '.join(models)}" if len(models) == 1 else title))
     for key in shown:
         table.add_column(terminal_text(mem_label if key == "peak_memory_mb" else COLUMNS[key]), overflow="fold",
@@ -113,7 +114,7 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
     notes = [DENSITY_NOTE] if "attention_density" in shown else []
     failed = df[df["status"] == "failed"] if "status" in df else df.iloc[0:0]
     if len(failed):
-        notes.append("FAILED: " + "; ".join(f"{r['task']} · {r['method']} · r={r['ratio']:g}: {r['error']}"
+        notes.append("FAILED: " + "; ".join(f"{r['task']} · {r['method']} · {size_text(r)}: {r['error']}"
                                              for _, r in failed.iterrows()))
     if batched.any():
         notes.append(batch_note(df.loc[batched, "batch_samples"].mean()))

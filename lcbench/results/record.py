@@ -45,7 +45,8 @@ class Measured:
     kv_bytes_full: int | None = None  # bytes of the same context's dense cache
     kept_tokens: int | None = None  # slots the compressed cache holds (all layers and heads)
     achieved_ratio: float | None = None  # 1 − kv_bytes / kv_bytes_full
-    requested_ratio: float | None = None
+    requested_ratio: float | None = None  # with a budget: of keeping it, over this sample's tokens
+    budget: int | None = None  # --budget: tokens kept per layer and KV head
     text_s: float | None = None  # text stage (prompt compression)
     text_peak_memory_mb: float | None = None
     prefill_s: float | None = None  # prefill of the context, compression excluded

@@ -28,6 +28,7 @@ def pruned_channels(head_dim: int, ratio: float) -> int:
 class ThinK(Stage):
     name = "think"
     family = "kv_dropping"
+    token_budget = False  # it prunes key channels, not tokens
     paper = "Xu et al., ThinK: Thinner Key Cache by Query-Driven Pruning, ICLR 2025 (arXiv:2407.21018)"
     summary = "query-driven key-channel pruning (q² × k² per channel); ratios below 0.5; compact key storage"
     params = (Param("window_size", int, 32, "last prompt queries whose energy scores the channels", min=1),)

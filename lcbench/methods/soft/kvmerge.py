@@ -92,6 +92,7 @@ class KVMerge(Stage):
         if type(layer) is not DenseLayer:
             raise UserError("kvmerge merges full-precision keys/values: put it before any quantization in the "
                             f"chain (e.g. kvmerge+kivi), not after (got a {type(layer).__name__}).")
+        self._select.ratio = self.ratio  # this layer's (a --budget sets it per layer: methods/budget.py)
         kept = self._select.compress_layer(index_proxy(layer), seen).keys[..., 0].long()  # (B, H, K), ascending
         attention = seen.window_attention[..., : seen.context_length].sum(2)
         weights = align(group_mean(attention, seen.num_groups), layer, seen)  # per slot the layer holds now
