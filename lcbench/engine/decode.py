@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .end_cache import EndCache, row_end_cache
 from .state import DECODE, ForwardState
 
 
@@ -39,6 +40,7 @@ class RowOutput:
     tokens: list[int]
     text: str
     stopped_by: str  # "eos", "stop", "length"
+    end: EndCache | None = None  # the row's cache when its decoding ended (engine/end_cache.py)
 
 
 def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Tensor,
@@ -65,6 +67,7 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
     logits = first_logits
     positions = next_positions.clone()
     active = list(range(rows))  # the original row of each batch row still decoding
+    ends: list[EndCache | None] = [None] * rows
     while True:
         early = [j for j, i in enumerate(active) if not done[i] and len(tokens[i]) < min_new_tokens[i]]
         if early:
@@ -92,6 +95,9 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
             if len(tokens[i]) >= max_new_tokens[i]:
                 done[i] = True
         keep = [j for j, i in enumerate(active) if not done[i]]
+        for j, i in enumerate(active):
+            if done[i] and ends[i] is None:
+                ends[i] = row_end_cache(state.cache, j, len(active))
         if not keep:
             break
         if free_finished and len(keep) < len(active):
@@ -104,5 +110,5 @@ def greedy_decode(model, tokenizer, state: ForwardState, first_logits: torch.Ten
     out = []
     for i in range(rows):
         text = cut[i] if cut[i] is not None else tokenizer.decode(tokens[i], skip_special_tokens=True)
-        out.append(RowOutput(tokens[i], text, why[i]))
+        out.append(RowOutput(tokens[i], text, why[i], ends[i]))
     return out

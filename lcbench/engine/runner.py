@@ -413,6 +413,7 @@ class Engine:
             prefill_s=prefilled.prefill_s, compress_s=prefilled.compress_s,
             question_prefill_s=decoded.question_prefill_s, ttft_s=ttft, decode_tokens=tokens,
             decode_s=decoded.decode_s, decode_tok_s=tokens / decoded.decode_s if decoded.decode_s > 0 else None,
+            kv_bytes_end=out.end.kv_bytes if out.end else None, kept_tokens_end=out.end.kept_tokens if out.end else None,
             batch_rows=rows, batch_samples=samples,
             peak_memory_mb=max((m for m in (self.memory.peak_mb(), prefilled.peak_memory_mb) if m is not None),
                                default=None),

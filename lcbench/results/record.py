@@ -56,6 +56,8 @@ class Measured:
     decode_tokens: int | None = None
     decode_s: float | None = None
     decode_tok_s: float | None = None
+    kv_bytes_end: int | None = None  # bytes of this turn's cache (per row) when its decoding ended (engine/end_cache.py)
+    kept_tokens_end: float | None = None  # slots held then (mean over layers and KV heads)
     batch_rows: int | None = None  # decode rows that shared this turn's decode
     batch_samples: int | None = None  # samples that shared this turn's prefill
     peak_memory_mb: float | None = None

@@ -9,7 +9,7 @@ import numpy as np
 
 METRICS = ("score", "achieved_ratio", "kv_bytes", "kept_tokens", "ttft_s", "prefill_s", "compress_s",
            "text_s", "decode_tok_s", "decode_s", "peak_memory_mb", "input_tokens", "attention_density",
-           "batch_samples")
+           "batch_samples", "kv_bytes_end", "kept_tokens_end")
 
 
 def bootstrap_ci(values: Iterable[float], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
