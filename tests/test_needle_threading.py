@@ -125,6 +125,7 @@ def test_exact_scorer_on_upstream_edge_cases():
     u = "1759edc3-72ae-2244-8b01-63c1cd9d2b7d"
     assert exact_value(f'"{u}"', u) == 1.0  # upstream: literal_eval of a quoted string
     assert exact_value(f"  '{u}'\n", u) == 1.0  # stripped first
+    assert exact_value(f"\t\n '{u}'", u) == 1.0  # (upstream's literal_eval of the unstripped text raises here)
     assert exact_value(f'"{u}", the value of the key', u) == 1.0  # unparseable: text less its quote, cut to length
     assert exact_value(f'"{u}", "{u}"', u) == 0.0  # parses as a tuple, which is not the string
     assert exact_value(f"{u} is the value", u) == 1.0  # unparseable: its text, cut to the answer's length

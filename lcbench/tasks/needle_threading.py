@@ -23,9 +23,12 @@ Conditional_Needles, Single_Threads, Multi_Threads; fields ``needle_depth``, ``n
   (the paper's appendix and the hub data are not reachable offline); lcbench words them in the same
   style and labels them ``prompt=lcbench`` in each sample's meta.
 * **Scoring** (README): the reply is stripped and parsed with ``ast.literal_eval``, cut to the
-  answer's length, and compared with the answer (exact match). A reply that ``literal_eval``
-  cannot parse (an unquoted UUID) raises in upstream's loop; lcbench scores its stripped text
-  instead, leading quotes removed (a labelled deviation). A list reply to a one-value question is
+  answer's length, and compared with the answer (exact match). (Upstream's ``model_response.strip()``
+  discards its result; ``literal_eval`` strips leading spaces and tabs itself, so only a reply that
+  starts with a space or tab before a newline differs: upstream's parse raises, lcbench's, on the
+  stripped text, does not.) A reply that ``literal_eval`` cannot parse (an unquoted UUID) raises in
+  upstream's loop; lcbench scores its stripped text instead, leading quotes removed (a labelled
+  deviation). A list reply to a one-value question is
   wrong, as upstream (a list is not a string). Tasks with several answers are scored per needle:
   the share of the expected values found in the parsed list (or dict, for multi-threading: the
   share of threads whose final value is right); ``exact`` is 1 only when all are.
