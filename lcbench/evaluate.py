@@ -151,6 +151,22 @@ class RunOutcome:
     new_records: int
 
 
+def share_groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
+    """``specs`` split into the groups whose runs would share prefills in one process (several runs
+    each), and every other run alone, in first-seen order: what an executor that runs each group
+    in one process (Ray: one task per group) must keep together for the sharing to happen."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for i, spec in enumerate(specs):
+        groups.setdefault(_share_key(spec) if _shareable(spec) else ("alone", i), []).append(spec)
+    return list(groups.values())
+
+
+def _shareable(spec: RunSpec) -> bool:
+    """Whether the run may reuse a prefill another run of its command made."""
+    return spec.share_prefill != "off" and share_refusal(Chain.build(spec.method, spec.ratio), spec.query_aware,
+                                                         spec.prefill_chunk) is None
+
+
 def _share_key(spec: RunSpec) -> tuple:
     """What runs must have in common to share prefills: all but the method chain, ratio and output."""
     return (spec.model, json.dumps(spec.model_args, sort_keys=True, default=str), spec.device, spec.dtype, spec.task,
@@ -172,11 +188,8 @@ class ModelPool:
         two or more runs one memo for the union of their needs."""
         groups: dict[tuple, list[Needs]] = {}
         for spec in specs:
-            if spec.share_prefill == "off":
-                continue
-            chain = Chain.build(spec.method, spec.ratio)
-            if share_refusal(chain, spec.query_aware, spec.prefill_chunk) is None:
-                groups.setdefault(_share_key(spec), []).append(chain.needs)
+            if _shareable(spec):
+                groups.setdefault(_share_key(spec), []).append(Chain.build(spec.method, spec.ratio).needs)
         for key, needs in groups.items():
             if len(needs) > 1 and key not in self._memos:
                 union = Needs()

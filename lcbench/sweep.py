@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .evaluate import ModelPool, build_spec, evaluate
+from .evaluate import ModelPool, build_spec, evaluate, share_groups
 from .spec import RunSpec, run_settings
 
 AXES = ("model", "method", "ratio", "budget", "task")  # ratio or budget (tokens per layer and head)
@@ -188,22 +188,31 @@ def failure_text(exc: Exception) -> str:
 _WORKER_POOL: ModelPool | None = None
 
 
-def execute_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """What a Ray task runs: one spec (as spec.json's payload) → its folder, or the error."""
+def execute_payloads(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a Ray task runs: a group of specs (spec.json payloads) that share prefills, one after
+    another in this worker → each one's folder, or its error (one failure stops no other)."""
     global _WORKER_POOL
     if _WORKER_POOL is None:  # a worker process keeps its model for the next run it gets
         _WORKER_POOL = ModelPool()
-    spec = RunSpec.from_json(payload)
-    try:
-        return {"folder": str(evaluate(spec, _WORKER_POOL).folder), "error": None}
-    except Exception as exc:
-        return {"folder": str(Path(spec.output_path) / spec.run_id), "error": failure_text(exc)}
+    specs = [RunSpec.from_json(p) for p in payloads]
+    _WORKER_POOL.plan_shared_prefill(specs)
+    out = []
+    for spec in specs:
+        try:
+            out.append({"folder": str(evaluate(spec, _WORKER_POOL).folder), "error": None})
+        except Exception as exc:
+            out.append({"folder": str(Path(spec.output_path) / spec.run_id), "error": failure_text(exc)})
+    return out
 
 
 def run_ray(specs: list[RunSpec], on_done: Callable[[Finished], None], address: str | None = None,
             gpus_per_run: float = 1.0, cpus_per_run: float = 1.0, num_cpus: int | None = None) -> list[Finished]:
     """Each run a Ray task (``gpus_per_run`` GPUs for CUDA runs, else ``cpus_per_run`` CPUs) on the
-    cluster at ``address``, or on a local Ray instance (``num_cpus``) when none is connected."""
+    cluster at ``address``, or on a local Ray instance (``num_cpus``) when none is connected — except
+    runs that share prefills (:func:`lcbench.evaluate.share_groups`: same model, task and samples,
+    cache/decode-stage methods or ratios apart), which are grouped before dispatch into one task that
+    runs them in order, prefilling each context once (``share_prefill = "off"`` in the grid's
+    ``[run]``: one task per run, all in parallel)."""
     try:
         import ray
     except ImportError:
@@ -213,24 +222,26 @@ def run_ray(specs: list[RunSpec], on_done: Callable[[Finished], None], address: 
     if started:
         ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False)
     try:
-        task = ray.remote(execute_payload)
+        task = ray.remote(execute_payloads)
         pending = {}
-        for spec in specs:
-            gpu = spec.device.startswith("cuda")
+        for group in share_groups(specs):
+            gpu = group[0].device.startswith("cuda")
             ref = task.options(num_gpus=gpus_per_run if gpu else 0, num_cpus=cpus_per_run,
-                               name=spec.run_id).remote(spec.to_json())
-            pending[ref] = spec
+                               name=group[0].run_id if len(group) == 1 else f"{len(group)} runs sharing prefills"
+                               ).remote([spec.to_json() for spec in group])
+            pending[ref] = group
         out = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            spec = pending.pop(ready[0])
+            group = pending.pop(ready[0])
             try:
-                result = ray.get(ready[0])
-                done = Finished(spec, Path(result["folder"]), result["error"])
+                results = ray.get(ready[0])
+                finished = [Finished(s, Path(r["folder"]), r["error"]) for s, r in zip(group, results)]
             except Exception as exc:  # the task died (out of memory, lost node): report, go on
-                done = Finished(spec, None, f"{type(exc).__name__}: {exc}")
-            out.append(done)
-            on_done(done)
+                finished = [Finished(s, None, f"{type(exc).__name__}: {exc}") for s in group]
+            for done in finished:
+                out.append(done)
+                on_done(done)
         return out
     finally:
         if started:

@@ -105,7 +105,9 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
 
 def test_ray_executor_runs_each_spec_as_a_task(tmp_path):
     ray = pytest.importorskip("ray")
-    specs = [s for s in expand(load_grid(_grid(tmp_path)), str(tmp_path / "ray")) if s.ratio != 0.25]
+    # one sample at a time (a batched prefill of several samples shares nothing across runs)
+    specs = [dataclasses.replace(s, batch_size="turns") for s in expand(load_grid(_grid(tmp_path)), str(tmp_path / "ray"))
+             if s.ratio != 0.25]
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         seen = []
@@ -118,3 +120,17 @@ def test_ray_executor_runs_each_spec_as_a_task(tmp_path):
     for f in finished:
         assert (f.folder / "summary.json").exists()
         assert _predictions(f.folder) == _predictions(by_id[f.spec.run_id])  # same spec, same answers
+        # grouped before dispatch: the two runs went to one task, which prefilled each context once
+        records = [json.loads(line) for line in (f.folder / "samples.jsonl").read_text().splitlines()]
+        assert all(r["measured"]["shared_prefill"] for r in records)
+
+
+def test_runs_sharing_prefills_are_grouped_before_dispatch(tmp_path):
+    from lcbench.evaluate import share_groups
+
+    specs = expand(load_grid(_grid(tmp_path)), str(tmp_path / "out"))
+    assert [len(g) for g in share_groups(specs)] == [3]  # full and snapkv at both ratios: one model, one task
+    alone = [dataclasses.replace(s, share_prefill="off") for s in specs]
+    assert [len(g) for g in share_groups(alone)] == [1, 1, 1]
+    other = [specs[0], dataclasses.replace(specs[1], seed=1), specs[2]]  # other samples: another group
+    assert sorted(len(g) for g in share_groups(other)) == [1, 2]
