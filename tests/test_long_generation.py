@@ -188,6 +188,19 @@ def test_crop_after_generated_evictions_forgets_exactly_the_answer():
     assert positions(layer, 1) == [0, 5, 6, 7]
     layer.append(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2), torch.tensor([[20, 21]]), None)
     assert positions(layer, 1) == [0, 5, 6, 7, 20, 21]  # the next turn's question reaches every head
+    # the next turn decodes on the ragged layer: per-slot statistics stay aligned with the slots
+    layer.tracks["pos"] = layer.positions.float()
+    for step in range(4):
+        layer.append(torch.randn(1, 2, 1, 2), torch.randn(1, 2, 1, 2), torch.tensor([[22 + step]]), None)
+        layer = EvictingLayer.wrap(layer)
+        layer.tracks["pos"][..., -1] = 22 + step
+        layer.evict(torch.rand(1, 2, layer.seq_len(), generator=torch.Generator().manual_seed(step)))
+        valid = layer.valid if layer.valid is not None else torch.ones_like(layer.positions, dtype=torch.bool)
+        assert torch.equal(layer.tracks["pos"][valid], layer.positions[valid].float())
+        for h in (0, 1):  # arrival indices follow the slots too (storage order = arrival order)
+            arrived = layer.arrival[0, h][valid[0, h]]
+            assert bool((arrived[1:] > arrived[:-1]).all())
+    assert [len(positions(layer, h)) for h in (0, 1)] == [8, 6]  # one in, one out per step
 
 
 @pytest.mark.parametrize("method", ["streamingllm", "h2o", "tova"])

@@ -99,11 +99,20 @@ class EvictingLayer(KVLayer):
 
     def select(self, index):
         index, _ = index.sort(dim=-1)
+        valid = self.inner.valid
         self.inner.select(index)
-        for name, t in self.tracks.items():
-            self.tracks[name] = t.gather(-1, index)
+        # a ragged layer re-packs each head's valid slots first (its padding goes last): follow it
+        order = None
+        if isinstance(self.inner, RaggedLayer) and valid is not None:
+            order = _kept_first(valid.gather(-1, index))[..., : self.inner.seq_len()]
+
+        def follow(t):
+            t = t.gather(-1, index)
+            return t if order is None else t.gather(-1, order)
+
+        self.tracks = {name: follow(t) for name, t in self.tracks.items()}
         if self.arrival is not None:
-            self.arrival = self.arrival.gather(-1, index)
+            self.arrival = follow(self.arrival)
 
     def crop_to(self, length):
         """Forget the current turn's tokens from ``length`` on, ``length`` counting slots as they
@@ -114,6 +123,8 @@ class EvictingLayer(KVLayer):
             return
         keep = self.arrival < length
         valid = self.inner.valid
+        if valid is not None:
+            keep = keep & valid
         counts = keep.sum(-1)
         if bool((counts == counts.flatten()[0]).all()):
             count = int(counts.flatten()[0])
@@ -126,7 +137,7 @@ class EvictingLayer(KVLayer):
             # heads kept different numbers of prompt tokens: each head keeps exactly its own
             order = _kept_first(keep)[..., : int(counts.max())]
             self.tracks = {k: t.gather(-1, order) for k, t in self.tracks.items()}
-            self.inner = RaggedLayer.from_layer(self.inner, keep if valid is None else keep & valid)
+            self.inner = RaggedLayer.from_layer(self.inner, keep)
         else:
             raise RunFailed(
                 f"multi-turn mode: forgetting a generated answer left KV heads with different numbers of "
