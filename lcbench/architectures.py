@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import REPO_ROOT
 from .errors import CompressionShortfall, UserError
 from .models.families import FAMILIES, WINDOW, Family, build
 from .models.hook import config_refusal
@@ -211,7 +212,9 @@ def markdown(results: list[FamilyResult]) -> str:
                  f"greedy output as `model.generate`; ✓ method: reached the ratio (KV memory, or attention density "
                  f"for ashape); shortfall: the engine stops the run with a clear error because the method cannot "
                  f"reach the ratio on that architecture (e.g. a prompt compressor cannot shrink layers whose "
-                 f"window is shorter than the compressed context).")
+                 f"window is shorter than the compressed context); refused: the engine refuses the method before "
+                 f"anything runs (e.g. a sparse method, which computes attention itself, on a model with an "
+                 f"attention softcap or learned sinks it does not apply).")
     return "\n".join(lines)
 
 
@@ -230,7 +233,7 @@ def write_readme(table: str, readme: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lcbench.architectures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true", help="write the table into README.md between the markers")
-    parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[2] / "README.md")
+    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "README.md")
     parser.add_argument("families", nargs="*", help="only these families")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
