@@ -25,7 +25,7 @@ from lcbench.methods.chain import Chain, resolve_chain
 from lcbench.methods.dropping.decode_eviction import EvictingLayer
 from lcbench.methods.registry import METHODS
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
-from lcbench.tasks.long_output import LongOutput, extract_answer, gsm8k_answer, problems
+from lcbench.tasks.long_output import LongOutput, extract_answer, gsm8k_answer, problems, steps_on_track
 from lcbench.tasks.base import TaskEnv
 from lcbench.tasks.sample import Sample, Turn
 
@@ -261,6 +261,20 @@ def test_scorer_is_exact_on_known_strings(prediction, score, strict):
     got = LongOutput().score(Sample("s", "", [turn]), turn, prediction)
     assert got["score"] == score and got["strict"] == strict
     assert extract_answer("Answer: -3.5")[0] == -3.5
+
+
+def test_steps_on_track_counts_the_gold_values_reproduced_in_order():
+    values = (20, 10, 5, 15)
+    assert steps_on_track("Step 1: Mia starts with 20 coins.\nStep 2: 20 / 2 = 10.\nStep 3: 10 / 2 = 5.\n"
+                          "Step 4: 5 + 10 = 15.\nAnswer: 15", values) == 1.0
+    assert steps_on_track("Step 1: Mia starts with 20.\nStep 2: 20 / 2 = 10.\nStep 3: 10 - 2 = 8.\n"
+                          "Step 4: 5 + 10 = 15.", values) == 0.5  # on track until step 3
+    assert steps_on_track("The answer is 15", values) == 0.0
+    (problem,) = problems(0, 1, 12)
+    turn = LongOutput(samples=1, steps=12, shots=0).samples(
+        TaskEnv(tokenizer=tiny_tokenizer(), model_name="m", model_max_length=10 ** 6))[0].turns[0]
+    assert LongOutput().score(Sample("s", "", [turn]), turn, problem.solution) == {
+        "score": 1.0, "strict": 1.0, "answer_found": 1.0, "steps_on_track": 1.0}
 
 
 def test_gsm8k_answers_and_a_local_copy(tmp_path):

@@ -11,7 +11,10 @@ methods to compress and a long output for decode-time eviction to act on. ``max_
 Scorer (exact answer): ``score`` is 1 when the number after the first ``Answer:`` in the
 prediction (commas and a trailing period ignored) equals the gold answer, else 0; without any
 ``Answer:`` the last number in the prediction is taken (``strict`` counts only an ``Answer:``
-line; ``answer_found`` says whether one was written).
+line; ``answer_found`` says whether one was written). For synthetic problems ``steps_on_track`` is
+the share of the solution's intermediate values (start value, then each step's result) that the
+prediction's ``Step`` lines reproduce in order before the first wrong one — where a small model
+gets no final answer right, it still shows how long each method keeps the reasoning on track.
 
 ``source=gsm8k`` reads GSM8K (Cobbe et al., arXiv:2110.14168; hub dataset ``openai/gsm8k``,
 config ``main``: ``main/test-00000-of-00001.parquet`` for the problems and the train file's first
@@ -48,6 +51,7 @@ class Problem:
     text: str
     solution: str
     answer: int
+    values: tuple[int, ...] = ()  # the start value, then each step's result (synthetic problems)
 
 
 def make_problem(rng: random.Random, steps: int) -> Problem:
@@ -56,6 +60,7 @@ def make_problem(rng: random.Random, steps: int) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     value = rng.randint(5, 60)
     sentences = [f"{name} has {value} {item}."]
+    values = [value]
     lines = [f"Step 1: {name} starts with {value} {item}."]
     for k in range(2, steps + 2):
         ops = ["add", "sub"] + (["mul"] if value * 2 <= 9999 else []) + (["half"] if value % 2 == 0 else [])
@@ -83,9 +88,10 @@ def make_problem(rng: random.Random, steps: int) -> Problem:
                 new, expr = value // 2, f"{value} / 2"
         lines.append(f"Step {k}: {expr} = {new}.")
         value = new
+        values.append(value)
     sentences.append(f"How many {item} does {name} have at the end?")
     lines.append(f"Answer: {value}")
-    return Problem(" ".join(sentences), "\n".join(lines), value)
+    return Problem(" ".join(sentences), "\n".join(lines), value, tuple(values))
 
 
 def problems(seed: int, count: int, steps: int) -> list[Problem]:
@@ -111,6 +117,24 @@ def extract_answer(prediction: str) -> tuple[float | None, bool]:
         return _number(found.group(1)), True
     numbers = re.findall(_NUMBER, prediction)
     return (_number(numbers[-1]) if numbers else None), False
+
+
+def steps_on_track(prediction: str, values: tuple[int, ...] | list[int]) -> float:
+    """Share of ``values`` the prediction's ``Step`` lines give in order before the first wrong one
+    (a line's value: the number after its last '=', else its first number)."""
+    got = []
+    for line in prediction.splitlines():
+        if not line.strip().lower().startswith("step"):
+            continue
+        body = line.split(":", 1)[1] if ":" in line else line
+        numbers = re.findall(_NUMBER, body.rsplit("=", 1)[1] if "=" in body else body)
+        got.append(_number(numbers[0]) if numbers else None)
+    right = 0
+    for want, have in zip(values, got):
+        if have is None or abs(have - want) > 1e-9:
+            break
+        right += 1
+    return right / len(values) if values else 0.0
 
 
 def gsm8k_answer(answer: str) -> tuple[str, int | float]:
@@ -158,7 +182,7 @@ class LongOutput(Task):
         for i, p in enumerate(asked):
             turn = Turn(question=f"{INSTRUCTION}\n\nProblem: {p.text}\nSolution:", answers=[str(p.answer)],
                         max_new_tokens=a["max_new_tokens"], scorer="exact_number", stop=("\nProblem:",),
-                        min_new_tokens=a["min_new_tokens"])
+                        min_new_tokens=a["min_new_tokens"], meta={"values": list(p.values)} if p.values else {})
             out.append(Sample(id=f"long_output-{a['source']}-{i}", context=context, turns=[turn],
                               meta={"dataset": f"long_output_{a['source']}", "steps": a["steps"] if
                                     a["source"] == "synthetic" else None, "shots": len(shots)}))
@@ -168,7 +192,10 @@ class LongOutput(Task):
         value, strict = extract_answer(prediction)
         gold = float(turn.answers[0])
         hit = value is not None and abs(value - gold) < 1e-9
-        return {"score": float(hit), "strict": float(hit and strict), "answer_found": float(strict)}
+        out = {"score": float(hit), "strict": float(hit and strict), "answer_found": float(strict)}
+        if turn.meta.get("values"):
+            out["steps_on_track"] = steps_on_track(prediction, turn.meta["values"])
+        return out
 
     # --- GSM8K -------------------------------------------------------------------------------
     def _gsm8k(self) -> tuple[list[dict], list[dict]]:
