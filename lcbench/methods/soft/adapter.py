@@ -105,11 +105,18 @@ class SoftCompressorStage(Stage):
     summary = ("a trained compressor loaded from a folder turns the context into input embeddings or a KV "
                "cache")
     tolerance = 0.05
-    defaults = {"path": "", "trust_code": False}
+    defaults = {"path": "", "trust_code": False, "format": "auto", "gist_tokens": 0, "lora_alpha": 32.0,
+                "icae_token": "ft", "icae_rate": 0.0}
     stages = ("context_inputs",)
     params = (
         Param("path", str, None, "folder of a trained soft compressor (with lcbench_compressor.json)"),
         Param("trust_code", bool, None, "allow running code shipped in the compressor folder"),
+        Param("format", str, None, "checkpoint format (auto: from its files; see methods/soft/formats)",
+              choices=("auto", "lcbench", "gist", "icae")),
+        Param("gist_tokens", int, None, "gist: number of <GIST> tokens (0: from the name *-gist-K, else 1)", min=0),
+        Param("lora_alpha", float, None, "icae: LoRA alpha (the release: 32; r is read from the weights)", min=0),
+        Param("icae_token", str, None, "icae: special token after the memory slots", choices=("ft", "ae", "lm", "none")),
+        Param("icae_rate", float, None, "icae: upstream mean compression rate (0: segments from --ratio)", min=0),
     )
 
     def __init__(self, ratio: float = 0.0, **args):
@@ -122,7 +129,9 @@ class SoftCompressorStage(Stage):
         if not self.args["path"]:
             raise UserError("soft_compressor needs path=<compressor folder>. Fix: --method-args path=/path/to/compressor.")
         if self._compressor is None:
-            self._compressor = load_soft_compressor(self.args["path"], self.args["trust_code"])
+            from .formats import load_compressor  # released formats (gist, icae) or lcbench_compressor.json
+
+            self._compressor = load_compressor(self.args)
         question = ids.shape[1] - context_length  # query-aware: kept as is, and counted in the budget
         keep = max(1, keep_count(context_length + question, self.ratio) - question)
         soft = self._compressor.compress(model, ids[:, :context_length], 1.0 - keep / context_length)

@@ -1,0 +1,43 @@
+"""Released checkpoint formats of trained context compressors, for the ``soft_compressor`` adapter:
+``gist`` (:mod:`.gist`, Mu et al. 2023) and ``icae`` (:mod:`.icae`, Ge et al. 2024), beside the
+adapter's own ``lcbench`` format (a folder with ``lcbench_compressor.json``). ``format=auto``
+picks the format from the checkpoint's files; ``path`` may be a local folder/file or a hub id
+(:mod:`.source`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ....errors import UserError
+from ..adapter import CONFIG_NAME, SoftCompressor, load_soft_compressor
+from .gist import GistCompressor, is_gist_checkpoint
+from .icae import ICAECompressor, icae_file
+from .source import resolve
+
+FORMATS = {"gist": GistCompressor, "icae": ICAECompressor}
+CHOICES = ("auto", "lcbench", *FORMATS)
+
+
+def detect(path: Path) -> str:
+    """The format of the checkpoint at ``path``, from its files."""
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return "lcbench"
+    if icae_file(path) is not None:
+        return "icae"
+    if path.is_dir() and is_gist_checkpoint(path):
+        return "gist"
+    raise UserError(f"soft_compressor: {path} is not a compressor checkpoint lcbench knows: no {CONFIG_NAME} "
+                    f"(lcbench's own format), no safetensors with ICAE's memory_token_embed.weight, no model folder "
+                    f"whose tokenizer has gist's <GIST> token. Fix: point path= at one of those, or pass "
+                    f"format=lcbench|gist|icae.")
+
+
+def load_compressor(args: dict) -> SoftCompressor:
+    """The compressor the adapter's arguments name (``path``, ``format`` and the format's options)."""
+    path = resolve(args["path"])
+    fmt = args.get("format", "auto")
+    if fmt == "auto":
+        fmt = detect(path)
+    if fmt == "lcbench":
+        return load_soft_compressor(str(path), args.get("trust_code", False))
+    return FORMATS[fmt].from_pretrained(path, **{k: v for k, v in args.items() if k not in ("path", "format")})
