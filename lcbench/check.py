@@ -24,6 +24,7 @@ from .report.export import to_markdown
 from .report.frame import Run, load_runs
 from .report.safe import markdown_text, terminal_text
 from .results.compare import FAILED, FAILING, Comparison, compare_records
+from .tasks.base import LOWER_IS_BETTER_MODES
 
 
 @dataclass
@@ -88,7 +89,8 @@ def compare(pairs: list[tuple[Run, Run | None]], opts: CheckOptions) -> list[Com
             label = label.replace(f" · {base.spec['model']}", "")
         comp = compare_records(label, base.run_id, new.run_id if new else "–", base.records,
                                new.records if new else [], opts.tolerance, opts.ratio_tolerance,
-                               opts.confidence, opts.n_boot, opts.max_drop)
+                               opts.confidence, opts.n_boot, opts.max_drop,
+                               lower_is_better=base.spec.get("mode") in LOWER_IS_BETTER_MODES)  # a perplexity
         comp.model = base.spec["model"]
         if new is not None and new.status == FAILED:
             comp.verdict = FAILED

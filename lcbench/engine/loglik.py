@@ -71,7 +71,7 @@ class Loglik:
     prefilled: Prefilled
     measured: dict
     stats: dict
-    fed: int  # continuation tokens fed (the scored ones and the first)
+    fed: int  # continuation tokens fed (all but the last; each predicts the next)
     per_token: bool  # fed one at a time in the decode phase (a decode-stage chain)
     score_s: float  # time of the teacher-forced continuation
     kv_bytes_end: int = 0

@@ -78,26 +78,33 @@ class Comparison:
 
 def compare_records(label: str, baseline_run: str, new_run: str, base: list[dict[str, Any]],
                     new: list[dict[str, Any]], tolerance: float = 0.0, ratio_tolerance: float = 0.02,
-                    confidence: float = 0.95, n_boot: int = 2000, max_drop: float | None = None) -> Comparison:
-    """Compare ``new`` with ``base`` (turn records of the same spec) and decide the verdict."""
+                    confidence: float = 0.95, n_boot: int = 2000, max_drop: float | None = None,
+                    lower_is_better: bool = False) -> Comparison:
+    """Compare ``new`` with ``base`` (turn records of the same spec) and decide the verdict.
+    ``lower_is_better`` (a perplexity: loglik mode): the verdict is on the score's fall, not its rise;
+    ``delta`` and its interval stay ``new − base``."""
     b, n = _by_turn(base), _by_turn(new)
     keys = sorted(k for k in b if k in n and b[k].get("score") is not None and n[k].get("score") is not None)
     before = np.array([b[k]["score"] for k in keys], dtype=float)
     after = np.array([n[k]["score"] for k in keys], dtype=float)
-    delta, lo, hi = paired_bootstrap(before, after, n_boot, confidence)
+    sign = -1.0 if lower_is_better else 1.0
+    gain, lo, hi = paired_bootstrap(sign * before, sign * after, n_boot, confidence)  # > 0: better
+    delta, interval = sign * gain, ((lo, hi) if sign > 0 else (-hi, -lo))
     paired_base = [b[k] for k in keys]
     paired_new = [n[k] for k in keys]
     comp = Comparison(label, baseline_run, new_run, len(keys), len(b),
                       float(before.mean()) if keys else None, float(after.mean()) if keys else None,
-                      delta, (lo, hi), int((before != after).sum()),
+                      delta, interval, int((before != after).sum()),
                       _mean(paired_base, "achieved_ratio"), _mean(paired_new, "achieved_ratio"), OK)
     if len(keys) < len(b):
         comp.reasons.append(f"{len(b) - len(keys)} of {len(b)} baseline turns missing from the new run")
-    if keys and hi < 0 and -delta > tolerance:
-        comp.reasons.append(f"score dropped by {-delta:.3f}: its {confidence:.0%} upper bound {hi:+.3f} is below 0 "
+    worse = "rose (lower is better)" if lower_is_better else "dropped"
+    if keys and hi < 0 and -gain > tolerance:
+        bound = f"lower bound {-hi:+.3f} is above 0" if lower_is_better else f"upper bound {hi:+.3f} is below 0"
+        comp.reasons.append(f"score {worse} by {-gain:.3f}: its {confidence:.0%} {bound} "
                             f"and the drop exceeds the tolerance {tolerance:g}")
-    elif keys and max_drop is not None and -delta > max_drop:
-        comp.reasons.append(f"score dropped by {-delta:.3f}, more than the declared maximum drop {max_drop:g}")
+    elif keys and max_drop is not None and -gain > max_drop:
+        comp.reasons.append(f"score {worse} by {-gain:.3f}, more than the declared maximum drop {max_drop:g}")
     ab, aa = comp.achieved_before, comp.achieved_after
     if ab is not None and aa is not None and aa < ab - ratio_tolerance:
         comp.reasons.append(f"achieved compression fell from {ab:.3f} to {aa:.3f} "
