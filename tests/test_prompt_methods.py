@@ -91,7 +91,7 @@ def test_dspc_query_agnostic_hits_the_ratio(essay, tok, model):
     assert within(stats, 0.5), stats
 
 
-@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception", "semantic"])
+@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception", "semantic", "scope"])
 def test_ratio_zero_returns_the_context_unchanged(name, essay, tok, model):
     out, stats = compress(name, 0.0, essay, tok, model, questions=[QUESTION])
     assert out == essay and stats == {}
@@ -300,7 +300,7 @@ def test_semantic_rewrites_each_chunk_with_a_seq2seq_generator_in_order(tmp_path
 
 
 # --- in the engine and from the command line ------------------------------------------------
-@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception", "semantic"])
+@pytest.mark.parametrize("name", ["dspc", "attentionrag", "longcodezip", "perception", "semantic", "scope"])
 def test_engine_ratio_zero_is_token_identical_to_full(name, model, tok, sample_qa):
     full = run(model, tok, sample_qa, "full", 0.0, query_aware=True)
     recs = run(model, tok, sample_qa, name, 0.0, query_aware=True)

@@ -114,12 +114,16 @@ class Semantic(PromptCompressor):
                 ids = model.generate(**enc, max_new_tokens=tokens, min_new_tokens=1, do_sample=False, num_beams=1)
             return tokenizer.decode(ids[0], skip_special_tokens=True)
         lm = load_compressor(name, text, self.args["window"])
-        prompt = SUMMARY_PROMPT.format(words=words, text=chunk.strip())
+        prompt = self.instruction(chunk, words)
         ids, _ = lm.encode(prompt)
         keep = max(1, lm.window - tokens - 1)  # a chunk longer than the window is read from its end
         if len(ids) > keep:
             prompt = lm.tokenizer.decode(ids[-keep:])
         return lm.generate(prompt, tokens, stop="\n\n")
+
+    def instruction(self, chunk: str, words: int) -> str:
+        """The causal generator's prompt to rewrite ``chunk`` in about ``words`` words."""
+        return SUMMARY_PROMPT.format(words=words, text=chunk.strip())
 
 
 def seq2seq_generator(name: str):
