@@ -6,10 +6,13 @@ adapter's format detection; the math is checked against the paper's computation 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from helpers import make_sample
+from hubserver import HubRepo, StandIn
 
 from lcbench.engine import runner
 from lcbench.engine.attach import use_lcbench_attention
@@ -127,22 +131,61 @@ def test_gist_refuses_another_target_and_a_weight_diff(gist, tiny, sample, tmp_p
         load_compressor({**ARGS, "path": diff})
 
 
-def test_cli_run_of_a_gist_checkpoint(gist, tmp_path):
-    """What a user runs: the gist folder as --model and as the compressor's path (format detected)."""
+class ModelHub(StandIn):
+    """The loopback hub stand-in (:mod:`hubserver`) answering model repos as well: ``/<repo>/resolve/…``
+    like its dataset files, and the ``/api/models/<repo>/revision/<rev>`` and ``…/tree/<commit>``
+    listings that huggingface_hub's ``snapshot_download`` reads first."""
+
+    def answer(self, h, body: bool) -> None:
+        parts = h.path.split("?", 1)[0].lstrip("/").split("/")
+        if parts[:2] == ["api", "models"] and len(parts) >= 5 and "/".join(parts[2:4]) in self.repos:
+            self.log.append((h.command, h.path.split("?", 1)[0]))
+            repo = self.repos["/".join(parts[2:4])]
+            if parts[4] == "revision":
+                data = {"id": "/".join(parts[2:4]), "sha": repo.commit, "siblings": [{"rfilename": f} for f in repo.files]}
+            else:  # tree
+                data = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                        for f, b in repo.files.items()]
+            return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(data).encode(), body)
+        if "resolve" in parts and parts[0] not in ("datasets", "cdn", "api"):
+            self.log.append((h.command, h.path.split("?", 1)[0]))
+            return self._resolve(h, ["models", *parts], body)
+        return super().answer(h, body)
+
+
+def test_cli_runs_checkpoints_by_hub_id(gist, icae, tmp_path):
+    """What a user runs: ``path=<hub id>`` through huggingface_hub (snapshot_download for the gist
+    model's repo, hf_hub_download for one ICAE file of a repo), against the loopback stand-in;
+    the format is detected from the downloaded files."""
     folder, _, _ = gist
+    files = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+    server = ModelHub(repos={"standin/tiny-gist-1": HubRepo(files, "a" * 40),
+                             "standin/icae": HubRepo({"tiny_ft_icae.safetensors": Path(icae[0]).read_bytes()}, "b" * 40)})
+    server.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=server.endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1",
+               OMP_NUM_THREADS="2")
     exe = shutil.which("lcbench")
     cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
-    proc = subprocess.run(cmd + ["run", "--model", folder, "--method", "soft_compressor", "--method-args", f"path={folder}",
-                                 "--ratio", "0.5", "--task", "niah",
-                                 "--task-args", "lengths=600,depths=50,max_new_tokens=2,haystack=filler",
-                                 "--limit", "1", "--device", "cpu", "--output-path", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
     from lcbench.results import read_records
 
-    rec = read_records(next(tmp_path.glob("*/samples.jsonl")).parent)[0]
-    assert rec["achieved_ratio"] > 0.99
+    try:
+        for name, model, path in (("gist", folder, "standin/tiny-gist-1"),
+                                  ("icae", "tiny-random-llama", "standin/icae/tiny_ft_icae.safetensors")):
+            proc = subprocess.run(cmd + ["run", "--model", model, "--method", "soft_compressor", "--method-args",
+                                         f"path={path}", "--ratio", "0.5", "--task", "niah",
+                                         "--task-args", "lengths=600,depths=50,max_new_tokens=2,haystack=filler",
+                                         "--limit", "1", "--device", "cpu", "--output-path", str(tmp_path / name)],
+                                  capture_output=True, text=True, env=env, timeout=300)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "Traceback" not in proc.stderr
+            rec = read_records(next((tmp_path / name).glob("*/samples.jsonl")).parent)[0]
+            assert rec["achieved_ratio"] > 0.99 if name == "gist" else rec["achieved_ratio"] == pytest.approx(0.5, abs=0.05)
+            print(f"{name} via hub: achieved {rec['achieved_ratio']:.4f}")
+    finally:
+        server.stop()
+    assert ("GET", "/api/models/standin/tiny-gist-1/revision/main") in server.log
+    assert ("HEAD", "/standin/icae/resolve/main/tiny_ft_icae.safetensors") in server.log
 
 
 # --- ICAE: LoRA (peft names) + memory-token embeddings in one safetensors file --------------------
