@@ -3,7 +3,8 @@
 Times one layer's prefill attention exactly as the engine calls it (``Stage.prefill_attention``
 with the query/key/value of the whole context) for every sparse-prefill method at several
 density targets, next to dense attention (the engine's SDPA path), and one Quest decode step
-against a dense decode step. Shapes are SmolLM2-135M's attention (9 query heads, 3 KV heads,
+against a dense decode step (and InfLLM's, whose selection is applied as a mask over the whole
+cache: a reference implementation, slower than dense). Shapes are SmolLM2-135M's attention (9 query heads, 3 KV heads,
 head dim 64); the inputs are random, so the data-dependent patterns (vertical_slash, block_topk)
 are timed on arbitrary scores — their timing, not their choices, is what this measures. Each
 time is the best of ``--repeats`` runs (dense is re-timed between methods and its best kept, so a
@@ -118,6 +119,16 @@ def quest_rows(lengths, densities, repeats):
             seconds, _ = best_time(lambda: stage.decode_attention(module, q, layer, scaling, 5), repeats * 5)
             achieved = stage.sample_stats()["attention_density"]
             rows.append((L, "quest decode", target, achieved, seconds, dense_s / seconds))
+            # InfLLM: its block representatives come from the context pass (untimed here), then one
+            # decode step retrieves blocks and attends them (a mask over the whole cache: reference)
+            stage = METHODS.get("infllm")(ratio=1.0 - target)
+            stage.begin_sample()
+            stage.prefill_attention(module, torch.randn(1, HEADS, L, HEAD_DIM, generator=gen), k, v, None, scaling, 5)
+            if 5 not in stage._memory:  # every block fits the budget at this density: dense
+                continue
+            seconds, _ = best_time(lambda: stage.decode_attention(module, q, layer, scaling, 5), repeats * 5)
+            achieved = stage.sample_stats()["attention_density"]
+            rows.append((L, "infllm decode", target, achieved, seconds, dense_s / seconds))
     return rows
 
 
