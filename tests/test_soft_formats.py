@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from lcbench.methods.soft.formats import GistCompressor, ICAECompressor, detect,
 from lcbench.methods.soft.formats.source import resolve
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 
-ARGS = {"format": "auto", "trust_code": False, "gist_tokens": 0, "lora_alpha": 32.0, "icae_token": "ft", "icae_rate": 0.0}
+ARGS = {"format": "auto", "trust_code": False, "gist_tokens": 0, "lora_alpha": 32.0, "icae_token": "ft", "icae_rate": 0.0, "retriever": ""}
 
 
 @pytest.fixture(scope="module")
@@ -293,3 +294,71 @@ def test_source_errors_name_the_fix(tmp_path, monkeypatch):
         resolve("sggetao/icae/mistral_7b_ft_icae.safetensors")
     with pytest.raises(UserError, match="hub"):
         resolve("jayelm/llama-7b-gist-1")
+
+
+# --- xRAG: an XMistral folder (frozen LLM + <xRAG> token + projector) and a retriever ---------------
+@pytest.fixture(scope="module")
+def xrag(tmp_path_factory, tiny):
+    """(folder, retriever folder, projector tensors): the target's own weights (xRAG's LLM is
+    frozen) plus ``projector.projector.{0,2}`` (mlp2x_gelu) in one safetensors, the config naming
+    projector_type / retriever_hidden_size, a tokenizer with <xRAG>; a 32-wide tiny retriever."""
+    root = tmp_path_factory.mktemp("xrag")
+    retriever = tiny_llama(seed=5, hidden_size=32, head_dim=8, intermediate_size=64)
+    retriever.save_pretrained(root / "retriever")
+    base = tiny_llama()
+    gen = torch.Generator().manual_seed(11)
+    proj = {"projector.projector.0.weight": torch.randn(64, 32, generator=gen) * 0.3,
+            "projector.projector.0.bias": torch.randn(64, generator=gen) * 0.1,
+            "projector.projector.2.weight": torch.randn(64, 64, generator=gen) * 0.2,
+            "projector.projector.2.bias": torch.randn(64, generator=gen) * 0.1}
+    folder = root / "xrag-tiny"
+    base.config.projector_type, base.config.retriever_hidden_size = "mlp2x_gelu", 32
+    base.config.architectures = ["XMistralForCausalLM"]
+    base.config.save_pretrained(folder)
+    save_file({**{k: v.contiguous() for k, v in base.state_dict().items()}, **proj}, str(folder / "model.safetensors"))
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.add_special_tokens({"additional_special_tokens": ["<xRAG>"]})
+    tok.save_pretrained(folder)
+    return str(folder), str(root / "retriever"), proj
+
+
+def test_xrag_one_token_per_passage_is_the_projected_retriever_embedding(xrag, tiny, sample):
+    folder, retriever, proj = xrag
+    model, tok = tiny
+    comp = load_compressor({**ARGS, "path": folder, "retriever": retriever})
+    assert detect(resolve(folder)) == "xrag"
+    ids = context_ids(tok, sample)
+    n = ids.shape[1]
+    soft = comp.compress(model, ids, 0.9)
+    m = round(n * 0.1)
+    assert soft.embeds.shape == (1, m, 64) and soft.positions.tolist() == [list(range(n - m, n))]
+    ret = AutoModelForCausalLM.from_pretrained(retriever).model.eval()
+    with torch.no_grad():
+        for i in (0, m - 1):
+            last = ret(input_ids=ids[:, i * n // m:(i + 1) * n // m]).last_hidden_state[0, -1]
+            h = torch.nn.functional.gelu(last @ proj["projector.projector.0.weight"].T + proj["projector.projector.0.bias"])
+            want = h @ proj["projector.projector.2.weight"].T + proj["projector.projector.2.bias"]
+            assert torch.allclose(soft.embeds[0, i], want, atol=1e-4)
+    capped = comp.compress(model, ids, 0.999)  # no passage longer than upstream's 180 retriever tokens
+    assert capped.embeds.shape[1] == math.ceil(n / 180)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_xrag_in_the_engine_meets_the_ratio(xrag, tiny, sample, ratio):
+    folder, retriever, _ = xrag
+    model, tok = tiny
+    recs = run(model, tok, sample, "soft_compressor", ratio, f"path={folder},retriever={retriever}")
+    assert recs[0]["achieved_ratio"] == pytest.approx(ratio, abs=0.01)
+    print(f"xrag ratio {ratio}: achieved {recs[0]['achieved_ratio']:.4f}")
+    if ratio == 0.5:
+        full = run(model, tok, sample, "full", 0.0)
+        zero = run(model, tok, sample, "soft_compressor", 0.0, f"path={folder},retriever={retriever}")
+        assert [r["_ids"] for r in zero] == [r["_ids"] for r in full]
+
+
+def test_xrag_refuses_a_retriever_with_another_vocabulary(xrag, tiny, sample, tmp_path):
+    folder, _, _ = xrag
+    model, tok = tiny
+    tiny_llama(seed=5, hidden_size=32, head_dim=8, intermediate_size=64, vocab_size=100).save_pretrained(tmp_path / "r")
+    with pytest.raises(UserError, match="tokenizer"):
+        load_compressor({**ARGS, "path": folder, "retriever": str(tmp_path / "r")}).compress(model, context_ids(tok, sample), 0.5)

@@ -106,17 +106,18 @@ class SoftCompressorStage(Stage):
                "cache")
     tolerance = 0.05
     defaults = {"path": "", "trust_code": False, "format": "auto", "gist_tokens": 0, "lora_alpha": 32.0,
-                "icae_token": "ft", "icae_rate": 0.0}
+                "icae_token": "ft", "icae_rate": 0.0, "retriever": ""}
     stages = ("context_inputs",)
     params = (
         Param("path", str, None, "folder of a trained soft compressor (with lcbench_compressor.json)"),
         Param("trust_code", bool, None, "allow running code shipped in the compressor folder"),
         Param("format", str, None, "checkpoint format (auto: from its files; see methods/soft/formats)",
-              choices=("auto", "lcbench", "gist", "icae")),
+              choices=("auto", "lcbench", "gist", "icae", "xrag")),
         Param("gist_tokens", int, None, "gist: number of <GIST> tokens (0: from the name *-gist-K, else 1)", min=0),
         Param("lora_alpha", float, None, "icae: LoRA alpha (the release: 32; r is read from the weights)", min=0),
         Param("icae_token", str, None, "icae: special token after the memory slots", choices=("ft", "ae", "lm", "none")),
         Param("icae_rate", float, None, "icae: upstream mean compression rate (0: segments from --ratio)", min=0),
+        Param("retriever", str, None, "xrag: the retriever (hub id or folder; empty: Salesforce/SFR-Embedding-Mistral)"),
     )
 
     def __init__(self, ratio: float = 0.0, **args):
