@@ -29,7 +29,7 @@ from lcbench.engine.prompt import render
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.errors import UserError
 from lcbench.methods.chain import Chain, resolve_chain
-from lcbench.methods.soft.formats import GistCompressor, ICAECompressor, detect, load_compressor
+from lcbench.methods.soft.formats import AutoCompressor, GistCompressor, ICAECompressor, detect, load_compressor
 from lcbench.methods.soft.formats.source import resolve
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 
@@ -362,3 +362,55 @@ def test_xrag_refuses_a_retriever_with_another_vocabulary(xrag, tiny, sample, tm
     tiny_llama(seed=5, hidden_size=32, head_dim=8, intermediate_size=64, vocab_size=100).save_pretrained(tmp_path / "r")
     with pytest.raises(UserError, match="tokenizer"):
         load_compressor({**ARGS, "path": folder, "retriever": str(tmp_path / "r")}).compress(model, context_ids(tok, sample), 0.5)
+
+
+# --- AutoCompressor: a fine-tuned llama + embed_summary, summary_length in config.json ------------
+SUMMARY = 3
+
+
+@pytest.fixture(scope="module")
+def autocompressor(tmp_path_factory):
+    """(folder, target with lcbench attention, plain reference model): LlamaAutoCompressorModel's
+    layout (the llama weights + ``embed_summary.weight``; summary_length / accumulate_summary in the config)."""
+    folder = tmp_path_factory.mktemp("ac") / "autocompressor-tiny"
+    model = tiny_llama(seed=4)
+    model.config.summary_length, model.config.accumulate_summary = SUMMARY, True
+    model.config.architectures = ["LlamaAutoCompressorModel"]
+    model.config.save_pretrained(folder)
+    summary = torch.randn(SUMMARY, 64, generator=torch.Generator().manual_seed(2)) * 0.2
+    save_file({**{k: v.contiguous() for k, v in model.state_dict().items()}, "embed_summary.weight": summary},
+              str(folder / "model.safetensors"))
+    tiny_tokenizer().save_pretrained(folder)
+    target = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    use_lcbench_attention(target)
+    return str(folder), target, model, summary
+
+
+def test_autocompressor_summaries_accumulate_over_segments(autocompressor, tiny, sample):
+    folder, target, ref, summary = autocompressor
+    _, tok = tiny
+    comp = load_compressor({**ARGS, "path": folder})
+    assert isinstance(comp, AutoCompressor) and comp.accumulate and detect(resolve(folder)) == "autocompressor"
+    ids = context_ids(tok, sample)[:, :40]
+    soft = comp.compress(target, ids, 0.7)  # keep 12 = 4 segments × 3 summary vectors
+    assert soft.embeds.shape == (1, 4 * SUMMARY, 64) and soft.positions.tolist() == [list(range(40 - 12, 40))]
+    prompt = torch.zeros(1, 0, 64)
+    with torch.no_grad():  # upstream's recurrence: [summaries so far, segment, summary tokens] → last states
+        for s in range(4):
+            x = torch.cat([prompt, ref.get_input_embeddings()(ids[:, 10 * s:10 * s + 10]), summary[None]], 1)
+            prompt = torch.cat([prompt, ref(inputs_embeds=x, output_hidden_states=True).hidden_states[-1][:, -SUMMARY:]], 1)
+    assert torch.allclose(soft.embeds, prompt, atol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_autocompressor_in_the_engine_meets_the_ratio_and_refuses_another_target(autocompressor, tiny, sample, ratio):
+    folder, target, _, _ = autocompressor
+    _, tok = tiny
+    recs = run(target, tok, sample, "soft_compressor", ratio, f"path={folder}")
+    assert ratio - 0.05 <= recs[0]["achieved_ratio"] <= ratio + SUMMARY / len(context_ids(tok, sample)[0]) + 0.01
+    print(f"autocompressor ratio {ratio}: achieved {recs[0]['achieved_ratio']:.4f}")
+    if ratio == 0.5:
+        assert [r["_ids"] for r in run(target, tok, sample, "soft_compressor", 0.0, f"path={folder}")] == \
+            [r["_ids"] for r in run(target, tok, sample, "full", 0.0)]
+        with pytest.raises(UserError, match="not the AutoCompressor"):
+            run(tiny[0], tok, sample, "soft_compressor", 0.5, f"path={folder}")

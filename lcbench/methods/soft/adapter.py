@@ -112,7 +112,7 @@ class SoftCompressorStage(Stage):
         Param("path", str, None, "folder of a trained soft compressor (with lcbench_compressor.json)"),
         Param("trust_code", bool, None, "allow running code shipped in the compressor folder"),
         Param("format", str, None, "checkpoint format (auto: from its files; see methods/soft/formats)",
-              choices=("auto", "lcbench", "gist", "icae", "xrag")),
+              choices=("auto", "lcbench", "gist", "icae", "xrag", "autocompressor")),
         Param("gist_tokens", int, None, "gist: number of <GIST> tokens (0: from the name *-gist-K, else 1)", min=0),
         Param("lora_alpha", float, None, "icae: LoRA alpha (the release: 32; r is read from the weights)", min=0),
         Param("icae_token", str, None, "icae: special token after the memory slots", choices=("ft", "ae", "lm", "none")),

@@ -33,3 +33,13 @@ def read_tensor(folder: Path, name: str) -> torch.Tensor | None:
         with safe_open(str(shard), framework="pt") as f:
             return f.get_tensor(name) if name in f.keys() else None
     return torch.load(shard, map_location="cpu", mmap=True, weights_only=True).get(name)
+
+
+def same_weights(model, folder: Path, name: str) -> bool:
+    """Whether the target model's parameter ``name`` equals the checkpoint's (True when either
+    side lacks it: nothing to compare)."""
+    theirs = read_tensor(folder, name)
+    ours = dict(model.named_parameters()).get(name)
+    if theirs is None or ours is None:
+        return True
+    return ours.shape == theirs.shape and torch.allclose(ours.float().cpu(), theirs.float(), atol=1e-2, rtol=1e-2)
