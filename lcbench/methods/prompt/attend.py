@@ -40,6 +40,17 @@ class Readout:
     received_sum: torch.Tensor | None = None  # (L,) summed over layers, mean over heads
     focus_sum: torch.Tensor | None = None  # (L,)
     extra: dict = field(default_factory=dict)
+    # per-head readout (EHPC): the attention of the last ``window`` queries of each query head over
+    # every key, for the layers listed (layer → (Hq, window, L)); the forward stops after layer
+    # ``depth − 1`` (a partial-depth forward: the later layers never run)
+    window: int = 0
+    head_layers: frozenset = frozenset()
+    depth: int | None = None
+    head_probs: dict = field(default_factory=dict)
+
+
+class StopForward(Exception):
+    """Raised after the last layer a partial-depth readout needs (caught by :func:`head_attention`)."""
 
     def add(self, name: str, value: torch.Tensor) -> None:
         current = getattr(self, name)
@@ -60,7 +71,16 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
             if readout.focus:
                 scores = grouped_scores(query[:, :, -1:], key, groups, scale)  # last query sees every key
                 readout.add("focus_sum", softmax_in_place(scores)[0].reshape(-1, L).mean(0))
+            layer = getattr(module, "layer_idx", readout.layers)
+            if readout.window and layer in readout.head_layers:
+                w = min(readout.window, query.shape[2])
+                scores = grouped_scores(query[:, :, -w:], key, groups, scale)  # (1, Hkv, G·w, L)
+                causal = torch.arange(L, device=key.device)[None, :] <= torch.arange(L - w, L, device=key.device)[:, None]
+                scores = scores.view(1, -1, groups, w, L).masked_fill(~causal, float("-inf")).view(1, -1, groups * w, L)
+                readout.head_probs[layer] = softmax_in_place(scores)[0].reshape(-1, w, L).cpu()  # (Hq, w, L)
         readout.layers += 1
+        if readout.depth is not None and readout.layers >= readout.depth:
+            raise StopForward
     return out
 
 
@@ -88,6 +108,21 @@ class AttentionPass:
     received: torch.Tensor | None
     focus: torch.Tensor | None
     surprisal: torch.Tensor
+
+
+@torch.inference_mode()
+def head_attention(lm: CompressorLM, ids: Sequence[int], layers: Sequence[int], window: int) -> dict[int, torch.Tensor]:
+    """Per query head, the attention of the last ``window`` tokens of ``ids`` over every token, in
+    each of ``layers`` (layer → (Hq, window, len(ids))) — from a forward through the first
+    ``max(layers) + 1`` layers only (EHPC's partial-depth pass; no BOS is prepended)."""
+    x = torch.tensor([list(ids)], device=lm.device)
+    readout = Readout(window=window, head_layers=frozenset(layers), depth=max(layers) + 1)
+    with probing(lm.model):
+        try:
+            lm.model(input_ids=x, use_cache=False, **{READOUT_KWARG: readout})
+        except StopForward:
+            pass
+    return readout.head_probs
 
 
 @torch.inference_mode()
