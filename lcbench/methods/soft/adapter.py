@@ -11,6 +11,9 @@ plus whatever the class's ``from_pretrained(folder)`` reads (weights as safetens
 The class implements :class:`SoftCompressor`. lcbench prefills what it returns in place of the
 context tokens; the question that follows keeps its true position. Loading code from a folder
 runs that code, like transformers' ``trust_remote_code``; hence the explicit ``trust_code``.
+
+Released checkpoints of trained compressors (gist models, ICAE, xRAG, AutoCompressor) load without
+that file, by local path or hub id: see :mod:`lcbench.methods.soft.formats` (``format=``).
 """
 
 from __future__ import annotations
@@ -109,7 +112,8 @@ class SoftCompressorStage(Stage):
                 "icae_token": "ft", "icae_rate": 0.0, "retriever": ""}
     stages = ("context_inputs",)
     params = (
-        Param("path", str, None, "folder of a trained soft compressor (with lcbench_compressor.json)"),
+        Param("path", str, None, "a trained compressor: folder/file or hub id (lcbench_compressor.json, or a released "
+              "gist/ICAE/xRAG/AutoCompressor checkpoint)"),
         Param("trust_code", bool, None, "allow running code shipped in the compressor folder"),
         Param("format", str, None, "checkpoint format (auto: from its files; see methods/soft/formats)",
               choices=("auto", "lcbench", "gist", "icae", "xrag", "autocompressor")),
