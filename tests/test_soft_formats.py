@@ -288,12 +288,13 @@ def test_icae_refuses_a_mismatched_target_and_ambiguous_folders(icae, tmp_path, 
 def test_source_errors_name_the_fix(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="neither an existing"):
         resolve(str(tmp_path / "missing"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(UserError, match="hub"):
-        resolve("sggetao/icae/mistral_7b_ft_icae.safetensors")
-    with pytest.raises(UserError, match="hub"):
-        resolve("jayelm/llama-7b-gist-1")
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)  # the released checkpoints, offline with an empty cache
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    for released in ("sggetao/icae/mistral_7b_ft_icae.safetensors", "jayelm/llama-7b-gist-1"):
+        with pytest.raises(UserError, match="not in the Hugging Face cache"):
+            resolve(released)
 
 
 # --- xRAG: an XMistral folder (frozen LLM + <xRAG> token + projector) and a retriever ---------------

@@ -30,10 +30,14 @@ def resolve(path: str) -> Path:
         if rest:
             return Path(hf_hub_download(repo, rest[0]))
         return Path(snapshot_download(repo))
+    except hub_errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE, no network) and not in the HF cache
+        raise UserError(f"soft_compressor: {path} is not in the Hugging Face cache and the hub could not be reached "
+                        f"(offline). Fix: download it where there is a network (or unset HF_HUB_OFFLINE), or pass a "
+                        f"local folder.") from None
     except (hub_errors.RepositoryNotFoundError, hub_errors.EntryNotFoundError, hub_errors.RevisionNotFoundError) as exc:
         raise UserError(f"soft_compressor: {path} was not found on the hub ({type(exc).__name__}). Fix: check the "
                         f"repo id (and file name), or pass a local folder.") from None
-    except (hub_errors.HfHubHTTPError, hub_errors.LocalEntryNotFoundError, OSError) as exc:
+    except (hub_errors.HfHubHTTPError, OSError) as exc:
         raise UserError(f"soft_compressor: could not download {path} from the hub ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}). Fix: check the network / HF_ENDPOINT, or download it "
                         f"and pass the local folder.") from None
