@@ -21,6 +21,9 @@ requested ratio does not change it (a fixed-rate compressor).
 The released LLaMA-7B checkpoints (``jayelm/llama-7b-gist-1``) are weight *diffs* against LLaMA-7B
 (``weight_diff.py``); they must be recovered first. A diff's final norm weights are near zero,
 which is how this loader recognises one and says so.
+
+Not reproduced: upstream wraps the prompt as ``Instruction: …\n<GIST>`` and the continuation as
+``\nInput: …\nOutput:``; lcbench appends the gist tokens to its own rendered context.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ memory slots as the budget holds, at least one), ``rate>0`` is upstream's rule.
 The LoRA is applied by forward hooks on the target's own linear layers during the compression
 pass only (``W x + (alpha/r) B A x``, peft's LoRA at inference), so compressor and decoder share
 one copy of the base weights; the checkpoint's LoRA must therefore fit the target model.
+
+Not reproduced: upstream keeps the chat template's left part (``<s>[INST]``) as real tokens before
+the slots; lcbench compresses the whole rendered context, template tokens included.
 """
 
 from __future__ import annotations

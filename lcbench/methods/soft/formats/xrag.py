@@ -17,7 +17,8 @@ lcbench's context is cut into near-equal passages, each one xRAG token (the pape
 retrieved documents, one token each): as many passages as the ratio's budget holds, but none
 longer than upstream's 180 tokens. The retriever reads the context ids as they are — the
 released retriever and LLM share Mistral's tokenizer; one with a smaller vocabulary is refused.
-The slots sit at positions n-m … n-1, directly before the question.
+The slots sit at positions n-m … n-1, directly before the question. Not reproduced: upstream's
+prompt text around the token (``Background: <xRAG> …``); lcbench's own prompt follows the slots.
 """
 
 from __future__ import annotations
