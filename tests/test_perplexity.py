@@ -187,7 +187,7 @@ def test_cli_run_writes_one_scored_record_per_document(tmp_path, shared_data):
     pooled = sum(r["scores"]["nll_sum"] for r in lines) / sum(r["scores"]["tokens"] for r in lines)
     assert summary["aggregate"]["score"] == pytest.approx(math.exp(pooled))
     assert summary["suite"]["score"] == pytest.approx(math.exp(pooled))
-    spec = json.loads((folder / "spec.json").read_text())
+    spec = json.loads((folder / "spec.json").read_text())["spec"]
     assert spec["mode"] == "loglik" and spec["task_args"]["prefix"] == 100
 
 
@@ -200,3 +200,79 @@ def test_cli_query_aware_perplexity_is_refused(tmp_path, shared_data):
     err = " ".join(proc.stderr.split())
     assert "query-aware" in err and "Fix" in err
     assert not any(p.is_dir() for p in tmp_path.iterdir())  # no run folder left behind
+
+
+# --- PG-19 through huggingface_hub against the loopback hub stand-in ------------------------------
+PG19_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def pg19_parquet(shared_data: Path) -> bytes:
+    """A stand-in for one PG-19 test shard: two 'books' (essays) in a parquet column ``text``."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = shared_data / "niah" / "PaulGrahamEssays"
+    books = [(folder / "addiction.txt").read_text(), (folder / "apple.txt").read_text()]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"short_book_title": ["a", "b"], "text": books}), buf)
+    return buf.getvalue()
+
+
+def hub_with_api(files: dict[str, bytes]):
+    """The file stand-in plus the two API answers ``snapshot_download`` reads first: the dataset's
+    info at a revision (its commit) and its recursive file tree (huggingface_hub 2.x ``hf_api``)."""
+    import hashlib
+
+    from hubserver import HubRepo, StandIn
+
+    class WithApi(StandIn):
+        def answer(self, h, body):
+            path = h.path.split("?", 1)[0]
+            prefix = "/api/datasets/emozilla/pg19/"
+            if not path.startswith(prefix):
+                return super().answer(h, body)
+            self.log.append((h.command, path))
+            kind, _, revision = path[len(prefix):].partition("/")
+            if revision not in ("main", PG19_COMMIT):
+                return self._send(h, 404, {"X-Error-Code": "RevisionNotFound"}, b"", body)
+            if kind == "revision":
+                payload = {"id": "emozilla/pg19", "sha": PG19_COMMIT, "siblings": [{"rfilename": f} for f in files]}
+            else:
+                payload = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                           for f, d in files.items()]
+            return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(payload).encode(), body)
+
+    return WithApi(repos={"emozilla/pg19": HubRepo(files, PG19_COMMIT)}).start()
+
+
+def test_pg19_from_the_hub_then_from_the_cache(tmp_path, shared_data):
+    sys.path.insert(0, str(Path(__file__).parent))
+    files = {"data/test-00000-of-00001.parquet": pg19_parquet(shared_data), "data/train-00000-of-00002.parquet": b"x"}
+    server = hub_with_api(files)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "LCBENCH_"))}
+    env.update(HF_ENDPOINT=server.endpoint, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1",
+               COLUMNS="200", OMP_NUM_THREADS="2")
+    args = ["run", "--task", "perplexity", "--method", "full", "--model", "tiny-random-llama", "--task-args",
+            "dataset=pg19,length=160,prefix=80"]
+    cmd = [EXE] if EXE else [sys.executable, "-m", "lcbench.cli"]
+    try:
+        first = subprocess.run([*cmd, *args, "--output-path", str(tmp_path / "a")], env=env, capture_output=True,
+                               text=True, timeout=300)
+    finally:
+        server.stop()
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert ("GET", "/api/datasets/emozilla/pg19/revision/main") in server.log
+    assert not any("train-" in p for _, p in server.log)  # only the split's shards are fetched
+    env["HF_HUB_OFFLINE"] = "1"  # the server is gone: the cached snapshot serves the second run
+    second = subprocess.run([*cmd, *args, "--output-path", str(tmp_path / "b")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    runs = [[json.loads(x) for x in next((tmp_path / d).glob("*/samples.jsonl")).read_text().splitlines()]
+            for d in ("a", "b")]
+    assert [r["sample_id"] for r in runs[0]] == ["pg19-0", "pg19-1"]  # one document per book
+    for r in runs[0]:
+        assert r["meta"]["commit"] == PG19_COMMIT and r["meta"]["origin"] == f"emozilla/pg19@{PG19_COMMIT}"
+        assert r["meta"]["revision"] == "main"
+    assert [r["scores"] for r in runs[0]] == [r["scores"] for r in runs[1]]
