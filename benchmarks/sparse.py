@@ -124,7 +124,7 @@ def quest_rows(lengths, densities, repeats):
             stage = METHODS.get("infllm")(ratio=1.0 - target)
             stage.begin_sample()
             stage.prefill_attention(module, torch.randn(1, HEADS, L, HEAD_DIM, generator=gen), k, v, None, scaling, 5)
-            if 5 not in stage._memory:  # every block fits the budget at this density: dense
+            if 5 not in stage._learned:  # every block fits the budget at this density: dense
                 continue
             seconds, _ = best_time(lambda: stage.decode_attention(module, q, layer, scaling, 5), repeats * 5)
             achieved = stage.sample_stats()["attention_density"]

@@ -60,7 +60,7 @@ def test_the_block_matching_the_question_is_retrieved_and_only_it_is_attended():
     question = (direction * 2 + 0.05 * torch.randn(q_len, d, generator=gen))[None, None]
     out = stage.prefill_attention(module, question, keys, values, None, 0.25, 0)
     slots = torch.arange(context + q_len)
-    _, _, blocks_end, _ = stage._memory[0][1:]
+    _, _, blocks_end, _ = stage._learned[0]
     keep = (slots < init) | (slots >= blocks_end) | ((slots >= planted) & (slots < planted + 8))
     causal = slots[None, :] <= torch.arange(context, context + q_len)[:, None]
     want = dense_attention(module, question, keys, values, (causal & keep[None])[None, None], 0.25)

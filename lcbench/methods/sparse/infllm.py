@@ -33,10 +33,9 @@ from __future__ import annotations
 
 import torch
 
-from ...engine.attention import dense_attention, storage_mask
-from ...errors import UserError
 from ...params import Param
-from ..base import Stage, keep_count
+from ..base import keep_count
+from .retrieval import ContextRetrieval
 
 QUERY_CHUNK = 256  # context queries per step of the representative-score pass (bounded transients)
 
@@ -62,18 +61,14 @@ def representative_scores(query: torch.Tensor, key: torch.Tensor, groups: int, s
     return out
 
 
-class InfLLM(Stage):
+class InfLLM(ContextRetrieval):
     name = "infllm"
     family = "sparse_attention"
     paper = ("Xiao et al., InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient Context "
              "Memory, NeurIPS 2024 (arXiv:2402.04617)")
     summary = "question prefill and decode attend initial tokens, the top memory blocks and a local window"
-    # reference: the selection is applied as a mask over every stored key (dense compute), not upstream's
-    # gathered blocks with CPU offloading
-    reference_latency = True
     tolerance = 0.05
     defaults = {"block_size": 128, "repr_topk": 4, "init_share": 128 / 6272, "local_share": 4096 / 6272}
-    stages = ("prefill_attention", "decode")
     params = (
         Param("block_size", int, None, "tokens per memory block (upstream 128)", min=1),
         Param("repr_topk", int, None, "keys per block whose mean represents it (upstream 4)", min=1),
@@ -83,11 +78,6 @@ class InfLLM(Stage):
               min=0.0, max=1.0),
     )
 
-    def begin_sample(self) -> None:
-        self._memory: dict[int, tuple[torch.Tensor, int, int, int, int]] = {}
-        self._attended = 0.0
-        self._visible = 0.0
-
     def _plan(self, context: int) -> tuple[int, int, int]:
         """(initial tokens, local window, blocks retrieved) for a ``context``-token context."""
         budget = keep_count(context, self.ratio)
@@ -96,99 +86,36 @@ class InfLLM(Stage):
         topk = max(0, (budget - init - local) // self.args["block_size"])
         return init, local, topk
 
-    # --- the context pass: dense, and each block's representative --------------------------
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
-        if self.ratio <= 0:
-            return None
-        if not hasattr(self, "_memory"):
-            self.begin_sample()
-        n, total = query.shape[2], key.shape[2]
-        if n == total:  # the context pass
-            if window is None:
-                self._remember(query, key, scaling, layer_idx, getattr(module, "num_key_value_groups", 1))
-            return None
-        if layer_idx not in self._memory:  # dense (a window layer, or a context every block of which fits)
-            self._count_dense(key.shape[0] * key.shape[1] * n * min(total, window or total))
-            return None
-        context = self._memory[layer_idx][1]
-        if total - n != context:
-            raise UserError(f"infllm retrieves blocks of the context as it was prefilled ({context} slots), but the "
-                            f"layer now holds {total - n}: a cache stage changed it. Fix: chain infllm with no "
-                            f"KV-dropping stage (it keeps the whole cache).")
-        base = mask if mask is not None else storage_causal(n, total, query.device)
-        own = torch.arange(total - n, total, device=query.device)
-        valid_queries = base[:, 0, -1, own]  # (B, n): the last query sees every valid slot
-        return self._attend(module, query, key, value, base, scaling, layer_idx, valid_queries)
-
-    def _remember(self, query, key, scaling: float, layer_idx: int, groups: int) -> None:
+    def learn(self, query, key, scaling, groups):
+        """Each memory block's representative: the mean of its ``repr_topk`` keys with the most
+        local-window attention; None when every block would be retrieved (the layer stays dense)."""
         context = key.shape[2]
         init, local, topk = self._plan(context)
         bs = self.args["block_size"]
         start, stop = init, max(init, context - local)  # the blocks lie between the initial tokens and the window
         blocks = (stop - start) // bs
-        if blocks <= topk:  # every block would be retrieved: attend densely
-            return
+        if blocks <= topk:
+            return None
         score = representative_scores(query, key, groups, scaling, local)[..., start:start + blocks * bs]
         b, hkv = key.shape[:2]
         k = key[:, :, start:start + blocks * bs].float().reshape(b, hkv, blocks, bs, -1)
         best = score.reshape(b, hkv, blocks, bs).topk(min(self.args["repr_topk"], bs), dim=-1).indices
         reps = k.gather(3, best[..., None].expand(*best.shape, k.shape[-1])).mean(3)  # (B, Hkv, blocks, D)
-        self._memory[layer_idx] = (reps, context, init, start + blocks * bs, topk)
+        return reps, init, start + blocks * bs, topk
 
-    # --- question prefill and decoding over the retrieved blocks -----------------------------
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
-        if self.ratio <= 0:
-            return None
-        base = storage_mask(layer, 1, window)
-        if base is None:
-            base = torch.ones(1, 1, 1, layer.seq_len(), dtype=torch.bool, device=query.device)
-        if window is not None or layer_idx not in getattr(self, "_memory", {}):  # dense, counted as such
-            b, hkv = layer.positions.shape[:2]
-            self._count_dense(float(base.expand(b, hkv, 1, -1).sum()))
-            return None
-        keys, values = layer.dense()
-        valid = torch.ones(query.shape[0], 1, dtype=torch.bool, device=query.device)
-        return self._attend(module, query, keys, values, base, scaling, layer_idx, valid)
-
-    def _count_dense(self, pairs: float) -> None:
-        """A layer that attended densely: every visible query–key pair counts as attended."""
-        if not hasattr(self, "_memory"):
-            self.begin_sample()
-        self._attended += pairs
-        self._visible += pairs
-
-    def _attend(self, module, query, key, value, base: torch.Tensor, scaling: float, layer_idx: int,
-                valid_queries: torch.Tensor):
-        """Attention of ``query`` (B, Hq, q, D) over the initial tokens, the top blocks for these
-        queries, the local window and everything after the context (``base``: the storage mask)."""
-        reps, context, init, blocks_end, topk = self._memory[layer_idx]
+    def keep(self, learned, query, total, valid_queries, scaling):
+        """The initial tokens, the ``topk`` blocks whose representatives best match the mean of the
+        (valid) queries summed over heads — one choice for the layer — the window and all after it."""
+        reps, init, blocks_end, topk = learned
         bs = self.args["block_size"]
         b, hq, n, d = query.shape
         hkv = reps.shape[1]
         weights = valid_queries.to(torch.float32)[:, None, :, None]  # (B, 1, q, 1)
         mean_q = (query.float() * weights).sum(2) / weights.sum(2).clamp(min=1)  # (B, Hq, D)
-        grouped = mean_q.reshape(b, hkv, hq // hkv, d)
-        relevance = torch.einsum("bhgd,bhkd->bk", grouped, reps)  # summed over heads (one choice per layer)
+        relevance = torch.einsum("bhgd,bhkd->bk", mean_q.reshape(b, hkv, hq // hkv, d), reps)
         chosen = relevance.topk(topk, dim=-1).indices  # (B, topk)
-        total = key.shape[2]
-        slots = torch.arange(total, device=key.device)
-        keep = (slots < init) | (slots >= blocks_end)  # initial tokens, the window and all after the context
-        keep = keep[None].expand(b, total).clone()
-        block_of = ((slots - init) // bs).clamp(min=0)
+        slots = torch.arange(total, device=query.device)
+        keep = ((slots < init) | (slots >= blocks_end))[None].expand(b, total).clone()
         in_memory = (slots >= init) & (slots < blocks_end)
-        keep |= in_memory[None] & (block_of[None, :, None] == chosen[:, None, :]).any(-1)
-        allowed = base & keep[:, None, None, :]
-        self._attended += float(allowed.sum()) * (hkv if allowed.shape[1] == 1 else 1)
-        self._visible += float(base.expand(b, -1, n, total).sum()) * (hkv if base.shape[1] == 1 else 1)
-        return dense_attention(module, query, key, value, allowed, scaling)
-
-    def sample_stats(self) -> dict[str, float]:
-        if getattr(self, "_visible", 0.0):
-            return {"attention_density": self._attended / self._visible}
-        return {}
-
-
-def storage_causal(q: int, total: int, device) -> torch.Tensor:
-    """(1, 1, q, total) causal mask of ``q`` newest queries over ``total`` stored keys."""
-    rows = torch.arange(q, device=device)[:, None] + (total - q)
-    return (torch.arange(total, device=device)[None, :] <= rows)[None, None]
+        keep |= in_memory[None] & (((slots - init) // bs)[None, :, None] == chosen[:, None, :]).any(-1)
+        return keep[:, None, None, :]
