@@ -17,16 +17,20 @@ from lcbench.report.build import build_report
 from lcbench.report.leaderboard import build_leaderboard
 from lcbench.report.throughput import REFERENCE_NOTE
 
-# decided per method from its code (the one-line reason sits on each class)
+# decided per method from its code (the one-line reason sits on each class); methods added later declare
+# their own (e.g. the context-retrieval frame's), and every one that does must say why
 REFERENCE = {"ashape", "block_topk", "dilated", "flexprefill", "hyperattention", "int4", "int8", "kivi", "minference",
              "quest", "tri_mix", "trishape", "vertical_slash", "xattention"}
+REPRESENTATIVE = {"full", "snapkv", "pyramidkv", "adakv", "h2o", "tova", "streamingllm", "knorm", "expected_attention",
+                  "think", "criticalkv", "pool", "kvmerge", "truncate", "llmlingua", "llmlingua2", "selective_context"}
 
 
 def test_each_method_declares_it_and_the_reference_ones_say_why():
     methods = builtin_methods()
     assert all(isinstance(cls.reference_latency, bool) for cls in methods.values())
-    assert {n for n, cls in methods.items() if cls.reference_latency} == REFERENCE
-    for name in REFERENCE:
+    marked = {n for n, cls in methods.items() if cls.reference_latency}
+    assert REFERENCE <= marked and not (REPRESENTATIVE & marked)
+    for name in marked:
         owner = next(c for c in methods[name].__mro__ if "reference_latency" in c.__dict__)
         source = inspect.getsource(owner)
         assert re.search(r"# reference: .+\n(\s+#.*\n)*\s+reference_latency = True", source), owner
