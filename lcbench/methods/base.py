@@ -146,6 +146,10 @@ class Stage:
     # False when the cache stage keeps no whole tokens per head, so ``--budget N`` cannot fix what
     # it keeps (ThinK prunes key channels; the kvpress bridge's presses take a ratio): lcbench/methods/budget.py
     token_budget: ClassVar[bool] = True
+    # True when the stage's latency is a reference implementation's (Python loops, a dense stand-in
+    # for a kernel), not representative of an optimized one: spec.json records it and `lcbench report`
+    # and the leaderboard mark such runs' latencies so nobody ranks methods on them (issue #14)
+    reference_latency: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)

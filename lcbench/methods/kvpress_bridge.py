@@ -180,6 +180,9 @@ class KvpressStage(Stage):
     family = "kv_dropping"
     stages = ("cache",)
     token_budget = False  # a press is built with a compression ratio
+    # reference: each layer reaches the press through the bridge (queries and keys un-rotated into a stand-in
+    # hidden state, the cache cloned), so the time is the bridge's, not kvpress's own pipeline's
+    reference_latency = True
     needs = Needs(queries=True)
     press_cls: ClassVar[type]
 

@@ -61,5 +61,6 @@ def describe_component(name: str) -> dict[str, Any]:
     except (UserError, ImportError, AttributeError):
         return {"name": name, "registered": False}
     return {"name": name, "registered": True, "family": cls.family, "paper": cls.paper, "summary": cls.summary,
+            "reference_latency": bool(getattr(cls, "reference_latency", False)),
             "params": [{"name": p.name, "type": p.type.__name__, "default": repr(p.default), "help": p.help}
                        for p in cls.params]}

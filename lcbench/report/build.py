@@ -18,6 +18,7 @@ from .reproduce import run_command
 from .retention import retention_grouped
 from .safe import csv_frame, terminal_text
 from .table import render_table, run_rows
+from .throughput import throughput_grouped
 
 
 def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None = None,
@@ -49,6 +50,9 @@ def build_report(run_dirs: Iterable[Path], console: Console, output: Path | None
     written: list[Path] = []
     commands = {r.run_id: run_command(r.spec, str(r.folder / "spec.json")).text for r in scored}
     views = [equal_memory_table(df, families(scored), commands), retention_grouped(df)]
+    throughput = throughput_grouped(scored)  # runs at batch sizes > 1 (--batch-size N): tok/s and samples/s
+    if throughput is not None:
+        views.append(throughput)
     for table in [*report_tables(df, groupings), *views]:
         render_grouped(table, console)
         if output is not None:

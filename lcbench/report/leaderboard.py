@@ -37,6 +37,7 @@ from .grouped import fmt_number
 from .plots import Plot, all_plots, slug
 from .reproduce import Command, run_command
 from .retention import LEVEL, points_text, retention_table
+from .throughput import REFERENCE_MARK, REFERENCE_NOTE, is_reference, throughput_points
 
 MARKER = ".lcbench-leaderboard"
 OWNED = ("index.html", "data.json", "methods", "runs", "plots")
@@ -71,6 +72,11 @@ class RunView:
         return (self.overall.get("batch_samples") or 1) > 1
 
     @property
+    def reference(self) -> bool:
+        """Its chain has a component whose latency is a reference implementation's (spec.json says)."""
+        return is_reference(self.run)
+
+    @property
     def score(self) -> float | None:
         """The suite's headline number (e.g. LongBench's mean of dataset scores), else the turn mean."""
         return (self.summary.get("suite") or {}).get("score", self.overall.get("score"))
@@ -82,16 +88,17 @@ class RunView:
         suite = self.summary.get("suite") or {"score": o.get("score"), "ci": o.get("score_ci")}
         ci = suite.get("ci") or [np.nan, np.nan]
         mark = BATCH_MARK if self.batched else ""
+        ref = REFERENCE_MARK if self.reference else ""  # a reference implementation's latency
         density = o.get("attention_density")
         return {
             "score": (suite.get("score"), _score_text(suite.get("score"), ci)),
             "achieved": (o.get("achieved_ratio"), fmt_number(o.get("achieved_ratio"), "achieved_ratio")),
             "kv_mb": (kv_mb, fmt_number(kv_mb)),
             "density": (density, fmt_number(density, "achieved_ratio") if density is not None else "–"),
-            "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s")) + mark),
-            "compress": (o.get("compress_s"), fmt_number(o.get("compress_s"))),
+            "ttft": (o.get("ttft_s"), fmt_number(o.get("ttft_s")) + mark + ref),
+            "compress": (o.get("compress_s"), fmt_number(o.get("compress_s")) + ref),
             "text": (o.get("text_s"), fmt_number(o.get("text_s"))),
-            "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s")) + mark),
+            "tok_s": (o.get("decode_tok_s"), fmt_number(o.get("decode_tok_s")) + mark + ref),
             "peak_mb": (o.get("peak_memory_mb"), fmt_number(o.get("peak_memory_mb")) + mark),
             "n": (o.get("n"), str(o.get("n", 0))),
         }
@@ -272,14 +279,19 @@ def build_leaderboard(run_dirs: Iterable[Path | str], out: Path, ratios: list[fl
     batched = [v.overall["batch_samples"] for v in views if v.batched]
     common = {"title": title, "version": lcbench.__version__, "n_runs": len(views), **_assets(),
               "batch_note": batch_note(float(np.mean(batched))) if batched else "",
-              "show_density": any(v.overall.get("attention_density") is not None for v in views)}
+              "show_density": any(v.overall.get("attention_density") is not None for v in views),
+              "reference_note": REFERENCE_NOTE if any(v.reference for v in views) else ""}
+    throughput = throughput_points(runs)
+    if not any(p.batch_size > 1 or p.rows > 1 for p in throughput):
+        throughput = []  # nothing batched: the runs table already shows one-at-a-time latencies
     data = site_data(views)
     (out / "data.json").write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str), encoding="utf-8")
     index = env.get_template("index.html").render(
         **common, root="", sections=rankings(views, ratios), views=views, methods=methods, failed=failed,
         method_slugs={m: slug("method", m) for m in methods},
         overview_plots=[p for p in plots if p.kind in ("score_vs_ratio", "cost")], data=data,
-        memory=memory_sections(df, views, family_of, plots), retention=retention_rows(df, views), level=LEVEL)
+        memory=memory_sections(df, views, family_of, plots), retention=retention_rows(df, views), level=LEVEL,
+        throughput=throughput, run_pages={v.run.run_id: v.slug for v in views})
     (out / "index.html").write_text(index, encoding="utf-8")
     (out / "methods").mkdir()
     for method in methods:

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .frame import BATCH_DEPENDENT, BATCH_MARK, batch_note, load_runs, size_text
 from .safe import terminal_text
+from .throughput import LATENCY_COLUMNS, REFERENCE_MARK, REFERENCE_NOTE, is_reference
 
 # a run whose prefills were shared with other runs of its command (engine/shared_prefill.py)
 SHARED_MARK = " ‡"
@@ -57,6 +58,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
             "attention_density": overall.get("attention_density"),
             "batch_samples": batch,
             "shared_prefill": any(r.get("shared_prefill") for r in run.records),
+            "reference_latency": is_reference(run),
             "run_id": run.run_id, "folder": str(run.folder), "status": run.status, "error": run.error,
         })
     df = pd.DataFrame(rows)
@@ -92,6 +94,8 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                          justify="left" if key in ("task", "model", "method") else "right")
     batched = df["batch_samples"].fillna(1) > 1 if "batch_samples" in df else pd.Series(False, index=df.index)
     shared = df["shared_prefill"].fillna(False).astype(bool) if "shared_prefill" in df else pd.Series(False, index=df.index)
+    reference = (df["reference_latency"].fillna(False).astype(bool) if "reference_latency" in df
+                 else pd.Series(False, index=df.index))
     for idx, row in df.iterrows():
         cells = []
         for k in shown:
@@ -105,6 +109,8 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell += BATCH_MARK
             if k == "peak_memory_mb" and shared[idx]:
                 cell += SHARED_MARK
+            if k in LATENCY_COLUMNS and reference[idx] and cell != "–":
+                cell += REFERENCE_MARK
             if k == "score" and row.get("status") == "failed":
                 cell = "FAILED"
             elif k == "n" and row.get("status") not in (None, "complete"):
@@ -120,6 +126,8 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
         notes.append(batch_note(df.loc[batched, "batch_samples"].mean()))
     if shared.any():
         notes.append(SHARED_NOTE)
+    if reference.any():
+        notes.append(REFERENCE_NOTE)
     if notes:
         table.caption = terminal_text(" ".join(notes))
         table.caption_justify = "left"

@@ -81,6 +81,9 @@ class QuantizeStage(Stage):
 
     stages = ("cache",)
     key_axis = "token"
+    # reference: attention reads a dequantized buffer in the model's dtype (no fused low-bit kernel), so decode
+    # costs about what full costs, not what a kernel reading the packed codes would
+    reference_latency = True
 
     def bits_options(self) -> tuple[int, ...]:
         return (self.args["bits"],)

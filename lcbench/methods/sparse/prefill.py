@@ -76,6 +76,9 @@ class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
     """
 
     stages = ("prefill_attention",)
+    # reference: on CPU the block pattern runs as a loop of small SDPA calls per block row (kernel.py), on
+    # CUDA through FlexAttention, not the methods' own fused kernels
+    reference_latency = True
 
     def target_density(self) -> float:
         return 1.0 - self.ratio

@@ -83,6 +83,9 @@ class Quest(Stage):
     paper = ("Tang et al., Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference, ICML "
              "2024 (arXiv:2406.10774)")
     summary = "decode attends the KV pages with the highest query-key upper bounds"
+    # reference: page bounds, top-k and a gather in PyTorch at every decode step (rows of a padded batch one by
+    # one), not Quest's fused CUDA kernels
+    reference_latency = True
     tolerance = 0.05
     defaults = {"page_size": 16, "dense_layers": 2}
     stages = ("prefill_attention", "decode")
