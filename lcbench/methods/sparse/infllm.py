@@ -86,7 +86,7 @@ class InfLLM(ContextRetrieval):
         topk = max(0, (budget - init - local) // self.args["block_size"])
         return init, local, topk
 
-    def learn(self, query, key, scaling, groups):
+    def learn(self, query, key, scaling, groups, layer_idx):
         """Each memory block's representative: the mean of its ``repr_topk`` keys with the most
         local-window attention; None when every block would be retrieved (the layer stays dense)."""
         context = key.shape[2]

@@ -42,7 +42,8 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
 
     # --- what a method implements ------------------------------------------------------------
     @abstractmethod
-    def learn(self, query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int) -> Any | None:
+    def learn(self, query: torch.Tensor, key: torch.Tensor, scaling: float, groups: int,
+              layer_idx: int) -> Any | None:
         """What the method keeps of one layer's context pass (None: the layer stays dense)."""
 
     @abstractmethod
@@ -60,7 +61,7 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
         n, total = query.shape[2], key.shape[2]
         if n == total:  # the context pass: dense, and learn from it
             if window is None and key.shape[0] == 1:
-                learned = self.learn(query, key, scaling, getattr(module, "num_key_value_groups", 1))
+                learned = self.learn(query, key, scaling, getattr(module, "num_key_value_groups", 1), layer_idx)
                 if learned is not None:
                     self._learned[layer_idx], self._contexts[layer_idx] = learned, total
             return None

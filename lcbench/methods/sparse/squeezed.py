@@ -88,7 +88,7 @@ class Squeezed(ContextRetrieval):
         self._calibration: list[np.ndarray] = []
         self._threshold: float | None = None
 
-    def learn(self, query, key, scaling, groups):
+    def learn(self, query, key, scaling, groups, layer_idx):
         """The layer's clusters (labels, centroids, sizes) and the observation window's mean
         estimated scores for the global threshold; None for a context too short to cluster."""
         context = key.shape[2]
