@@ -146,6 +146,7 @@ def smollm2():
     return loaded.model, loaded.tokenizer, reference
 
 
+@pytest.mark.slow
 @smol
 def test_smollm2_full_equals_transformers_and_methods_separate(smollm2, shared_data):
     model, tok, reference = smollm2
