@@ -152,7 +152,7 @@ def _run(*, model, model_args, method, method_args, task, task_args, data_dir, r
             raise UserError(f"--ratio {ratio} and --budget {budget} both set how much the cache keeps. Fix: pass "
                             f"one of them.")
         sizes = ([{"budget": b} for b in _budgets(budget)] if budget is not None
-                 else [{"ratio": r} for r in _ratios(ratio or "0.5")])
+                 else [{"ratio": r} for r in _ratios("0.5" if ratio is None else ratio)])
         methods = _names(method, "--method", "snapkv")
         specs = [build_spec(model=model, model_args=model_args, method=m, method_args=method_args, **size,
                             task=t, task_args=task_args, data_dir=data_dir, **settings)
