@@ -60,10 +60,14 @@ def families(runs: Iterable[Run]) -> dict[str, str]:
     return {run.run_id: chain_family(run) for run in runs}
 
 
-def _frontier(points: list[MemoryPoint]) -> None:
+def _frontier(points: list[MemoryPoint], lower_is_better: bool = False) -> None:
+    """Mark the runs no other run beats on both axes (fewer KV bytes, a better score; a perplexity's
+    better is lower)."""
+    sign = -1.0 if lower_is_better else 1.0
     for p in points:
-        p.frontier = not any((q.kv_bytes <= p.kv_bytes and q.score > p.score)
-                             or (q.kv_bytes < p.kv_bytes and q.score >= p.score) for q in points if q is not p)
+        p.frontier = not any((q.kv_bytes <= p.kv_bytes and sign * q.score > sign * p.score)
+                             or (q.kv_bytes < p.kv_bytes and sign * q.score >= sign * p.score)
+                             for q in points if q is not p)
 
 
 def equal_memory_points(df: pd.DataFrame, family_of: Mapping[str, str] | None = None,
@@ -90,8 +94,9 @@ def equal_memory_points(df: pd.DataFrame, family_of: Mapping[str, str] | None = 
                                       float(share.mean()) if len(share) else float("nan"), float(scores.mean()),
                                       (lo, hi), len(scores), str(run_id),
                                       budget=None if pd.isna(first.get("budget")) else int(first["budget"])))
-        _frontier(points)
-        points.sort(key=lambda p: (p.kv_bytes, -p.score, p.method, p.ratio))
+        lower = bool(part["lower_is_better"].fillna(False).any()) if "lower_is_better" in part else False
+        _frontier(points, lower)
+        points.sort(key=lambda p: (p.kv_bytes, p.score if lower else -p.score, p.method, p.ratio))
         out[(str(task), str(model))] = points
     return out
 

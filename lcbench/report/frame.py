@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..results.store import RunStore, find_runs
+from ..tasks.base import LOWER_IS_BETTER_MODES
 from ..results.summary import summarize
 
 # record fields copied into the frame (the rest stay in the JSON)
@@ -54,6 +55,11 @@ class Run:
         s = self.spec
         return (s["task"], self.method, float(s["ratio"]), s["model"], bool(s.get("query_aware", False)),
                 repr(sorted(s.get("task_args", {}).items())), s.get("limit"), s.get("seed", 0), s.get("budget"))
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether the run's ``score`` is a perplexity (a log-likelihood task): lower is better."""
+        return self.spec.get("mode") in LOWER_IS_BETTER_MODES
 
     @property
     def size(self) -> str:
@@ -144,7 +150,8 @@ def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
     for run in runs:
         s = run.spec
         base = {"run_id": run.run_id, "task": labels[str(run.folder)], "method": run.method, "ratio": float(s["ratio"]),
-                "budget": s.get("budget"), "model": s["model"], "query_aware": bool(s.get("query_aware", False))}
+                "budget": s.get("budget"), "model": s["model"], "query_aware": bool(s.get("query_aware", False)),
+                "lower_is_better": run.lower_is_better}
         for rec in run.records:
             row = dict(base)
             row.update({k: rec.get(k) for k in RECORD_FIELDS})
@@ -153,7 +160,8 @@ def records_frame(runs: Iterable[Run]) -> pd.DataFrame:
             if row["dataset"] is None or row["dataset"] == s["task"]:  # the task itself, with its setup label
                 row["dataset"] = labels[str(run.folder)]
             rows.append(row)
-    columns = ["run_id", "task", "method", "ratio", "budget", "model", "query_aware", *RECORD_FIELDS, *META_FIELDS]
+    columns = ["run_id", "task", "method", "ratio", "budget", "model", "query_aware", "lower_is_better",
+               *RECORD_FIELDS, *META_FIELDS]
     df = pd.DataFrame(rows, columns=columns)
     df["kv_mb"] = pd.to_numeric(df["kv_bytes"], errors="coerce") / 2**20
     return df

@@ -142,13 +142,14 @@ def rankings(views: list[RunView], ratios: list[float] | None) -> list[dict[str,
             complete = all(c is not None and c.score is not None for c in cells) and bool(cells)
             rows.append({"method": method, "method_slug": slug("method", method), "cells": cells,
                          "mean": float(np.mean(scores)) if complete else None, "complete": complete})
-        ranked = sorted(rows, key=lambda r: (not r["complete"], -(r["mean"] or 0.0), r["method"]))
+        lower = any(v.run.lower_is_better for v in group)  # a perplexity: the lowest mean ranks first
+        ranked = sorted(rows, key=lambda r: (not r["complete"], (r["mean"] or 0.0) * (1 if lower else -1), r["method"]))
         rank, previous = 0, None
         for i, row in enumerate(ranked, 1):  # competition ranking: equal means share a rank
             if row["complete"] and row["mean"] != previous:
                 rank, previous = i, row["mean"]
             row["rank"] = rank if row["complete"] else None
-        sections.append({"task": task, "model": model, "ratios": fixed, "rows": ranked,
+        sections.append({"task": task, "model": model, "ratios": fixed, "rows": ranked, "lower_is_better": lower,
                          "reference": reference[0] if reference else None, "anchor": slug("rank", task, model)})
     return sections
 

@@ -120,6 +120,8 @@ def retention_table(df: pd.DataFrame, level: float = LEVEL, n_boot: int = N_BOOT
     """The summary rows of ``df`` (:func:`lcbench.report.frame.records_frame`), per task and model,
     methods by name."""
     df = df[df["score"].notna()].copy()
+    if "lower_is_better" in df:  # "keeps 95 % of full's score" means nothing for a perplexity: left out
+        df = df[~df["lower_is_better"].fillna(False).astype(bool)]
     df["label"] = [method_label(m, qa) for m, qa in zip(df["method"], df["query_aware"])]
     df["score"] = df["score"].astype(float)
     rows = []

@@ -46,7 +46,7 @@ def run_rows(paths: Iterable[str | Path]) -> pd.DataFrame:
         labels = sorted({str(r["meta"]["data_label"]) for r in run.records if (r.get("meta") or {}).get("data_label")})
         rows.append({
             "task": s["task"] + (f"[{', '.join(labels)}]" if labels else ""), "method": run.method, "ratio": s["ratio"],
-            "budget": s.get("budget"),
+            "budget": s.get("budget"), "lower_is_better": run.lower_is_better,
             "model": s["model"], "query_aware": s.get("query_aware", False), "n": overall.get("n", 0),
             "score": None if failed else suite.get("score"), "score_ci": None if failed else suite.get("ci"),
             "achieved_ratio": overall.get("achieved_ratio"),
@@ -118,6 +118,9 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
             cells.append(terminal_text(cell))
         table.add_row(*cells, style="red" if row.get("status") == "failed" else None)
     notes = [DENSITY_NOTE] if "attention_density" in shown else []
+    if "lower_is_better" in df and df["lower_is_better"].fillna(False).astype(bool).any():
+        lower = sorted(set(df.loc[df["lower_is_better"].fillna(False).astype(bool), "task"]))
+        notes.append(f"{', '.join(lower)}: the score is a perplexity — lower is better.")
     failed = df[df["status"] == "failed"] if "status" in df else df.iloc[0:0]
     if len(failed):
         notes.append("FAILED: " + "; ".join(f"{r['task']} · {r['method']} · {size_text(r)}: {r['error']}"
