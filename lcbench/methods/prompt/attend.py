@@ -48,13 +48,13 @@ class Readout:
     depth: int | None = None
     head_probs: dict = field(default_factory=dict)
 
-
-class StopForward(Exception):
-    """Raised after the last layer a partial-depth readout needs (caught by :func:`head_attention`)."""
-
     def add(self, name: str, value: torch.Tensor) -> None:
         current = getattr(self, name)
         setattr(self, name, value if current is None else current + value)
+
+
+class StopForward(Exception):
+    """Raised after the last layer a partial-depth readout needs (caught by :func:`head_attention`)."""
 
 
 def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
