@@ -45,7 +45,7 @@ def test_the_cluster_the_query_points_at_is_recalled_first_and_the_budget_is_exa
     layer.append(torch.cat([keys, new_key], dim=2), values, torch.arange(context + 1)[None], None)
     query = (dirs[2] * 2)[None, None, None]  # points at the keys along direction 2 (every 6th key)
     out = stage.decode_attention(module, query, layer, 0.35, 0)
-    keep = stage.keep(stage._learned[0], query, context + 1, torch.ones(1, 1, dtype=torch.bool), 0.35)[0, 0, 0]
+    keep = stage.keep(stage._learned[0], query, layer.keys, torch.ones(1, 1, dtype=torch.bool), 0.35)[0, 0, 0]
     along = [4 + i for i in range(context - 4) if i % 6 == 2]
     assert bool(keep[along].all()) and bool(keep[:4].all()) and bool(keep[-1])
     assert int(keep[4:context].sum()) == recall

@@ -117,11 +117,8 @@ def head_attention(lm: CompressorLM, ids: Sequence[int], layers: Sequence[int], 
     ``max(layers) + 1`` layers only (EHPC's partial-depth pass; no BOS is prepended)."""
     x = torch.tensor([list(ids)], device=lm.device)
     readout = Readout(window=window, head_layers=frozenset(layers), depth=max(layers) + 1)
-    with probing(lm.model):
-        try:
-            lm.model(input_ids=x, use_cache=False, **{READOUT_KWARG: readout})
-        except StopForward:
-            pass
+    with probing(lm.model), contextlib.suppress(StopForward):  # raised once the last needed layer ran
+        lm.model(input_ids=x, use_cache=False, **{READOUT_KWARG: readout})
     return readout.head_probs
 
 

@@ -117,9 +117,7 @@ class EHPC(PromptCompressor):
             score = F.max_pool1d(score[None, None], k, stride=1, padding=k // 2)[0, 0][: len(ids) - start]
         scores = [float("-inf")] * start + score.tolist() if start else score.tolist()
         if lm.tokenizer is not text.tokenizer:  # units are the target tokenizer's; map scores by characters
-            scores = _rescore(text, offsets, scores)
-            enc = text.tokenizer(text.context, add_special_tokens=False, return_offsets_mapping=True)
-            offsets = [tuple(o) for o in enc["offset_mapping"]]
+            scores, offsets = _rescore(text, offsets, scores)
         spans = token_spans(offsets, len(text.context))
         self._ehpc = {"ehpc_layer": float(found.layer), "ehpc_heads": float(len(found.heads))}
         chosen = select_within_budget(text.context, spans, scores, text.tokenizer, budget)
@@ -129,12 +127,13 @@ class EHPC(PromptCompressor):
         return {**super().sample_stats(), **getattr(self, "_ehpc", {})}
 
 
-def _rescore(text, offsets, scores: list[float]) -> list[float]:
-    """Scores of the compressor's tokens carried to the target tokenizer's: each target token takes
-    the highest score among the compressor tokens its characters overlap."""
+def _rescore(text, offsets, scores: list[float]) -> tuple[list[float], list[tuple[int, int]]]:
+    """Scores of the compressor's tokens carried to the target tokenizer's, and the target tokens'
+    offsets: each target token takes the highest score among the compressor tokens it overlaps."""
     enc = text.tokenizer(text.context, add_special_tokens=False, return_offsets_mapping=True)
+    target = [tuple(o) for o in enc["offset_mapping"]]
     out = []
-    for s, e in enc["offset_mapping"]:
+    for s, e in target:
         hits = [sc for (a, b), sc in zip(offsets, scores) if a < max(e, s + 1) and b > s]
         out.append(max(hits) if hits else float("-inf"))
-    return out
+    return out, target

@@ -35,6 +35,7 @@ class ClusterKV(ContextRetrieval):
              "DAC 2025 (arXiv:2412.03213)")
     summary = "each decoding step recalls whole key clusters (cosine k-means) ranked by query-centroid score"
     tolerance = 0.05
+    dense_question = True  # upstream's prompt prefill is dense
     defaults = {"sink": 16, "tokens_per_cluster": 80, "dense_layers": 2}
     params = (
         Param("sink", int, None, "first tokens always attended (upstream's sink)", min=0),
@@ -55,7 +56,7 @@ class ClusterKV(ContextRetrieval):
         labels, centroids = kmeans_clusters(key[0, :, sink:], clusters)  # (Hkv, n), (Hkv, k, D)
         return labels, centroids, sink, budget - sink, context
 
-    def keep(self, learned, query, total, valid_queries, scaling):
+    def keep(self, learned, query, key, valid_queries, scaling):
         """The sinks, the ``budget − sink`` keys of the clusters ranked first by query·centroid
         (whole clusters in rank order, the last one cut), and all after the context."""
         labels, centroids, sink, recall, context = learned
@@ -69,12 +70,5 @@ class ClusterKV(ContextRetrieval):
         recalled = torch.zeros(b, hkv, n, clustered, dtype=torch.bool, device=q.device)
         recalled.scatter_(-1, order, True)
         head = torch.ones(b, hkv, n, sink, dtype=torch.bool, device=q.device)
-        tail = torch.ones(b, hkv, n, total - context, dtype=torch.bool, device=q.device)
+        tail = torch.ones(b, hkv, n, key.shape[2] - context, dtype=torch.bool, device=q.device)
         return torch.cat([head, recalled, tail], dim=-1)
-
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
-        """The context pass learns the clusters; the question prefill stays dense, as upstream's
-        prompt prefill (so ``attention_density`` is the decoding steps', as Quest's)."""
-        if query.shape[2] != key.shape[2]:
-            return None
-        return super().prefill_attention(module, query, key, value, mask, scaling, layer_idx, window)

@@ -103,7 +103,7 @@ class InfLLM(ContextRetrieval):
         reps = k.gather(3, best[..., None].expand(*best.shape, k.shape[-1])).mean(3)  # (B, Hkv, blocks, D)
         return reps, init, start + blocks * bs, topk
 
-    def keep(self, learned, query, total, valid_queries, scaling):
+    def keep(self, learned, query, key, valid_queries, scaling):
         """The initial tokens, the ``topk`` blocks whose representatives best match the mean of the
         (valid) queries summed over heads — one choice for the layer — the window and all after it."""
         reps, init, blocks_end, topk = learned
@@ -114,6 +114,7 @@ class InfLLM(ContextRetrieval):
         mean_q = (query.float() * weights).sum(2) / weights.sum(2).clamp(min=1)  # (B, Hq, D)
         relevance = torch.einsum("bhgd,bhkd->bk", mean_q.reshape(b, hkv, hq // hkv, d), reps)
         chosen = relevance.topk(topk, dim=-1).indices  # (B, topk)
+        total = key.shape[2]
         slots = torch.arange(total, device=query.device)
         keep = ((slots < init) | (slots >= blocks_end))[None].expand(b, total).clone()
         in_memory = (slots >= init) & (slots < blocks_end)

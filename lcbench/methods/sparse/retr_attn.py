@@ -33,6 +33,7 @@ class RetrievalAttention(ContextRetrieval):
              "2024 (arXiv:2409.10516)")
     summary = "decode attends initial + recent tokens and the context keys with the highest query·key (exact search)"
     tolerance = 0.05
+    dense_question = True  # upstream's prompt prefill is dense
     defaults = {"start_share": 128 / 2640, "recent_share": 512 / 2640}
     params = (
         Param("start_share", float, None, "share of the budget for the initial tokens (upstream 128 of 2640)",
@@ -51,25 +52,14 @@ class RetrievalAttention(ContextRetrieval):
             return None
         return start, recent, top_k, context
 
-    def keep(self, learned, query, total, valid_queries, scaling):
+    def keep(self, learned, query, key, valid_queries, scaling):
         start, recent, top_k, context = learned
         b, hq, n, d = query.shape
-        keys = self._keys
-        hkv = keys.shape[1]
+        total, hkv = key.shape[2], key.shape[1]
         q = query.float().reshape(b, hkv, hq // hkv, n, d).mean(2)  # (B, Hkv, q, D)
-        middle = keys[:, :, start:context - recent].float()
+        middle = key[:, :, start:context - recent].float()
         best = torch.matmul(q, middle.transpose(-1, -2)).topk(top_k, dim=-1).indices + start
         keep = torch.zeros(b, hkv, n, total, dtype=torch.bool, device=query.device)
         keep[..., :start] = True
         keep[..., context - recent:] = True  # the recent window and everything after the context
         return keep.scatter_(-1, best, True)
-
-    def _attend(self, module, query, key, value, base, scaling, layer_idx, valid):
-        self._keys = key  # the search runs over the keys the layer holds
-        return super()._attend(module, query, key, value, base, scaling, layer_idx, valid)
-
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
-        """The context pass plans the budget; the question prefill stays dense, as upstream's."""
-        if query.shape[2] != key.shape[2]:
-            return None
-        return super().prefill_attention(module, query, key, value, mask, scaling, layer_idx, window)

@@ -14,7 +14,7 @@ method leaves alone) counted as dense. The whole KV cache is kept.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,6 +31,9 @@ def storage_causal(q: int, total: int, device) -> torch.Tensor:
 
 class ContextRetrieval(Stage, metaclass=ABCMeta):
     stages = ("prefill_attention", "decode")
+    # True when the method leaves the question prefill dense (as upstream's prompt prefill), so the
+    # density is the decoding steps'
+    dense_question: ClassVar[bool] = False
     # reference: the selection is a mask over the whole cache (dense compute), not a gathered kernel
     reference_latency = True
 
@@ -47,10 +50,10 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
         """What the method keeps of one layer's context pass (None: the layer stays dense)."""
 
     @abstractmethod
-    def keep(self, learned: Any, query: torch.Tensor, total: int, valid_queries: torch.Tensor,
+    def keep(self, learned: Any, query: torch.Tensor, key: torch.Tensor, valid_queries: torch.Tensor,
              scaling: float) -> torch.Tensor:
-        """(B, Hkv or 1, q, total) the stored slots ``query`` (B, Hq, q, D) attends; ``valid_queries``
-        (B or 1, q) marks the queries that are not padding."""
+        """(B, Hkv or 1, q, L) the stored slots ``query`` (B, Hq, q, D) attends among the layer's
+        ``key`` (B, Hkv, L, D); ``valid_queries`` (B or 1, q) marks the queries that are not padding."""
 
     # --- the frame ----------------------------------------------------------------------------
     def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
@@ -64,6 +67,8 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
                 learned = self.learn(query, key, scaling, getattr(module, "num_key_value_groups", 1), layer_idx)
                 if learned is not None:
                     self._learned[layer_idx], self._contexts[layer_idx] = learned, total
+            return None
+        if self.dense_question:
             return None
         if layer_idx not in self._learned:
             self._count(key.shape[0] * key.shape[1] * n * min(total, window or total), None)
@@ -94,7 +99,7 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
     def _attend(self, module, query, key, value, base, scaling: float, layer_idx: int, valid):
         b, _, n, _ = query.shape
         total, hkv = key.shape[2], key.shape[1]
-        allowed = base & self.keep(self._learned[layer_idx], query, total, valid, scaling)
+        allowed = base & self.keep(self._learned[layer_idx], query, key, valid, scaling)
         self._count(float(base.expand(b, hkv, n, total).sum()), float(allowed.expand(b, hkv, n, total).sum()))
         return dense_attention(module, query, key, value, allowed, scaling)
 

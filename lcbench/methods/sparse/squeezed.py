@@ -112,7 +112,7 @@ class Squeezed(ContextRetrieval):
             self._threshold = float(np.quantile(np.concatenate(self._calibration), self.ratio))
         return self._threshold
 
-    def keep(self, learned, query, total, valid_queries, scaling):
+    def keep(self, learned, query, key, valid_queries, scaling):
         labels, centroids, counts, clustered = learned
         b, hq, n, d = query.shape
         hkv = centroids.shape[0]
@@ -125,5 +125,5 @@ class Squeezed(ContextRetrieval):
             cut = torch.tensor(self._threshold_value(), device=q.device)
         else:  # per query: the score of its (1 − ratio)·n-th best key
             cut = per_key.topk(max(1, round((1.0 - self.ratio) * clustered)), dim=-1).values[..., -1:]
-        rest = torch.ones(b, hkv, n, total - clustered, dtype=torch.bool, device=q.device)
+        rest = torch.ones(b, hkv, n, key.shape[2] - clustered, dtype=torch.bool, device=q.device)
         return torch.cat([per_key >= cut, rest], dim=-1)  # (B, Hkv, q, total)
