@@ -157,14 +157,16 @@ def share_groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
     in one process (Ray: one task per group) must keep together for the sharing to happen."""
     groups: dict[tuple, list[RunSpec]] = {}
     for i, spec in enumerate(specs):
-        groups.setdefault(_share_key(spec) if _shareable(spec) else ("alone", i), []).append(spec)
+        groups.setdefault(_share_key(spec) if _sharing_chain(spec) else ("alone", i), []).append(spec)
     return list(groups.values())
 
 
-def _shareable(spec: RunSpec) -> bool:
-    """Whether the run may reuse a prefill another run of its command made."""
-    return spec.share_prefill != "off" and share_refusal(Chain.build(spec.method, spec.ratio), spec.query_aware,
-                                                         spec.prefill_chunk) is None
+def _sharing_chain(spec: RunSpec) -> Chain | None:
+    """The run's chain when the run may reuse a prefill another run of its command made, else None."""
+    if spec.share_prefill == "off":
+        return None
+    chain = Chain.build(spec.method, spec.ratio)
+    return chain if share_refusal(chain, spec.query_aware, spec.prefill_chunk) is None else None
 
 
 def _share_key(spec: RunSpec) -> tuple:
@@ -188,8 +190,9 @@ class ModelPool:
         two or more runs one memo for the union of their needs."""
         groups: dict[tuple, list[Needs]] = {}
         for spec in specs:
-            if _shareable(spec):
-                groups.setdefault(_share_key(spec), []).append(Chain.build(spec.method, spec.ratio).needs)
+            chain = _sharing_chain(spec)
+            if chain is not None:
+                groups.setdefault(_share_key(spec), []).append(chain.needs)
         for key, needs in groups.items():
             if len(needs) > 1 and key not in self._memos:
                 union = Needs()

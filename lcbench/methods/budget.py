@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ..cache.layer import KVLayer
 from .base import LayerObservation, Stage
+from .dropping.select import real_context_slots
 
 
 def budget_ratio(budget: int, held: int) -> float:
@@ -47,8 +48,6 @@ def compress(stage: Stage, layer: KVLayer, seen: LayerObservation) -> KVLayer:
     budget = stage.budget_tokens
     if budget is None:
         return stage.compress_layer(layer, seen)
-    from .dropping.select import real_context_slots
-
     stage.ratio = budget_ratio(budget, real_context_slots(layer, seen) + seen.protected)
     try:
         return stage.compress_layer(layer, seen)
