@@ -8,7 +8,10 @@ Hub semantics follow huggingface_hub's ``file_download.py`` / ``utils/_http.py``
 sha256), ``X-Linked-Size`` and ``ETag``; the client then GETs the ``Location`` (200 with
 ``Content-Length`` and ``ETag``). Unknown revisions, files and repositories get 404 with the
 ``X-Error-Code`` the hub sends (``RevisionNotFound``, ``EntryNotFound``, ``RepoNotFound``).
-``hub_like=False`` drops ``X-Repo-Commit``, as a non-hub server would.
+``hub_like=False`` drops ``X-Repo-Commit``, as a non-hub server would. Model repos resolve the same
+at ``/<repo>/resolve/…``; ``snapshot_download``'s two listings are answered for every repo:
+``/api/{datasets,models}/<repo>/revision/<rev>`` (the commit and the files) and ``…/tree/<rev>``
+(each file's path, size and oid; huggingface_hub 2.x ``hf_api``).
 
 Essay mirror (``LCBENCH_MIRROR``): ``/<host>/<path>`` serves ``files[(host, path)]``.
 """
@@ -16,6 +19,7 @@ Essay mirror (``LCBENCH_MIRROR``): ``/<host>/<path>`` serves ``files[(host, path
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +82,10 @@ class StandIn:
         parts = path.lstrip("/").split("/")
         if parts[:1] == ["datasets"] and "resolve" in parts:
             return self._resolve(h, parts, body)
+        if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("datasets", "models"):
+            return self._listing(h, "/".join(parts[2:4]), parts[4], parts[5], body)
+        if "resolve" in parts and parts[0] not in ("cdn", "api") and "/".join(parts[:2]) in self.repos:
+            return self._resolve(h, ["models", *parts], body)
         if parts[:1] == ["cdn"]:
             for repo in self.repos.values():
                 for data in repo.files.values():
@@ -89,6 +97,20 @@ class StandIn:
         if key in self.mirror:
             return self._send(h, 200, {"Content-Type": "text/plain"}, self.mirror[key], body)
         return self._send(h, 404, {}, b"not found", body)
+
+    def _listing(self, h, repo_id: str, kind: str, revision: str, body: bool) -> None:
+        """``snapshot_download``'s repo info at a revision (``kind`` revision) or file tree (tree)."""
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._send(h, 404, {"X-Error-Code": "RepoNotFound"}, b"", body)
+        if revision != repo.commit and revision not in repo.branches:
+            return self._send(h, 404, {"X-Error-Code": "RevisionNotFound"}, b"", body)
+        if kind == "revision":
+            data = {"id": repo_id, "sha": repo.commit, "siblings": [{"rfilename": f} for f in repo.files]}
+        else:
+            data = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for f, b in repo.files.items()]
+        return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(data).encode(), body)
 
     def _resolve(self, h, parts: list[str], body: bool) -> None:
         i = parts.index("resolve")

@@ -222,30 +222,10 @@ def pg19_parquet(shared_data: Path) -> bytes:
 
 
 def hub_with_api(files: dict[str, bytes]):
-    """The file stand-in plus the two API answers ``snapshot_download`` reads first: the dataset's
-    info at a revision (its commit) and its recursive file tree (huggingface_hub 2.x ``hf_api``)."""
-    import hashlib
-
+    """The loopback hub stand-in serving a PG-19 repo (files and ``snapshot_download``'s listings)."""
     from hubserver import HubRepo, StandIn
 
-    class WithApi(StandIn):
-        def answer(self, h, body):
-            path = h.path.split("?", 1)[0]
-            prefix = "/api/datasets/emozilla/pg19/"
-            if not path.startswith(prefix):
-                return super().answer(h, body)
-            self.log.append((h.command, path))
-            kind, _, revision = path[len(prefix):].partition("/")
-            if revision not in ("main", PG19_COMMIT):
-                return self._send(h, 404, {"X-Error-Code": "RevisionNotFound"}, b"", body)
-            if kind == "revision":
-                payload = {"id": "emozilla/pg19", "sha": PG19_COMMIT, "siblings": [{"rfilename": f} for f in files]}
-            else:
-                payload = [{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
-                           for f, d in files.items()]
-            return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(payload).encode(), body)
-
-    return WithApi(repos={"emozilla/pg19": HubRepo(files, PG19_COMMIT)}).start()
+    return StandIn(repos={"emozilla/pg19": HubRepo(files, PG19_COMMIT)}).start()
 
 
 def test_pg19_from_the_hub_then_from_the_cache(tmp_path, shared_data):

@@ -6,7 +6,6 @@ adapter's format detection; the math is checked against the paper's computation 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -132,35 +131,13 @@ def test_gist_refuses_another_target_and_a_weight_diff(gist, tiny, sample, tmp_p
         load_compressor({**ARGS, "path": diff})
 
 
-class ModelHub(StandIn):
-    """The loopback hub stand-in (:mod:`hubserver`) answering model repos as well: ``/<repo>/resolve/…``
-    like its dataset files, and the ``/api/models/<repo>/revision/<rev>`` and ``…/tree/<commit>``
-    listings that huggingface_hub's ``snapshot_download`` reads first."""
-
-    def answer(self, h, body: bool) -> None:
-        parts = h.path.split("?", 1)[0].lstrip("/").split("/")
-        if parts[:2] == ["api", "models"] and len(parts) >= 5 and "/".join(parts[2:4]) in self.repos:
-            self.log.append((h.command, h.path.split("?", 1)[0]))
-            repo = self.repos["/".join(parts[2:4])]
-            if parts[4] == "revision":
-                data = {"id": "/".join(parts[2:4]), "sha": repo.commit, "siblings": [{"rfilename": f} for f in repo.files]}
-            else:  # tree
-                data = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
-                        for f, b in repo.files.items()]
-            return self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(data).encode(), body)
-        if "resolve" in parts and parts[0] not in ("datasets", "cdn", "api"):
-            self.log.append((h.command, h.path.split("?", 1)[0]))
-            return self._resolve(h, ["models", *parts], body)
-        return super().answer(h, body)
-
-
 def test_cli_runs_checkpoints_by_hub_id(gist, icae, tmp_path):
     """What a user runs: ``path=<hub id>`` through huggingface_hub (snapshot_download for the gist
     model's repo, hf_hub_download for one ICAE file of a repo), against the loopback stand-in;
     the format is detected from the downloaded files."""
     folder, _, _ = gist
     files = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
-    server = ModelHub(repos={"standin/tiny-gist-1": HubRepo(files, "a" * 40),
+    server = StandIn(repos={"standin/tiny-gist-1": HubRepo(files, "a" * 40),
                              "standin/icae": HubRepo({"tiny_ft_icae.safetensors": Path(icae[0]).read_bytes()}, "b" * 40)})
     server.start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
