@@ -347,7 +347,7 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     store = RunStore(folder)
     fresh = not folder.exists()
     try:
-        store.open(spec.to_json())
+        store.open(spec_payload(spec, engine))
     except OSError as exc:
         if disk_full(exc):
             raise disk_full_error(folder, exc, 0) from None
@@ -373,6 +373,14 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
         raise
     store.close()
     return RunOutcome(spec, folder, summary, written)
+
+
+def spec_payload(spec: RunSpec, engine: Engine) -> dict[str, Any]:
+    """spec.json: the spec and, when a stage calibrated on the model, which calibration the run used."""
+    payload = spec.to_json()
+    if engine.calibrations:
+        payload["calibration"] = [c.to_json() for c in engine.calibrations]
+    return payload
 
 
 def _remove_fresh(folder: Path) -> None:

@@ -32,6 +32,7 @@ from ..methods.chain import Chain
 from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
 from .attach import attached, attention_refusal, use_lcbench_attention
+from .calibration import calibrate_stages
 from .chunked import check_chunkable, prefill_spans
 from .decode import RowOutput, forward, greedy_decode
 from .per_row import PerRowCompression, fresh_copies
@@ -146,6 +147,8 @@ class Engine:
         self.bytes_per_token = kv_bytes_per_token(model)
         self.prefill_memo: PrefillMemo | None = None  # set when several runs share prefills (evaluate.py)
         check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk)
+        # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
+        self.calibrations = calibrate_stages(model, tokenizer, chain.stages, self.clock)
         refusal = attention_refusal(model, chain.stages)
         if refusal:
             raise UserError(refusal + ".")

@@ -150,6 +150,8 @@ class Stage:
     # for a kernel), not representative of an optimized one: spec.json records it and `lcbench report`
     # and the leaderboard mark such runs' latencies so nobody ranks methods on them (issue #14)
     reference_latency: ClassVar[bool] = False
+    # the parameters a calibration (:meth:`calibrate`) depends on; None: all of them ("ratio" may be named)
+    calibration_params: ClassVar[tuple[str, ...] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
@@ -163,8 +165,16 @@ class Stage:
         self.ratio = float(ratio)
         self.budget_tokens: int | None = None  # tokens kept per layer and KV head (--budget), set by the chain
         self.args = ParamSet(self.params).resolve(args, f"method '{self.name}'")
+        self.calibration: Any = None  # what :meth:`calibrate` returned, set by the engine before the first sample
 
     # --- hooks (each stage overrides only what it needs) ----------------------------------
+    def calibrate(self, model, tokenizer) -> Any:
+        """Per-model offline work (find heads, layers, dimensions): return something ``torch.save``
+        stores (tensors, numbers, lists, dicts). The engine calls it once per model and the
+        parameters in :attr:`calibration_params`, caches it on disk, records it in spec.json and
+        sets :attr:`calibration` before the first sample (:mod:`lcbench.engine.calibration`)."""
+        return None
+
     def begin_sample(self) -> None:
         """Reset per-sample state."""
 

@@ -18,13 +18,14 @@ import torch
 
 from ..errors import UserError
 from .loading import LoadedModel, resolve_dtype
+from ..paths import lcbench_cache
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LCBENCH_CACHE", Path.home() / ".cache" / "lcbench")) / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    return lcbench_cache("models", "SmolLM2-135M-Instruct-Q4_1")
 
 
 def bundled_gguf() -> Path | None:

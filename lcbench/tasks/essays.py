@@ -37,6 +37,7 @@ from typing import Any
 
 from .. import IN_CHECKOUT, REPO_ROOT, protocol_file
 from ..errors import UserError
+from ..paths import lcbench_cache
 
 TIMEOUT_S = 30
 
@@ -71,7 +72,7 @@ def local_data_root() -> Path | None:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LCBENCH_CACHE", Path.home() / ".cache" / "lcbench")).expanduser() / "data"
+    return lcbench_cache("data")
 
 
 def downloads_disabled() -> str | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -35,12 +34,13 @@ from .kernel import BlockPattern
 from .prefill import BLOCK_SIZE, SparsePrefill
 from .shapes import AShape
 from .vertical_slash import VerticalSlash
+from ...paths import lcbench_cache
 
 CANDIDATES = ("ashape", "vertical_slash", "block_topk")
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("LCBENCH_CACHE", Path.home() / ".cache" / "lcbench")).expanduser() / "minference"
+    return lcbench_cache("minference")
 
 
 def pattern_rows(pattern: BlockPattern, rows: torch.Tensor) -> torch.Tensor:
