@@ -350,7 +350,9 @@ PRESSES: tuple[PressSupport, ...] = (
                         "cannot be set; lcbench's `think` prunes the same channels and stores fewer of them"),
     _refused("SimLayerKVPress", "its compression is decided per layer by lazy_threshold (a lazy layer keeps its sinks "
                                 "and a recent window, any other layer everything), so no requested ratio can be "
-                                "honoured, and its compression_ratio cannot be set"),
+                                "honoured, and its compression_ratio cannot be set; lcbench's native `simlayerkv` "
+                                "runs it: `mode=threshold` keeps kvpress's exact positions, the default `mode=ratio` "
+                                "marks the most lazy layers until --ratio is reached"),
     _refused("DuoAttentionPress", "needs hub artifacts (DuoAttention's head patterns for a few models) or extra "
                                   "model passes on random samples (on_the_fly_scoring) in post_init_from_model"),
     _refused("QFilterPress", "needs hub artifacts (nthngdy/<model>_qfilt); lcbench's `qfilters` estimates its "

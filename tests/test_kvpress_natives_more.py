@@ -1,0 +1,95 @@
+"""Native lcbench methods for kvpress presses the bridge refuses (issue #15): simlayerkv,
+duoattention, dms, kvzip. Each: a behavioural test on a constructed input (what the paper promises
+to keep) and, where kvpress's press can run on a fixed input, a parity test that the native method
+keeps kvpress's exact positions (kvpress's forward hook on the plain SDPA tiny model, kept positions
+read as in tests/test_kvpress_presses.py). test_dropping.py checks the ratio knob and ratio 0 == full.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_dropping import chain, kept_positions, model, prefill, tok  # noqa: F401  (fixtures)
+from test_kvpress_presses import ids, kvpress_reference, sdpa_model  # noqa: F401  (fixtures)
+
+from lcbench.cache.layer import DenseLayer
+from lcbench.errors import UserError
+from lcbench.methods.base import LayerObservation
+from lcbench.methods.chain import resolve_chain
+
+kvpress = pytest.importorskip("kvpress")
+torch.set_num_threads(1)
+
+
+def dense_layer(b: int, h: int, n: int, d: int = 4, seed: int = 0) -> DenseLayer:
+    gen = torch.Generator().manual_seed(seed)
+    layer = DenseLayer()
+    layer.append(torch.randn((b, h, n, d), generator=gen), torch.randn((b, h, n, d), generator=gen),
+                 torch.arange(n)[None].expand(b, -1), None)
+    return layer
+
+
+# --- simlayerkv ---------------------------------------------------------------------------------
+def sink_recent_attention(n: int, lazy: bool, hq: int = 2, w: int = 1) -> torch.Tensor:
+    """(1, hq, w, n) attention of the last queries: on sinks + recent tokens (lazy) or spread evenly."""
+    attn = torch.full((1, hq, w, n), 1.0 / n)
+    if lazy:
+        attn.zero_()
+        attn[..., :4] = 0.1
+        attn[..., n - 9: n - 1] = 0.6 / 8
+    return attn
+
+
+def test_simlayerkv_ratio_mode_cuts_the_most_lazy_layer_to_sinks_and_recent():
+    stage = chain("simlayerkv", 0.25, "n_recent=9,n_last=1").stages[0]
+    stage.begin_sample()
+    n, layers = 100, []
+    for idx, lazy in enumerate((False, True, False)):
+        layer = dense_layer(1, 2, n, seed=idx)
+        seen = LayerObservation(idx, 3, 1, n, window_attention=sink_recent_attention(n, lazy))
+        layers.append(stage.compress_layer(layer, seen))
+        if idx < 2:  # nothing is cut before every layer was scored
+            assert layers[-1].seq_len() == n
+    assert stage.lazy_layers == [1]
+    assert stage.layer_scores[1] == pytest.approx(1.0) and stage.layer_scores[0] < 0.2
+    assert [layers[0].seq_len(), layers[2].seq_len()] == [n, n]
+    kept = kept_positions(layers[1], head=1)
+    drop = 300 - 3 * 75  # the layers' total drop, all taken from the one lazy layer
+    assert len(kept) == n - drop and kept[:4] == [0, 1, 2, 3]
+    assert kept[4:] == list(range(n - len(kept) + 4, n))  # sinks, then the latest tokens
+
+
+def test_simlayerkv_ratio_mode_adds_lazy_layers_in_laziness_order():
+    from lcbench.methods.dropping.simlayerkv import lazy_allocation
+
+    # window 40: each layer can give up 100 - 4 - 40 = 56 tokens; the most lazy go first
+    assert lazy_allocation([0.2, 0.9, 0.5], [100] * 3, 0, 0.15, 4, 40) == {1: 55}
+    assert sorted(lazy_allocation([0.2, 0.9, 0.5], [100] * 3, 0, 0.3, 4, 40)) == [1, 2]
+    allocation = lazy_allocation([0.2, 0.9, 0.5], [100] * 3, 0, 0.5, 4, 40)
+    assert sorted(allocation) == [0, 1, 2] and sum(100 - k for k in allocation.values()) == 150
+    narrowed = lazy_allocation([0.2, 0.9, 0.5], [100] * 3, 0, 0.9, 4, 40)  # the window must shrink
+    assert sum(100 - k for k in narrowed.values()) == 270 and all(k >= 5 for k in narrowed.values())
+
+
+def test_simlayerkv_threshold_mode_keeps_kvpress_positions(model, sdpa_model, ids):  # noqa: F811
+    args = "mode=threshold,n_recent=48,n_initial=4,n_last=1"
+    ch = chain("simlayerkv", 0.0, args + ",lazy_threshold=0.0")  # every layer lazy: their scores
+    prefill(model, ch, ids)
+    scores = ch.stages[0].layer_scores
+    assert len(scores) == 2 and scores[0] != scores[1]
+    threshold = (scores[0] + scores[1]) / 2  # one layer lazy, the other not
+    press = kvpress.SimLayerKVPress(lazy_threshold=threshold, n_recent=48, n_initial=4, n_last=1)
+    reference = kvpress_reference(sdpa_model, ids, press)
+    ch = chain("simlayerkv", 0.0, args + f",lazy_threshold={threshold}")
+    cache, _ = prefill(model, ch, ids)
+    lazy = max(scores, key=scores.get)
+    assert ch.stages[0].lazy_layers == [lazy]
+    for layer_idx, (layer, (positions, _)) in enumerate(zip(cache.layers, reference)):
+        for head, expect in enumerate(positions):
+            assert kept_positions(layer, head=head) == expect, (layer_idx, head)
+    assert len(reference[lazy][0][0]) == 4 + 47 and len(reference[1 - lazy][0][0]) == len(ids)
+
+
+def test_simlayerkv_refuses_a_window_not_longer_than_n_last():
+    with pytest.raises(UserError, match="n_recent"):
+        resolve_chain("simlayerkv", "n_recent=4,n_last=4", 0.5)
