@@ -13,7 +13,9 @@ from lcbench.engine.attach import use_lcbench_attention
 from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.methods.base import LayerObservation
 from lcbench.methods.chain import Chain, resolve_chain
+from lcbench.methods.dropping.compresskv import CompressKV, allocate_layer_budgets, needle_scores
 from lcbench.methods.dropping.ems import EMS, global_local_scores
+from lcbench.methods.registry import METHODS
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from lcbench.tasks.sample import Sample, Turn
 
@@ -132,3 +134,62 @@ def test_ems_on_the_model_is_ragged_and_records_its_merges(model, tok):
     assert abs(rec["achieved_ratio"] - 0.75) <= 0.05
     assert 0 <= rec["ems_merged_fraction"] <= 1
     assert rec["ems_head_budget_min"] < rec["ems_head_budget_max"]
+
+
+# --- CompressKV -----------------------------------------------------------------------------------
+def test_compresskv_semantic_score_ranks_the_head_that_reads_the_needle_first():
+    """Upstream's semantic retrieval score: the attention mass the answer queries put on the whole
+    needle span. Head 0's answer queries point at the needle's keys, head 1's elsewhere."""
+    L, d = 12, 8
+    key = torch.zeros(1, 1, L, d)
+    key[0, 0, :, 1] = 1.0
+    key[0, 0, 4:6, 0] = 1.0  # the needle (slots 4, 5)
+    query = torch.zeros(1, 2, L, d)
+    query[0, 0, :, 0] = 6.0  # head 0 looks for the needle
+    query[0, 1, :, 1] = 6.0  # head 1 attends every key alike
+    scores = needle_scores(query, key, 1.0, (4, 6), range(10, 12))
+    assert scores[0] > 1.9 and scores[1] < 0.5  # two answer queries, ≈ all of head 0's mass on the needle
+
+
+def test_compresskv_keeps_what_its_retrieval_heads_read_in_every_head():
+    """Query head 1 (KV head 0) is the layer's semantic retrieval head and reads tokens 3 and 4; the
+    other heads read 10 and 11. CompressKV keeps 3 and 4 (and the window) in both KV heads; SnapKV,
+    which averages every head of a group, keeps 10 and 11 in KV head 1."""
+    n, hq = 20, 4
+    window = torch.full((1, hq, 2, n), 0.01)
+    window[:, 1, :, 3:5] = 1.0
+    window[:, [0, 2, 3], :, 10:12] = 1.0
+    seen = LayerObservation(layer_idx=0, num_layers=1, num_groups=2, context_length=n, window_attention=window,
+                            positions=torch.arange(n)[None])
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, n, 4, generator=gen)
+    stage = CompressKV(ratio=0.8, window_size=2, kernel_size=1)  # keeps 4 of 20
+    stage.calibration = {"heads": [[1]], "importance": [1.0], "ratio": 0.8}
+    stage.begin_sample()
+    out = stage.compress_layer(dense_layer(keys, keys.clone()), seen)
+    for head in range(2):
+        assert out.positions[0, head].tolist() == [3, 4, 18, 19]
+    snap = METHODS.get("snapkv")(ratio=0.8, window_size=2, kernel_size=1)
+    assert {10, 11} <= set(snap.compress_layer(dense_layer(keys, keys.clone()), seen).positions[0, 1].tolist())
+
+
+def test_compresskv_layer_budgets_follow_importance_and_sum_to_the_total():
+    budgets = allocate_layer_budgets([0.6, 0.3, 0.1], 300, 32, 300)
+    assert sum(budgets) == 300 and budgets[0] > budgets[1] > budgets[2] >= 32
+    clipped = allocate_layer_budgets([0.9, 0.05, 0.05], 300, 32, 150)  # the cap moves tokens to the others
+    assert sum(clipped) == 300 and clipped[0] == 150 and min(clipped) >= 32
+    assert allocate_layer_budgets([0.5, 0.5], 64, 32, 96) == [32, 32]
+
+
+def test_compresskv_is_calibrated_by_the_engine_and_layers_keep_different_budgets(model, tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("LCBENCH_CACHE", str(tmp_path))  # computed here, not read from an earlier run's cache
+    chain = Chain.build(resolve_chain("compresskv", "first_k=2,probe_tokens=64", 0.75), 0.75)
+    engine = Engine(model, tok, chain, EngineConfig())
+    stage = chain.stages[0]
+    cal = stage.calibration
+    assert cal is not None and [(c.method, c.computed) for c in engine.calibrations] == [("compresskv", True)]
+    assert [len(h) for h in cal["heads"]] == [2, 2] and all(0 <= h < 4 for hs in cal["heads"] for h in hs)
+    assert abs(sum(cal["importance"]) - 1.0) < 1e-6 and all(e > 0 for e in cal["importance"])
+    rec = engine.run(sample(), multi_turn=False)[0]
+    assert abs(rec["achieved_ratio"] - 0.75) <= 0.05
+    assert rec["compresskv_budget_min"] < rec["compresskv_budget_max"]  # layer-adaptive
