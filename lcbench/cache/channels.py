@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer import DenseLayer, KVLayer, tensor_bytes
+from .layer import DenseLayer, KVLayer, refuse_bias, tensor_bytes
 
 
 class ChannelLayer(KVLayer):
@@ -29,6 +29,7 @@ class ChannelLayer(KVLayer):
     @classmethod
     def from_layer(cls, layer: KVLayer, channels: torch.Tensor) -> ChannelLayer:
         """Keep the key channels ``channels`` (B, H, Dk) of every slot ``layer`` holds."""
+        refuse_bias(layer, "channel-pruned layer (ThinK)")
         keys, values = layer.dense()
         channels = channels.sort(dim=-1).values
         compact = keys.gather(-1, channels[:, :, None, :].expand(-1, -1, keys.shape[2], -1)).contiguous()

@@ -6,6 +6,14 @@ tokens first (possibly a subset, after a method dropped some), then tokens appen
 position (the rotary phase already baked into its key) and ``valid`` marks padding or ragged
 slots that attention must ignore. Subclasses change how keys/values are *stored* (quantized,
 ragged per head) but always hand attention a dense ``(B, H, L, D)`` view through :meth:`dense`.
+
+A :class:`DenseLayer` may also hold ``bias`` (B, H, L) float32: an additive attention logit per
+stored slot (merge compensation: a slot standing for ``n`` merged tokens carries ``log n``, which is
+exactly attention over that slot duplicated ``n`` times). It follows the slots through ``select``,
+``crop_to``, ``keep_rows`` and ``repeat_rows``; appended tokens get 0. ``None`` (the default) is
+no bias, and attention then takes its plain path unchanged. The bias is stored and counted in
+:meth:`DenseLayer.nbytes` like quantization scales. Layer kinds that cannot hold one refuse a
+biased layer (:func:`refuse_bias`).
 """
 
 from __future__ import annotations
@@ -15,10 +23,23 @@ from abc import abstractmethod
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from ..errors import UserError
+
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     """Bytes held by tensors' storage as laid out (numel × element size)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def refuse_bias(layer: "KVLayer", kind: str) -> None:
+    """Raise a UserError when ``layer`` holds a per-slot attention bias that a ``kind`` layer,
+    built from it, could not keep (the merged slots' compensation would be silently lost)."""
+    if getattr(layer, "bias", None) is not None:
+        raise UserError(
+            f"a {kind} cannot hold the per-slot attention bias of merged slots (zeromerge's compensation), "
+            f"so converting the merged layer would silently change attention. Fix: do not chain the merging method "
+            f"with quantization, head-wise budgets or channel pruning (e.g. use snapkv+zeromerge, not "
+            f"zeromerge+kivi, zeromerge+adakv or zeromerge+think).")
 
 
 class KVLayer(CacheLayerMixin):
@@ -30,6 +51,7 @@ class KVLayer(CacheLayerMixin):
 
     positions: torch.Tensor | None  # (B, H, L) long: true position of each stored token
     valid: torch.Tensor | None  # (B, H, L) bool, or None when every slot is valid
+    bias: torch.Tensor | None = None  # (B, H, L) float32 additive attention logit per slot (DenseLayer only)
 
     # --- storage contract -----------------------------------------------------------------
     @abstractmethod
@@ -104,11 +126,14 @@ class DenseLayer(KVLayer):
         super().__init__()
         self.positions = None
         self.valid = None
+        self.bias = None
 
     def append(self, keys, values, positions, valid):
         b, h, q, _ = keys.shape
         pos = positions[:, None, :].expand(b, h, q)
         new_valid = None if valid is None else valid[:, None, :].expand(b, h, q)
+        if self.bias is not None:  # appended tokens stand for themselves: logit bias 0
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(b, h, q)], dim=-1)
         if self.keys is None:
             self.keys, self.values, self.positions = keys, values, pos.contiguous()
             self.valid = None if new_valid is None else new_valid.contiguous()
@@ -126,7 +151,7 @@ class DenseLayer(KVLayer):
         return self.keys, self.values
 
     def nbytes(self) -> int:
-        return tensor_bytes(self.keys, self.values)
+        return tensor_bytes(self.keys, self.values, self.bias)
 
     def select(self, index):
         index, _ = index.sort(dim=-1)
@@ -134,6 +159,8 @@ class DenseLayer(KVLayer):
         self.keys = self.keys.gather(2, gather).contiguous()
         self.values = self.values.gather(2, gather).contiguous()
         self.positions = self.positions.gather(2, index)
+        if self.bias is not None:
+            self.bias = self.bias.gather(2, index)
         if self.valid is not None:
             self.valid = self.valid.gather(2, index)
             if bool(self.valid.all()):
@@ -145,13 +172,15 @@ class DenseLayer(KVLayer):
         self.positions = self.positions[:, :, :length]
         if self.valid is not None:
             self.valid = self.valid[:, :, :length]
+        if self.bias is not None:
+            self.bias = self.bias[:, :, :length]
 
     def keep_rows(self, rows):
         rows = rows.to(self.positions.device)
         out = type(self).__new__(type(self))
         KVLayer.__init__(out)
         out.__dict__.update(self.__dict__)
-        for name in ("keys", "values", "positions", "valid"):
+        for name in ("keys", "values", "positions", "valid", "bias"):
             t = getattr(self, name)
             setattr(out, name, None if t is None else t.index_select(0, rows))
         if out.valid is not None and bool(out.valid.all()):
@@ -162,7 +191,7 @@ class DenseLayer(KVLayer):
         out = type(self).__new__(type(self))
         KVLayer.__init__(out)
         out.__dict__.update({k: v for k, v in self.__dict__.items()})
-        for name in ("keys", "values", "positions", "valid"):
+        for name in ("keys", "values", "positions", "valid", "bias"):
             t = getattr(self, name)
             setattr(out, name, None if t is None else t.repeat_interleave(n, dim=0))
         return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layer import KVLayer, tensor_bytes
+from .layer import KVLayer, refuse_bias, tensor_bytes
 
 SCALE_DTYPE = torch.float16
 _SCALE_MAX = 60000.0  # beyond this magnitude float16 scales would overflow; float32 is used instead
@@ -244,6 +244,7 @@ class QuantizedLayer(KVLayer):
         head's oldest token: the full-precision window then holds each head's most recent tokens
         (not padding), and no key group's range is widened by the zero fill. The padded
         rectangle itself is still stored (and counted in :meth:`nbytes`)."""
+        refuse_bias(layer, "quantized layer")
         keys, values = layer.dense()
         positions, valid = layer.positions, layer.valid
         from .ragged import RaggedLayer  # ragged imports layer only; no cycle at call time

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .layer import DenseLayer, KVLayer, tensor_bytes
+from .layer import DenseLayer, KVLayer, refuse_bias, tensor_bytes
 
 
 class RaggedLayer(KVLayer):
@@ -34,6 +34,7 @@ class RaggedLayer(KVLayer):
     @classmethod
     def from_layer(cls, layer: KVLayer, keep: torch.Tensor) -> "RaggedLayer":
         """Keep the valid slots of ``layer`` where ``keep`` is true."""
+        refuse_bias(layer, "ragged layer (head-wise budgets)")
         keys, values = layer.dense()
         if layer.valid is not None:
             keep = keep & layer.valid

@@ -137,6 +137,9 @@ class SharedContextLayer(KVLayer):
             out.positions = torch.cat([cpos, tpos.where(tvalid, 0)], dim=2)
             valid = torch.cat([cvalid, tvalid], dim=2)
             out.valid = None if bool(valid.all()) else valid
+        if self.context.bias is not None:  # merge compensation of the context's slots; the tail's tokens get 0
+            cb = self.context.bias.expand(b, -1, -1)
+            out.bias = torch.cat([cb, cb.new_zeros(b, h, out.positions.shape[-1] - cb.shape[-1])], dim=-1)
         out.is_initialized = True
         return out
 

@@ -151,24 +151,78 @@ def drop_unseeable(layer: KVLayer, window: int) -> KVLayer:
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def dense_attention(module, query, key, value, mask, scaling, call: AttentionCall | None = None):
+def slot_bias(layer: KVLayer) -> torch.Tensor | None:
+    """The per-slot additive attention logits (B, H, L) ``layer`` holds (merge compensation,
+    :class:`lcbench.cache.layer.DenseLayer`'s ``bias``), looking through wrappers: a decode-evicting
+    layer's ``inner`` and a cross-sample batch's stacked children (left-padded with 0, their padding
+    is masked anyway). ``None`` when no slot carries one."""
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        return bias
+    inner = getattr(layer, "inner", None)
+    if isinstance(inner, KVLayer):
+        return slot_bias(inner)
+    children = getattr(layer, "children", None)
+    if isinstance(children, list) and children and all(isinstance(c, KVLayer) for c in children):
+        biases = [slot_bias(c) for c in children]
+        if all(b is None for b in biases):
+            return None
+        width = layer.seq_len()
+        out = []
+        for child, b in zip(children, biases):
+            rows, heads, n = child.positions.shape
+            own = b if b is not None else torch.zeros(rows, heads, n, device=child.positions.device)
+            out.append(torch.cat([own.new_zeros(rows, heads, width - n), own.float()], dim=-1))
+        return torch.cat(out, dim=0)
+    return None
+
+
+def additive_mask(bias: torch.Tensor, mask: torch.Tensor | None, q_len: int, groups: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The float mask (B, Hq, q, L) that adds ``bias`` (B, Hkv, L) to the logits where ``mask``
+    (boolean, :func:`storage_mask`; ``None`` = plain bottom-right causal) lets a query see a key
+    and is ``-inf`` where it does not, in the queries' dtype (SDPA adds a float mask to the scaled
+    logits)."""
+    b, hkv, L = bias.shape
+    add = bias.float()[:, :, None, :]
+    if mask is None and q_len > 1:
+        mask = (torch.arange(L, device=bias.device)[None, :]
+                <= torch.arange(L - q_len, L, device=bias.device)[:, None])[None, None]
+    if mask is not None:
+        add = add.masked_fill(~mask, float("-inf"))
+    add = add.expand(b, hkv, q_len, L)
+    return add.repeat_interleave(groups, dim=1).to(dtype)
+
+
+def dense_attention(module, query, key, value, mask, scaling, call: AttentionCall | None = None,
+                    bias: torch.Tensor | None = None):
     """Exact attention over what the layer holds; per-KV-head masks expand to the query heads.
 
     The computation is torch SDPA (transformers' ``sdpa`` path, for identical numerics), or the
     explicit softmax of transformers' ``eager`` path when the model was loaded with
     ``attn_implementation=eager`` (recorded on the config as ``lcbench_dense_attention``) or when
     the call has a softcap or sinks, which SDPA cannot compute. ``mask`` already holds the sliding
-    window (:func:`storage_mask`)."""
+    window (:func:`storage_mask`). ``bias`` (B, Hkv, L): per-slot logits added after the scaling
+    (and after a softcap), through a float mask (:func:`additive_mask`); ``None`` keeps the paths
+    above exactly as they are."""
     groups = getattr(module, "num_key_value_groups", 1)
     softcap = call.softcap if call is not None else None
     sinks = call.sinks if call is not None else None
     eager = getattr(getattr(module, "config", None), "lcbench_dense_attention", "sdpa") == "eager"
+    if bias is not None:
+        add = additive_mask(bias, mask, query.shape[2], groups, query.dtype)
+        if not (eager or softcap is not None or sinks is not None):
+            out = F.scaled_dot_product_attention(query, repeat_kv(key, groups), repeat_kv(value, groups),
+                                                 attn_mask=add, scale=scaling)
+            return out.transpose(1, 2).contiguous()
     if eager or softcap is not None or sinks is not None:
         keys, values = repeat_kv(key, groups), repeat_kv(value, groups)
         scores = query @ keys.transpose(-1, -2) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        if mask is not None:
+        if bias is not None:
+            scores = scores + add
+        elif mask is not None:
             scores = scores.masked_fill(~mask.repeat_interleave(groups, dim=1) if mask.shape[1] > 1 else ~mask,
                                         float("-inf"))
         elif query.shape[2] > 1:
@@ -335,7 +389,10 @@ def shared_context_attention(module, query, layer: SharedContextLayer, call: Att
     """Attention for rows sharing a context: one folded dense call over the shared keys
     (:meth:`SharedContextLayer.attend`, no per-row copy), with the call's window, softcap and
     sinks (all per query, so folding the rows changes none of them)."""
-    return layer.attend(query, lambda q, k, v, m: dense_attention(module, q, k, v, m, call.scaling, call),
+    bias = slot_bias(layer.context)
+    if bias is not None:  # the context's slots keep their bias; the rows' own tokens get 0
+        bias = torch.cat([bias, bias.new_zeros(*bias.shape[:2], layer.owner.numel())], dim=-1)
+    return layer.attend(query, lambda q, k, v, m: dense_attention(module, q, k, v, m, call.scaling, call, bias),
                         window=call.window)
 
 
@@ -391,7 +448,7 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             if out is not None:
                 break
     if out is None:
-        out = dense_attention(module, query, key, value, mask, scaling, call)
+        out = dense_attention(module, query, key, value, mask, scaling, call, slot_bias(layer))
 
     if call.window and state.phase == PREFILL:
         layer = drop_unseeable(layer, call.window)

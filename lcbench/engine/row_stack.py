@@ -54,6 +54,11 @@ def stack_rows(layers: list[KVLayer]) -> KVLayer:
     if all(type(layer) is DenseLayer for layer in layers):
         out = DenseLayer()
         out.keys, out.values, out.positions, out.valid = _padded_rows(layers)
+        if any(layer.bias is not None for layer in layers):  # merge compensation (cache/layer.py), 0 on padding
+            width = out.positions.shape[-1]
+            out.bias = torch.cat([pad_left(layer.bias if layer.bias is not None
+                                           else torch.zeros(layer.positions.shape, device=layer.positions.device),
+                                           width - layer.seq_len(), 0.0) for layer in layers])
         out.is_initialized = True
         return out
     return StackedLayer(layers)
@@ -158,6 +163,7 @@ def row_layers(layer: KVLayer) -> list[KVLayer]:
         row = DenseLayer()
         row.keys, row.values = layer.keys[j:j + 1, :, start:], layer.values[j:j + 1, :, start:]
         row.positions = layer.positions[j:j + 1, :, start:]
+        row.bias = None if layer.bias is None else layer.bias[j:j + 1, :, start:]
         valid = None if layer.valid is None else layer.valid[j:j + 1, :, start:]
         row.valid = None if valid is None or bool(valid.all()) else valid
         row.is_initialized = True
@@ -174,9 +180,11 @@ def take_rows(layer: KVLayer, counts: list[int]) -> KVLayer:
         out.keys, out.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
         out.positions = layer.positions.index_select(0, index)
         out.valid = None if layer.valid is None else layer.valid.index_select(0, index)
+        out.bias = None if layer.bias is None else layer.bias.index_select(0, index)
         out.is_initialized = True
         if out.valid is not None:  # columns that are padding in every kept row go
             first = int(out.valid.any(1).any(0).nonzero()[0])
+            out.bias = None if out.bias is None else out.bias[:, :, first:]
             out.keys, out.values = out.keys[:, :, first:], out.values[:, :, first:]
             out.positions, out.valid = out.positions[:, :, first:], out.valid[:, :, first:]
             if bool(out.valid.all()):
