@@ -93,3 +93,100 @@ def test_simlayerkv_threshold_mode_keeps_kvpress_positions(model, sdpa_model, id
 def test_simlayerkv_refuses_a_window_not_longer_than_n_last():
     with pytest.raises(UserError, match="n_recent"):
         resolve_chain("simlayerkv", "n_recent=4,n_last=4", 0.5)
+
+
+# --- duoattention --------------------------------------------------------------------------------
+CALIBRATION_TEXTS = ["The quick brown fox jumps over the lazy dog. " * 12,
+                     "Read the following text carefully. The special magic number is 4217. " * 8,
+                     "A long time ago the river ran past the mill and the town grew around it. " * 6]
+
+
+@pytest.fixture(scope="module")
+def texts_file(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("duo") / "samples.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in CALIBRATION_TEXTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def kvpress_duo_scores(sdpa_model, tok):  # noqa: F811
+    """kvpress's on-the-fly DuoAttention scores on CALIBRATION_TEXTS (its hub loaders stood in for)."""
+    import pandas as pd
+    from kvpress.presses import duo_attention_press as duo
+
+    class Frame:
+        def to_pandas(self):
+            return pd.DataFrame({"chapter": CALIBRATION_TEXTS})
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(duo, "load_dataset", lambda *a, **k: Frame())
+    mp.setattr(duo.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    try:
+        return duo.duo_attention_on_the_fly.__wrapped__(sdpa_model, num_samples=len(CALIBRATION_TEXTS), q_len=500)
+    finally:
+        mp.undo()
+
+
+DUO_ARGS = "mode=heads,head_fraction=0.5,sink_size=8,recent_size=32,num_samples=3,sample_tokens=0,texts="
+
+
+def test_duoattention_calibration_equals_kvpress_on_the_fly_scores(model, tok, texts_file, kvpress_duo_scores):  # noqa: F811
+    stage = chain("duoattention", 0.0, DUO_ARGS + str(texts_file)).stages[0]
+    scores = stage.calibrate(model, tok)["scores"]
+    assert scores.shape == (2, 2)
+    assert torch.allclose(scores, torch.from_numpy(kvpress_duo_scores).float(), atol=1e-6)
+
+
+def test_duoattention_heads_mode_keeps_kvpress_positions(model, sdpa_model, tok, ids, texts_file,  # noqa: F811
+                                                        kvpress_duo_scores, monkeypatch):
+    from kvpress.presses import duo_attention_press as duo
+
+    monkeypatch.setattr(duo, "duo_attention_on_the_fly", lambda m: kvpress_duo_scores)
+    press = kvpress.DuoAttentionPress(head_compression_ratio=0.5, on_the_fly_scoring=True)
+    press.post_init_from_model(sdpa_model)
+    press.sink_size, press.recent_size = 8, 32  # kvpress fixes 128 + 256: longer than this context
+    press.post_init_from_model = lambda m: None  # kvpress_reference must not reset them
+    reference = kvpress_reference(sdpa_model, ids, press)
+    ch = chain("duoattention", 0.0, DUO_ARGS + str(texts_file))
+    ch.stages[0].calibration = ch.stages[0].calibrate(model, tok)
+    cache, _ = prefill(model, ch, ids)
+    streaming = 0
+    for layer_idx, (layer, (positions, _)) in enumerate(zip(cache.layers, reference)):
+        for head, expect in enumerate(positions):
+            assert kept_positions(layer, head=head) == expect, (layer_idx, head)
+            streaming += len(expect) == 40
+    assert streaming == 2  # half of the 4 KV heads
+
+
+def test_duoattention_ratio_mode_streams_the_lowest_scoring_heads():
+    stage = chain("duoattention", 0.3, "sink_size=4,recent_size=16").stages[0]
+    stage.calibration = {"scores": torch.tensor([[0.9, 0.2, 0.8], [0.1, 0.7, 0.6]])}  # 2 layers × 3 KV heads
+    stage.begin_sample()
+    n = 100
+    kept = {}
+    for idx in range(2):
+        layer = stage.compress_layer(dense_layer(1, 3, n, seed=idx), LayerObservation(idx, 2, 1, n))
+        kept.update({(idx, h): kept_positions(layer, head=h) for h in range(3)})
+    # 0.3 of 6 × 100 = 180 tokens: two heads can give 80 each, so three stream: (1,0), (0,1), (1,2)
+    streaming = {unit for unit, pos in kept.items() if len(pos) < n}
+    assert streaming == {(1, 0), (0, 1), (1, 2)}
+    assert sum(n - len(kept[u]) for u in streaming) == 180
+    for unit in streaming:
+        assert kept[unit][:4] == [0, 1, 2, 3] and kept[unit][4:] == list(range(n - len(kept[unit]) + 4, n))
+    assert all(kept[u] == list(range(n)) for u in kept if u not in streaming)
+
+
+def test_duoattention_reads_a_trained_pattern(model, tok, tmp_path):  # noqa: F811
+    import json
+
+    (tmp_path / "full_attention_heads.tsv").write_text("0.9\t-0.5\n1.7\t0.3\n")
+    (tmp_path / "config.json").write_text(json.dumps({"sink_size": 16, "recent_size": 64}))
+    stage = chain("duoattention", 0.5, f"pattern={tmp_path}").stages[0]
+    stage.calibration = stage.calibrate(model, tok)
+    assert stage.calibration["scores"].tolist() == [[pytest.approx(0.9), 0.0], [1.0, pytest.approx(0.3)]]
+    assert stage.window() == (16, 64) and stage.streaming_order()[0] == (0, 1)
+    (tmp_path / "full_attention_heads.tsv").write_text("0.9\t0.5\t0.1\n")
+    with pytest.raises(UserError, match="KV heads"):
+        stage.calibrate(model, tok)

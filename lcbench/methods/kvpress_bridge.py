@@ -354,7 +354,10 @@ PRESSES: tuple[PressSupport, ...] = (
                                 "runs it: `mode=threshold` keeps kvpress's exact positions, the default `mode=ratio` "
                                 "marks the most lazy layers until --ratio is reached"),
     _refused("DuoAttentionPress", "needs hub artifacts (DuoAttention's head patterns for a few models) or extra "
-                                  "model passes on random samples (on_the_fly_scoring) in post_init_from_model"),
+                                  "model passes on random samples (on_the_fly_scoring) in post_init_from_model; "
+                                  "lcbench's native `duoattention` runs it: its on-the-fly head scores are calibrated "
+                                  "once per model, `mode=heads` keeps kvpress's exact positions, the default "
+                                  "`mode=ratio` picks the streaming heads for --ratio"),
     _refused("QFilterPress", "needs hub artifacts (nthngdy/<model>_qfilt); lcbench's `qfilters` estimates its "
                              "filters offline"),
     _refused("ExpectedAttentionStatsPress", "needs hub artifacts (query statistics per model) or a calibration "

@@ -75,29 +75,36 @@ def spread(capacity: list[int], drop: int) -> list[int]:
     return out
 
 
+def fewest_first(order: list[int], context: list[int], floor: list[int], narrow: list[int], drop: int) -> dict[int, int]:
+    """{unit: context slots it keeps} for the units (layers, heads) that are cut: the fewest of ``order``
+    (first first) that can drop ``drop`` tokens while each keeps at least ``floor`` of its ``context``
+    slots, the drop spread evenly over them; when all of them cannot, every unit is cut, down to
+    ``narrow`` slots each."""
+    if drop <= 0:
+        return {}
+    cut: list[int] = []
+    for i in order:
+        cut.append(i)
+        if sum(context[j] - floor[j] for j in cut) >= drop:
+            break
+    else:
+        floor, cut = narrow, list(order)
+    drops = spread([max(0, context[j] - floor[j]) for j in cut], drop)
+    return {j: max(1, context[j] - d) for j, d in zip(cut, drops)}
+
+
 def lazy_allocation(scores: list[float], context: list[int], protected: int, ratio: float, n_initial: int,
                     window: int) -> dict[int, int]:
     """Ratio mode: {layer: context slots it keeps} for the lazy layers (the others keep all).
 
     ``context`` are the layers' real context slots; a lazy layer keeps at least ``window`` recent slots
     (the protected tail counts in them) besides its ``n_initial`` sinks, unless no choice of lazy layers
-    reaches the ratio so, and then every layer is lazy with a narrower window."""
-    keep_target = sum(keep_count(n + protected, ratio) for n in context)
-    drop = sum(n + protected for n in context) - keep_target
-    if drop <= 0:
-        return {}
+    reaches the ratio so, and then every layer is lazy with a narrower window (≥ 1 recent slot)."""
+    drop = sum(n + protected - keep_count(n + protected, ratio) for n in context)
     order = sorted(range(len(scores)), key=lambda i: -scores[i])  # most lazy first
     floor = [min(n, n_initial + max(0, window - protected)) for n in context]
-    lazy: list[int] = []
-    for i in order:
-        lazy.append(i)
-        if sum(context[j] - floor[j] for j in lazy) >= drop:
-            break
-    else:  # not reachable at the paper's window: every layer lazy, the window narrowed (≥ 1 slot)
-        floor = [min(n, n_initial + 1) if protected == 0 else min(n, n_initial) for n in context]
-        lazy = order
-    drops = spread([max(0, context[j] - floor[j]) for j in lazy], drop)
-    return {j: max(1, context[j] - d) for j, d in zip(lazy, drops)}
+    narrow = [min(n, n_initial + (1 if protected == 0 else 0)) for n in context]
+    return fewest_first(order, context, floor, narrow, drop)
 
 
 class SimLayerKV(Stage):
