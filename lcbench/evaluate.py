@@ -57,7 +57,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
     given = {name: settings.get(name, s.cli_default) for name, s in declared.items()}
     limit, seed, device, dtype = given["limit"], given["seed"], given["device"], given["dtype"]
     query_aware, batch_size, output_path = given["query_aware"], given["batch_size"], given["output_path"]
-    prefill_chunk = given["prefill_chunk"]
+    prefill_chunk, compress_chunks = given["prefill_chunk"], given["compress_chunks"]
     if budget is not None and ratio is not None:
         raise UserError(f"--ratio {ratio} and --budget {budget} both set how much the cache keeps. Fix: pass one "
                         f"of them (--budget N keeps N tokens per layer and KV head; --ratio r removes a fraction).")
@@ -74,6 +74,11 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
         raise UserError(f"--prefill-chunk {prefill_chunk!r}: must be a whole number of tokens. Fix: e.g. --prefill-chunk 512.")
     if not isinstance(query_aware, bool):
         raise UserError(f"query_aware {query_aware!r}: must be true or false. Fix: query_aware = true.")
+    if not isinstance(compress_chunks, bool):
+        raise UserError(f"compress_chunks {compress_chunks!r}: must be true or false. Fix: compress_chunks = true.")
+    if compress_chunks and not prefill_chunk:
+        raise UserError("--compress-chunks compresses after every prefill chunk, but no --prefill-chunk was given. "
+                        "Fix: add --prefill-chunk N (e.g. 512), or drop --compress-chunks.")
     for flag, value in (("--model", model), ("--method", method), ("--task", task), ("--output-path", output_path)):
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"{flag} {value!r}: must be a non-empty name. Fix: see `lcbench run --help`.")
@@ -108,7 +113,7 @@ def build_spec(*, model: str = DEFAULT_MODEL, model_args: str | dict | None = No
                    task_template_hash=task_obj.template_hash(), budget=budget, limit=limit, seed=seed, device=dev,
                    dtype=margs["dtype"], query_aware=query_aware, mode=task_obj.mode,
                    batch_size=batch_size, output_path=output_path, prefill_chunk=prefill_chunk or None,
-                   share_prefill=share_prefill)
+                   compress_chunks=compress_chunks, share_prefill=share_prefill)
 
 
 def parse_share_prefill(value: str) -> str:
@@ -446,7 +451,8 @@ def engine_config(spec: RunSpec, loaded: LoadedModel, samples: list) -> EngineCo
     if spec.batch_size == "auto":
         longest = max((len(loaded.tokenizer(s.context)["input_ids"]) for s in samples), default=1)
         rows = auto_rows(loaded.model, longest, spec.prefill_chunk)
-    return EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk, decode_rows=rows)
+    return EngineConfig(query_aware=spec.query_aware, prefill_chunk=spec.prefill_chunk, decode_rows=rows,
+                        compress_chunks=spec.compress_chunks)
 
 
 def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_size: int | str,
@@ -455,7 +461,8 @@ def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_siz
     together where the chain and mode allow it (engine/batching.py); otherwise one sample at a
     time with its turns batched — both through the engine's one pipeline."""
     refusal = batch_refusal(engine.chain, multi_turn, engine.config.query_aware)
-    if refusal is None and batch_size not in (1, "turns"):
+    if refusal is None and batch_size not in (1, "turns") and not engine.config.compress_chunks:
+        # (compressing every chunk prefills each sample alone: its chunks' targets are its own)
         yield from run_batched(engine, samples, done, batch_size)
         return
     for i, sample in enumerate(samples):

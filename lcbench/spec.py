@@ -3,7 +3,8 @@ serializable, and hashed into the run id (HELM/inspect-style). A short command l
 a full spec that can be written down and replayed with ``lcbench run --spec spec.json``.
 
 RunSpec is the one declaration of a run's parameters. Its plain settings (``limit``, ``seed``,
-``device``, ``dtype``, ``query_aware``, ``batch_size``, ``output_path``, ``prefill_chunk``) carry
+``device``, ``dtype``, ``query_aware``, ``batch_size``, ``output_path``, ``prefill_chunk``,
+``compress_chunks``) carry
 their flag, help text, command-line type and whether they change what a run computes (hashed)
 or only how it executes (batching, chunking, the output folder: not hashed) as field metadata
 (:class:`Setting`); ``lcbench run``'s options, a sweep grid's ``[run]`` keys and the engine's
@@ -80,6 +81,9 @@ class RunSpec:
     output_path: str = setting("results", "--output-path", "folder of run folders", str, hashed=False)
     prefill_chunk: int | None = setting(None, "--prefill-chunk", "prefill the context N tokens at a time (the last "
                                         "chunk compresses)", Optional[int], hashed=False)
+    compress_chunks: bool = setting(
+        False, "--compress-chunks", "with --prefill-chunk: compress after every chunk, so the cache never holds the "
+        "whole context (compress as you go; in --query-aware mode the question observes every chunk, as in Finch)", bool)
     share_prefill: str = setting(
         "auto", "--share-prefill", "several runs of one command that differ only in cache/decode-stage methods or "
         "ratio prefill each context once: auto (held within half the free memory) | off | a budget in MB", str,
@@ -102,6 +106,8 @@ class RunSpec:
                 d.pop(f.name)
         if d["budget"] is None:
             d.pop("budget")
+        if not d["compress_chunks"]:  # only set runs hash it (run ids from before it existed stay)
+            d.pop("compress_chunks")
         return d
 
     @property

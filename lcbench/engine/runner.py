@@ -33,7 +33,7 @@ from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
 from .attach import attached, attention_refusal, use_lcbench_attention
 from .calibration import calibrate_stages
-from .chunked import check_chunkable, prefill_spans
+from .chunked import check_chunkable, compress_as_you_go, prefill_spans
 from .decode import RowOutput, forward, greedy_decode
 from .per_row import PerRowCompression, fresh_copies
 from .prompt import RenderedPrompt, render
@@ -52,6 +52,7 @@ class EngineConfig:
     decode_rows: int | None = None
     check_ratio: bool = True
     prefill_chunk: int | None = None  # prefill the context this many tokens at a time (see engine/chunked.py)
+    compress_chunks: bool = False  # compress after every chunk, not only the last (engine/chunked.py)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Engine:
                            else model.config).num_hidden_layers
         self.bytes_per_token = kv_bytes_per_token(model)
         self.prefill_memo: PrefillMemo | None = None  # set when several runs share prefills (evaluate.py)
-        check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk)
+        check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk, self.config.compress_chunks)
         # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
         self.calibrations = calibrate_stages(model, tokenizer, chain.stages, self.clock)
         refusal = attention_refusal(model, chain.stages)
@@ -315,6 +316,9 @@ class Engine:
         """Prefill ``x`` in spans of ``config.prefill_chunk`` tokens; only the last span is the
         compressing pass (the rule and what it allows: :mod:`lcbench.engine.chunked`)."""
         compressing = state.compressing
+        if compressing and self.config.compress_chunks and valid is None:
+            return compress_as_you_go(lambda ids, p, s: forward(self.model, ids, p, s), x, pos, state,
+                                      self.config.prefill_chunk, self.chain.needs.window)
         spans = prefill_spans(x.shape[1], self.config.prefill_chunk, self.chain.needs.window)
         for a, b in spans:
             state.compressing = compressing and b == x.shape[1]

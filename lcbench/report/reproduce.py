@@ -21,7 +21,7 @@ from typing import Any, Mapping
 # spec fields the command sets, or leaves out on purpose (output_path: where results go; mode: the task's)
 _COVERED = {"model", "model_args", "method", "ratio", "budget", "task", "task_args", "task_version", "task_template_hash",
             "limit", "seed", "device", "dtype", "query_aware", "mode", "batch_size", "output_path",
-            "prefill_chunk", "share_prefill", "extra"}
+            "prefill_chunk", "compress_chunks", "share_prefill", "extra"}
 
 
 class Inexpressible(ValueError):
@@ -108,6 +108,8 @@ def flags(spec: Mapping[str, Any]) -> list[str]:
         out += ["--batch-size", str(spec["batch_size"])]
     if spec.get("prefill_chunk"):
         out += ["--prefill-chunk", str(int(spec["prefill_chunk"]))]
+    if spec.get("compress_chunks"):
+        out += ["--compress-chunks"]
     if spec.get("share_prefill") not in (None, "auto"):
         out += ["--share-prefill", str(spec["share_prefill"])]
     return out
