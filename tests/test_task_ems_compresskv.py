@@ -6,14 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from lcbench.cache import KVCache
 from lcbench.cache.layer import DenseLayer
 from lcbench.cache.ragged import RaggedLayer
 from lcbench.engine.attach import use_lcbench_attention
+from lcbench.engine.decode import forward
+from lcbench.engine.state import ForwardState
+from lcbench.engine.timing import Stopwatch
 from lcbench.engine.runner import Engine, EngineConfig
-from lcbench.methods.base import LayerObservation
+from lcbench.methods.base import LayerObservation, keep_count
 from lcbench.methods.chain import Chain, resolve_chain
-from lcbench.methods.dropping.compresskv import CompressKV, allocate_layer_budgets, needle_scores
+from lcbench.methods.dropping.compresskv import (CompressKV, allocate_layer_budgets, causal_probs, needle_scores,
+                                                 run_captured)
+from lcbench.methods.dropping.taskkv import TaskKV
 from lcbench.methods.dropping.ems import EMS, global_local_scores
 from lcbench.methods.registry import METHODS
 from lcbench.models.tiny import tiny_llama, tiny_tokenizer
@@ -193,3 +200,60 @@ def test_compresskv_is_calibrated_by_the_engine_and_layers_keep_different_budget
     rec = engine.run(sample(), multi_turn=False)[0]
     assert abs(rec["achieved_ratio"] - 0.75) <= 0.05
     assert rec["compresskv_budget_min"] < rec["compresskv_budget_max"]  # layer-adaptive
+
+
+# --- task-aware KV compression ------------------------------------------------------------------
+def taskkv_prefill(model, tok, ratio: float, **args) -> tuple[KVCache, list[int], list[int]]:
+    """What the engine does for a one-component taskkv chain: its scoring pass (context_inputs), then
+    the compressing prefill of the context. Returns the cache, the context ids and the task ids."""
+    stage = TaskKV(ratio=ratio, **args)
+    stage.calibration = stage.calibrate(model, tok)
+    stage.begin_sample()
+    ids = tok(CONTEXT, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([ids])
+    layers = model.config.num_hidden_layers
+    with torch.inference_mode():
+        assert stage.context_inputs(model, x, len(ids), KVCache(layers)) is None
+        cache = KVCache(layers)
+        state = ForwardState(cache=cache, stages=[stage], needs=stage.needs, timer=Stopwatch("cpu"))
+        state.compressing = True
+        forward(model, x, torch.arange(len(ids))[None], state)
+    return cache, ids, stage.calibration["task_ids"]
+
+
+def test_taskkv_keeps_what_the_task_prompt_attends_to_and_drops_the_prompt(model, tok):
+    """Reference, computed independently with plain attention: the attention of every task-prompt
+    query over the context (mean over the prompt, avg-pooled over 5, mean over each KV group), top-k
+    per KV head. The kept cache holds exactly those context tokens, and none of the prompt's."""
+    few_shot = ["What is the special magic number?", "Which animal jumps over the dog?"]
+    cache, ids, task_ids = taskkv_prefill(model, tok, 0.75, few_shot=few_shot)
+    n, T = len(ids), len(task_ids)
+    keep = keep_count(n, 0.75)
+    reference = {}
+
+    def score(module, query, key, value, scaling):
+        probs = causal_probs(query, key, scaling, range(n, n + T))[:, :, :n].mean(1)  # (Hq, n)
+        pooled = F.avg_pool1d(probs[:, None], kernel_size=5, padding=2, stride=1)[:, 0, :n]
+        per_kv = pooled.reshape(key.shape[1], -1, n).mean(1)
+        reference[module.layer_idx] = [sorted(r) for r in per_kv.topk(keep, dim=-1).indices.tolist()]
+
+    with torch.inference_mode():
+        run_captured(model, ids + task_ids, score)
+    assert "Example questions" in tok.decode(task_ids) and "magic number" in tok.decode(task_ids)
+    for i, layer in enumerate(cache.layers):
+        assert layer.seq_len() == keep and int(layer.positions.max()) < n  # the task prompt is not stored
+        assert [layer.positions[0, h].tolist() for h in range(layer.positions.shape[1])] == reference[i]
+
+
+def test_taskkv_selection_follows_the_task(model, tok):
+    a, _, _ = taskkv_prefill(model, tok, 0.75, few_shot=["What is the special magic number?"])
+    b, _, _ = taskkv_prefill(model, tok, 0.75, task="Summarise the story of the fox and the dog.")
+    assert any(not torch.equal(x.positions, y.positions) for x, y in zip(a.layers, b.layers))
+
+
+def test_taskkv_meets_its_ratio_query_aware_and_is_calibrated_by_the_engine(model, tok):
+    rec = run(model, tok, "taskkv", 0.5, query_aware=True)[0]
+    assert abs(rec["achieved_ratio"] - 0.5) <= 0.05
+    chain = Chain.build(resolve_chain("taskkv", None, 0.5), 0.5)
+    engine = Engine(model, tok, chain, EngineConfig(query_aware=True))
+    assert [c.method for c in engine.calibrations] == ["taskkv"]
