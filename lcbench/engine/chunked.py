@@ -26,8 +26,8 @@ activation peak for the per-layer compression's cache peak (see ``benchmarks/mem
 **Compress as you go** (``--prefill-chunk N --compress-chunks``, issue #15; Finch's sequential
 chunk processing, Corallo & Papotti, TACL 2024): *every* chunk is a compressing pass, so the cache
 never holds the whole context — after chunk ``i`` (context tokens ``0..b_i`` seen so far) the cache
-stage keeps ``keep_count(b_i, ratio)`` context tokens per layer and KV head (with ``--budget B``: at
-most ``B``), and the next chunk attends to those plus itself. The last chunk compresses to exactly the
+stage keeps what a one-pass prefill of those tokens would, ``keep_count(b_i, ratio)`` per layer and
+KV head (with ``--budget B``: at most ``B``; with a protected question: counted over both), and the next chunk attends to those plus itself. The last chunk compresses to exactly the
 count a one-pass prefill keeps, so the achieved ratio is the requested one; what is kept can differ
 (an early chunk cannot know a later token's competition), except for rules that never revisit a
 choice (StreamingLLM's sinks and recent window keep the same positions: tests/test_compress_chunks.py);
@@ -117,12 +117,14 @@ def check_compress_as_you_go(stages: list[Stage], needs: Needs, chunk: int) -> N
 
 @contextmanager
 def chunk_target(stage: Stage, seen_tokens: int, protected: int) -> Iterator[None]:
-    """While one chunk's pass compresses: ``stage`` keeps ``keep_count(seen_tokens, ratio)`` context
-    tokens per layer and KV head (its ``--budget`` if it has one), plus the ``protected`` question;
-    its ratio and budget are restored after the pass."""
+    """While one chunk's pass compresses: ``stage`` keeps ``keep_count(seen_tokens + protected, ratio)``
+    tokens per layer and KV head, the ``protected`` question among them (what a one-pass prefill of
+    those tokens keeps: :func:`lcbench.methods.dropping.select.context_budget`), or its ``--budget``
+    if it has one; its ratio and budget are restored after the pass."""
     ratio, budget = stage.ratio, stage.budget_tokens
     if budget is None:
-        stage.budget_tokens = (seen_tokens if ratio <= 0 else keep_count(seen_tokens, ratio)) + protected
+        total = seen_tokens + protected
+        stage.budget_tokens = total if ratio <= 0 else max(protected + 1, keep_count(total, ratio))
     try:
         yield
     finally:
