@@ -179,3 +179,113 @@ def test_zeromerge_batched_is_token_identical_to_alone(tiny):
     assert ids_batch == ids_alone and len(ids_alone) == 4
     assert all(rec_batch[k]["kv_bytes"] == rec_alone[k]["kv_bytes"] for k in rec_alone)
     assert max(r["batch_samples"] for r in rec_batch.values()) >= 2
+
+
+# --- fourierkv ---------------------------------------------------------------------------------
+from lcbench.cache.fourier import FourierLayer, dct_basis, project, reconstruct  # noqa: E402
+from lcbench.methods.soft.fourierkv import FourierKV, choose_dims, fit_error, plan  # noqa: E402
+
+
+def test_dct_basis_is_orthonormal_and_the_fit_is_least_squares():
+    basis = dct_basis(50, 50)
+    assert torch.allclose(basis.T @ basis, torch.eye(50), atol=1e-5)
+    x = torch.randn(2, 50, 3)
+    assert torch.allclose(reconstruct(project(x, 50), 50), x, atol=1e-4)  # every coefficient: exact
+    residual = reconstruct(project(x, 7), 50) - x
+    assert torch.allclose(dct_basis(50, 7).T @ residual, torch.zeros(2, 7, 3), atol=1e-4)  # orthogonal to the span
+
+
+def _signal(n: int, d: int, smooth: list[int], seed: int = 0) -> torch.Tensor:
+    """(1, 2, n, d): noise, except the ``smooth`` dimensions, which vary slowly along the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, n, d, generator=g)
+    t = torch.arange(n, dtype=torch.float32) / n
+    for j in smooth:
+        x[..., j] = 2 * torch.cos(2 * math.pi * (j % 3 + 1) * t / 2) + 0.5
+    return x
+
+
+def test_fourier_layer_stores_coefficients_and_reconstructs():
+    n, d, smooth = 120, 8, [1, 4, 6]
+    keys, values = _signal(n, d, smooth), _signal(n, d, [0, 2], seed=1)
+    layer = _layer(keys, values)
+    kd = torch.tensor(smooth).expand(1, 2, -1)
+    vd = torch.tensor([0, 2]).expand(1, 2, -1)
+    out = FourierLayer.from_layer(layer, front=4, back=16, coefficients=12, key_dims=kd, value_dims=vd)
+    k, v = out.dense()
+    exact = [j for j in range(d) if j not in smooth]
+    assert torch.equal(k[..., exact], keys[..., exact])  # the other dimensions are kept exactly
+    assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(k[:, :, -16:], keys[:, :, -16:])
+    assert (k[..., smooth] - keys[..., smooth]).abs().max() < 0.15  # a smooth trajectory: 12 of 100 suffice
+    assert torch.equal(out.positions, layer.positions)
+    m = n - 20
+    want = 4 * (2 * 20 * d + m * (d - 3) + m * (d - 2) + 12 * (3 + 2)) * 2 + 2 * 2 * (3 + 2)
+    assert out.nbytes() == want  # front/back, exact middle dims, coefficients, int16 indices
+    # appended tokens go to the back; a selection or crop may touch only the back
+    out.append(torch.randn(1, 2, 2, d), torch.randn(1, 2, 2, d), torch.tensor([[n, n + 1]]), None)
+    assert out.seq_len() == n + 2 and out.positions[0, 0, -1].item() == n + 1
+    out.crop_to(n)
+    assert out.seq_len() == n
+    with pytest.raises(UserError, match="before\nfourierkv|before fourierkv"):
+        out.select(torch.arange(1, n).expand(1, 2, -1))
+    out.select(torch.cat([torch.arange(n - 16), torch.arange(n - 8, n)]).expand(1, 2, -1))
+    assert out.seq_len() == n - 8
+    assert torch.equal(out.repeat_rows(2).keep_rows(torch.tensor([1])).dense()[0], out.dense()[0])
+
+
+def test_choose_dims_takes_the_lowest_errors_and_splits_keys_and_values():
+    key_error = torch.tensor([[0.1, 5.0, 0.2, 7.0], [0.3, 0.05, 6.0, 9.0]])
+    value_error = torch.tensor([[1.0, 0.01, 8.0, 0.5], [0.02, 4.0, 0.4, 8.0]])
+    kd, vd = choose_dims(key_error, value_error, 4)
+    assert kd.tolist() == [[0, 2], [1, 0]] and vd.tolist() == [[1, 3], [0, 2]]
+
+
+def test_fourierkv_compresses_the_calibrated_smooth_dims():
+    """Calibrated on trajectories whose smooth dimensions are known, it compresses those first."""
+    n, d, smooth = 300, 8, [1, 3, 4, 6]
+    keys, values = _signal(n, d, smooth), _signal(n, d, smooth, seed=2)
+    stage = FourierKV(ratio=0.4, local=16, coefficients=16)
+    stage.calibration = {"key_error": [fit_error(keys[0], 9)], "value_error": [fit_error(values[0], 9)]}
+    seen = LayerObservation(layer_idx=0, num_layers=1, num_groups=1, context_length=n)
+    out = stage.compress_layer(_layer(keys, values), seen)
+    assert isinstance(out, FourierLayer)
+    assert out.key_dims[0, 0].tolist() == smooth and out.value_dims[0, 0].tolist() == smooth
+    full = 2 * n * d * 4 * 2
+    assert 1 - out.nbytes() / full >= 0.4
+    assert (out.dense()[0] - keys).abs().max() < 0.1
+
+
+def test_plan_scales_window_and_coefficients_for_short_contexts():
+    assert plan(40_000, 4, 1024, 1024, 0.5, 128, 2, 0.8)[:3] == (4, 1024, 1024)  # long: the paper's lengths
+    front, back, coef, dims = plan(500, 4, 1024, 1024, 0.5, 128, 2, 0.8)
+    assert back == coef < 1024 and dims <= 128
+    saved = (500 - front - back - coef) * dims * 2 - 2 * dims
+    assert saved >= 0.5 * 500 * 128 * 2
+
+
+@pytest.fixture(scope="module")
+def calibration_dir(tmp_path_factory):
+    import os
+
+    before = os.environ.get("LCBENCH_CACHE")
+    os.environ["LCBENCH_CACHE"] = str(tmp_path_factory.mktemp("lcbench_cache"))
+    yield
+    if before is None:
+        os.environ.pop("LCBENCH_CACHE")
+    else:
+        os.environ["LCBENCH_CACHE"] = before
+
+
+@pytest.mark.parametrize("method,args", [("fourierkv", "calibration_tokens=256")])
+def test_storage_methods_meet_the_ratio_and_ratio_zero_is_full(tiny, calibration_dir, method, args):
+    model, tok = tiny
+    sample = make_sample(repeat=12, max_new_tokens=6)
+    full_ids, full = decoded_ids(lambda: engine_for(model, tok, "full", 0.0).run(sample, False))
+    ids, got = decoded_ids(lambda: engine_for(model, tok, method, 0.0, method_args=args).run(sample, False))
+    assert ids == full_ids and got[("s0", 0)]["kv_bytes"] == full[("s0", 0)]["kv_bytes"]
+    from lcbench.methods.registry import METHODS
+
+    for ratio in (0.25, 0.5, 0.75, 0.9):
+        rec = engine_for(model, tok, method, ratio, method_args=args).run(sample, False)[0]
+        assert abs(rec["achieved_ratio"] - ratio) <= METHODS.get(method).tolerance, (ratio, rec["achieved_ratio"])
+        assert rec["kv_bytes"] < rec["kv_bytes_full"]
