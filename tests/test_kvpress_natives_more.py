@@ -190,3 +190,41 @@ def test_duoattention_reads_a_trained_pattern(model, tok, tmp_path):  # noqa: F8
     (tmp_path / "full_attention_heads.tsv").write_text("0.9\t0.5\t0.1\n")
     with pytest.raises(UserError, match="KV heads"):
         stage.calibrate(model, tok)
+
+
+# --- dms -------------------------------------------------------------------------------------
+def test_dms_threshold_mode_keeps_kvpress_positions(model, sdpa_model, ids):  # noqa: F811
+    full, _ = prefill(model, chain("full", 0.0), ids)
+    norms = torch.linalg.vector_norm(full.layers[0].keys[0, :, :-64].float(), dim=-1)
+    threshold = float(-norms.median())  # layer 0 loses about half its old tokens
+    press = kvpress.DMSPress(press=kvpress.KnormPress(), threshold=threshold, sliding_window_size=64)
+    reference = kvpress_reference(sdpa_model, ids, press)
+    cache, _ = prefill(model, chain("dms", 0.0, f"mode=threshold,threshold={threshold},sliding_window_size=64"), ids)
+    sizes = set()
+    for layer_idx, (layer, (positions, _)) in enumerate(zip(cache.layers, reference)):
+        for head, expect in enumerate(positions):
+            got = kept_positions(layer, head=head)
+            assert got == expect, (layer_idx, head)
+            assert got[-64:] == list(range(len(ids) - 64, len(ids)))  # the sliding window is kept
+            sizes.add(len(got))
+    assert len(sizes) > 1 and min(sizes) < len(ids)  # heads keep different numbers of tokens
+
+
+def test_dms_ratio_mode_shares_one_threshold_over_the_heads_and_keeps_the_window():
+    stage = chain("dms", 0.5, "sliding_window_size=10").stages[0]
+    layer = dense_layer(1, 2, 60)
+    keys = torch.ones((1, 2, 60, 4))
+    keys[0, 0] *= 3.0  # head 0: large key norms (low knorm scores) everywhere...
+    keys[0, 0, 5] = 0.1  # ...but one token
+    layer.keys = keys
+    kept = stage.compress_layer(layer, LayerObservation(0, 1, 1, 60))
+    head0, head1 = kept_positions(kept, head=0), kept_positions(kept, head=1)
+    # 60 of the 120 tokens go: head 0's 49 evictable low scorers first, then 11 of head 1's
+    assert head0 == [5] + list(range(50, 60))
+    assert len(head1) == 60 - 11 and head1[-10:] == list(range(50, 60))
+    assert len(head0) + len(head1) == 60
+
+
+def test_dms_refuses_decoding():
+    with pytest.raises(UserError, match="decoding"):
+        chain("dms", 0.5, "decoding=true")

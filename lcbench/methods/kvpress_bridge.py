@@ -375,7 +375,9 @@ PRESSES: tuple[PressSupport, ...] = (
     _refused("ObservedAttentionPress", "needs the eager attention weights of every prefill query (output "
                                        "attentions), which lcbench's attention does not materialize; lcbench's "
                                        "`h2o` scores by the same accumulated attention"),
-    _refused("DMSPress", "evicts by a score threshold, not a ratio, in its own forward_hook (also while decoding)"),
+    _refused("DMSPress", "evicts by a score threshold, not a ratio, in its own forward_hook (also while decoding); "
+                         "lcbench's native `dms` runs its prefill eviction: `mode=threshold` keeps kvpress's exact "
+                         "positions, the default `mode=ratio` sets each layer's threshold for --ratio"),
     _refused("DecodingPress", DECODE),
     _refused("CompressionRatioDecodingPress", DECODE),
     _refused("PrefillDecodingPress", "pairs a prefill press with a decoding press in its own forward_hook; " + DECODE),
