@@ -4,6 +4,9 @@ tests/test_dropping.py, which checks every registered kv_dropping method)."""
 
 from __future__ import annotations
 
+import dataclasses
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from lcbench.engine.runner import Engine, EngineConfig
 from lcbench.methods.base import LayerObservation, keep_count
 from lcbench.methods.chain import Chain, resolve_chain
 from lcbench.methods.dropping.compresskv import (CompressKV, allocate_layer_budgets, causal_probs, needle_scores,
-                                                 run_captured)
+                                                 run_captured, same_kind_layers)
 from lcbench.methods.dropping.taskkv import TaskKV
 from lcbench.methods.dropping.ems import EMS, global_local_scores
 from lcbench.methods.registry import METHODS
@@ -186,6 +189,11 @@ def test_compresskv_layer_budgets_follow_importance_and_sum_to_the_total():
     clipped = allocate_layer_budgets([0.9, 0.05, 0.05], 300, 32, 150)  # the cap moves tokens to the others
     assert sum(clipped) == 300 and clipped[0] == 150 and min(clipped) >= 32
     assert allocate_layer_budgets([0.5, 0.5], 64, 32, 96) == [32, 32]
+    # sliding-window and full layers hold different numbers of tokens: each kind splits its own total
+    module = SimpleNamespace(config=SimpleNamespace(layer_types=["sliding_attention", "full_attention"] * 2))
+    seen = LayerObservation(layer_idx=1, num_layers=4, num_groups=1, context_length=8, module=module)
+    assert same_kind_layers(seen) == [1, 3]
+    assert same_kind_layers(dataclasses.replace(seen, module=None)) == [0, 1, 2, 3]
 
 
 def test_compresskv_is_calibrated_by_the_engine_and_layers_keep_different_budgets(model, tok, tmp_path, monkeypatch):

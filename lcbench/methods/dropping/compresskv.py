@@ -16,7 +16,9 @@ head of the layer (upstream gathers the same indices for all heads), with the wi
 ``l`` keeps its own budget: upstream's error-aware allocation of ``budget × layers`` tokens —
 each layer gets ``min_tokens`` (32) plus a share of the rest proportional to its importance,
 clipped to ``[min_tokens, 3 × budget]``, the remainder handed out (or taken back) one token at
-a time in order of importance. The mean budget is ``--ratio``'s (or ``--budget``'s).
+a time in order of importance. The mean budget is ``--ratio``'s (or ``--budget``'s). On a model
+with sliding-window layers (``config.layer_types``) each kind of layer splits its own total, since
+a window layer holds fewer tokens (upstream's models have one kind).
 
 Once per model (:meth:`CompressKV.calibrate`, cached by the engine, recorded in spec.json):
 
@@ -170,6 +172,17 @@ def allocate_layer_budgets(importance: list[float], total: int, low: int, high: 
     return budgets
 
 
+def same_kind_layers(seen) -> list[int]:
+    """The layers sharing a budget allocation with ``seen``'s: those of its attention kind
+    (``config.layer_types``: a sliding-window layer holds fewer tokens than a full one, so each kind's
+    layers split their own total), or every layer when the model has one kind."""
+    config = getattr(seen.module, "config", None)
+    kinds = getattr(config, "layer_types", None) if config is not None else None
+    if not kinds or len(kinds) != seen.num_layers:
+        return list(range(seen.num_layers))
+    return [i for i, kind in enumerate(kinds) if kind == kinds[seen.layer_idx]]
+
+
 class CompressKV(ScoringDrop):
     name = "compresskv"
     family = "kv_dropping"
@@ -255,13 +268,17 @@ class CompressKV(ScoringDrop):
             self.begin_sample()
         mean = context_budget(layer, seen, self.ratio)
         cal = self._calibration()
-        if not self.args["layer_adaptive"] or seen.num_layers < 2:
+        if not self.args["layer_adaptive"] or len(same_kind_layers(seen)) < 2:
             keep = mean
         else:
             n = real_context_slots(layer, seen)
             low = min(self.args["min_tokens"], mean)
             high = max(mean, min(n, int(self.args["max_factor"] * mean)))
-            keep = allocate_layer_budgets(cal["importance"], mean * seen.num_layers, low, high)[seen.layer_idx]
+            group = same_kind_layers(seen)
+            importance = [cal["importance"][i] for i in group]
+            total = sum(importance)
+            importance = [e / total for e in importance] if total > 0 else [1.0 / len(group)] * len(group)
+            keep = allocate_layer_budgets(importance, mean * len(group), low, high)[group.index(seen.layer_idx)]
         self._budgets[seen.layer_idx] = keep
         return keep
 
