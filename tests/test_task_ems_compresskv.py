@@ -262,6 +262,7 @@ def test_taskkv_selection_follows_the_task(model, tok):
 def test_taskkv_meets_its_ratio_query_aware_and_is_calibrated_by_the_engine(model, tok):
     rec = run(model, tok, "taskkv", 0.5, query_aware=True)[0]
     assert abs(rec["achieved_ratio"] - 0.5) <= 0.05
+    assert rec["taskkv_prompt_tokens"] > 10
     chain = Chain.build(resolve_chain("taskkv", None, 0.5), 0.5)
     engine = Engine(model, tok, chain, EngineConfig(query_aware=True))
     assert [c.method for c in engine.calibrations] == ["taskkv"]

@@ -106,6 +106,7 @@ class TaskKV(Stage):
 
     def begin_sample(self):
         self._scores: dict[int, torch.Tensor] | None = None
+        self._prompt_tokens: int | None = None
 
     def _task_ids(self) -> list[int]:
         if self.calibration is None:
@@ -130,7 +131,13 @@ class TaskKV(Stage):
         state.phase, state.compressing, state.protected = PREFILL, True, task.shape[1]
         forward(model, x, torch.arange(x.shape[1], device=ids.device)[None], state)
         self._scores = scorer.scores
+        self._prompt_tokens = task.shape[1]
         return None  # the engine prefills the sample itself; compress_layer keeps what the task prompt chose
+
+    def sample_stats(self) -> dict[str, float]:
+        """``taskkv_prompt_tokens``: the task prompt's length (the observation window) on this sample."""
+        tokens = getattr(self, "_prompt_tokens", None)
+        return {} if tokens is None or self._scores is None else {"taskkv_prompt_tokens": float(tokens)}
 
     def compress_layer(self, layer, seen):
         if self.ratio <= 0:
