@@ -53,7 +53,7 @@ from .adakv import headwise_keep
 from .select import align, context_budget, context_slots, force_keep, group_mean
 from .snapkv import WINDOW_SIZE
 
-EPS = 1e-6  # keeps every merge weight positive
+EPS = 1e-6  # keeps every merge weight positive (weights are first scaled to a head maximum of 1)
 SIM_ELEMENTS = 2**24  # float32 similarities computed at a time (rows × centres × heads)
 
 
@@ -101,7 +101,8 @@ def evict_then_merge(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tenso
     merged = candidates & (best_sim >= threshold)
     zero_class = n  # the extra bin evicted tokens are scattered into, then discarded
     target = torch.where(merged, order.gather(2, best), torch.full_like(best, zero_class))
-    w = weights.float().clamp(min=0) + EPS
+    w = weights.float().clamp(min=0)
+    w = w / w.amax(-1, keepdim=True).clamp(min=1e-30) + EPS  # per head relative to its largest weight
     w_keep, w_move = w * keep, w * candidates
     den = torch.zeros(B, H, n + 1, device=keys.device)
     den[..., :n] = w_keep
