@@ -14,16 +14,16 @@ What the abstract states, and how it is done here:
   query (H2O's accumulated attention), divided by the number of queries that can see that key
   (``L − j`` for slot ``j``), so early keys are not favoured merely for being visible to more
   queries. *Local*: the mean attention from the last ``window_size`` queries (SnapKV's window,
-  which is always kept). Each is normalised to sum to 1 over a head's context slots and the score
+  which is always kept; ``window_size=64``, SnapKV's default). Each is normalised to sum to 1 over a head's context slots and the score
   is ``global_weight · global + (1 − global_weight) · local``, averaged over the query heads of each
   KV head (GQA). (The normalisation by visible queries, the per-head normalisation and the convex
   combination are lcbench's reading; ``global_weight=0.5`` is lcbench's default.)
 * **Head-wise budgets.** "accounts for the sparsity and redundancy of KV tokens across different
   heads": a layer keeps ``H · k`` tokens in all (``k`` the uniform budget of ``--ratio``), chosen by
   one top-k over the scores of all its KV heads with a per-head floor of ``alpha_safeguard · k``
-  (Ada-KV's allocation, :func:`.adakv.headwise_keep`, as the abstract's head-wise budgets are
-  described relative to Ada-KV's), stored ragged (:class:`~lcbench.cache.ragged.RaggedLayer`) so
-  bytes fall with the tokens kept.
+  (Ada-KV's allocation, :func:`.adakv.headwise_keep`: lcbench's choice of how the head-wise
+  budgets are set; ``alpha_safeguard=0.2`` is Ada-KV's default), stored ragged
+  (:class:`~lcbench.cache.ragged.RaggedLayer`) so bytes fall with the tokens kept.
 * **Evict-then-merge with a zero class.** The kept tokens of a head are its class centres. Each
   token not kept is assigned to the centre whose key is most cosine-similar; if that similarity
   is at least ``merge_threshold`` (redundancy) it is *merged*: the centre's key and value become
@@ -35,7 +35,8 @@ What the abstract states, and how it is done here:
 
 Not implemented: the paper's fused kernel for the Global-Local score (scores are computed by
 lcbench's chunked observation, :func:`lcbench.engine.attention.attention_sum`), and any decode-time
-compression. A run records ``ems_merged_fraction`` (of the tokens not kept, the share merged rather
+compression. ``--prefill-chunk`` is refused, as for H2O: the global score needs every query's
+attention. A run records ``ems_merged_fraction`` (of the tokens not kept, the share merged rather
 than evicted) and ``ems_head_budget_min/max`` (context tokens per KV head).
 """
 
