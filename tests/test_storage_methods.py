@@ -165,16 +165,17 @@ def test_zeromerge_scale_factor_zero_is_no_compensation():
     assert out.bias.eq(0).all() and out.seq_len() < n
 
 
-def test_zeromerge_batched_is_token_identical_to_alone(tiny):
+@pytest.mark.parametrize("method", ["zeromerge", "subgen"])
+def test_biased_layers_batched_are_token_identical_to_alone(tiny, method):
     """Samples prefilled together and compressed per row keep each row's bias (row_stack)."""
     model, tok = tiny
     samples = [make_sample(n_turns=t, repeat=r, max_new_tokens=6, sid=f"s{i}") for i, (t, r) in
                enumerate([(1, 8), (2, 6), (1, 7)])]
     from lcbench.engine.batching import run_batched
 
-    alone_engine = engine_for(model, tok, "zeromerge", 0.6, decode_rows=1)
+    alone_engine = engine_for(model, tok, method, 0.6, decode_rows=1)
     ids_alone, rec_alone = decoded_ids(lambda: [r for s in samples for r in alone_engine.run(s, False)])
-    together = engine_for(model, tok, "zeromerge", 0.6, decode_rows=8)
+    together = engine_for(model, tok, method, 0.6, decode_rows=8)
     ids_batch, rec_batch = decoded_ids(lambda: [r for _, recs in run_batched(together, samples, {}, 8) for r in recs])
     assert ids_batch == ids_alone and len(ids_alone) == 4
     assert all(rec_batch[k]["kv_bytes"] == rec_alone[k]["kv_bytes"] for k in rec_alone)
@@ -276,7 +277,7 @@ def calibration_dir(tmp_path_factory):
         os.environ["LCBENCH_CACHE"] = before
 
 
-@pytest.mark.parametrize("method,args", [("fourierkv", "calibration_tokens=256")])
+@pytest.mark.parametrize("method,args", [("fourierkv", "calibration_tokens=256"), ("subgen", None)])
 def test_storage_methods_meet_the_ratio_and_ratio_zero_is_full(tiny, calibration_dir, method, args):
     model, tok = tiny
     sample = make_sample(repeat=12, max_new_tokens=6)
@@ -289,3 +290,84 @@ def test_storage_methods_meet_the_ratio_and_ratio_zero_is_full(tiny, calibration
         rec = engine_for(model, tok, method, ratio, method_args=args).run(sample, False)[0]
         assert abs(rec["achieved_ratio"] - ratio) <= METHODS.get(method).tolerance, (ratio, rec["achieved_ratio"])
         assert rec["kv_bytes"] < rec["kv_bytes_full"]
+
+
+# --- subgen ------------------------------------------------------------------------------------
+from lcbench.cache.subgen import SubGenLayer  # noqa: E402
+from lcbench.methods.soft.subgen import SubGen, l2_samples, online_clusters  # noqa: E402
+
+
+def _clustered(n_per: int = 15, d: int = 4, seed: int = 0):
+    """(1, 1, 3·n_per, d) keys: three tight, far-apart clusters, interleaved in arrival order."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0], [2.0, 0, -2.5, 0]])[:, :d]  # the third nearer the first
+    label = torch.arange(3 * n_per) % 3
+    keys = centres[label] + 0.01 * torch.randn(3 * n_per, d, generator=g)
+    return keys[None, None], label
+
+
+def test_online_clustering_finds_the_clusters_and_samples_their_members():
+    keys, label = _clustered()
+    sizes, reservoir = online_clusters(keys[0], torch.tensor([1.0]), 10, 4, torch.Generator().manual_seed(0))
+    assert sizes[0, :3].tolist() == [15, 15, 15] and sizes[0, 3:].eq(0).all()
+    for c in range(3):  # every sample of cluster c is one of its members
+        assert all(label[j] == c for j in reservoir[0, c].tolist())
+    capped, _ = online_clusters(keys[0], torch.tensor([1.0]), 2, 4, torch.Generator().manual_seed(0))
+    assert capped[0].tolist() == [30, 15]  # at the cap, the third cluster's keys join the nearest centre
+
+
+def _seen(n: int, queries: int = 1):
+    return LayerObservation(layer_idx=0, num_layers=1, num_groups=1, context_length=n)
+
+
+def test_subgen_attention_is_the_papers_estimator():
+    keys, _ = _clustered()
+    n, d = keys.shape[2], keys.shape[3]
+    values = torch.randn(1, 1, n, d, generator=torch.Generator().manual_seed(1))
+    out = SubGen(ratio=0.6, cluster_samples=3, delta=0.3).compress_layer(_layer(keys, values), _seen(n))
+    assert isinstance(out, SubGenLayer) and out.seq_len() < n
+    q = torch.randn(1, 1, 1, d, generator=torch.Generator().manual_seed(2))
+    got = dense_attention(_module(1), q, *out.dense(), storage_mask(out, 1), 1.0, None, slot_bias(out))
+    s_c = (out.cluster_keys[0, 0] @ q[0, 0, 0]).exp() * out.cluster_bias[0, 0].exp()
+    if out.cluster_valid is not None:
+        s_c = s_c * out.cluster_valid[0, 0]
+    z = s_c.sum()  # Σ_i n_i/|S_i| Σ_{k∈S_i} exp(q·k)
+    a = (out.sample_bias[0, 0].exp() / out.eps)  # W / (s‖v_j‖²)
+    num = ((out.sample_keys[0, 0] @ q[0, 0, 0]).exp() * a) @ (out.sample_values[0, 0] * out.eps)
+    assert torch.allclose(got[0, 0, 0], num / z, rtol=1e-3, atol=1e-5)
+    true_z = (keys[0, 0] @ q[0, 0, 0]).exp().sum()
+    assert z.item() == pytest.approx(true_z.item(), rel=0.01)  # near-identical keys per cluster: the denominator is exact
+
+
+def test_subgen_value_sampling_is_unbiased():
+    """ℓ2 sampling: many weighted draws average to the exact product Σ_j exp(q·k_j) v_j; few are noisy."""
+    g = torch.Generator().manual_seed(3)
+    n, d = 30, 4
+    keys, values = torch.randn(n, d, generator=g) * 0.5, torch.randn(n, d, generator=g)
+    values[3] *= 0.01  # a small-norm value is rarely drawn and weighs much when it is
+    q = torch.randn(d, generator=g)
+    f = (keys @ q).exp()
+    true = f @ values
+    drawn, weight = l2_samples(values[None], 20_000, torch.Generator().manual_seed(0))
+    norms = values.pow(2).sum(-1)
+    assert torch.allclose(weight[0], norms.sum() / (20_000 * norms[drawn[0]]))
+    estimate = (f[drawn[0]] * weight[0]) @ values[drawn[0]]
+    assert (estimate - true).norm() < 0.1 * true.norm()
+    few, w_few = l2_samples(values[None], 4, torch.Generator().manual_seed(0))
+    assert ((f[few[0]] * w_few[0]) @ values[few[0]] - true).norm() > (estimate - true).norm()
+
+
+def test_subgen_layer_bytes_and_tail():
+    keys, _ = _clustered()
+    n, d = keys.shape[2], keys.shape[3]
+    out = SubGen(ratio=0.5, recent=4).compress_layer(_layer(keys, keys.clone()), _seen(n))
+    mc, s = out.cluster_keys.shape[2], out.sample_keys.shape[2]
+    assert out.nbytes() == (mc * d + mc + 2 * s * d + s + 2 * 4 * d) * 4  # keys only for cluster samples
+    assert torch.equal(out.tail.keys, keys[:, :, -4:])  # the recent tokens are kept exactly
+    assert out.nbytes() <= 0.5 * 2 * n * d * 4
+    out.append(torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d), torch.tensor([[n]]), None)
+    assert out.bias[0, 0, -1].item() == 0.0 and out.seq_len() == mc + s + 5
+    with pytest.raises(UserError, match="subgen"):
+        out.select(torch.arange(1, out.seq_len())[None, None])
+    out.crop_to(mc + s + 4)
+    assert out.seq_len() == mc + s + 4
