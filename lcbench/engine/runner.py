@@ -150,6 +150,10 @@ class Engine:
         check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk, self.config.compress_chunks)
         # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
         self.calibrations = calibrate_stages(model, tokenizer, chain.stages, self.clock)
+        asks = [s.name for s in chain.stages if s.needs_question and (s.ratio > 0 or s.budget_tokens is not None)]
+        if asks and not self.config.query_aware:
+            raise UserError(f"method '{asks[0]}' scores the context by the question's attention, but without "
+                            f"--query-aware the question is not part of the prefill. Fix: add --query-aware.")
         refusal = attention_refusal(model, chain.stages)
         if refusal:
             raise UserError(refusal + ".")

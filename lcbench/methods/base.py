@@ -150,6 +150,9 @@ class Stage:
     # for a kernel), not representative of an optimized one: spec.json records it and `lcbench report`
     # and the leaderboard mark such runs' latencies so nobody ranks methods on them (issue #14)
     reference_latency: ClassVar[bool] = False
+    # True when the stage scores with the question, which only --query-aware puts in the prefill (Finch):
+    # the engine refuses such a chain without it, unless it compresses nothing (ratio 0)
+    needs_question: ClassVar[bool] = False
     # the parameters a calibration (:meth:`calibrate`) depends on; None: all of them ("ratio" may be named)
     calibration_params: ClassVar[tuple[str, ...] | None] = None
 
