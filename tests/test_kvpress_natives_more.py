@@ -228,3 +228,110 @@ def test_dms_ratio_mode_shares_one_threshold_over_the_heads_and_keeps_the_window
 def test_dms_refuses_decoding():
     with pytest.raises(UserError, match="decoding"):
         chain("dms", 0.5, "decoding=true")
+
+
+# --- kvzip -------------------------------------------------------------------------------------
+def prefill_with_context_inputs(model, ch, ids: list[int]):  # noqa: F811
+    """What Engine.prefill does for a chain with a context_inputs stage: begin, context_inputs, prefill."""
+    from lcbench.cache import KVCache
+    from lcbench.engine.decode import forward
+    from lcbench.engine.state import ForwardState
+    from lcbench.engine.timing import Stopwatch
+
+    for stage in ch.stages:
+        stage.begin_sample()
+    cache = KVCache(model.config.num_hidden_layers)
+    x = torch.tensor([ids])
+    for stage in ch.stages:
+        assert stage.context_inputs(model, x, len(ids), cache) is None
+    state = ForwardState(cache=cache, stages=ch.stages, needs=ch.needs, timer=Stopwatch("cpu"))
+    state.compressing = True
+    with torch.inference_mode():
+        forward(model, x, torch.arange(len(ids))[None], state)
+    return cache
+
+
+def kvpress_kvzip_positions(model, tok, ids: list[int], press) -> list[list[list[int]]]:  # noqa: F811
+    """Per layer and KV head, the positions kvpress's KVzipPress keeps: its own prepare / forward_hook /
+    compress_post, driven as its __call__ drives them (the template's prefix and suffix found as its
+    __call__ finds them), with the ``cache`` keyword of transformers 5.24 renamed for its hook."""
+    from transformers import DynamicCache
+
+    dummy = "dummy context"
+    separator = "\n" + "#" * len(dummy)
+    text = tok.apply_chat_template([{"role": "user", "content": dummy + separator}], add_generation_prompt=True,
+                                   tokenize=False, enable_thinking=False)
+    before, suffix = text.split(separator)
+    x = torch.tensor([ids])
+    layers = model.model.layers
+    with torch.no_grad():
+        cache = DynamicCache()
+        model(input_ids=x, cache=cache, use_cache=True)
+        press._context_ids, press._cache = x, cache
+        press.prefix_length = tok.encode(before.split(dummy)[0], return_tensors="pt", add_special_tokens=False).shape[-1]
+        press._suffix_ids = tok.encode(suffix, return_tensors="pt", add_special_tokens=False)
+        press.context_length = len(ids)
+        pairs = press.prepare(model, tok)
+        for layer in layers:
+            layer.self_attn.rotary_emb = model.model.rotary_emb
+        hook = lambda m, a, k, o: press.forward_hook(m, a, {**k, "past_key_values": k["cache"]}, o)  # noqa: E731
+        hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+        try:
+            press.start_idx = press.prefix_length
+            for prefill_ids, repeat_ids in pairs:
+                press.end_idx = press.start_idx + prefill_ids.shape[1]
+                model.model(input_ids=repeat_ids, cache=cache, use_cache=True)
+                press.start_idx = press.end_idx
+        finally:
+            for h in hooks:
+                h.remove()
+        assert all(layer.keys.shape[2] == len(ids) for layer in cache.layers)  # the prompts' KV dropped again
+        press.compress_post(model)
+    out = []
+    for layer in layers:
+        _, heads, slots = layer.self_attn.masked_key_indices
+        layer.self_attn.masked_key_indices = None
+        keep = torch.ones((model.config.num_key_value_heads, len(ids)), dtype=torch.bool)
+        keep[heads, slots] = False
+        out.append([torch.nonzero(k).flatten().tolist() for k in keep])
+    return out
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_kvzip_keeps_kvpress_positions(model, sdpa_model, tok, ids, layerwise):  # noqa: F811
+    prefix = tok.encode("<|im_start|>user\n", add_special_tokens=False)  # the chat template's, as tasks build it
+    ids = (prefix + ids)[:-len(prefix)]
+    press = kvpress.KVzipPress(compression_ratio=0.5, chunk_size=300, layerwise=layerwise)
+    reference = kvpress_kvzip_positions(sdpa_model, tok, ids, press)
+    ch = chain("kvzip", 0.5, f"chunk_size=300,layerwise={str(layerwise).lower()}")
+    ch.stages[0].calibration = ch.stages[0].calibrate(model, tok)
+    assert ch.stages[0].prefix_length(torch.tensor([ids])) == len(prefix) > 0
+    cache = prefill_with_context_inputs(model, ch, ids)
+    sizes = []
+    for layer_idx, (layer, positions) in enumerate(zip(cache.layers, reference)):
+        for head, expect in enumerate(positions):
+            assert kept_positions(layer, head=head) == expect, (layer_idx, head)
+            assert expect[:4] == [0, 1, 2, 3]  # the sinks
+            sizes.append(len(expect))
+    assert sum(sizes) == len(ids) * len(sizes) // 2 and len(set(sizes)) > 1  # ragged, half kept overall
+
+
+def test_kvzip_keeps_the_tokens_the_reconstruction_attends_to(model, tok):  # noqa: F811
+    """A constructed reconstruction pass: the query heads of KV head 0 look at context slot 7, those of
+    KV head 1 at slot 3: those slots score highest (a max over the queries, not a mean)."""
+    from lcbench.methods.dropping.kvzip import _Reconstruction
+
+    n, r, d = 12, 3, 4
+    layer = dense_layer(1, 2, n + r, d=d)
+    keys = torch.zeros((1, 2, n + r, d))
+    keys[0, 0, 7, 0] = keys[0, 1, 3, 1] = 5.0
+    layer.keys = keys
+    q = torch.zeros((1, 4, r, d))
+    q[0, :2, 0, 0] = 2.0  # only the first reconstruction query of KV head 0's query heads looks at slot 7
+    q[0, 2:, :, 1] = 2.0
+    scorer = _Reconstruction(torch.zeros((1, 2, n)), n_sink=4)
+    scorer.start, scorer.end = 0, n
+    out = scorer.compress_layer(layer, LayerObservation(0, 1, 2, n, protected=r, queries=q))
+    assert out.seq_len() == n  # the prompt's KV is dropped again
+    assert scorer.scores[0, 0].argmax() == 7 and scorer.scores[0, 1].argmax() == 3
+    assert scorer.scores[0, 0, 7] > 0.9

@@ -367,7 +367,8 @@ PRESSES: tuple[PressSupport, ...] = (
     _refused("RestoreKVPress", "needs hub artifacts (restore embeddings and a LoRA adapter) and extra model passes"),
     _refused("LUKVPress", "needs downloaded artifacts (a per-model, per-scorer budget curve fetched by URL)"),
     _refused("KVzipPress", "needs extra model passes (the context is re-fed for reconstruction scoring), run from "
-                           "its own __call__"),
+                           "its own __call__; lcbench's native `kvzip` runs those passes before the prefill and "
+                           "keeps kvpress's exact positions"),
     _refused("KVgradPress", "needs extra forward and backward passes over the context, run from its own __call__"),
     _refused("KVComposePress", "compresses after the whole prefill, across layers, from its own __call__"),
     _refused("FinchPress", "needs a delimiter token between context and question in the input ids (its __call__ "
