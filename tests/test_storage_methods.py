@@ -165,17 +165,44 @@ def test_zeromerge_scale_factor_zero_is_no_compensation():
     assert out.bias.eq(0).all() and out.seq_len() < n
 
 
-@pytest.mark.parametrize("method", ["zeromerge", "subgen"])
-def test_biased_layers_batched_are_token_identical_to_alone(tiny, method):
-    """Samples prefilled together and compressed per row keep each row's bias (row_stack)."""
+def test_zeromerge_decode_keeps_the_size_and_every_token_counted_once():
+    """During generation each step merges one slot into its most similar merged slot: the size
+    stays, and the weights (exp of the bias, scale_factor 1) always sum to the tokens seen."""
+    torch.manual_seed(5)
+    n, d, steps = 40, 8, 12
+    keys, values = torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    seen = LayerObservation(layer_idx=0, num_layers=1, num_groups=1, context_length=n,
+                            queries=torch.randn(1, 2, n, d), module=None, positions=torch.arange(n)[None])
+    stage = ZeroMerge(ratio=0.6, residual=2)
+    stage.begin_sample()
+    layer = stage.compress_layer(_layer(keys, values), seen)
+    size = layer.seq_len()
+    for step in range(steps):
+        layer.append(torch.randn(1, 2, 1, d), torch.randn(1, 2, 1, d), torch.tensor([[n + step]]), None)
+        layer = stage.after_decode_step(layer, 0, torch.randn(1, 2, 1, d))
+        assert layer.seq_len() == size  # the size decoding began with
+        assert torch.allclose(layer.inner.bias.exp().sum(-1), torch.full((1, 2), float(n + step + 1)))
+        assert torch.equal(layer.tracks["zeromerge_extra"] + 1, layer.inner.bias.exp().round())
+    assert layer.positions[0, 0, -1].item() == n + steps - 1  # the newest tokens stay whole (proximity window)
+    plain = ZeroMerge(ratio=0.6, residual=2, decode_merge=False)
+    plain.begin_sample()
+    grown = plain.compress_layer(_layer(keys, values), seen)
+    grown.append(torch.randn(1, 2, 1, d), torch.randn(1, 2, 1, d), torch.tensor([[n]]), None)
+    assert plain.after_decode_step(grown, 0, torch.randn(1, 2, 1, d)).seq_len() == size + 1
+
+
+@pytest.mark.parametrize("method,args", [("zeromerge", "decode_merge=false"), ("subgen", None)])
+def test_biased_layers_batched_are_token_identical_to_alone(tiny, method, args):
+    """Samples prefilled together and compressed per row keep each row's bias (row_stack). (The
+    engine batches no chain with a decode stage: zeromerge's decode merging is off here.)"""
     model, tok = tiny
     samples = [make_sample(n_turns=t, repeat=r, max_new_tokens=6, sid=f"s{i}") for i, (t, r) in
                enumerate([(1, 8), (2, 6), (1, 7)])]
     from lcbench.engine.batching import run_batched
 
-    alone_engine = engine_for(model, tok, method, 0.6, decode_rows=1)
+    alone_engine = engine_for(model, tok, method, 0.6, method_args=args, decode_rows=1)
     ids_alone, rec_alone = decoded_ids(lambda: [r for s in samples for r in alone_engine.run(s, False)])
-    together = engine_for(model, tok, method, 0.6, decode_rows=8)
+    together = engine_for(model, tok, method, 0.6, method_args=args, decode_rows=8)
     ids_batch, rec_batch = decoded_ids(lambda: [r for _, recs in run_batched(together, samples, {}, 8) for r in recs])
     assert ids_batch == ids_alone and len(ids_alone) == 4
     assert all(rec_batch[k]["kv_bytes"] == rec_alone[k]["kv_bytes"] for k in rec_alone)
@@ -371,3 +398,16 @@ def test_subgen_layer_bytes_and_tail():
         out.select(torch.arange(1, out.seq_len())[None, None])
     out.crop_to(mc + s + 4)
     assert out.seq_len() == mc + s + 4
+
+
+def test_zeromerge_generation_keeps_the_cache_size_in_the_engine(tiny):
+    model, tok = tiny
+    ends = []
+    for new in (3, 9):
+        rec = engine_for(model, tok, "zeromerge", 0.5).run(make_sample(repeat=6, max_new_tokens=new), False)[0]
+        assert rec["decode_tokens"] == new
+        ends.append(rec["kv_bytes_end"])
+    assert ends[0] == ends[1]  # merging keeps the size decoding began with
+    grown = engine_for(model, tok, "zeromerge", 0.5, method_args="decode_merge=false").run(
+        make_sample(repeat=6, max_new_tokens=9), False)[0]
+    assert grown["kv_bytes_end"] > ends[1]

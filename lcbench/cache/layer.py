@@ -39,7 +39,8 @@ def refuse_bias(layer: "KVLayer", kind: str) -> None:
             f"a {kind} cannot hold the per-slot attention bias of merged slots (zeromerge's compensation), "
             f"so converting the merged layer would silently change attention. Fix: do not chain the merging method "
             f"with quantization, head-wise budgets or channel pruning (e.g. use snapkv+zeromerge, not "
-            f"zeromerge+kivi, zeromerge+adakv or zeromerge+think).")
+            f"zeromerge+kivi, zeromerge+adakv or zeromerge+think); in multi-turn mode pass zeromerge's "
+            f"decode_merge=false (forgetting an answer merged into other slots would leave heads ragged).")
 
 
 class KVLayer(CacheLayerMixin):

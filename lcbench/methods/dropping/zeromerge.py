@@ -25,12 +25,22 @@ the engine's attention adds to the logits; the bias is stored bytes, counted in 
 ``nbytes``, and the budget ``K`` is set so that keys, values and bias together meet ``--ratio``.
 A merged slot keeps the true position of its newest member (so a sliding window drops it last).
 
-Not done here: the official code also merges *during generation* (the cache stays at ``K``
-slots: the oldest proximity token moves into the lowest-scoring context slot, whose token is
-merged into the most similar residual slot). lcbench's cache stages compress the context once;
-question and answer tokens are appended whole, as with every other cache stage. A chain must end
-with zeromerge where a later stage would convert the layer (head-wise ragged budgets,
-quantization, channel pruning): those layer kinds cannot hold the bias and refuse it.
+During generation (``decode_merge``, on by default as in the official ``cache_update``) the cache
+keeps the size decoding began with: after each token every slot's score decays by
+``shrink_factor`` and gains the new query's attention, and the lowest-scoring slot outside the
+merged slots and the proximity window (the ``recent`` newest slots: question and generated tokens
+join it as they arrive) is merged, weighted by the tokens each stands for, into the merged slot
+whose key is most similar (dot product), which takes the larger score and the compensation of its
+new count; the layer then holds one slot fewer. (The official code keeps its proximity window as a
+ring buffer and moves the token leaving it into the freed slot, so that token cannot be merged in
+the step it leaves the window; here it can.) Every
+token stays represented exactly once: the weights always sum to the tokens seen. Multi-turn mode
+cannot crop a turn's answer out of merged slots; when that leaves heads with different numbers of
+prompt tokens the layer would have to become ragged, which cannot hold the bias, and the run is
+refused — pass ``decode_merge=false`` there.
+
+A chain must end with zeromerge where a later stage would convert the layer (head-wise ragged
+budgets, quantization, channel pruning): those layer kinds cannot hold the bias and refuse it.
 """
 
 from __future__ import annotations
@@ -40,10 +50,15 @@ import math
 import torch
 
 from ...cache.layer import DenseLayer
+from ...engine.attention import grouped_scores
 from ...errors import UserError
 from ...params import Param
 from ..base import Needs, Stage, keep_count
+from .decode_eviction import EvictingLayer
 from .select import context_slots, query_positions, real_context_slots
+
+SCORE, EXTRA, RESIDUAL = "zeromerge_score", "zeromerge_extra", "zeromerge_residual"  # per-slot decode tracks
+# (EXTRA: tokens merged into a slot besides its own — so the 0 a decode track gives a new token is right)
 
 SCORE_CHUNK_BYTES = 64 * 2**20  # float32 scores of the decayed attention sum computed at a time
 NEGLIGIBLE = 1e-7  # queries whose decay weight is below this share are left out of the score
@@ -92,6 +107,18 @@ def split_budget(k: int, tail: float, residual: int) -> tuple[int, int]:
     return recent, merged
 
 
+def chunk_ids(residual: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, H, n): the merged slot (0 … slots−1) each ``residual`` token goes to — near-equal contiguous
+    chunks in storage order, the first ``R mod slots`` one longer (official ``cache_init``) — and
+    ``slots`` (a spare, dropped) for the others."""
+    rank = residual.long().cumsum(-1) - 1  # rank among the residual tokens
+    count = residual.sum(-1, keepdim=True)
+    size, extra = count // slots, count % slots
+    big = extra * (size + 1)
+    chunk = torch.where(rank < big, rank // (size + 1), extra + (rank - big) // size.clamp(min=1))
+    return torch.where(residual, chunk.clamp(0, slots - 1), slots)
+
+
 def merge_chunks(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor,
                  residual: torch.Tensor, slots: int):
     """The ``slots`` merged slots of each row and head: the tokens marked ``residual`` (B, H, n),
@@ -100,12 +127,7 @@ def merge_chunks(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tens
     slot. Returns keys, values (B, H, slots, D), the newest member's position, each slot's total
     weight (0 for a chunk left empty) and whether it holds any token."""
     b, h, n, _ = keys.shape
-    rank = residual.long().cumsum(-1) - 1  # (B, H, n) rank among the residual tokens
-    count = residual.sum(-1, keepdim=True)  # (B, H, 1)
-    size, extra = count // slots, count % slots
-    big = extra * (size + 1)
-    chunk = torch.where(rank < big, rank // (size + 1), extra + (rank - big) // size.clamp(min=1))
-    chunk = torch.where(residual, chunk.clamp(0, slots - 1), slots)  # others go to a spare slot, dropped
+    chunk = chunk_ids(residual, slots)
     w = (weights.float() * residual)[..., None]
     out = []
     for x in (keys, values):
@@ -134,7 +156,12 @@ class ZeroMerge(Stage):
         Param("shrink_factor", float, 0.98, "decay of older queries' weight in the attention score", min=0.0, max=1.0),
         Param("scale_factor", float, 1.0, "the compensation: a merged slot of n tokens adds scale_factor·log n "
               "to its logit (0: none)", min=0.0),
+        Param("decode_merge", bool, True, "keep merging while generating, so the cache keeps the size decoding "
+              "began with (the official cache_update); false: generated tokens are appended whole"),
     )
+
+    def begin_sample(self):
+        self._decode: dict[int, dict] = {}
 
     def __init__(self, ratio: float = 0.0, **args):
         super().__init__(ratio, **args)
@@ -162,9 +189,9 @@ class ZeroMerge(Stage):
             return layer
         module = seen.module
         scaling = float(getattr(module, "scaling", keys.shape[-1] ** -0.5))
-        scores = decayed_attention(seen.queries, keys, layer.positions, query_positions(seen),
-                                   layer.valid, layer.bias, seen.num_groups, scaling,
-                                   self.args["shrink_factor"])[..., :n]
+        every = decayed_attention(seen.queries, keys, layer.positions, query_positions(seen),
+                                  layer.valid, layer.bias, seen.num_groups, scaling, self.args["shrink_factor"])
+        scores = every[..., :n]
         b, h, _ = scores.shape
         real = torch.ones(b, h, n, dtype=torch.bool, device=keys.device) if layer.valid is None \
             else layer.valid[..., :n]
@@ -180,6 +207,8 @@ class ZeroMerge(Stage):
         bias_kept = (torch.zeros(b, h, n, device=keys.device) if layer.bias is None
                      else layer.bias[..., :n].float()).gather(-1, kept)
         mbias = (mweight.clamp(min=1.0).log() * self.args["scale_factor"]).where(held, 0.0)
+        mscore = torch.full((b, h, slots + 1), float("-inf"), device=keys.device).scatter_reduce(
+            2, chunk_ids(residual, slots), scores.float(), "amax")[..., :slots].where(held, 0.0)  # official "max"
         gather = kept[..., None]
         ck = torch.cat([keys.gather(2, gather.expand(-1, -1, -1, keys.shape[-1])), mk], dim=2)
         cv = torch.cat([values.gather(2, gather.expand(-1, -1, -1, values.shape[-1])), mv], dim=2)
@@ -190,14 +219,85 @@ class ZeroMerge(Stage):
         ck = ck.gather(2, order[..., None].expand(-1, -1, -1, ck.shape[-1]))
         cv = cv.gather(2, order[..., None].expand(-1, -1, -1, cv.shape[-1]))
         cpos, cbias, cvalid = cpos.gather(-1, order), cbias.gather(-1, order), cvalid.gather(-1, order)
+        cscore = torch.cat([scores.float().gather(-1, kept), mscore], dim=-1).gather(-1, order)
+        cweight = torch.cat([weights.gather(-1, kept), mweight.where(held, 1.0)], dim=-1).gather(-1, order)
+        cresidual = torch.cat([torch.zeros_like(kept, dtype=torch.float32), held.float()], dim=-1).gather(-1, order)
         tail = slice(n, None)  # the protected slots (the question in query-aware mode) stay as they are
         tail_bias = (torch.zeros_like(layer.positions[..., tail], dtype=torch.float32) if layer.bias is None
                      else layer.bias[..., tail].float())
+        tail_valid = (torch.ones_like(layer.positions[..., tail], dtype=torch.bool) if layer.valid is None
+                      else layer.valid[..., tail])
         layer.keys = torch.cat([ck, keys[:, :, tail]], dim=2).contiguous()
         layer.values = torch.cat([cv, values[:, :, tail]], dim=2).contiguous()
         layer.positions = torch.cat([cpos, layer.positions[..., tail]], dim=-1).contiguous()
         layer.bias = torch.cat([cbias, tail_bias], dim=-1).contiguous()
-        valid = torch.cat([cvalid, torch.ones_like(layer.positions[..., n:], dtype=torch.bool)
-                           if layer.valid is None else layer.valid[..., tail]], dim=-1)
+        valid = torch.cat([cvalid, tail_valid], dim=-1)
         layer.valid = None if bool(valid.all()) else valid
+        if self.args["decode_merge"]:
+            if not hasattr(self, "_decode"):
+                self.begin_sample()
+            self._decode[seen.layer_idx] = {
+                SCORE: torch.cat([cscore, every[..., n:].float()], dim=-1),
+                EXTRA: torch.cat([cweight, tail_bias.exp()], dim=-1) - 1.0,
+                RESIDUAL: torch.cat([cresidual, torch.zeros_like(tail_bias)], dim=-1),
+                "recent": recent, "scaling": scaling}
+        return layer
+
+    # --- generation: the official cache_update (init_f False) ---------------------------------
+    def after_decode_step(self, layer, layer_idx, query):
+        """After each generated token: every slot's score decays by ``shrink_factor`` and gains the
+        new query's attention (with the compensation); then, to keep the size decoding began with,
+        the lowest-scoring slot that is neither a merged slot nor among the ``recent`` newest is
+        merged (weighted by the tokens each stands for) into the merged slot whose key is most
+        similar (dot product), whose logit bias becomes ``scale_factor · log`` of its new count."""
+        state = getattr(self, "_decode", {}).get(layer_idx)
+        if self.ratio <= 0 or state is None:
+            return layer
+        layer = EvictingLayer.wrap(layer)
+        inner = layer.inner
+        if type(inner) is not DenseLayer or inner.bias is None:
+            return layer
+        keys, values = inner.keys, inner.values
+        b, h, n, d = keys.shape
+        for name in (SCORE, EXTRA, RESIDUAL):
+            if name not in layer.tracks:
+                start = state[name][..., :n].expand(b, h, -1)
+                layer.tracks[name] = torch.cat([start, start.new_zeros(b, h, n - start.shape[-1])], dim=-1)
+        groups = query.shape[1] // h
+        logits = grouped_scores(query, keys, groups, state["scaling"]).view(b, h, groups, n) + inner.bias[:, :, None, :]
+        valid = layer.valid
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        layer.tracks[SCORE] = layer.tracks[SCORE] * self.args["shrink_factor"] + logits.softmax(-1).sum(2)
+        if n <= layer.prompt_slots:
+            return layer
+        residual = layer.tracks[RESIDUAL] > 0
+        usable = torch.ones(b, h, n, dtype=torch.bool, device=keys.device) if valid is None else valid
+        slot = torch.arange(n, device=keys.device)
+        candidate = usable & ~residual & (slot < n - max(1, state["recent"]))
+        target = usable & residual
+        if not bool(candidate.any(-1).all()) or not bool(target.any(-1).all()):
+            return layer  # nothing to merge in some head: the cache grows by this token
+        score = layer.tracks[SCORE]
+        i = score.masked_fill(~candidate, float("inf")).argmin(-1, keepdim=True)  # (B, H, 1)
+        k_i = keys.gather(2, i[..., None].expand(-1, -1, -1, d))
+        similarity = (keys.float() @ k_i.float().transpose(-1, -2))[..., 0]  # (B, H, n)
+        j = similarity.masked_fill(~target, float("-inf")).argmax(-1, keepdim=True)
+        w_i, w_j = layer.tracks[EXTRA].gather(-1, i) + 1.0, layer.tracks[EXTRA].gather(-1, j) + 1.0
+        w = w_i + w_j
+
+        def merged(x: torch.Tensor) -> torch.Tensor:
+            xi = x.gather(2, i[..., None].expand(-1, -1, -1, x.shape[-1])).float()
+            xj = x.gather(2, j[..., None].expand(-1, -1, -1, x.shape[-1])).float()
+            new = ((xi * w_i[..., None] + xj * w_j[..., None]) / w[..., None]).to(x.dtype)
+            return x.scatter(2, j[..., None].expand(-1, -1, -1, x.shape[-1]), new)
+
+        inner.keys, inner.values = merged(keys), merged(values)
+        inner.bias = inner.bias.scatter(-1, j, w.log() * self.args["scale_factor"])
+        inner.positions = inner.positions.scatter(-1, j, torch.maximum(inner.positions.gather(-1, i),
+                                                                        inner.positions.gather(-1, j)))
+        layer.tracks[EXTRA] = layer.tracks[EXTRA].scatter(-1, j, w - 1.0)
+        layer.tracks[SCORE] = score.scatter(-1, j, torch.maximum(score.gather(-1, i), score.gather(-1, j)))
+        keep = slot.expand(b, h, n)[slot.expand(b, h, n) != i].view(b, h, n - 1)
+        layer.select(keep)
         return layer

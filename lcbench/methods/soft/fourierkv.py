@@ -102,12 +102,13 @@ def choose_dims(key_error: torch.Tensor, value_error: torch.Tensor, total: int) 
 
 
 def plan(n: int, sinks: int, local: int, coefficients: int, ratio: float, dims: int, elem: int,
-         dims_share: float) -> tuple[int, int, int, int] | None:
+         dims_share: float, protected: int = 0) -> tuple[int, int, int, int] | None:
     """(front, back, coefficients, compressed dimensions per head) storing at most ``1 − ratio`` of
-    ``n`` dense slots' bytes (``dims`` = Dk + Dv, ``elem`` bytes per value), or None when nothing need
-    be compressed. Paper lengths first; a context too short for them scales window and coefficients."""
+    the dense bytes of ``n`` context slots and ``protected`` question slots (kept whole; ``dims`` =
+    Dk + Dv, ``elem`` bytes per value), or None when nothing need be compressed. Paper lengths
+    first; a context too short for them scales window and coefficients."""
     front = min(sinks, n)
-    target = ratio * n * dims * elem  # bytes to save per head
+    target = ratio * (n + protected) * dims * elem  # bytes to save per head
 
     def needed(back: int, coef: int) -> int | None:
         per_dim = (n - front - back - coef) * elem - INDEX_BYTES  # bytes one compressed dimension saves
@@ -186,7 +187,7 @@ class FourierKV(Stage):
         keys, values = layer.dense()
         dk, dv = keys.shape[-1], values.shape[-1]
         shape = plan(n, self.args["sinks"], self.args["local"], self.args["coefficients"], self.ratio, dk + dv,
-                     keys.element_size(), self.args["dims_share"])
+                     keys.element_size(), self.args["dims_share"], seen.protected)
         if shape is None:
             return layer
         front, back, coef, total = shape

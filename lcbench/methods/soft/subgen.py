@@ -132,7 +132,8 @@ class SubGen(Stage):
         front = min(self.args["sinks"], n)
         back = min(self.args["recent"], n - front)
         pool = n - front - back  # the context tokens the sketch stands for
-        budget = (1 - self.ratio) * n * (dk + dv) * elem - (front + back) * (dk + dv) * elem
+        protected = layer.seq_len() - n  # the question in query-aware mode: kept exactly, measured with the context
+        budget = (1 - self.ratio) * (n + protected) * (dk + dv) * elem - (front + back + protected) * (dk + dv) * elem
         s = int(self.args["value_share"] * budget // ((dk + dv) * elem + WEIGHT_BYTES))
         slots = int((1 - self.args["value_share"]) * budget // (dk * elem + WEIGHT_BYTES))
         t = self.args["cluster_samples"]
