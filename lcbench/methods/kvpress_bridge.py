@@ -372,7 +372,9 @@ PRESSES: tuple[PressSupport, ...] = (
     _refused("KVgradPress", "needs extra forward and backward passes over the context, run from its own __call__"),
     _refused("KVComposePress", "compresses after the whole prefill, across layers, from its own __call__"),
     _refused("FinchPress", "needs a delimiter token between context and question in the input ids (its __call__ "
-                           "hooks the embedding layer); use lcbench's --query-aware methods"),
+                           "hooks the embedding layer); lcbench's native `finch` runs it with --query-aware (the "
+                           "question is the window) and keeps kvpress's exact positions on one chunk; "
+                           "--prefill-chunk N --compress-chunks reads the context chunk by chunk, as the paper does"),
     _refused("ObservedAttentionPress", "needs the eager attention weights of every prefill query (output "
                                        "attentions), which lcbench's attention does not materialize; lcbench's "
                                        "`h2o` scores by the same accumulated attention"),
