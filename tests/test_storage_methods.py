@@ -108,10 +108,12 @@ def test_shared_context_keeps_the_context_bias():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("chain", ["zeromerge+kivi", "zeromerge+adakv", "zeromerge+think", "kivi+zeromerge"])
-def test_layers_that_cannot_hold_the_bias_refuse_it(tiny, chain):
+@pytest.mark.parametrize("chain,args", [("zeromerge+kivi", None), ("zeromerge+adakv", None), ("zeromerge+think", None),
+                                        ("kivi+zeromerge", None), ("subgen+quest", "quest.dense_layers=0")])
+def test_layers_that_cannot_hold_the_bias_refuse_it(tiny, chain, args):
+    """Layer kinds that cannot hold the bias, and stages that compute attention themselves, refuse it."""
     model, tok = tiny
-    engine = engine_for(model, tok, chain, 0.3, check_ratio=False)
+    engine = engine_for(model, tok, chain, 0.3, method_args=args, check_ratio=False)
     with pytest.raises(UserError, match="bias"):
         engine.run(make_sample(repeat=4, max_new_tokens=2), False)
 

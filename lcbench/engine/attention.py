@@ -447,8 +447,13 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
             out = stage.prefill_attention(module, query, key, value, plain, scaling, idx, **_stage_kwargs(call))
             if out is not None:
                 break
+    bias = slot_bias(layer)
     if out is None:
-        out = dense_attention(module, query, key, value, mask, scaling, call, slot_bias(layer))
+        out = dense_attention(module, query, key, value, mask, scaling, call, bias)
+    elif bias is not None:
+        raise UserError(f"method '{stage.name}' computes attention itself and would ignore the per-slot attention "
+                        f"bias of merged or weighted slots (zeromerge, subgen). Fix: do not chain it with a stage that "
+                        f"merges or samples the cache.")
 
     if call.window and state.phase == PREFILL:
         layer = drop_unseeable(layer, call.window)
