@@ -335,3 +335,22 @@ def test_kvzip_keeps_the_tokens_the_reconstruction_attends_to(model, tok):  # no
     assert out.seq_len() == n  # the prompt's KV is dropped again
     assert scorer.scores[0, 0].argmax() == 7 and scorer.scores[0, 1].argmax() == 3
     assert scorer.scores[0, 0, 7] > 0.9
+
+
+# --- every method on alternating sliding-window layers ----------------------------------------
+@pytest.mark.parametrize("method,args", [
+    ("simlayerkv", "n_recent=16"), ("duoattention", "sink_size=4,recent_size=8,num_samples=2,sample_tokens=64"),
+    ("dms", "sliding_window_size=8"), ("kvzip", None)])
+def test_window_layers_reach_the_ratio(method, args):
+    """On Gemma-3's alternating layers (window layers hold only their last w - 1 tokens) the ratio is
+    reached against the cache they can hold, as for every dropping method (test_architectures)."""
+    from conftest import engine_for
+
+    from lcbench import architectures as support
+    from lcbench.models.families import family
+    from lcbench.models.tiny import tiny_tokenizer
+
+    model = support.lcbench_model(family("gemma3-text"), "sdpa")
+    record = engine_for(model, tiny_tokenizer(), method, 0.5, args).run(support.sample(), False)[0]
+    assert abs(record["achieved_ratio"] - 0.5) <= 0.05, record["achieved_ratio"]
+    assert record["kv_bytes"] < record["kv_bytes_full"]

@@ -38,9 +38,10 @@ configs the same). Two modes (``mode``):
            keeping at least its sinks and recent window; the tokens to drop are then spread evenly over
            them (their recent windows widen past ``recent_size`` when fewer must go). When even every
            head cut to ``sink_size + recent_size`` cannot reach the ratio (a context not much longer than
-           that), every head is streaming with a narrower recent window, then fewer sinks. The number of
-           heads is fixed per sample from the first layer's context length (layers of one model hold the
-           same; a sliding-window layer's streaming heads keep at most what it holds).
+           that), every head is streaming with a narrower recent window, then fewer sinks. On a model with
+           several kinds of layer (``config.layer_types``: Gemma-2/3's sliding-window and global
+           layers hold different numbers of tokens) each kind reaches the ratio over its own layers,
+           its heads ranked among themselves.
 
 Heads then hold different numbers of tokens: the layer becomes a ragged one (bytes fall with the
 kept tokens). kvpress masks the streaming heads' keys and stores everything; lcbench stores only the
@@ -49,6 +50,7 @@ kept tokens. ``--budget`` is refused (budgets are per head by design here).
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -59,7 +61,7 @@ from ...cache.ragged import RaggedLayer
 from ...errors import UserError
 from ...params import Param
 from ..base import LayerObservation, Stage, keep_count
-from .rope import cos_sin, rotate
+from .rope import rotate
 from .select import context_slots, real_context_slots
 from .simlayerkv import fewest_first, recency_scores
 
@@ -101,16 +103,36 @@ def calibration_samples(tokenizer, texts: str, num_samples: int, sample_tokens: 
     return [ids[:sample_tokens] if sample_tokens else ids for ids in out]
 
 
+def layer_cos_sin(model, layer_idx: int, q_len: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (cos, sin) (q_len, D) of the model's rotary embedding at positions 0..q_len-1, for the
+    layer's kind where the rotary differs by layer type (Gemma-3's local and global layers)."""
+    rotary = model.model.rotary_emb
+    positions = torch.arange(q_len, device=like.device)[None]
+    kwargs = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        kwargs["layer_type"] = model.config.layer_types[layer_idx]
+    cos, sin = rotary(like.float()[None], positions, **kwargs)
+    if cos.shape[-1] != like.shape[-1]:
+        raise UserError(f"duoattention: partial rotary embeddings ({cos.shape[-1]} of {like.shape[-1]} dims) are not "
+                        f"supported by its head scoring. Fix: use a model with full-dimension RoPE, or pattern=<dir>.")
+    return cos[0].float(), sin[0].float()
+
+
 def head_scores(model, samples: list[list[int]], q_len: int) -> torch.Tensor:
     """(layers, KV heads) DuoAttention on-the-fly scores: the area under the cumulated attention of
     the last of ``q_len`` repeated mean queries over the repeated mean keys, mean over samples."""
     layers = model.model.layers
     captured: dict[tuple[int, str], torch.Tensor] = {}
 
+    length = [0]  # tokens of the sample being run
+
     def grab(idx: int, which: str, head_dim: int):
         def hook(module, args, output):
-            b, t = output.shape[:2]
-            captured[(idx, which)] = output.reshape(b, t, -1, head_dim).float().mean(1)[0]  # (H, D)
+            # q_proj/k_proj: (1, T, H·D); a q_norm/k_norm: (1, T, H, D) (Qwen-3) or (1, H, T, D) (Gemma-3)
+            if output.dim() == 3:
+                output = output.reshape(output.shape[0], output.shape[1], -1, head_dim)
+            token_dim = 1 if output.shape[1] == length[0] else 2
+            captured[(idx, which)] = output.float().mean(token_dim)[0]  # (H, D): the mean over tokens
         return hook
 
     hooks = []
@@ -126,12 +148,12 @@ def head_scores(model, samples: list[list[int]], q_len: int) -> torch.Tensor:
     try:
         for ids in samples:
             captured.clear()
+            length[0] = len(ids)
             with torch.no_grad():
                 model(input_ids=torch.tensor([ids], device=device), use_cache=False)
             for idx, layer in enumerate(layers):
                 q, k = captured[(idx, "q")], captured[(idx, "k")]  # (Hq, D), (Hkv, D)
-                positions = torch.arange(q_len, device=q.device)
-                cos, sin = cos_sin(layer.self_attn, positions, q)
+                cos, sin = layer_cos_sin(model, idx, q_len, q)
                 last_q = rotate(q, cos[-1], sin[-1])  # the last query, (Hq, D)
                 keys = rotate(k[:, None, :], cos[None], sin[None])  # (Hkv, q_len, D)
                 keys = keys.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
@@ -142,6 +164,15 @@ def head_scores(model, samples: list[list[int]], q_len: int) -> torch.Tensor:
         for h in hooks:
             h.remove()
     return scores
+
+
+def same_kind(seen: LayerObservation) -> tuple[int, ...]:
+    """The layers of ``seen``'s attention kind (``config.layer_types``: a sliding-window layer holds
+    fewer tokens than a full one), or every layer when the model has one kind."""
+    kinds = getattr(getattr(seen.module, "config", None), "layer_types", None)
+    if not kinds or len(kinds) != seen.num_layers:
+        return tuple(range(seen.num_layers))
+    return tuple(i for i, kind in enumerate(kinds) if kind == kinds[seen.layer_idx])
 
 
 class DuoAttention(Stage):
@@ -174,7 +205,7 @@ class DuoAttention(Stage):
         self.begin_sample()
 
     def begin_sample(self) -> None:
-        self._keep: dict[tuple[int, int], int] | None = None  # (layer, head) → context slots kept
+        self._keep: dict[tuple[int, ...], dict] = {}  # kind of layer → {(layer, head): context slots kept}
 
     def calibrate(self, model, tokenizer):
         a = self.args
@@ -215,16 +246,18 @@ class DuoAttention(Stage):
         flat = scores.flatten().argsort(stable=True).tolist()
         return [(i // scores.shape[1], i % scores.shape[1]) for i in flat]
 
-    def allocate(self, n: int, protected: int) -> dict[tuple[int, int], int]:
-        """(layer, head) → context slots kept, for the streaming heads of this sample."""
+    def allocate(self, n: int, protected: int, layers: list[int]) -> dict[tuple[int, int], int]:
+        """(layer, head) → context slots kept, for the streaming heads among ``layers`` (one kind of
+        layer, each holding ``n`` context slots) on this sample."""
         sink, recent = self.window()
         order = self.streaming_order()
         paper_keep = min(n, sink + max(0, recent - protected))
-        if self.args["mode"] == "heads":
+        if self.args["mode"] == "heads":  # kvpress: the lowest-scoring fraction over every layer
             count = round(len(order) * self.args["head_fraction"])
-            return {unit: paper_keep for unit in order[:count]}
+            return {unit: paper_keep for unit in order[:count] if unit[0] in layers}
         if self.ratio <= 0:
             return {}
+        order = [unit for unit in order if unit[0] in layers]
         drop = len(order) * (n + protected - keep_count(n + protected, self.ratio))
         floor = [paper_keep] * len(order)
         narrow = [min(n, 1 if protected == 0 else 0)] * len(order)  # sinks go last: spread keeps them
@@ -235,10 +268,12 @@ class DuoAttention(Stage):
         n = context_slots(layer, seen)
         if n <= 1 or (self.args["mode"] == "ratio" and self.ratio <= 0):
             return layer
-        if self._keep is None:
-            self._keep = self.allocate(real_context_slots(layer, seen), seen.protected)
+        kind = same_kind(seen)
+        if kind not in self._keep:
+            self._keep[kind] = self.allocate(real_context_slots(layer, seen), seen.protected, list(kind))
+        plan = self._keep[kind]
         b, h, _ = layer.positions.shape
-        keep_counts = torch.tensor([self._keep.get((seen.layer_idx, head), n) for head in range(h)])
+        keep_counts = torch.tensor([plan.get((seen.layer_idx, head), n) for head in range(h)])
         if bool((keep_counts >= n).all()):
             return layer
         sink, _ = self.window()

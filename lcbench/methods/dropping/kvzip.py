@@ -157,7 +157,8 @@ class KVzip(Stage):
 
     @torch.inference_mode()
     def score(self, model, context: torch.Tensor, layers: int) -> torch.Tensor:
-        """(layers, H_kv, L) KVzip scores of the context's KV pairs (sinks highest)."""
+        """(layers, H_kv, L) KVzip scores of the context's KV pairs (sinks highest; +inf where a
+        sliding-window layer no longer holds the token after the prefill, so it is never counted)."""
         from ...engine.decode import forward  # the engine imports methods: import it when it runs
         from ...engine.state import PREFILL, ForwardState
         from ...engine.timing import Stopwatch
@@ -166,6 +167,9 @@ class KVzip(Stage):
         state = ForwardState(cache=KVCache(layers), stages=[], timer=Stopwatch([device]))
         state.phase = PREFILL
         forward(model, context, torch.arange(length, device=device)[None], state)
+        held = torch.zeros((layers, length), dtype=torch.bool, device=device)
+        for i, layer in enumerate(state.cache.layers):
+            held[i, layer.positions[0, 0]] = True
         heads = model.config.num_key_value_heads
         scorer = _Reconstruction(torch.zeros((layers, heads, length), device=device), self.args["n_sink"])
         state = ForwardState(cache=state.cache, stages=[scorer], needs=scorer.needs, timer=state.timer)
@@ -176,7 +180,7 @@ class KVzip(Stage):
             forward(model, ids, torch.arange(length, length + ids.shape[1], device=device)[None], state)
         scores = scorer.scores
         scores[..., : self.args["n_sink"]] = scores.amax() + 1.0
-        return scores
+        return scores.masked_fill(~held[:, None, :], float("inf"))
 
     def context_inputs(self, model, ids, context_length, cache):
         self.begin_sample()
@@ -186,12 +190,13 @@ class KVzip(Stage):
             raise UserError("kvzip scores one sample's context at a time. Fix: run it without --batch-size.")
         scores = self.score(model, ids[:, :context_length], len(cache.layers))
         n_layers, heads, length = scores.shape
-        total = length + (ids.shape[1] - context_length)  # the question tail (query-aware) counts in the ratio
-        per_layer = min(heads * length, heads * (total - keep_count(total, self.ratio)))
+        question = ids.shape[1] - context_length  # the question tail (query-aware) counts in the ratio
+        held = torch.isfinite(scores[:, 0]).sum(-1).tolist()  # context tokens each layer holds
+        per_layer = [min(heads * n, heads * (n + question - keep_count(n + question, self.ratio))) for n in held]
         if self.args["layerwise"]:
-            self._evict = [per_layer] * n_layers
+            self._evict = per_layer
         else:
-            lowest = (-scores.reshape(-1)).topk(per_layer * n_layers).indices
+            lowest = (-scores.reshape(-1)).topk(sum(per_layer)).indices
             self._evict = torch.bincount(lowest // (heads * length), minlength=n_layers).tolist()
         self._scores = scores
         return None  # the engine prefills the sample itself; compress_layer keeps what the scores kept

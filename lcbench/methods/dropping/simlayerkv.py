@@ -33,7 +33,9 @@ Two modes (param ``mode``):
                their windows narrower than ``n_recent − n_last``. The ranking needs every layer's
                score, so layers are cut, in place, when the last layer has been prefilled (the same
                cache as cutting each at once: a layer's prefill never reads its own cut cache).
-               Ratio 0 keeps everything.
+               Ratio 0 keeps everything. In a chain, put it last among the cache stages in this mode
+               (``snapkv+simlayerkv``, not ``simlayerkv+kivi``): a later cache stage acts on each layer
+               as soon as it is prefilled, before the cut, and would replace the layer the cut is made on.
 
 Batched rows share one decision per layer (the score is averaged over rows, as kvpress does).
 The method keeps whole layers, not a number of tokens per head, so ``--budget`` is refused.
