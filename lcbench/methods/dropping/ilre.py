@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 from ...errors import UserError
 from ...params import Param
-from ..base import ContextInputs, Stage, keep_count
 from ..prompt.attend import head_attention
 from ..prompt.ehpc import probe_inputs
 from ..prompt.lm import CompressorLM
+from .recompute import GatherAndRecompute
 
 
 def question_scores(probs: torch.Tensor, context: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ def recall(scores: torch.Tensor, keep: int, kernels: list[int]) -> torch.Tensor:
     return torch.nonzero(chosen).flatten()
 
 
-class ILRe(Stage):
+class ILRe(GatherAndRecompute):
     name = "ilre"
     family = "kv_dropping"
     paper = ("Liang et al., ILRe: Intermediate Layer Retrieval for Context Compression in Causal Language Models "
@@ -86,8 +86,6 @@ class ILRe(Stage):
         Param("probe_keep", float, 0.1, "fraction of a probe's context recalled when scoring a layer", min=0.01, max=1.0),
     )
     calibration_params = ("probe_tokens", "probe_keep", "kernels")
-    needs_question = True
-    token_budget = False  # no cache stage: --budget is refused (the recall count follows --ratio)
 
     def kernel_sizes(self) -> list[int]:
         return [int(float(k)) for k in str(self.args["kernels"]).replace(",", ";").split(";") if k.strip()]
@@ -120,28 +118,11 @@ class ILRe(Stage):
                             f"Fix: --method-args layer=N with N < {layers}, or -1 to calibrate.")
         return layer
 
-    def context_inputs(self, model, ids, context_length, cache):
-        if self.ratio <= 0:
-            return None
-        n, q = context_length, ids.shape[1] - context_length
-        if q <= 0:
-            raise UserError("method 'ilre' recalls tokens by the question's attention, but the question is not part "
-                            "of the prefill. Fix: add --query-aware.")
-        keep = max(1, min(n, keep_count(n + q, self.ratio) - q))
-        if keep >= n:
-            return None
+    def gather(self, model, ids, context, keep):
         layer = self.retrieval_layer(model)
         lm = CompressorLM(model, None, "target", ids.shape[1])
+        q = ids.shape[1] - context
         probs = head_attention(lm, ids[0].tolist(), [layer], q)[layer]  # (Hq, q, L) through layers 0..l_R
-        chosen = recall(question_scores(probs, n), keep, self.kernel_sizes()).to(ids.device)
+        chosen = recall(question_scores(probs, context), keep, self.kernel_sizes())
         self._stats = {"ilre_layer": float(layer), "recalled_tokens": float(len(chosen))}
-        embeds = model.get_input_embeddings()(ids)
-        question = torch.arange(n, ids.shape[1], device=ids.device)
-        slots = torch.cat([chosen, question])
-        return ContextInputs(embeds=embeds[:, slots], positions=slots[None])
-
-    def begin_sample(self) -> None:
-        self._stats = {}
-
-    def sample_stats(self) -> dict[str, float]:
-        return dict(getattr(self, "_stats", {}))
+        return chosen

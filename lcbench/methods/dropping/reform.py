@@ -39,9 +39,9 @@ from ...engine.decode import forward
 from ...engine.state import PREFILL, ForwardState
 from ...errors import UserError
 from ...params import Param
-from ..base import ContextInputs, Stage, keep_count
 from ..prompt.attend import StopForward
 from ..prompt.ehpc import probe_inputs
+from .recompute import GatherAndRecompute
 
 
 class ValueReadout:
@@ -96,7 +96,7 @@ def similarity(embeds: torch.Tensor, context: int) -> torch.Tensor:
     return (unit[:context] @ unit[context:].T).amax(-1)
 
 
-class Reform(Stage):
+class Reform(GatherAndRecompute):
     name = "reform"
     family = "kv_dropping"
     paper = ("Song et al., Compress, Gather, and Recompute: REFORMing Long-Context Processing in Transformers "
@@ -113,8 +113,6 @@ class Reform(Stage):
         Param("probe_tokens", int, 512, "filler tokens of each calibration probe", min=16),
     )
     calibration_params = ("heads", "depth", "probe_tokens", "chunk", "sinks", "window")
-    needs_question = True
-    token_budget = False  # no cache stage: --budget is refused (the gathered count follows --ratio)
 
     def candidate_layers(self, model) -> set[int]:
         layers = model.config.get_text_config().num_hidden_layers
@@ -137,30 +135,12 @@ class Reform(Stage):
         return {"heads": [list(lh) for lh in ranked[: self.args["heads"]]],
                 "recall": [hits[lh] for lh in ranked[: self.args["heads"]]]}
 
-    def context_inputs(self, model, ids, context_length, cache):
-        if self.ratio <= 0:
-            return None
-        n, q = context_length, ids.shape[1] - context_length
-        if q <= 0:
-            raise UserError("method 'reform' gathers the tokens most similar to the question, but the question is "
-                            "not part of the prefill. Fix: add --query-aware.")
-        keep = max(1, min(n, keep_count(n + q, self.ratio) - q))
-        if keep >= n:
-            return None
+    def gather(self, model, ids, context, keep):
         if not self.calibration:
             raise UserError("method 'reform' has no embedding heads: it was not calibrated. Fix: run it through "
                             "`lcbench run`, which calibrates it once per model.")
         heads = [tuple(h) for h in self.calibration["heads"]]
         values = read_values(model, ids[0].tolist(), {layer for layer, _ in heads}, self.args["chunk"],
                              self.args["sinks"], self.args["window"])
-        chosen = similarity(embeddings(values, heads), n).topk(keep).indices.sort().values.to(ids.device)
         self._stats = {"reform_heads": float(len(heads)), "reform_depth": float(max(l for l, _ in heads) + 1)}
-        embeds = model.get_input_embeddings()(ids)
-        slots = torch.cat([chosen, torch.arange(n, ids.shape[1], device=ids.device)])
-        return ContextInputs(embeds=embeds[:, slots], positions=slots[None])
-
-    def begin_sample(self) -> None:
-        self._stats = {}
-
-    def sample_stats(self) -> dict[str, float]:
-        return dict(getattr(self, "_stats", {}))
+        return similarity(embeddings(values, heads), context).topk(keep).indices.sort().values
