@@ -353,7 +353,7 @@ def test_subgen_attention_is_the_papers_estimator():
     keys, _ = _clustered()
     n, d = keys.shape[2], keys.shape[3]
     values = torch.randn(1, 1, n, d, generator=torch.Generator().manual_seed(1))
-    out = SubGen(ratio=0.6, cluster_samples=3, delta=0.3).compress_layer(_layer(keys, values), _seen(n))
+    out = SubGen(ratio=0.6, cluster_samples=3, delta=0.3, sinks=0, recent=0).compress_layer(_layer(keys, values), _seen(n))
     assert isinstance(out, SubGenLayer) and out.seq_len() < n
     q = torch.randn(1, 1, 1, d, generator=torch.Generator().manual_seed(2))
     got = dense_attention(_module(1), q, *out.dense(), storage_mask(out, 1), 1.0, None, slot_bias(out))
@@ -389,7 +389,7 @@ def test_subgen_value_sampling_is_unbiased():
 def test_subgen_layer_bytes_and_tail():
     keys, _ = _clustered()
     n, d = keys.shape[2], keys.shape[3]
-    out = SubGen(ratio=0.5, recent=4).compress_layer(_layer(keys, keys.clone()), _seen(n))
+    out = SubGen(ratio=0.5, sinks=0, recent=4).compress_layer(_layer(keys, keys.clone()), _seen(n))
     mc, s = out.cluster_keys.shape[2], out.sample_keys.shape[2]
     assert out.nbytes() == (mc * d + mc + 2 * s * d + s + 2 * 4 * d) * 4  # keys only for cluster samples
     assert torch.equal(out.tail.keys, keys[:, :, -4:])  # the recent tokens are kept exactly
