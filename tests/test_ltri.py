@@ -115,3 +115,24 @@ def test_either_index_alone_retrieves_the_planted_span(index):
     bounds = learned[0].tolist()
     best = stage.ranked_spans(learned, direction[None, None, None] * 2, torch.ones(1, 1, dtype=torch.bool))[0, 0]
     assert bounds[int(best)] == [40, 50]
+
+
+@pytest.mark.parametrize("voting", [True, False])
+def test_heads_vote_for_spans_and_the_winner_is_kept(voting):
+    """Head 0 points hard at span 0, heads 1 and 2 mildly at span 1: the summed score ranks span 0
+    first, the heads' votes (one span fits the budget) rank span 1 first."""
+    e = torch.eye(4)
+    bounds = torch.tensor([[0, 4], [4, 8], [8, 12]])
+    index = torch.stack([e[0], e[1], e[2]])[None]  # (Hkv=1, S=3, D)
+    learned = (bounds, index, index, 0, 12, 4)
+    stage = Ltri(ratio=0.5, voting=voting)
+    query = torch.stack([10 * e[0], e[1] + 0.5 * e[2], e[1] + 0.5 * e[2]])[None, :, None]  # (1, 3, 1, 4)
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    order = stage.ranked_spans(learned, query, valid)[0].tolist()
+    assert order == ([1, 0, 2] if voting else [0, 1, 2])
+    keep = stage.keep(learned, query, torch.zeros(1, 1, 13, 4), valid, 1.0)[0, 0, 0]
+    kept_span = (4, 8) if voting else (0, 4)
+    want = torch.zeros(13, dtype=torch.bool)
+    want[kept_span[0]:kept_span[1]] = True
+    want[12] = True  # after the context
+    assert keep.tolist() == want.tolist()

@@ -2,9 +2,13 @@
 for the question prefill and every decoding step.
 
 Tang et al., "Ltri-LLM: Streaming Long Context Inference for LLMs with Training-Free Dynamic
-Triangular Attention Pattern", arXiv:2412.04757 (2024). No official implementation was found: the
-stored code index holds, for the arXiv id, only reading lists and a third-party re-implementation,
-not read for this file; this follows the paper's description.
+Triangular Attention Pattern", arXiv:2412.04757 (2024). No official implementation was found (the
+stored code index holds, for the arXiv id, only reading lists and one third-party
+re-implementation of the span detector), and the paper's full text was not at hand: this follows
+its abstract and published summary — triangle-based span discovery with NMS, a span index of
+static and dynamic vectors, collaborative retrieval with retrieval-head voting and persistent
+recall — and where these leave the construction open (the baseline θ, how each index vector is
+built, how votes are counted) the choices below are lcbench's, stated as such.
 
 The paper observes that within the local window the attention map is made of *triangles* along the
 diagonal: the tokens of one semantic span attend to each other (the lower-triangular block of the
@@ -25,15 +29,18 @@ tokens, retrieved memory, local window). Here, per layer during lcbench's dense 
   it overlaps one already taken (non-maximum suppression with overlap threshold 0); tokens covered
   by no span are cut into spans of at most ``max_span`` tokens. Spans are shared by the layer's
   heads and lie between the initial tokens and the local window.
-* **Span index.** Per KV head and span two vectors: the *static* one, the mean of the span's keys,
-  and the *dynamic* one, the span's keys weighted by the attention they received inside the
-  triangle (the paper's static and dynamic index vectors; ``index`` picks one or both, a span then
-  scoring the higher of the two).
-* **Retrieval.** A query chunk — the question part or one generated token — scores each span by
-  the mean of its valid queries against the span's index, summed over the query heads (one choice
-  for the layer: the heads *vote*); it attends the initial tokens, the spans in rank order until
-  they hold the retrieval budget (the last one cut to fit, so the density is met exactly), the
-  local window and everything after the context.
+* **Span index.** Per KV head and span two vectors (lcbench's reading of the paper's static and
+  dynamic index vectors): the *static* one, the mean of the span's keys, and the *dynamic* one,
+  the span's keys weighted by the attention they received inside the triangle; ``index`` picks one
+  or both, a span then scoring the higher of the two.
+* **Retrieval.** A query chunk — the question part or one generated token — scores each span, per
+  query head, by the mean of its valid queries against the span's index. Each head *votes* for the
+  spans of its own ranking that fit the retrieval budget (the paper's retrieval-head voting, here
+  with every head voting), and the layer ranks spans by votes, ties by the score summed over the
+  heads (``voting=false``: by the summed score only) — one choice for the layer's heads. The chunk
+  attends the initial tokens, the spans in rank order until they hold the retrieval budget (the
+  last one cut to fit, so the density is met exactly), the local window and everything after the
+  context.
 
 ``--ratio`` sets the attended share of the context per query: ``B = (1 − ratio) × context``, split
 into initial tokens, local window and retrieved spans by ``init_share``/``local_share`` (the InfLLM
@@ -110,11 +117,15 @@ def nms_spans(scores: torch.Tensor, start: int, stop: int) -> list[tuple[int, in
     order = positive[torch.sort(flat[positive], descending=True, stable=True).indices].tolist()
     taken = bytearray(stop - start)
     spans: list[tuple[int, int]] = []
+    left = len(taken)
     for idx in order:
+        if not left:
+            break
         x, length = divmod(idx, width)
         length += 1
         if not any(taken[x:x + length]):
             taken[x:x + length] = b"\x01" * length
+            left -= length
             spans.append((start + x, start + x + length))
     i = 0
     while i < len(taken):  # the gaps
@@ -136,7 +147,7 @@ class Ltri(ContextRetrieval):
              "Triangular Attention Pattern, arXiv:2412.04757 (2024)")
     summary = "question prefill and decode attend initial tokens, the top spans found from local triangular attention, and a local window"
     tolerance = 0.05
-    defaults = {"max_span": 128, "threshold": 1.5, "index": "both", "init_share": 128 / 6272,
+    defaults = {"max_span": 128, "threshold": 1.5, "index": "both", "voting": True, "init_share": 128 / 6272,
                 "local_share": 4096 / 6272}
     params = (
         Param("max_span", int, None, "longest span and width of the local attention the spans are found in", min=1),
@@ -144,6 +155,8 @@ class Ltri(ContextRetrieval):
               min=0.0),
         Param("index", str, None, "span index: static (mean key), dynamic (attention-weighted key) or both (the higher)",
               choices=("static", "dynamic", "both")),
+        Param("voting", bool, None, "rank spans by the votes of the query heads (each for the spans of its own ranking "
+              "that fit the budget), ties by the summed score; false: by the summed score only"),
         Param("init_share", float, None, "share of the attended budget for the initial tokens (InfLLM's 128 of 6272)",
               min=0.0, max=1.0),
         Param("local_share", float, None, "share of the attended budget for the local window (InfLLM's 4096 of 6272)",
@@ -194,9 +207,11 @@ class Ltri(ContextRetrieval):
         return bounds, static, dynamic, init, stop, recall
 
     def ranked_spans(self, learned, query, valid_queries) -> torch.Tensor:
-        """(B, S) the spans in rank order: the mean valid query against each span's index, summed
-        over the query heads (the higher of static and dynamic with ``index=both``)."""
-        _, static, dynamic, _, _, _ = learned
+        """(B, S) the spans in rank order. Each query head scores every span by its mean valid query
+        against the span's index (the higher of static and dynamic with ``index=both``) and, with
+        ``voting``, votes for the spans of its own ranking that fit the retrieval budget; spans are
+        ranked by votes, ties (and every span without ``voting``) by the score summed over heads."""
+        bounds, static, dynamic, _, _, recall = learned
         b, hq, n, d = query.shape
         hkv = static.shape[0]
         weights = valid_queries.to(torch.float32)[:, None, :, None]
@@ -206,8 +221,17 @@ class Ltri(ContextRetrieval):
             scores.append(torch.einsum("bhgd,hsd->bhgs", mean_q, static.to(query.device)))
         if self.args["index"] in ("dynamic", "both"):
             scores.append(torch.einsum("bhgd,hsd->bhgs", mean_q, dynamic.to(query.device)))
-        relevance = torch.stack(scores).amax(0).sum((1, 2))  # (B, S)
-        return torch.sort(relevance, dim=-1, descending=True, stable=True).indices
+        per_head = torch.stack(scores).amax(0).reshape(b, hq, -1)  # (B, Hq, S)
+        order = torch.sort(per_head.sum(1), dim=-1, descending=True, stable=True).indices  # (B, S)
+        if not self.args["voting"]:
+            return order
+        lengths = (bounds[:, 1] - bounds[:, 0]).to(query.device)
+        head_order = torch.sort(per_head, dim=-1, descending=True, stable=True).indices  # (B, Hq, S)
+        ranked_len = lengths[head_order]
+        fits = (ranked_len.cumsum(-1) - ranked_len) < recall  # the span starts within the head's budget
+        votes = torch.zeros_like(per_head).scatter_(-1, head_order, fits.float()).sum(1)  # (B, S)
+        again = torch.sort(votes.gather(-1, order), dim=-1, descending=True, stable=True).indices
+        return order.gather(-1, again)
 
     def keep(self, learned, query, key, valid_queries, scaling):
         """The initial tokens, the top spans' tokens up to the retrieval budget (the last span cut),
