@@ -35,7 +35,10 @@ What lcbench does and does not do (deviations):
   the window's queries attended after revision over those they attended at their own step — the
   paper's "effective KV exposure") and ``retro_attention_density`` (the density including the
   revisions) next to Quest's ``attention_density``. :meth:`RetroAttention.output_cache` gives the
-  revised outputs.
+  revised outputs. With ``measure_error=true`` each cached query's dense output (over every key
+  before it) is computed too, and ``retro_error_before`` / ``retro_error_after`` report the mean
+  relative L2 error, per head, of its output at its own step (Quest's) and after the revisions —
+  how much of the gap to dense attention the revision closes (a measurement lcbench adds).
 * **Not done: what the revised outputs feed.** In the paper the revised attention outputs of past
   tokens replace their old ones, so the past tokens' hidden states — and hence their keys and
   values in the *following* layers — are updated ("KV cache update"). Doing that needs each past
@@ -110,10 +113,12 @@ class RetroAttention(Quest):
     # reference: Quest's PyTorch page selection plus an fp32 masked attention per cached past query at every
     # decode step, not the paper's fused kernel
     reference_latency = True
-    defaults = {"retro_window": 8}
+    defaults = {"retro_window": 8, "measure_error": False}
     params = Quest.params + (
         Param("retro_window", int, None, "queries in the retrospective window (current + cached past ones)",
               min=1),
+        Param("measure_error", bool, None, "also compute each cached query's dense output (all keys before it) "
+              "and report how far its output is from it before and after the revisions (costs a dense attention)"),
     )
 
     def begin_sample(self) -> None:
@@ -122,6 +127,7 @@ class RetroAttention(Quest):
         self._retro_base = 0.0  # entries the revised queries attended at their own step
         self._retro_added = 0.0  # entries revisions added to them
         self._retro_skipped = 0
+        self._errors = [0.0, 0.0, 0]  # Σ relative error of Quest's / the revised output, heads counted
 
     # --- decode -----------------------------------------------------------------------------
     def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
@@ -132,7 +138,7 @@ class RetroAttention(Quest):
         out = super().decode_attention(module, query, layer, scaling, layer_idx, window)
         if self.ratio > 0 and layer_idx >= self.args["dense_layers"]:
             if window or layer.valid is not None:
-                self._retro.pop(layer_idx, None)
+                self._drop(layer_idx)
                 self._retro_skipped += 1
             else:
                 self._retrospect(module, query, layer, scaling, layer_idx, dense=out is None)
@@ -168,6 +174,7 @@ class RetroAttention(Quest):
             done = state["length"]
             if not (done < L and state["positions"].shape[:2] == layer.positions.shape[:2]
                     and torch.equal(state["positions"], layer.positions[..., :done])):
+                self._drop(layer_idx)
                 state = None
         if state is None:
             state = {"step": 0, "entries": [],
@@ -184,6 +191,9 @@ class RetroAttention(Quest):
         cur_mask[..., :n_full * ps] = sel[..., page_of]
         q_now = query[:, :, -1]
         out_now, lse_now = masked_attention(q_now, keys, values, cur_mask, scaling)
+        reference = None
+        if self.args["measure_error"]:
+            reference, _ = masked_attention(q_now, keys, values, torch.ones_like(cur_mask), scaling)
         for entry in state["entries"]:
             fresh = sel & (loaded < entry["step"])  # loaded now, by no step since the entry's own
             new = torch.zeros(B, Hkv, L, dtype=torch.bool, device=keys.device)
@@ -200,15 +210,35 @@ class RetroAttention(Quest):
         self._retro_base += base
         entries = state["entries"] + [{"step": t, "full": n_full * ps, "position": layer.positions[..., L - 1].clone(),
                                        "query": q_now.float().clone(), "out": out_now, "lse": lse_now,
-                                       "base": base, "added": 0.0}]
+                                       "base": base, "added": 0.0, "dense": reference, "quest": out_now}]
         keep = self.args["retro_window"] - 1
+        for gone in entries[:len(entries) - keep] if keep else entries:
+            self._score(gone)
         state.update(step=t, loaded=loaded, length=L, positions=layer.positions.clone(),
                      entries=entries[len(entries) - keep:] if keep else [])
         self._retro[layer_idx] = state
 
+    def _drop(self, layer_idx: int) -> None:
+        """Start the layer's output cache again (its entries are scored first)."""
+        for entry in self._retro.pop(layer_idx, {"entries": []})["entries"]:
+            self._score(entry)
+
+    def _score(self, entry: dict, into: list | None = None) -> None:
+        """Add an entry's relative errors (Quest's output and the revised one against its dense
+        output, per head) to ``into`` (the sample's tally: entries leaving the cache); nothing
+        without ``measure_error``."""
+        if entry["dense"] is None:
+            return
+        into = self._errors if into is None else into
+        norm = entry["dense"].norm(dim=-1).clamp_min(1e-12)
+        into[0] += float(((entry["quest"] - entry["dense"]).norm(dim=-1) / norm).sum())
+        into[1] += float(((entry["out"] - entry["dense"]).norm(dim=-1) / norm).sum())
+        into[2] += norm.numel()
+
     def output_cache(self, layer_idx: int) -> list[dict]:
         """The layer's output cache, oldest first: per past query its step, ``position`` (B, Hkv),
-        ``out`` (B, Hq, D) and ``lse`` (B, Hq) after every revision so far, and the entries it
+        ``out`` (B, Hq, D) and ``lse`` (B, Hq) after every revision so far, ``quest`` its output at its
+        own step, ``dense`` its dense output (with ``measure_error``, else None), and the entries it
         attended at its step (``base``) and the revisions added (``added``), summed over heads."""
         state = getattr(self, "_retro", {}).get(layer_idx)
         return [] if state is None else list(state["entries"])
@@ -219,6 +249,13 @@ class RetroAttention(Quest):
         if base:
             stats["retro_kv_exposure"] = (base + self._retro_added) / base
             stats["retro_attention_density"] = (self._selected + self._retro_added) / self._stored
+        errors = list(getattr(self, "_errors", [0.0, 0.0, 0]))
+        for state in getattr(self, "_retro", {}).values():  # entries still in the cache
+            for entry in state["entries"]:
+                self._score(entry, errors)
+        if errors[2]:
+            stats["retro_error_before"] = errors[0] / errors[2]
+            stats["retro_error_after"] = errors[1] / errors[2]
         if getattr(self, "_retro_skipped", 0):
             stats["retro_skipped_steps"] = float(self._retro_skipped)
         return stats
