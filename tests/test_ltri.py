@@ -124,7 +124,8 @@ def test_heads_vote_for_spans_and_the_winner_is_kept(voting):
     e = torch.eye(4)
     bounds = torch.tensor([[0, 4], [4, 8], [8, 12]])
     index = torch.stack([e[0], e[1], e[2]])[None]  # (Hkv=1, S=3, D)
-    learned = (bounds, index, index, 0, 12, 4)
+    label = torch.arange(12) // 4
+    learned = (bounds, index, index, 0, 12, 4, label)
     stage = Ltri(ratio=0.5, voting=voting)
     query = torch.stack([10 * e[0], e[1] + 0.5 * e[2], e[1] + 0.5 * e[2]])[None, :, None]  # (1, 3, 1, 4)
     valid = torch.ones(1, 1, dtype=torch.bool)

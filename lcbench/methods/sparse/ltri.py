@@ -204,14 +204,14 @@ class Ltri(ContextRetrieval):
         norm = torch.zeros(count, device=k.device).index_add_(0, lab, w)
         dynamic = torch.zeros_like(static).index_add_(1, lab, k[:, slots] * w[None, :, None])
         dynamic = torch.where(norm[None, :, None] > 0, dynamic / norm.clamp(min=1e-12)[None, :, None], static)
-        return bounds, static, dynamic, init, stop, recall
+        return bounds, static, dynamic, init, stop, recall, label
 
     def ranked_spans(self, learned, query, valid_queries) -> torch.Tensor:
         """(B, S) the spans in rank order. Each query head scores every span by its mean valid query
         against the span's index (the higher of static and dynamic with ``index=both``) and, with
         ``voting``, votes for the spans of its own ranking that fit the retrieval budget; spans are
         ranked by votes, ties (and every span without ``voting``) by the score summed over heads."""
-        bounds, static, dynamic, _, _, recall = learned
+        bounds, static, dynamic, _, _, recall, _ = learned
         b, hq, n, d = query.shape
         hkv = static.shape[0]
         weights = valid_queries.to(torch.float32)[:, None, :, None]
@@ -236,7 +236,7 @@ class Ltri(ContextRetrieval):
     def keep(self, learned, query, key, valid_queries, scaling):
         """The initial tokens, the top spans' tokens up to the retrieval budget (the last span cut),
         the local window and all after it — one choice per row for the layer's heads."""
-        bounds, _, _, init, stop, recall = learned
+        bounds, _, _, init, stop, recall, label = learned
         b = query.shape[0]
         total = key.shape[2]
         order = self.ranked_spans(learned, query, valid_queries)  # (B, S)
@@ -244,8 +244,7 @@ class Ltri(ContextRetrieval):
         slots = torch.arange(total, device=query.device)
         keep = ((slots < init) | (slots >= stop))[None].expand(b, total).clone()
         owner = torch.full((total,), -1, dtype=torch.long, device=query.device)
-        for i, (a, e) in enumerate(bounds.tolist()):
-            owner[a:e] = i
+        owner[:label.shape[0]] = label.to(query.device)  # each context slot's span (-1: none)
         for row in range(b):
             before = torch.zeros(len(lengths), dtype=torch.long, device=query.device)
             ranked_len = lengths[order[row]]
