@@ -354,3 +354,14 @@ def test_window_layers_reach_the_ratio(method, args):
     record = engine_for(model, tiny_tokenizer(), method, 0.5, args).run(support.sample(), False)[0]
     assert abs(record["achieved_ratio"] - 0.5) <= 0.05, record["achieved_ratio"]
     assert record["kv_bytes"] < record["kv_bytes_full"]
+
+
+# --- cross-sample batches ------------------------------------------------------------------------
+def test_simlayerkv_ratio_mode_runs_samples_one_at_a_time(model, tok):  # noqa: F811
+    """Its cross-layer cut cannot act on the per-row copies of a cross-sample batch (engine/per_row.py)."""
+    from conftest import engine_for
+
+    from lcbench.engine.batching import batch_refusal
+
+    assert batch_refusal(engine_for(model, tok, "simlayerkv", 0.5).chain, False, False)
+    assert batch_refusal(engine_for(model, tok, "simlayerkv", 0.0, "mode=threshold").chain, False, False) is None

@@ -36,6 +36,8 @@ Two modes (param ``mode``):
                Ratio 0 keeps everything. In a chain, put it last among the cache stages in this mode
                (``snapkv+simlayerkv``, not ``simlayerkv+kivi``): a later cache stage acts on each layer
                as soon as it is prefilled, before the cut, and would replace the layer the cut is made on.
+               For the same reason samples are not batched together in this mode (``--batch-size N``
+               runs them one at a time; the engine reports it as state carried between samples).
 
 Batched rows share one decision per layer (the score is averaged over rows, as kvpress does).
 The method keeps whole layers, not a number of tokens per head, so ``--budget`` is refused.
@@ -136,6 +138,10 @@ class SimLayerKV(Stage):
                             f"({self.args['n_last']}), since a lazy layer keeps n_recent - n_last recent tokens. "
                             f"Fix: raise n_recent or lower n_last.")
         self.needs = Needs(window=self.args["n_last"])
+        # ratio mode cuts earlier layers in place once the last one is scored; a cross-sample batch
+        # compresses per-row copies of each layer and stacks them anew (engine/per_row.py), so the cut
+        # would miss them: such a chain runs one sample at a time (the flag the engine reads for that)
+        self.cross_sample_state = self.args["mode"] == "ratio"
         self.begin_sample()
 
     def begin_sample(self) -> None:
