@@ -243,6 +243,7 @@ def test_fourier_layer_stores_coefficients_and_reconstructs():
     vd = torch.tensor([0, 2]).expand(1, 2, -1)
     out = FourierLayer.from_layer(layer, front=4, back=16, coefficients=12, key_dims=kd, value_dims=vd)
     k, v = out.dense()
+    assert out.buffer_nbytes() == 2 * 2 * (n - 16) * d * 4  # front + middle reconstructed once (not stored bytes)
     exact = [j for j in range(d) if j not in smooth]
     assert torch.equal(k[..., exact], keys[..., exact])  # the other dimensions are kept exactly
     assert torch.equal(k[:, :, :4], keys[:, :, :4]) and torch.equal(k[:, :, -16:], keys[:, :, -16:])

@@ -14,7 +14,9 @@ appended afterwards (question, answer) go to a dense tail:
 * ``back``: the most recent context tokens, every dimension kept, followed by the appended tokens.
 
 :meth:`FourierLayer.dense` reconstructs the middle (basis @ coefficients in the compressed
-dimensions, the exact ones put back) for attention, a transient view; :meth:`FourierLayer.nbytes`
+dimensions, the exact ones put back) for attention, once, into a compute buffer (reported by
+:meth:`FourierLayer.buffer_nbytes`, like a quantized layer's; part of the measured peak memory,
+not of the stored bytes); :meth:`FourierLayer.nbytes`
 counts what is held: front and back, the exact middle dimensions, the coefficients and the
 dimension indices (int16). Bookkeeping (positions, validity) is not counted, as for every layer.
 """
@@ -125,11 +127,25 @@ class FourierLayer(KVLayer):
         out.scatter_(-1, dims.long()[:, :, None, :].expand(-1, -1, m, -1), approx)
         return out
 
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Front and reconstructed middle, made once and kept as a compute buffer (what is *stored*
+        stays the coefficients: :meth:`nbytes`; the buffer is :meth:`buffer_nbytes`, as a quantized
+        layer's dequantized buffer)."""
+        if getattr(self, "_buffer", None) is None:
+            mk = self._mid(self.key_exact, self.key_coef, self.key_dims, self.key_width)
+            mv = self._mid(self.value_exact, self.value_coef, self.value_dims, self.value_width)
+            self._buffer = (torch.cat([self.front.keys, mk], dim=2), torch.cat([self.front.values, mv], dim=2))
+        return self._buffer
+
+    def buffer_nbytes(self) -> int:
+        """Bytes of the reconstructed view attention reads (not stored bytes)."""
+        buffer = getattr(self, "_buffer", None)
+        return 0 if buffer is None else tensor_bytes(*buffer)
+
     def dense(self):
-        mk = self._mid(self.key_exact, self.key_coef, self.key_dims, self.key_width)
-        mv = self._mid(self.value_exact, self.value_coef, self.value_dims, self.value_width)
+        hk, hv = self._head()
         bk, bv = self.back.dense()
-        return (torch.cat([self.front.keys, mk, bk], dim=2), torch.cat([self.front.values, mv, bv], dim=2))
+        return torch.cat([hk, bk], dim=2), torch.cat([hv, bv], dim=2)
 
     @property
     def positions(self) -> torch.Tensor:
