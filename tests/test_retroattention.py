@@ -35,7 +35,8 @@ def dense(q, keys, values, mask, scaling):
 
 def test_lse_merge_of_two_disjoint_parts_is_attention_over_their_union():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
+    q = torch.randn(2, 4, 16, generator=gen)
+    k, v = torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
     a = torch.rand(2, 2, 40, generator=gen) < 0.3
     b = (torch.rand(2, 2, 40, generator=gen) < 0.3) & ~a
     b[1, 1] = False  # a head the later step adds nothing to: its output must stay as it was

@@ -13,8 +13,8 @@ split-K attention merges its parts::
     o'   = exp(lse_old − lse') · o_old + exp(lse_new − lse') · o_new
 
 so the revised output *is* dense attention of that query over the union of the entries it has
-seen. A per-(layer, KV head, page) record of the last step that loaded each page gates the
-revision: a past query from step ``s`` takes a page loaded at ``t`` only when no step in
+seen. A per-(layer, KV head, page) record of the last step that loaded each page (the paper's
+page-loaded mask) gates the revision: a past query from step ``s`` takes a page loaded at ``t`` only when no step in
 ``[s, t)`` loaded it (it has it already otherwise), and only keys before its own position
 (causality; its own always-attended newest partial page is never counted twice).
 
@@ -32,16 +32,18 @@ What lcbench does and does not do (deviations):
   budget, and a test checks it gives Quest's output). The output cache (query, output,
   log-sum-exp per past query, per layer), the page-loaded record and the exact LSE merge run at
   every decode step on every sparse layer; ``sample_stats`` reports ``retro_kv_exposure`` (entries
-  the window's queries attended after revision over those they attended at their own step — the
-  paper's "effective KV exposure") and ``retro_attention_density`` (the density including the
-  revisions) next to Quest's ``attention_density``. :meth:`RetroAttention.output_cache` gives the
+  the window's queries attended after revision over those they attended at their own step —
+  lcbench's reading of the paper's "effective KV exposure", summed over sparse layers and steps)
+  and ``retro_attention_density`` (the density including the revisions) next to Quest's
+  ``attention_density``. :meth:`RetroAttention.output_cache` gives the
   revised outputs. With ``measure_error=true`` each cached query's dense output (over every key
   before it) is computed too, and ``retro_error_before`` / ``retro_error_after`` report the mean
   relative L2 error, per head, of its output at its own step (Quest's) and after the revisions —
   how much of the gap to dense attention the revision closes (a measurement lcbench adds).
 * **Not done: what the revised outputs feed.** In the paper the revised attention outputs of past
   tokens replace their old ones, so the past tokens' hidden states — and hence their keys and
-  values in the *following* layers — are updated ("KV cache update"). Doing that needs each past
+  values in the *following* layers — are updated (the abstract calls the method "a KV cache update
+  technique"; how exactly the paper recomputes those entries could not be read here). Doing that needs each past
   token's residual stream and the rest of its decoder layer (output projection, residual, norms,
   MLP) and the next layer's k/v projections and rotary: lcbench's decode hooks
   (``decode_attention`` gets one attention module and the current query; ``after_decode_step`` the
@@ -145,9 +147,10 @@ class RetroAttention(Quest):
         return out
 
     def selected_pages(self, query: torch.Tensor, layer, layer_idx: int, layers: int) -> torch.Tensor:
-        """The whole pages Quest's selection attends this step, as a mask (B, Hkv, L // page_size)
-        of a model of ``layers`` layers (the partial newest page, always attended, is not in it). Same bounds (Quest's incremental
-        ``_page_bounds``), budget (``_layer_keep``) and forced newest page as :class:`Quest`."""
+        """The whole pages Quest's selection attends this step, as a mask (B, Hkv, L // page_size),
+        in a model of ``layers`` layers (the partial newest page, always attended, is not in it).
+        Same bounds (Quest's incremental ``_page_bounds``), budget (``_layer_keep``) and forced
+        newest page as :class:`Quest`."""
         keys, _ = layer.dense()
         B, Hkv, L, D = keys.shape
         ps = self.args["page_size"]
