@@ -44,11 +44,14 @@ def essay_context(tokenizer, tokens: int) -> str:
 
 
 def default_methods() -> list[str]:
-    kv = {"kv_dropping": [], "kv_quantization": []}
+    """Every built-in KV method: dropping and quantization, and the soft-compression methods that
+    compress the cache itself (a cache stage: kvmerge, fourierkv, subgen; not the trained adapters)."""
+    kv = {"kv_dropping": [], "kv_quantization": [], "soft_compression": []}
     for name, cls in sorted(builtin_methods().items()):
-        if getattr(cls, "family", None) in kv:
-            kv[cls.family].append(name)
-    methods = ["full", *kv["kv_dropping"], *kv["kv_quantization"], *CHAINS]
+        family = getattr(cls, "family", None)
+        if family in kv and (family != "soft_compression" or "cache" in cls.stages):
+            kv[family].append(name)
+    methods = ["full", *kv["kv_dropping"], *kv["kv_quantization"], *kv["soft_compression"], *CHAINS]
     try:
         import kvpress  # noqa: F401
 
@@ -60,8 +63,10 @@ def default_methods() -> list[str]:
 
 def measure(loaded, sample: Sample, method: str, ratio: float) -> dict:
     r = 0.0 if method == "full" else ratio
-    engine = Engine(loaded.model, loaded.tokenizer, Chain.build(resolve_chain(method, None, r), r),
-                    EngineConfig(check_ratio=False))
+    chain = Chain.build(resolve_chain(method, None, r), r)
+    # methods that pick the context for the question (finch, ilre, reform) run query-aware, as they must
+    query_aware = any(stage.needs_question for stage in chain.stages)
+    engine = Engine(loaded.model, loaded.tokenizer, chain, EngineConfig(check_ratio=False, query_aware=query_aware))
     start = time.perf_counter()
     rec = engine.run(sample, multi_turn=False)[0].flat()  # the record's flat view, plus the wall time
     rec["wall_s"] = time.perf_counter() - start
