@@ -11,7 +11,7 @@ method, the parameters named in :attr:`Stage.calibration_params`), before the fi
   later processes reuse it — delete the file to calibrate again;
 - the key hashes the model's identity (name or path, hub commit, dtype, its config and a fingerprint
   of its weights, so two random tiny models of one config do not share a file) with the method's
-  name and parameters;
+  name, parameters and the source file of its class (an edited method calibrates again);
 - each :class:`Calibration` (key, file, seconds, computed here or loaded) is written to the run's
   ``spec.json`` under ``calibration``, so a reader knows which calibration produced the numbers;
 - its time is not any sample's compression time (it is paid once per model, like a download), and
@@ -25,10 +25,12 @@ dense attention through lcbench's attention function (no cache stage acts).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import pickle
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,13 +73,22 @@ def model_identity(model) -> dict[str, Any]:
             "weights": digest.hexdigest(), "parameters": sum(p.numel() for p in params)}
 
 
+def method_code(stage: Stage) -> str:
+    """A digest of the source file of the stage's class: a changed method calibrates again rather
+    than read a result its older code computed."""
+    try:
+        return hashlib.sha256(Path(inspect.getfile(type(stage))).read_bytes()).hexdigest()[:16]
+    except (OSError, TypeError):
+        return ""
+
+
 def calibration_key(model, stage: Stage) -> str:
     """The cache key of ``stage``'s calibration on ``model``: model identity, method name, and the
     parameters the calibration depends on (``calibration_params``; None: all; ``ratio`` may be named)."""
     names = stage.calibration_params
     args = dict(stage.args, ratio=stage.ratio)
     used = {k: args[k] for k in (sorted(stage.args) if names is None else names)}
-    payload = {"model": model_identity(model), "method": stage.name, "params": used}
+    payload = {"model": model_identity(model), "method": stage.name, "params": used, "code": method_code(stage)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
