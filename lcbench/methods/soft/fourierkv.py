@@ -137,7 +137,8 @@ class FourierKV(Stage):
     name = "fourierkv"
     family = "soft_compression"
     token_budget = False  # it compresses dimensions along the sequence, not whole tokens
-    reference_latency = True  # attention reads a reconstructed dense view (no FlashFourierAttention kernel)
+    # reference: attention reads a reconstructed dense view (no FlashFourierAttention kernel)
+    reference_latency = True
     paper = ("Liu et al., Beyond Homogeneous Attention: Memory-Efficient LLMs via Fourier-Approximated KV Cache "
              "(arXiv:2506.11886); github.com/ShirleYoung/FourierAttention @c834104")
     summary = ("long-context-insensitive head dims (calibrated) of the middle context stored as fixed-length DCT "

@@ -102,7 +102,8 @@ class SubGen(Stage):
     name = "subgen"
     family = "soft_compression"
     token_budget = False  # it keeps weighted samples, not whole tokens
-    reference_latency = True  # a Python loop over the keys (the paper's stream), then a dense softmax
+    # reference: a Python loop over the keys (the paper's stream), then a dense softmax
+    reference_latency = True
     paper = ("Zandieh, Han, Mirrokni and Karbasi, SubGen: Token Generation in Sublinear Time and Memory "
              "(arXiv:2402.06082)")
     summary = ("online clustering of keys (reservoir samples per cluster) for the softmax denominator, ℓ2-norm "
