@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from lcbench.cache import KVCache
 from lcbench.cache.layer import DenseLayer
 from lcbench.cache.ragged import RaggedLayer
-from lcbench.engine.attach import use_lcbench_attention
 from lcbench.engine.decode import forward
 from lcbench.engine.state import ForwardState
 from lcbench.engine.timing import Stopwatch
@@ -26,25 +25,13 @@ from lcbench.methods.dropping.compresskv import (CompressKV, allocate_layer_budg
 from lcbench.methods.dropping.taskkv import TaskKV
 from lcbench.methods.dropping.ems import EMS, global_local_scores
 from lcbench.methods.registry import METHODS
-from lcbench.models.tiny import tiny_llama, tiny_tokenizer
 from lcbench.tasks.sample import Sample, Turn
+from test_dropping import CONTEXT as DROPPING_CONTEXT, model, tok  # noqa: F401  (fixtures)
 
 torch.set_num_threads(1)
 
-CONTEXT = "Read the following text carefully. " + " ".join(
-    f"The special magic number is {i * 7919 % 10000}. The quick brown fox jumps over the lazy dog." for i in range(20))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    m = tiny_llama(layers=2)
-    use_lcbench_attention(m)
-    return m
+# the half-length context of test_dropping's (its first 20 sentences), and its fixtures
+CONTEXT = DROPPING_CONTEXT[: DROPPING_CONTEXT.index("The special magic number is " + str(20 * 7919 % 10000))].rstrip()
 
 
 def sample(turns: int = 1) -> Sample:
