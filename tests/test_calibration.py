@@ -20,8 +20,8 @@ torch.set_num_threads(1)
 
 
 class KeepCalibratedHeadOrder(Stage):
-    """Keeps, per layer, the slots the calibration chose: the positions whose key norm in layer 0 of a
-    probe text was largest (any per-model result would do; this one is checkable by hand)."""
+    """Calibrates a per-model result checkable by hand (the embedding norms of a probe text and the
+    layer count); compresses by keeping the earliest tokens, after checking it got its calibration."""
 
     name = "calibrated_probe"
     family = "kv_dropping"
@@ -89,3 +89,13 @@ def test_a_corrupt_cache_file_is_recomputed(cache_home):
         f.write(b"not a torch file")
     (again,) = engine(model).calibrations
     assert again.computed and KeepCalibratedHeadOrder.calls == 2
+
+
+def test_an_unwritable_cache_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("LCBENCH_CACHE", str(blocked))  # the cache folder cannot be made under a file
+    KeepCalibratedHeadOrder.calls = 0
+    with pytest.warns(UserWarning, match="could not be cached.*LCBENCH_CACHE"):
+        (cal,) = engine(tiny_llama(seed=0)).calibrations
+    assert cal.computed and KeepCalibratedHeadOrder.calls == 1

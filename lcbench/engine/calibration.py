@@ -24,11 +24,13 @@ dense attention through lcbench's attention function (no cache stage acts).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import os
 import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -126,11 +128,15 @@ def _load(path) -> dict | None:
 
 
 def _save(path, payload: dict) -> None:
-    """Write atomically (a killed run leaves no half file); a read-only cache only costs recomputing."""
+    """Write atomically (a killed run leaves no half file). A cache that cannot be written costs only
+    recomputing in the next run: the run goes on, with a warning naming the folder and the fix."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError:
-        pass
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        warnings.warn(f"the calibration could not be cached at {path} ({exc.strerror or exc}): the next run "
+                      f"computes it again. Fix: set LCBENCH_CACHE to a writable folder.", stacklevel=2)

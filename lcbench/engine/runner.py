@@ -148,8 +148,6 @@ class Engine:
         self.bytes_per_token = kv_bytes_per_token(model)
         self.prefill_memo: PrefillMemo | None = None  # set when several runs share prefills (evaluate.py)
         check_chunkable(chain.stages, chain.needs, self.config.prefill_chunk, self.config.compress_chunks)
-        # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
-        self.calibrations = calibrate_stages(model, tokenizer, chain.stages, self.clock)
         asks = [s.name for s in chain.stages if s.needs_question and (s.ratio > 0 or s.budget_tokens is not None)]
         if asks and not self.config.query_aware:
             raise UserError(f"method '{asks[0]}' scores the context by the question's attention, but without "
@@ -157,6 +155,8 @@ class Engine:
         refusal = attention_refusal(model, chain.stages)
         if refusal:
             raise UserError(refusal + ".")
+        # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
+        self.calibrations = calibrate_stages(model, tokenizer, chain.stages, self.clock)
         # turns may share the compressed context (no copy per turn) unless a stage acts on each
         # row's cache after compression: decode stages (eviction, sparse decode) and sparse
         # prefill attention (it runs on the question parts too)
