@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ...errors import UserError
 from ...params import Param
 from ..prompt.attend import head_attention
-from ..prompt.ehpc import probe_inputs
+from ..prompt.ehpc import PROBE_DEPTHS, needle_probes
 from ..prompt.lm import CompressorLM
 from .recompute import GatherAndRecompute
 
@@ -65,9 +65,6 @@ def recall(scores: torch.Tensor, keep: int, kernels: list[int]) -> torch.Tensor:
         pooled = scores if k <= 1 else F.max_pool1d(scores[None, None], k, stride=1, padding=k // 2)[0, 0][:n]
         pooled = pooled.masked_fill(chosen, float("-inf"))
         chosen[pooled.topk(want).indices] = True
-    if int(chosen.sum()) < keep:  # kernels' picks overlapped nothing left: fill by the raw score
-        rest = scores.masked_fill(chosen, float("-inf"))
-        chosen[rest.topk(keep - int(chosen.sum())).indices] = True
     return torch.nonzero(chosen).flatten()
 
 
@@ -95,15 +92,15 @@ class ILRe(GatherAndRecompute):
         lm = CompressorLM(model, tokenizer, "target", self.args["probe_tokens"] * 2)
         layers = model.config.get_text_config().num_hidden_layers
         recalls = torch.zeros(layers)
-        for k, depth in enumerate((0.25, 0.5, 0.75)):
-            ids, (a, b), q = probe_inputs(tokenizer, self.args["probe_tokens"], depth, seed=k)
+        kernels = self.kernel_sizes()
+        for ids, (a, b), q in needle_probes(tokenizer, self.args["probe_tokens"]):
             n = len(ids) - q
             probs = head_attention(lm, ids, range(layers), q)
             keep = max(b - a, int(round(self.args["probe_keep"] * n)))
             for layer in range(layers):
-                got = recall(question_scores(probs[layer], n), keep, self.kernel_sizes())
+                got = recall(question_scores(probs[layer], n), keep, kernels)
                 recalls[layer] += float(torch.isin(torch.arange(a, b), got).float().mean())  # needle covered
-        recalls /= 3
+        recalls /= len(PROBE_DEPTHS)
         best = int(torch.nonzero(recalls == recalls.max()).flatten()[0])
         return {"layer": best, "recall": recalls}
 

@@ -40,7 +40,7 @@ from ...engine.state import PREFILL, ForwardState
 from ...errors import UserError
 from ...params import Param
 from ..prompt.attend import StopForward
-from ..prompt.ehpc import probe_inputs
+from ..prompt.ehpc import PROBE_DEPTHS, needle_probes
 from .recompute import GatherAndRecompute
 
 
@@ -122,15 +122,14 @@ class Reform(GatherAndRecompute):
         """Needle recall of every KV head of the first ``depth`` layers on three probes; the best ``heads``."""
         layers = self.candidate_layers(model)
         hits = {}
-        for k, depth in enumerate((0.25, 0.5, 0.75)):
-            ids, (a, b), q = probe_inputs(tokenizer, self.args["probe_tokens"], depth, seed=k)
+        for ids, (a, b), q in needle_probes(tokenizer, self.args["probe_tokens"]):
             n = len(ids) - q
             values = read_values(model, ids, layers, self.args["chunk"], self.args["sinks"], self.args["window"])
             for layer, v in values.items():
                 for head in range(v.shape[0]):
-                    top = similarity(F.normalize(v[head], dim=-1), n).topk(b - a).indices
+                    top = similarity(v[head], n).topk(b - a).indices
                     hit = float(torch.isin(torch.arange(a, b), top.cpu()).float().mean())
-                    hits[(layer, head)] = hits.get((layer, head), 0.0) + hit / 3
+                    hits[(layer, head)] = hits.get((layer, head), 0.0) + hit / len(PROBE_DEPTHS)
         ranked = sorted(hits, key=lambda lh: (-hits[lh], lh))  # best recall first, earliest on ties
         return {"heads": [list(lh) for lh in ranked[: self.args["heads"]]],
                 "recall": [hits[lh] for lh in ranked[: self.args["heads"]]]}

@@ -63,6 +63,16 @@ def probe_inputs(tokenizer, tokens: int, depth: float, seed: int) -> tuple[list[
     return ids, (at, at + len(needle)), len(question)
 
 
+PROBE_DEPTHS = (0.25, 0.5, 0.75)
+
+
+def needle_probes(tokenizer, tokens: int, seed: int = 0):
+    """The calibration probes (:func:`probe_inputs`) at depths 25/50/75 %, seeds ``seed``, ``seed + 1``, ...
+    (EHPC's evaluator heads, ILRe's retrieval layer, REFORM's embedding heads)."""
+    for k, depth in enumerate(PROBE_DEPTHS):
+        yield probe_inputs(tokenizer, tokens, depth, seed + k)
+
+
 def find_evaluator_heads(lm, heads: int, probe_tokens: int, seed: int = 0) -> EvaluatorHeads:
     """Score every head of every layer on the needle probes; the layer whose ``heads`` best heads
     score highest, and those heads (cached per model and setting)."""
@@ -71,12 +81,11 @@ def find_evaluator_heads(lm, heads: int, probe_tokens: int, seed: int = 0) -> Ev
         return _FOUND[key]
     layers = lm.model.config.get_text_config().num_hidden_layers
     total = None
-    for k, depth in enumerate((0.25, 0.5, 0.75)):
-        ids, (a, b), q = probe_inputs(lm.tokenizer, probe_tokens, depth, seed + k)
+    for ids, (a, b), q in needle_probes(lm.tokenizer, probe_tokens, seed):
         probs = head_attention(lm, ids, range(layers), q)  # layer → (Hq, q, L)
         scores = torch.stack([probs[i][:, :, a:b].sum(-1).mean(-1) for i in range(layers)])  # (layers, Hq)
         total = scores if total is None else total + scores
-    total = total / 3
+    total = total / len(PROBE_DEPTHS)
     n = min(heads, total.shape[1])
     best = total.topk(n, dim=1)
     layer = int(best.values.sum(1).argmax())
