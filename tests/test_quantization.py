@@ -306,3 +306,24 @@ def test_decode_dequantizes_each_group_once_into_a_buffer_of_the_models_dtype(mo
     assert torch.equal(k[:, :, layer.quantized:], keys[:, :, layer.quantized:])  # the window as is
     assert layer.nbytes() == spec.nbytes(1, 2, 160, 16, keys.element_size())
     assert layer.buffer_nbytes() == 2 * layer.quantized * 2 * 16 * keys.element_size()
+
+
+def test_decode_block_quantizes_what_leaves_the_window_a_block_at_a_time():
+    """Per-token int4/int8 quantize the tokens leaving the window ``block`` at a time while
+    decoding (transformers QuantizedCache's residual); compression still quantizes down to exactly
+    the window, and ``block=1`` is the former token-by-token flush."""
+    keys, values = random_kv(tokens=200)
+    blocked = layer_of(keys[:, :, :100], values[:, :, :100], QuantSpec(8, "token", 8, 16, decode_block=32))
+    single = layer_of(keys[:, :, :100], values[:, :, :100], QuantSpec(8, "token", 8, 16))
+    assert blocked.quantized == single.quantized == 84  # compression: exactly the window stays
+    assert blocked.nbytes() == single.nbytes()
+    for t in range(100, 200):
+        for layer in (blocked, single):
+            layer.append(keys[:, :, t:t + 1], values[:, :, t:t + 1], torch.tensor([[t]]), None)
+        assert 16 <= blocked.rkeys.shape[2] < 16 + 32 and single.rkeys.shape[2] == 16
+    k_blocked, k_single = blocked.dense()[0], single.dense()[0]
+    # per-token groups: a token quantized later is quantized to the same codes
+    assert torch.equal(k_blocked[:, :, :blocked.quantized], k_single[:, :, :blocked.quantized])
+    assert torch.equal(k_blocked[:, :, blocked.quantized:], keys[:, :, blocked.quantized:])
+    stage = Chain.build(resolve_chain("int8", None, 0.5), 0.5).stages[0]
+    assert stage.args["block"] == 32

@@ -24,6 +24,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import UserError
+from .room import extend
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -130,23 +131,29 @@ class DenseLayer(KVLayer):
         self.bias = None
 
     def append(self, keys, values, positions, valid):
+        """New slots go into room kept after the held ones (:mod:`.room`): no copy of the layer per step."""
         b, h, q, _ = keys.shape
         pos = positions[:, None, :].expand(b, h, q)
         new_valid = None if valid is None else valid[:, None, :].expand(b, h, q)
-        if self.bias is not None:  # appended tokens stand for themselves: logit bias 0
-            self.bias = torch.cat([self.bias, self.bias.new_zeros(b, h, q)], dim=-1)
         if self.keys is None:
             self.keys, self.values, self.positions = keys, values, pos.contiguous()
             self.valid = None if new_valid is None else new_valid.contiguous()
             self.is_initialized = True
             return
+        if self.bias is not None:  # appended tokens stand for themselves: logit bias 0
+            self._grow("bias", self.bias.new_zeros(b, h, q))
         if new_valid is not None or self.valid is not None:
-            old = self.valid if self.valid is not None else torch.ones_like(self.positions, dtype=torch.bool)
-            add = new_valid if new_valid is not None else torch.ones_like(pos, dtype=torch.bool)
-            self.valid = torch.cat([old, add], dim=-1)
-        self.keys = torch.cat([self.keys, keys], dim=-2)
-        self.values = torch.cat([self.values, values], dim=-2)
-        self.positions = torch.cat([self.positions, pos], dim=-1)
+            if self.valid is None:
+                self.valid = torch.ones_like(self.positions, dtype=torch.bool)
+            self._grow("valid", new_valid if new_valid is not None else torch.ones_like(pos, dtype=torch.bool))
+        self._grow("keys", keys)
+        self._grow("values", values)
+        self._grow("positions", pos)
+
+    def _grow(self, name: str, new: torch.Tensor) -> None:
+        view, base = extend(getattr(self, name), getattr(self, "_room_" + name, None), new)
+        setattr(self, name, view)
+        setattr(self, "_room_" + name, base)
 
     def dense(self):
         return self.keys, self.values
@@ -168,6 +175,7 @@ class DenseLayer(KVLayer):
                 self.valid = None
 
     def crop_to(self, length):
+        self.drop_room()  # an older, longer view may still be held: never write over it
         self.keys = self.keys[:, :, :length]
         self.values = self.values[:, :, :length]
         self.positions = self.positions[:, :, :length]
@@ -176,11 +184,17 @@ class DenseLayer(KVLayer):
         if self.bias is not None:
             self.bias = self.bias[:, :, :length]
 
+    def drop_room(self) -> None:
+        """Forget the room kept for appends (the next append copies into new storage)."""
+        for name in ("keys", "values", "positions", "valid", "bias"):
+            self.__dict__.pop("_room_" + name, None)
+
     def keep_rows(self, rows):
         rows = rows.to(self.positions.device)
         out = type(self).__new__(type(self))
         KVLayer.__init__(out)
         out.__dict__.update(self.__dict__)
+        out.drop_room()
         for name in ("keys", "values", "positions", "valid", "bias"):
             t = getattr(self, name)
             setattr(out, name, None if t is None else t.index_select(0, rows))
@@ -192,6 +206,7 @@ class DenseLayer(KVLayer):
         out = type(self).__new__(type(self))
         KVLayer.__init__(out)
         out.__dict__.update({k: v for k, v in self.__dict__.items()})
+        out.drop_room()
         for name in ("keys", "values", "positions", "valid", "bias"):
             t = getattr(self, name)
             setattr(out, name, None if t is None else t.repeat_interleave(n, dim=0))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .layer import KVLayer, refuse_bias, tensor_bytes
+from .room import extend
 
 SCALE_DTYPE = torch.float16
 _SCALE_MAX = 60000.0  # beyond this magnitude float16 scales would overflow; float32 is used instead
@@ -30,12 +31,18 @@ _SCALE_MAX = 60000.0  # beyond this magnitude float16 scales would overflow; flo
 @dataclass(frozen=True)
 class QuantSpec:
     """How a layer is quantized. ``key_axis``: "channel" (one scale per channel per group of
-    ``group_size`` tokens) or "token" (one scale per token per group of ``group_size`` channels)."""
+    ``group_size`` tokens) or "token" (one scale per token per group of ``group_size`` channels).
+    ``decode_block``: while tokens are appended (question, decoding), the tokens past the window
+    are quantized only once at least this many have gathered, then all at once (the residual of
+    transformers' ``QuantizedCache`` and of KIVI): the window then holds ``window`` to
+    ``window + decode_block − 1`` tokens, and a one-token step does not pay a quantization pass in
+    every layer. Compression itself always quantizes down to exactly ``window``."""
 
     bits: int
     key_axis: str
     group_size: int
     window: int
+    decode_block: int = 1
 
     def token_group(self) -> int:
         """Tokens that must be quantized together (a key group along the token axis)."""
@@ -83,10 +90,15 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 # --- quantizing one tensor -------------------------------------------------------------------
+def scale_dtype(lo: torch.Tensor, hi: torch.Tensor) -> torch.dtype:
+    """float16 scales and zeros, or float32 when a magnitude would overflow float16."""
+    big = max(-float(lo.min()), float(hi.max())) if lo.numel() else 0.0  # max |x|, as lo ≤ hi
+    return SCALE_DTYPE if big < _SCALE_MAX else torch.float32
+
+
 def _round_scale(lo: torch.Tensor, hi: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Storage-dtype zero ≤ min and scale ≥ (max − zero) / levels, so every code stays in range."""
-    big = max(float(lo.abs().max()), float(hi.abs().max())) if lo.numel() else 0.0
-    dtype = SCALE_DTYPE if big < _SCALE_MAX else torch.float32
+    dtype = scale_dtype(lo, hi)
     zero = lo.to(dtype)
     zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -math.inf)), zero)
     scale = ((hi - zero.float()) / levels).clamp_min(torch.finfo(SCALE_DTYPE).tiny).to(dtype)
@@ -151,27 +163,15 @@ def dequantize_channels(p: Packed, bits: int, token_group: int) -> torch.Tensor:
     return dequantize(codes.view(b, h, t // token_group, token_group, d), p.scale, p.zero, -2).view(b, h, t, d)
 
 
-GROW = 256  # slots of room added along the token axis when packed storage must grow
-
-
 def _cat(a: Packed | None, b: Packed) -> Packed:
-    """``a`` then ``b`` along the token axis. Appends go into room kept beyond ``a``'s end, grown
-    ``GROW`` slots at a time, so decoding does not copy the whole packed layer at every step
-    (the room is at most ``GROW`` slots per tensor; :meth:`QuantizedLayer.nbytes` counts the views)."""
+    """``a`` then ``b`` along the token axis, appended into room kept beyond ``a``'s end
+    (:func:`lcbench.cache.room.extend`), so decoding does not copy the whole packed layer at every
+    step; :meth:`QuantizedLayer.nbytes` counts the views."""
     if a is None:
         return b
-    room = list(a.room) if a.room is not None else [None, None, None]
-    views = []
-    for i, (x, y) in enumerate(zip(a.tensors(), b.tensors())):
-        used, need = x.shape[2], x.shape[2] + y.shape[2]
-        base = room[i]
-        if base is None or base.shape[2] < need or base.data_ptr() != x.data_ptr():
-            base = torch.empty((*x.shape[:2], need + max(y.shape[2], GROW), *x.shape[3:]), dtype=x.dtype, device=x.device)
-            base[:, :, :used] = x
-        base[:, :, used:need] = y
-        room[i] = base
-        views.append(base[:, :, :need])
-    return Packed(*views, room=tuple(room))
+    room = a.room if a.room is not None else (None, None, None)
+    grown = [extend(x, base, y) for x, base, y in zip(a.tensors(), room, b.tensors())]
+    return Packed(*(view for view, _ in grown), room=tuple(base for _, base in grown))
 
 
 def _slice(p: Packed, groups: int, tokens: int) -> Packed:
@@ -215,6 +215,7 @@ class QuantizedLayer(KVLayer):
         self.dvalues: torch.Tensor | None = None
         self.positions = None
         self.valid = None
+        self._room: dict[str, torch.Tensor] = {}  # bases of the buffer's views, with room to grow (.room)
         self.is_initialized = True
 
     @property
@@ -267,12 +268,13 @@ class QuantizedLayer(KVLayer):
             return dequantize_channels(p, self.spec.bits, self.spec.group_size)
         return dequantize_tokens(p, self.spec.bits, self._channel_group())
 
-    def _flush(self) -> None:
-        """Quantize the oldest whole token groups of the window that lie beyond ``spec.window``,
-        and put their dequantized values in the compute buffer in their place (once)."""
+    def _flush(self, block: int = 1) -> None:
+        """Quantize the oldest whole token groups of the window that lie beyond ``spec.window``
+        (when at least ``block`` tokens do), and put their dequantized values in the compute
+        buffer in their place (once)."""
         a = self.quantized
         n = self.spec.quantized_tokens(self.dkeys.shape[2] - a)
-        if n <= 0:
+        if n <= 0 or n < block:
             return
         cg = self._channel_group()
         new_keys = self._quantize_keys(self.dkeys[:, :, a:a + n])
@@ -288,13 +290,20 @@ class QuantizedLayer(KVLayer):
         b, h, q, _ = keys.shape
         pos = positions[:, None, :].expand(b, h, q)
         if self.valid is not None or valid is not None:
-            old = self.valid if self.valid is not None else torch.ones_like(self.positions, dtype=torch.bool)
-            new = valid[:, None, :].expand(b, h, q) if valid is not None else torch.ones_like(pos, dtype=torch.bool)
-            self.valid = torch.cat([old, new], dim=-1)
-        self.positions = torch.cat([self.positions, pos], dim=-1)
-        self.dkeys = torch.cat([self.dkeys, keys.to(self.dtype)], dim=2)
-        self.dvalues = torch.cat([self.dvalues, values.to(self.dtype)], dim=2)
-        self._flush()
+            if self.valid is None:
+                self.valid = torch.ones_like(self.positions, dtype=torch.bool)
+            self._grow("valid", valid[:, None, :].expand(b, h, q) if valid is not None
+                       else torch.ones_like(pos, dtype=torch.bool))
+        self._grow("positions", pos)
+        self._grow("dkeys", keys.to(self.dtype))
+        self._grow("dvalues", values.to(self.dtype))
+        self._flush(self.spec.decode_block)
+
+    def _grow(self, name: str, new: torch.Tensor) -> None:
+        """``name`` extended by ``new`` into room kept after it (:mod:`.room`): no copy per step."""
+        view, base = extend(getattr(self, name), self._room.get(name), new)
+        setattr(self, name, view)
+        self._room = {**self._room, name: base}
 
     def dense(self):
         return self.dkeys, self.dvalues
@@ -325,6 +334,7 @@ class QuantizedLayer(KVLayer):
                       None if valid is None or bool(valid.all()) else valid)
 
     def crop_to(self, length):
+        self._room = {}  # an older, longer view may still be held: never write over it
         self.positions = self.positions[:, :, :length]
         if self.valid is not None:
             self.valid = self.valid[:, :, :length]

@@ -21,6 +21,8 @@ is told apart from a 2-bit one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...cache.layer import KVLayer
@@ -96,6 +98,8 @@ class QuantizeStage(Stage):
             return layer
         spec = plan(layer, self.ratio, self.bits_options(), self.key_axis, self.args["group_size"],
                     self.args["window"])
+        if self.args.get("block", 1) > 1:
+            spec = dataclasses.replace(spec, decode_block=self.args["block"])
         out = QuantizedLayer.from_layer(layer, spec)
         if not hasattr(self, "_chosen"):
             self.begin_sample()
