@@ -95,6 +95,16 @@ def test_simlayerkv_refuses_a_window_not_longer_than_n_last():
         resolve_chain("simlayerkv", "n_recent=4,n_last=4", 0.5)
 
 
+def test_simlayerkv_ratio_mode_must_be_the_last_cache_stage():
+    """Its cut waits for the last layer, so a cache stage after it would act on uncut layers."""
+    from lcbench.methods.chain import Chain
+
+    with pytest.raises(UserError, match="last among the cache stages.*kivi\\+simlayerkv"):
+        Chain.build(resolve_chain("simlayerkv+kivi", None, 0.5))
+    assert [s.name for s in Chain.build(resolve_chain("kivi+simlayerkv", None, 0.5)).stages] == ["kivi", "simlayerkv"]
+    Chain.build(resolve_chain("simlayerkv+kivi", "simlayerkv.mode=threshold", 0.5))  # threshold mode cuts at once
+
+
 # --- duoattention --------------------------------------------------------------------------------
 CALIBRATION_TEXTS = ["The quick brown fox jumps over the lazy dog. " * 12,
                      "Read the following text carefully. The special magic number is 4217. " * 8,

@@ -155,6 +155,10 @@ class Stage:
     needs_question: ClassVar[bool] = False
     # the parameters a calibration (:meth:`calibrate`) depends on; None: all of them ("ratio" may be named)
     calibration_params: ClassVar[tuple[str, ...] | None] = None
+    # True when the stage cuts layers only once the last layer was prefilled (it ranks every layer's
+    # score, SimLayerKV's ratio mode): a later cache stage would already have acted on the uncut
+    # layers, so a chain refuses one after it (methods/chain.py)
+    cuts_after_last_layer: bool = False
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)

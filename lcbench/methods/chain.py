@@ -68,6 +68,7 @@ class Chain:
             stage = stage_cls(ratio=item["ratio"], **item["args"])
             stage.budget_tokens = item.get("budget")
             stages.append(stage)
+        _refuse_cache_stage_after_a_late_cut(stages)
         return cls(stages, chain_ratio(spec) if ratio is None else ratio)
 
     @property
@@ -121,6 +122,17 @@ class Chain:
 
     def tolerance_of(self, sparse: bool) -> float:
         return max((s.tolerance for s in self._part(sparse)), default=0.05)
+
+
+def _refuse_cache_stage_after_a_late_cut(stages: list[Stage]) -> None:
+    """A stage that cuts layers only after the last one was prefilled (``cuts_after_last_layer``)
+    must be the chain's last cache stage: the ones after it would compress layers it cuts later."""
+    for i, stage in enumerate(stages):
+        later = [s.name for s in stages[i + 1:] if "cache" in s.stages]
+        if stage.cuts_after_last_layer and stage.ratio > 0 and later:
+            raise UserError(f"method '{stage.name}' cuts the layers only once the last layer is prefilled, so "
+                            f"'{later[0]}' after it in the chain would compress layers before they are cut. Fix: put "
+                            f"'{stage.name}' last among the cache stages (e.g. {later[0]}+{stage.name}).")
 
 
 def chain_ratio(spec: list[dict[str, Any]]) -> float:

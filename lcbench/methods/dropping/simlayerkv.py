@@ -33,8 +33,8 @@ Two modes (param ``mode``):
                their windows narrower than ``n_recent − n_last``. The ranking needs every layer's
                score, so layers are cut, in place, when the last layer has been prefilled (the same
                cache as cutting each at once: a layer's prefill never reads its own cut cache).
-               Ratio 0 keeps everything. In a chain, put it last among the cache stages in this mode
-               (``snapkv+simlayerkv``, not ``simlayerkv+kivi``): a later cache stage acts on each layer
+               Ratio 0 keeps everything. In a chain it must be the last cache stage in this mode (a chain
+               with one after it is refused: ``snapkv+simlayerkv``, not ``simlayerkv+kivi``): a later cache stage acts on each layer
                as soon as it is prefilled, before the cut, and would replace the layer the cut is made on.
                For the same reason samples are not batched together in this mode (``--batch-size N``
                runs them one at a time; the engine reports it as state carried between samples).
@@ -142,6 +142,7 @@ class SimLayerKV(Stage):
         # compresses per-row copies of each layer and stacks them anew (engine/per_row.py), so the cut
         # would miss them: such a chain runs one sample at a time (the flag the engine reads for that)
         self.cross_sample_state = self.args["mode"] == "ratio"
+        self.cuts_after_last_layer = self.args["mode"] == "ratio"  # so it must be the last cache stage
         self.begin_sample()
 
     def begin_sample(self) -> None:
