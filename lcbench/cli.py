@@ -141,7 +141,8 @@ app.command("run")(run)
 def _run(*, model, model_args, method, method_args, task, task_args, data_dir, ratio, budget, spec,
          **settings) -> None:
     from .errors import CompressionShortfall
-    from .evaluate import ModelPool, build_spec, evaluate, load_spec_file
+    from .evaluate import ModelPool, build_spec, load_spec_file
+    from .run_together import run_each
     from .report.table import render_table, run_rows
 
     if spec is not None:
@@ -161,15 +162,15 @@ def _run(*, model, model_args, method, method_args, task, task_args, data_dir, r
     pool.plan_shared_prefill(specs)
     folders, failed = [], []
     with _progress() as bar:
-        for s in specs:
-            job = bar.add_task(terminal_text(f"{s.task} · {s.method_name} · {s.size}"), total=None)
-            try:
-                outcome = evaluate(s, pool, progress=lambda i, n, job=job: bar.update(job, completed=i, total=n))
-            except CompressionShortfall as exc:  # this (method, ratio) failed; the other runs still go
-                if len(specs) == 1:
-                    raise
-                failed.append(f"{s.task} · {s.method_name} · {s.size}: {exc}")
+        jobs = {s.run_id: bar.add_task(terminal_text(f"{s.task} · {s.method_name} · {s.size}"), total=None)
+                for s in specs}
+        for s, outcome in run_each(specs, pool, lambda s, i, n: bar.update(jobs[s.run_id], completed=i, total=n)):
+            if isinstance(outcome, CompressionShortfall) and len(specs) > 1:
+                # this (method, ratio) failed; the other runs still go
+                failed.append(f"{s.task} · {s.method_name} · {s.size}: {outcome}")
                 continue
+            if isinstance(outcome, BaseException):
+                raise outcome
             folders.append(outcome.folder)
     if folders:
         render_table(run_rows(folders), console)

@@ -7,6 +7,7 @@ record per turn.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -325,6 +326,20 @@ def _check_lengths(samples: list, tokenizer, max_length: int, model: str) -> Non
              f"Fix: shorter task lengths (e.g. --task-args lengths=...), or a model with a longer window.")
 
 
+@dataclass
+class OpenRun:
+    """A run whose inputs were checked and whose folder is open and locked to this process."""
+
+    spec: RunSpec
+    folder: Path
+    store: RunStore
+    engine: Engine
+    task: Any
+    samples: list
+    fresh: bool  # the folder did not exist before this process
+    written: int = 0
+
+
 def evaluate(spec: RunSpec, models: ModelPool | None = None,
              progress: Callable[[int, int], None] | None = None) -> RunOutcome:
     """Run (or resume) ``spec``; returns the folder and its summary.
@@ -332,6 +347,15 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
     Everything that can be checked is checked before the run folder is created: the model loads,
     the task builds its samples and the chain its stages. The folder is then locked to this
     process; a run that ends in an error is marked failed in ``status.json`` (a signal: aborted)."""
+    run = open_run(spec, models)
+    with ending(run):
+        run.written, summary = _fill(spec, run.store, run.engine, run.task, run.samples, progress)
+    run.store.close()
+    return RunOutcome(spec, run.folder, summary, run.written)
+
+
+def open_run(spec: RunSpec, models: ModelPool | None = None) -> OpenRun:
+    """Load, check and open ``spec``'s run (the folder is created only once every input is checked)."""
     torch.manual_seed(spec.seed)
     folder = Path(spec.output_path) / spec.run_id
     loaded = (models or ModelPool()).get(spec)
@@ -360,24 +384,31 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
                         f"folder with --output-path.") from None
     for note in store.notes:
         warn(note)
+    return OpenRun(spec, folder, store, engine, task, samples, fresh)
+
+
+@contextlib.contextmanager
+def ending(run: OpenRun):
+    """How an open run ends when its work raises: aborted by a signal (then :class:`RunAborted`),
+    failed on a full disk (then the disk-full error), failed otherwise — and a folder this process
+    created for bad input found only once the first sample ran is removed again."""
     try:
-        written, summary = _fill(spec, store, engine, task, samples, progress)
+        yield
     except KeyboardInterrupt as exc:
-        _end(store, ABORTED, "stopped by " + signal.Signals(signal_number(exc)).name)
-        raise RunAborted(folder, len(store.records()), signal_number(exc)) from None
+        _end(run.store, ABORTED, "stopped by " + signal.Signals(signal_number(exc)).name)
+        raise RunAborted(run.folder, len(run.store.records()), signal_number(exc)) from None
     except OSError as exc:
         if not disk_full(exc):
-            _end(store, FAILED, f"{type(exc).__name__}: {exc}")
+            _end(run.store, FAILED, f"{type(exc).__name__}: {exc}")
             raise
-        _end(store, FAILED, f"disk full: {exc}")
-        raise disk_full_error(folder, exc, _count(store)) from None
+        _end(run.store, FAILED, f"disk full: {exc}")
+        raise disk_full_error(run.folder, exc, _count(run.store)) from None
     except BaseException as exc:
-        _end(store, FAILED, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
-        if fresh and isinstance(exc, UserError) and not isinstance(exc, CompressionShortfall) and not _count(store):
-            _remove_fresh(folder)  # bad input found only once the first sample ran: leave no folder behind
+        _end(run.store, FAILED, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+        if (run.fresh and isinstance(exc, UserError) and not isinstance(exc, CompressionShortfall)
+                and not _count(run.store)):
+            _remove_fresh(run.folder)  # bad input found only once the first sample ran: leave no folder behind
         raise
-    store.close()
-    return RunOutcome(spec, folder, summary, written)
 
 
 def spec_payload(spec: RunSpec, engine: Engine) -> dict[str, Any]:
@@ -424,23 +455,33 @@ def _fill(spec: RunSpec, store: RunStore, engine: Engine, task, samples: list,
                               spec.batch_size) if loglik else
                _produce(engine, samples, store.done_turns(), spec.batch_size, multi_turn))
     for finished, produced in produce:
-        for record in produced:
-            sample = by_id[record.sample_id]
-            if not loglik:
-                record = record.scored(task.score(sample, sample.turns[record.turn], record.prediction))
-            record = record.stamped(
-                run_id=spec.run_id, task=spec.task, method=spec.method_name, model=spec.model)
-            store.append(record)
-            written += 1
+        written += _write(spec, store, task, by_id, produced, scored=not loglik)
         if progress:
             progress(finished, len(samples))
+    return written, _summary(spec, store, task, samples)
+
+
+def _write(spec: RunSpec, store: RunStore, task, by_id: dict, produced: list[TurnRecord], scored: bool = True) -> int:
+    """Score (unless the engine scored them), stamp and append ``produced``; returns how many."""
+    for record in produced:
+        sample = by_id[record.sample_id]
+        if scored:
+            record = record.scored(task.score(sample, sample.turns[record.turn], record.prediction))
+        record = record.stamped(
+            run_id=spec.run_id, task=spec.task, method=spec.method_name, model=spec.model)
+        store.append(record)
+    return len(produced)
+
+
+def _summary(spec: RunSpec, store: RunStore, task, samples: list) -> dict[str, Any]:
+    """The run's summary over its records of ``samples``, written to the store."""
     wanted = {s.id for s in samples}
     records = [r for r in store.records() if r["sample_id"] in wanted]
     summary = summarize(records, task.aggregate(records), suite_score(records, task.suite_score))
     summary.update({"run_id": spec.run_id, "task": spec.task, "method": spec.method_name,
                     "ratio": spec.ratio, "budget": spec.budget, "model": spec.model, "query_aware": spec.query_aware})
     store.write_json(RunStore.SUMMARY, summary)
-    return written, summary
+    return summary
 
 
 def engine_config(spec: RunSpec, loaded: LoadedModel, samples: list) -> EngineConfig:

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .evaluate import ModelPool, build_spec, evaluate, share_groups
+from .evaluate import ModelPool, build_spec, share_groups
+from .run_together import run_each
 from .spec import RunSpec, run_settings
 
 AXES = ("model", "method", "ratio", "budget", "task")  # ratio or budget (tokens per layer and head)
@@ -169,12 +170,11 @@ def run_local(specs: list[RunSpec], on_done: Callable[[Finished], None],
     pool = ModelPool()
     pool.plan_shared_prefill(specs)
     out = []
-    for spec in sorted(specs, key=lambda s: (s.model, str(s.model_args), s.device)):
-        try:
-            progress = (lambda i, n, spec=spec: on_progress(spec, i, n)) if on_progress else None
-            done = Finished(spec, evaluate(spec, pool, progress=progress).folder)
-        except Exception as exc:  # one run's failure (bad input, out of memory, a method's bug) stops no other
-            done = Finished(spec, Path(spec.output_path) / spec.run_id, failure_text(exc))
+    for spec, outcome in run_each(sorted(specs, key=lambda s: (s.model, str(s.model_args), s.device)), pool,
+                                  on_progress):
+        # one run's failure (bad input, out of memory, a method's bug) stops no other
+        done = (Finished(spec, Path(spec.output_path) / spec.run_id, failure_text(outcome))
+                if isinstance(outcome, Exception) else Finished(spec, outcome.folder))
         out.append(done)
         on_done(done)
     return out
@@ -196,13 +196,9 @@ def execute_payloads(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         _WORKER_POOL = ModelPool()
     specs = [RunSpec.from_json(p) for p in payloads]
     _WORKER_POOL.plan_shared_prefill(specs)
-    out = []
-    for spec in specs:
-        try:
-            out.append({"folder": str(evaluate(spec, _WORKER_POOL).folder), "error": None})
-        except Exception as exc:
-            out.append({"folder": str(Path(spec.output_path) / spec.run_id), "error": failure_text(exc)})
-    return out
+    return [{"folder": str(Path(spec.output_path) / spec.run_id), "error": failure_text(outcome)}
+            if isinstance(outcome, Exception) else {"folder": str(outcome.folder), "error": None}
+            for spec, outcome in run_each(specs, _WORKER_POOL)]
 
 
 def run_ray(specs: list[RunSpec], on_done: Callable[[Finished], None], address: str | None = None,

@@ -32,12 +32,15 @@ def test_shared_prefill_records_equal_each_run_alone(tmp_path):
         assert [(r.sample_id, r.turn) for r in records] == [(r.sample_id, r.turn) for r in others]
         for a, b in zip(records, others):
             assert a.decoded_ids == b.decoded_ids and a.prediction == b.prediction, name
-            for field in ("kv_bytes", "kv_bytes_full", "kept_tokens", "achieved_ratio", "decode_tokens"):
+            for field in ("kv_bytes", "kv_bytes_full", "kept_tokens", "achieved_ratio", "decode_tokens",
+                          "kv_bytes_end", "kept_tokens_end"):
                 assert getattr(a.measured, field) == getattr(b.measured, field), (name, field)
             assert a.method_stats == b.method_stats and a.scores == b.scores, name
             assert b.measured.shared_prefill is None
             # truncate has a text stage (it changes the prefill): it never shares
             assert a.measured.shared_prefill is (None if "truncate" in name else True), name
+            # the sharing runs' turns decode in one batch (engine/joint.py): 8 runs × 1 turn per step
+            assert a.measured.batch_rows == (1 if "truncate" in name else 8), name
     # each shared run records the one measured prefill of a context
     snap = {r.sample_id: r.measured.prefill_s for r in shared[next(n for n in shared if "snapkv__r0.5" in n)]}
     kivi = {r.sample_id: r.measured.prefill_s for r in shared[next(n for n in shared if "kivi__r0.25" in n)]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lcbench import sweep as sweep_mod
+from lcbench import run_together as together_mod
 from lcbench.cli import app
 from lcbench.errors import CompressionShortfall, UserError
 from lcbench.sweep import expand, load_grid, run_local, run_ray
@@ -86,7 +86,7 @@ def test_local_sweep_cli_runs_resumes_and_reports(tmp_path):
 
 def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
     specs = expand(load_grid(_grid(tmp_path)), str(tmp_path / "out"))
-    real = sweep_mod.evaluate
+    real = together_mod.evaluate  # (batch size 4: the runs do not run together, each goes through evaluate)
 
     def failing(spec, pool, progress=None):
         if spec.ratio == 0.5:
@@ -95,7 +95,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
             raise RuntimeError("out of memory")  # not a user error: still reported, the others still run
         return real(spec, pool, progress=progress)
 
-    monkeypatch.setattr(sweep_mod, "evaluate", failing)
+    monkeypatch.setattr(together_mod, "evaluate", failing)
     seen = []
     finished = run_local(specs, seen.append)
     assert len(seen) == 3 and [f.error is None for f in finished].count(True) == 1

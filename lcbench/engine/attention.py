@@ -47,6 +47,7 @@ from ..cache.shared import SharedContextLayer
 from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
 from ..methods.budget import compress
+from .joint import JointLayer
 from .state import DECODE, PREFILL, ForwardState
 
 ATTENTION_NAME = "lcbench"
@@ -428,8 +429,20 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     idx = module.layer_idx
     cache = state.cache
     layer = cache.layers[idx]
+    if isinstance(layer, JointLayer):  # several runs' rows decoding together (engine/joint.py)
+        return layer.attend(query, lambda q, k, v, part_layer, part_state: attend_layer(
+            module, q, k, v, part_layer, part_state, call, idx, len(cache.layers))), None
+    out, cache.layers[idx] = attend_layer(module, query, key, value, layer, state, call, idx, len(cache.layers))
+    return out, None
+
+
+def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState, call: AttentionCall, idx: int,
+                 num_layers: int) -> tuple[torch.Tensor, KVLayer]:
+    """One layer's attention over what ``layer`` holds, with ``state``'s stages (sparse attention,
+    compression on the compressing pass, decode-time eviction); returns the output and the layer
+    the cache holds from now on."""
     if isinstance(layer, SharedContextLayer):  # turns sharing one context (cache/shared.py)
-        return shared_context_attention(module, query, layer, call), None
+        return shared_context_attention(module, query, layer, call), layer
     q_len = query.shape[2]
     mask = storage_mask(layer, q_len, call.window)
     scaling = call.scaling
@@ -457,7 +470,6 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
     if call.window and state.phase == PREFILL:
         layer = drop_unseeable(layer, call.window)
-        cache.layers[idx] = layer
         if layer.seq_len() < key.shape[2]:  # what a cache stage observes: the tokens kept
             key, _ = layer.dense()
             query = query[:, :, max(0, q_len - layer.seq_len()):]
@@ -465,17 +477,15 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if state.compressing and state.cache_stages:
         start = state.timer.now()
         groups = getattr(module, "num_key_value_groups", 1)
-        seen = observe(state.needs, query, key, layer, groups, scaling, idx, len(cache.layers),
+        seen = observe(state.needs, query, key, layer, groups, scaling, idx, num_layers,
                        min(state.protected, layer.seq_len()), module=module)
         for stage in state.cache_stages:
             layer = compress(stage, layer, seen)
-        cache.layers[idx] = layer
         state.compress_seconds += state.timer.now() - start
     elif state.phase == DECODE and state.decode_stages:
         for stage in state.decode_stages:
             layer = stage.after_decode_step(layer, idx, query)
-        cache.layers[idx] = layer
-    return out, None
+    return out, layer
 
 
 AttentionInterface.register(ATTENTION_NAME, lcbench_attention)

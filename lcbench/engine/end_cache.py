@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..cache.shared import SharedContextLayer
+from .joint import JointLayer
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,24 @@ class EndCache:
 
 
 def row_end_cache(cache, row: int, rows: int) -> EndCache:
-    """What batch row ``row`` of ``rows`` holds in ``cache`` now."""
+    """What batch row ``row`` of ``rows`` holds in ``cache`` now. In a joint batch of several runs
+    (:class:`~lcbench.engine.joint.JointLayer`), each layer's share is read from the row's own
+    run's layer, with that run's rows, exactly as when the run decodes alone."""
     if rows == 1:
         return EndCache(int(cache.nbytes()), float(cache.kept_tokens()))
     total, kept = 0.0, []
     for layer in cache.layers:
-        if isinstance(layer, SharedContextLayer):
+        own, n = (row, rows)
+        if isinstance(layer, JointLayer):
+            layer, own, n = layer.part_of(row)
+        if n == 1:
+            total += layer.nbytes()
+            kept.append(float(layer.kept_tokens().float().mean()))
+        elif isinstance(layer, SharedContextLayer):
             context = layer.context.nbytes()
-            total += context + (layer.nbytes() - context) / rows
+            total += context + (layer.nbytes() - context) / n
+            kept.append(float(layer.kept_tokens()[own].float().mean()))
         else:
-            total += layer.nbytes() / rows
-        kept.append(float(layer.kept_tokens()[row].float().mean()))
+            total += layer.nbytes() / n
+            kept.append(float(layer.kept_tokens()[own].float().mean()))
     return EndCache(int(total), sum(kept) / len(kept) if kept else 0.0)

@@ -94,6 +94,28 @@ class Decoded:
     decode_s: float
 
 
+@dataclass
+class Pending:
+    """One run's sample ready to decode (:meth:`Engine.ask`): what :meth:`Engine.answer` needs."""
+
+    engine: "Engine"
+    prepared: Prepared
+    prefilled: Prefilled
+    measured: dict[str, float]
+    stats: dict[str, float]
+    asked: "Asked"
+
+
+@dataclass
+class Asked:
+    """Question parts prefilled on a compressed context: where greedy decoding starts."""
+
+    state: ForwardState
+    logits: torch.Tensor
+    next_positions: torch.Tensor
+    question_prefill_s: float
+
+
 def kv_bytes_per_token(model) -> int:
     """Bytes one token's keys+values take in a dense cache of this model (all layers): as probed
     when lcbench attention was switched on (layers may differ: Gemma-4), else from the config."""
@@ -367,6 +389,14 @@ class Engine:
                     f"not a score. Fix the method, or request a ratio it can reach."
                 )
 
+    def measured(self, cache: KVCache, p: Prepared, stages: list) -> tuple[dict[str, float], dict[str, float]]:
+        """What one context's compressed ``cache`` holds and what ``stages`` reported, checked
+        against the requested ratio."""
+        m = self.measure(cache, p.context_tokens_original, len(p.prompt.context_ids))
+        stats = self.stage_stats(stages, dict(p.stats))
+        self.check(m, stats)
+        return m, stats
+
     def stage_stats(self, stages: list, into: dict[str, float]) -> dict[str, float]:
         """``into`` updated with what ``stages`` measured on the current sample (:meth:`Stage.sample_stats`)."""
         for stage in stages:
@@ -378,6 +408,16 @@ class Engine:
         """Prefill question parts (left-padded, one row each) on ``cache`` and decode them together;
         ``start`` is the true position of each row's first question token (one int for all rows,
         or one per row when the rows continue different contexts)."""
+        asked = self.question_prefill(cache, turn_ids, start)
+        times: dict[str, float] = {}
+        with torch.inference_mode(), self.clock.region(times, "decode_s"):
+            outs = self._greedy(asked.state, asked.logits, asked.next_positions, turns)
+        self.memory.sample()
+        return Decoded(outs, asked.question_prefill_s, times["decode_s"])
+
+    def question_prefill(self, cache: KVCache, turn_ids: list[list[int]], start: int | list[int]) -> "Asked":
+        """The question parts prefilled on ``cache`` (left-padded rows): the state decoding goes on
+        with, the last logits of each row, each row's next position, and the time it took."""
         times: dict[str, float] = {}
         state = self.forward_state(cache)
         state.phase = QUESTION
@@ -387,13 +427,9 @@ class Engine:
         start = torch.as_tensor(start, device=self.device).reshape(-1)
         pos = start[:, None] + torch.arange(q, device=self.device)[None, :] - (q - lengths)[:, None]
         pos = pos.clamp(min=0)
-        with torch.inference_mode():
-            with self.clock.region(times, "question_prefill_s"):
-                logits = forward(self.model, ids, pos, state, valid)
-            with self.clock.region(times, "decode_s"):
-                outs = self._greedy(state, logits, start + lengths, turns)
-        self.memory.sample()
-        return Decoded(outs, times["question_prefill_s"], times["decode_s"])
+        with torch.inference_mode(), self.clock.region(times, "question_prefill_s"):
+            logits = forward(self.model, ids, pos, state, valid)
+        return Asked(state, logits, start + lengths, times["question_prefill_s"])
 
     def decode_from(self, cache: KVCache, logits: torch.Tensor, next_position: int, turn: Turn) -> Decoded:
         """Decode one row greedily from the prefill's last ``logits`` (query-aware mode: the
@@ -457,11 +493,9 @@ class Engine:
                                                   zip(*(row_layers(layer) for layer in cache.layers))]
         measured, stats = [], []
         for j, p in enumerate(group):
-            m = self.measure(per_row[j], p.context_tokens_original, len(p.prompt.context_ids))
-            s = self.stage_stats(prefilled.row_stages[j], dict(p.stats))
-            self.check(m, s)
+            m, st = self.measured(per_row[j], p, prefilled.row_stages[j])
             measured.append(m)
-            stats.append(s)
+            stats.append(st)
         del per_row
         pending = [(j, k) for j, p in enumerate(group) for k in p.todo]
         size = max(1, rows or self.config.decode_rows or len(pending) or 1)
@@ -483,6 +517,30 @@ class Engine:
                 records.append(self.record(p, k, out, prefilled, decoded, measured[j], s,
                                            len(p.prompt.context_ids) + len(p.prompt.turn_ids[k]), len(chunk),
                                            len(group)))
+        return records
+
+    # --- several runs decoding together (engine/joint.py) ------------------------------------
+    def ask(self, p: Prepared) -> "Pending":
+        """:meth:`run_group` for one sample, up to where decoding begins: the context prefilled
+        (from a shared prefill where runs share them) and compressed, measured and checked, and
+        every pending turn's question part prefilled on it."""
+        prefilled = self.prefill([p.prompt.context_ids])
+        measured, stats = self.measured(prefilled.cache, p, prefilled.row_stages[0])
+        cache = self._decode_cache(prefilled.cache, [len(p.todo)], last=True)
+        asked = self.question_prefill(cache, [p.prompt.turn_ids[k] for k in p.todo], len(p.prompt.context_ids))
+        return Pending(self, p, prefilled, measured, stats, asked)
+
+    def answer(self, pending: "Pending", outputs: list[RowOutput], decode_s: float, rows: int) -> list[TurnRecord]:
+        """The records of ``pending``'s turns from their decoded ``outputs`` (a decode of ``rows``
+        rows that took ``decode_s``), as :meth:`run_group` writes them."""
+        p, prefilled = pending.prepared, pending.prefilled
+        decoded = Decoded(outputs, pending.asked.question_prefill_s, decode_s)
+        self.memory.sample()
+        records = []
+        for k, out in zip(p.todo, outputs):
+            stats = self.stage_stats(prefilled.row_stages[0], pending.stats)
+            records.append(self.record(p, k, out, prefilled, decoded, pending.measured, stats,
+                                       len(p.prompt.context_ids) + len(p.prompt.turn_ids[k]), rows))
         return records
 
     def _decode_cache(self, cache: KVCache, counts: list[int], last: bool) -> KVCache:

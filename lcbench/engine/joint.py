@@ -1,0 +1,148 @@
+"""Several runs' rows decoded in one batch (issue #14: runs that share a prefill decode together).
+
+Runs that share a prefill (:mod:`.shared_prefill`) differ only in their cache and decode stages:
+after each compressed its own copy of a context and prefilled its question part on it, their rows
+are greedy-decoded together — one forward pass per step for all of them, so the model's weights are
+read once per step instead of once per run — while each row keeps everything its run would have
+alone. A :class:`JointLayer` holds, per layer, each run's own layer (dense, quantized, evicting,
+ragged, shared between turns: any kind) for its rows: appends go to each run's layer, attention runs
+per run on its own layer with its own stages (:func:`lcbench.engine.attention.attend_layer`: its
+sparse decode, its eviction after the step), a finished row leaves its run's layer exactly as it
+would leave a run decoding alone. Only the projections and MLPs see the whole batch. So each row's
+tokens, KV bytes at the end and kept tokens are those of its run alone (the records are compared in
+``tests/test_joint_decode.py`` and ``benchmarks/sweep.py``); its ``decode_s`` is the joint decode's
+time and ``batch_rows`` says how many rows shared it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..cache import KVCache
+from ..cache.layer import KVLayer
+from ..methods.base import Needs
+from .state import DECODE, ForwardState
+
+
+@dataclass
+class JointPart:
+    """One run's rows of a joint batch: its own layer and the state its stages run with."""
+
+    layer: KVLayer
+    rows: int
+    state: ForwardState
+
+
+class JointLayer(KVLayer):
+    """One layer of a joint batch: ``parts`` in row order, each one run's own layer for its rows."""
+
+    lazy_dense = True  # KVCache.update hands attention the new tokens; attention goes through attend()
+
+    def __init__(self, parts: list[JointPart]):
+        super().__init__()
+        self.parts = parts
+        self.positions = None
+        self.valid = None
+        self.is_initialized = True
+
+    def _spans(self):
+        start = 0
+        for part in self.parts:
+            yield part, start, start + part.rows
+            start += part.rows
+
+    # --- what decoding uses --------------------------------------------------------------------
+    def append(self, keys, values, positions, valid):
+        for part, a, b in self._spans():
+            part.layer.append(keys[a:b], values[a:b], positions[a:b], None if valid is None else valid[a:b])
+
+    def attend(self, query: torch.Tensor, attend_layer: Callable) -> torch.Tensor:
+        """Each run's rows attend over its own layer with its own stages; outputs in row order."""
+        outs = []
+        for part, a, b in self._spans():
+            lazy = getattr(part.layer, "lazy_dense", False)
+            key, value = (None, None) if lazy else part.layer.dense()
+            out, part.layer = attend_layer(query[a:b], key, value, part.layer, part.state)
+            outs.append(out)
+        return torch.cat(outs)
+
+    def keep_rows(self, rows):
+        """The rows ``rows`` of the batch: each run's layer keeps its own (untouched when it keeps
+        all of them, as a run alone would not cut it), a run with none left leaves."""
+        wanted = rows.tolist()
+        parts = []
+        for part, a, b in self._spans():
+            local = [r - a for r in wanted if a <= r < b]
+            if not local:
+                continue
+            layer = part.layer if len(local) == part.rows else part.layer.keep_rows(
+                torch.tensor(local, dtype=torch.long, device=rows.device))
+            parts.append(JointPart(layer, len(local), part.state))
+        return JointLayer(parts)
+
+    def part_of(self, row: int) -> tuple[KVLayer, int, int]:
+        """(the run's layer, the row's index in it, the run's rows) for batch row ``row``."""
+        for part, a, b in self._spans():
+            if a <= row < b:
+                return part.layer, row - a, part.rows
+        raise IndexError(row)
+
+    def seq_len(self) -> int:
+        return max(part.layer.seq_len() for part in self.parts)
+
+    def kept_tokens(self) -> torch.Tensor:
+        return torch.cat([part.layer.kept_tokens() for part in self.parts])
+
+    def nbytes(self) -> int:
+        return sum(part.layer.nbytes() for part in self.parts)
+
+    # --- not used while decoding ------------------------------------------------------------------
+    def dense(self):
+        raise RuntimeError("a joint layer has no single dense view: attention goes through JointLayer.attend")
+
+    def select(self, index):
+        raise RuntimeError("a joint layer is only decoded: compression runs on each run's own layer")
+
+    def crop_to(self, length):
+        raise RuntimeError("a joint layer is only decoded: multi-turn runs decode alone")
+
+    def repeat_rows(self, n):
+        raise RuntimeError("a joint layer is built from each run's decode rows, never repeated")
+
+
+def joint_state(states: list[ForwardState], rows: list[int], timer) -> ForwardState:
+    """The forward state of one batch over ``states`` (each run's question-prefilled cache, with
+    ``rows`` rows each): a cache of :class:`JointLayer` s, no stages of its own (each part's run
+    the parts' own); every part's state is switched to decoding."""
+    for state in states:
+        state.phase = DECODE
+    layers = [JointLayer([JointPart(state.cache.layers[i], n, state) for state, n in zip(states, rows)])
+              for i in range(len(states[0].cache.layers))]
+    cache = KVCache.__new__(KVCache)
+    Cache.__init__(cache, layers=layers)
+    cache.incoming_positions = None
+    cache.incoming_valid = None
+    return ForwardState(cache=cache, stages=[], needs=Needs(), timer=timer)
+
+
+def decode_together(pendings: list) -> list[list]:
+    """Greedy-decode every pending turn of ``pendings`` (:class:`~lcbench.engine.runner.Pending`,
+    one per run, all on one model) in one batch; returns each run's records, in order."""
+    lead = pendings[0].engine
+    rows = [len(pd.prepared.todo) for pd in pendings]
+    state = joint_state([pd.asked.state for pd in pendings], rows, lead.clock)
+    logits = torch.cat([pd.asked.logits for pd in pendings])
+    next_positions = torch.cat([pd.asked.next_positions for pd in pendings])
+    turns = [pd.prepared.sample.turns[k] for pd in pendings for k in pd.prepared.todo]
+    times: dict[str, float] = {}
+    with torch.inference_mode(), lead.clock.region(times, "decode_s"):
+        outputs = lead._greedy(state, logits, next_positions, turns)
+    records, start = [], 0
+    for pd, n in zip(pendings, rows):
+        records.append(pd.engine.answer(pd, outputs[start:start + n], times["decode_s"], len(turns)))
+        start += n
+    return records
