@@ -1,6 +1,7 @@
 """Shared prefill across runs (issue #14): a sweep of cache-stage methods × ratios on NIAH with each
-context prefilled once, against the same runs one by one (``--share-prefill off``), side by side
-in one process, with every record compared.
+context prefilled once and the runs' turns decoded in one batch (lcbench/run_together.py), against
+the same runs one by one (``--share-prefill off``), side by side in one process, with every record
+compared.
 
     python benchmarks/sweep.py [--methods snapkv,streamingllm,knorm,tova,kivi,int8] [--ratios 0.5,0.75]
                                [--length 2048] [--samples 2] [--threads 2]
@@ -19,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lcbench.evaluate import ModelPool, build_spec, evaluate
+from lcbench.evaluate import ModelPool, build_spec
 from lcbench.results import read_records
+from lcbench.run_together import run_each
 from lcbench.spec import DEFAULT_MODEL
 
 
@@ -34,7 +36,11 @@ def sweep(args, out: Path, share: str) -> tuple[float, dict[str, list]]:
     pool.get(specs[0])  # the model loads outside the timed region in both modes
     pool.plan_shared_prefill(specs)
     start = time.perf_counter()
-    folders = [evaluate(s, pool).folder for s in specs]
+    folders = []
+    for _, outcome in run_each(specs, pool):  # as `lcbench run`/`sweep` do: sharing runs go side by side
+        if isinstance(outcome, Exception):
+            raise outcome
+        folders.append(outcome.folder)
     wall = time.perf_counter() - start
     return wall, {f.name: read_records(f) for f in folders}
 
@@ -53,9 +59,11 @@ def main() -> None:
         shared_wall, shared = sweep(args, Path(tmp) / "shared", "auto")
         alone_wall, alone = sweep(args, Path(tmp) / "alone", "off")
     same = all(
-        [(a.decoded_ids, a.measured.kv_bytes, a.measured.kept_tokens, a.measured.achieved_ratio, a.method_stats)
+        [(a.decoded_ids, a.measured.kv_bytes, a.measured.kept_tokens, a.measured.achieved_ratio, a.measured.kv_bytes_end,
+          a.method_stats)
          for a in shared[name]] ==
-        [(b.decoded_ids, b.measured.kv_bytes, b.measured.kept_tokens, b.measured.achieved_ratio, b.method_stats)
+        [(b.decoded_ids, b.measured.kv_bytes, b.measured.kept_tokens, b.measured.achieved_ratio, b.measured.kv_bytes_end,
+          b.method_stats)
          for b in alone[name]] for name in alone)
     prefill = {k: sum(r.measured.prefill_s for recs in d.values() for r in recs) for k, d in
                (("shared", shared), ("alone", alone))}

@@ -12,7 +12,9 @@ and each run scores and writes its own records. Each record is the one the run w
 joint decode's and ``batch_rows`` how many rows shared it. A run that fails (a shortfall, bad
 input found at its first sample) is ended as :func:`evaluate` ends it and the others go on; a
 signal aborts every open run, each resumable. Resume works per run: a run skips the turns its
-folder holds, and the others still decode together.
+folder holds, and the others still decode together. Memory: the compressed caches waiting for the
+joint decode are held together; when they outgrow the sharing budget (``--share-prefill``: half
+the free memory by default, or the MB given) the runs asked so far decode first.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def evaluate_together(specs: list[RunSpec], models: ModelPool,
     count = max((len(run.samples) for _, run in live), default=0)
     try:
         for n in range(count):
-            asked = []
+            asked, held = [], 0
             for i, run in list(live):
                 if n >= len(run.samples):
                     continue
@@ -63,7 +65,14 @@ def evaluate_together(specs: list[RunSpec], models: ModelPool,
                 if len(skip) >= len(sample.turns):
                     continue
                 with _ended_apart(i, run, results, live):
-                    asked.append((i, run, run.engine.ask(run.engine.prepare(sample, skip_turns=skip))))
+                    pending = run.engine.ask(run.engine.prepare(sample, skip_turns=skip))
+                    held += pending.asked.state.cache.nbytes()
+                    asked.append((i, run, pending))
+                budget = run.engine.prefill_memo.budget_bytes if run.engine.prefill_memo is not None else None
+                if budget is not None and held > budget and len(asked) > 1:
+                    # the compressed caches waiting to decode outgrew the sharing budget: decode these now
+                    _decode(asked, results, live)
+                    asked, held = [], 0
             if asked:
                 _decode(asked, results, live)
             for i, run in live:
