@@ -16,9 +16,10 @@ from .throughput import LATENCY_COLUMNS, REFERENCE_MARK, REFERENCE_NOTE, is_refe
 
 # a run whose prefills were shared with other runs of its command (engine/shared_prefill.py)
 SHARED_MARK = " ‡"
-SHARED_NOTE = ("‡: prefill shared with other runs of the command (--share-prefill): predictions, bytes and ratios "
-               "are the run's own, but the peak memory is the recording pass's, which held the whole dense cache "
-               "(--share-prefill off for a run's own peak).")
+SHARED_NOTE = ("‡: prefill shared with other runs of the command (--share-prefill), and their turns decoded in one "
+               "batch: predictions, bytes and ratios are the run's own, but the peak memory is the recording pass's, "
+               "which held the whole dense cache, and tok/s is one row's rate in that batch (--share-prefill off for "
+               "a run's own peak and rate).")
 
 COLUMNS = {
     "task": "task", "model": "model", "method": "method", "ratio": "ratio", "budget": "budget", "n": "n",
@@ -107,7 +108,7 @@ def render_table(df: pd.DataFrame, console: Console | None = None, title: str = 
                 cell += " (qa)"
             if k in BATCH_DEPENDENT and batched[idx]:
                 cell += BATCH_MARK
-            if k == "peak_memory_mb" and shared[idx]:
+            if k in ("peak_memory_mb", "decode_tok_s") and shared[idx]:
                 cell += SHARED_MARK
             if k in LATENCY_COLUMNS and reference[idx] and cell != "–":
                 cell += REFERENCE_MARK
