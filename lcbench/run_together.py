@@ -48,14 +48,13 @@ def evaluate_together(specs: list[RunSpec], models: ModelPool,
     would have raised). A signal ends every open run aborted and raises :class:`RunAborted`."""
     results: dict[int, RunOutcome | BaseException] = {}
     live: list[tuple[int, OpenRun]] = []
-    for i, spec in enumerate(specs):
-        try:
-            live.append((i, open_run(spec, models)))
-        except Exception as exc:  # bad input: this run's, not the others'
-            results[i] = exc
-    count = max((len(run.samples) for _, run in live), default=0)
     try:
-        for n in range(count):
+        for i, spec in enumerate(specs):
+            try:
+                live.append((i, open_run(spec, models)))
+            except Exception as exc:  # bad input: this run's, not the others'
+                results[i] = exc
+        for n in range(max((len(run.samples) for _, run in live), default=0)):
             asked, held = [], 0
             for i, run in list(live):
                 if n >= len(run.samples):
