@@ -189,6 +189,7 @@ class ModelPool:
         self._key = None
         self._loaded: LoadedModel | None = None
         self._memos: dict[tuple, PrefillMemo] = {}
+        self.warmed_up = False  # the loaded model ran the engine's untimed warm-up pass (Engine.warm_up)
 
     def plan_shared_prefill(self, specs: list[RunSpec]) -> None:
         """Group the runs that may share prefills (same model, task, samples and settings; chains
@@ -222,6 +223,7 @@ class ModelPool:
                                       spec.device)
             use_lcbench_attention(self._loaded.model, self._loaded.dense_attention)
             self._key = key
+            self.warmed_up = False
         return self._loaded
 
 
@@ -373,6 +375,11 @@ def open_run(spec: RunSpec, models: ModelPool | None = None) -> OpenRun:
     engine = Engine(loaded.model, loaded.tokenizer, chain, engine_config(spec, loaded, samples))
     if models is not None:
         engine.prefill_memo = models.memo_for(spec, chain)
+        # the untimed warm-up pass (device start-up) once per loaded model, not once per run of it
+        if not models.warmed_up:
+            engine.warm_up()
+            models.warmed_up = True
+        engine.warmed_up = True
     store = RunStore(folder)
     fresh = not folder.exists()
     try:

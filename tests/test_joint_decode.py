@@ -119,3 +119,20 @@ def test_one_runs_shortfall_ends_it_and_the_others_go_on(tmp_path):
     assert len(read_records(snap)) == 10 and (snap / "summary.json").exists()
     kivi = next(tmp_path.glob("niah__kivi__*"))
     assert json.loads((kivi / "status.json").read_text())["state"] == "failed"
+
+
+def test_the_warm_up_pass_runs_once_per_loaded_model(tmp_path, monkeypatch):
+    """Runs of one command share the loaded model, so its untimed warm-up (device start-up) runs
+    once, before the first run's first sample, not once per run."""
+    from lcbench.engine.runner import Engine
+    from lcbench.evaluate import ModelPool, build_spec, evaluate
+
+    calls = []
+    real = Engine.warm_up
+    monkeypatch.setattr(Engine, "warm_up", lambda self, *a, **k: (calls.append(self.chain.name), real(self, *a, **k)))
+    pool = ModelPool()
+    for method in ("snapkv", "streamingllm"):
+        spec = build_spec(model="tiny-random-llama", method=method, ratio=0.5, task="niah", device="cpu",
+                          task_args="lengths=320,depths=50,haystack=filler,max_new_tokens=2", output_path=str(tmp_path))
+        evaluate(spec, pool)
+    assert calls == ["snapkv"]
