@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..errors import UserError
-from .room import extend
+from .room import drop_room, grow
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
@@ -151,9 +151,7 @@ class DenseLayer(KVLayer):
         self._grow("positions", pos)
 
     def _grow(self, name: str, new: torch.Tensor) -> None:
-        view, base = extend(getattr(self, name), getattr(self, "_room_" + name, None), new)
-        setattr(self, name, view)
-        setattr(self, "_room_" + name, base)
+        grow(self, name, new)
 
     def dense(self):
         return self.keys, self.values
@@ -186,8 +184,7 @@ class DenseLayer(KVLayer):
 
     def drop_room(self) -> None:
         """Forget the room kept for appends (the next append copies into new storage)."""
-        for name in ("keys", "values", "positions", "valid", "bias"):
-            self.__dict__.pop("_room_" + name, None)
+        drop_room(self)
 
     def keep_rows(self, rows):
         rows = rows.to(self.positions.device)

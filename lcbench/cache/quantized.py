@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .layer import KVLayer, refuse_bias, tensor_bytes
-from .room import extend
+from .room import drop_room, extend, grow
 
 SCALE_DTYPE = torch.float16
 _SCALE_MAX = 60000.0  # beyond this magnitude float16 scales would overflow; float32 is used instead
@@ -301,9 +301,7 @@ class QuantizedLayer(KVLayer):
 
     def _grow(self, name: str, new: torch.Tensor) -> None:
         """``name`` extended by ``new`` into room kept after it (:mod:`.room`): no copy per step."""
-        view, base = extend(getattr(self, name), self._room.get(name), new)
-        setattr(self, name, view)
-        self._room = {**self._room, name: base}
+        grow(self, name, new)
 
     def dense(self):
         return self.dkeys, self.dvalues
@@ -334,7 +332,7 @@ class QuantizedLayer(KVLayer):
                       None if valid is None or bool(valid.all()) else valid)
 
     def crop_to(self, length):
-        self._room = {}  # an older, longer view may still be held: never write over it
+        drop_room(self)  # an older, longer view may still be held: never write over it
         self.positions = self.positions[:, :, :length]
         if self.valid is not None:
             self.valid = self.valid[:, :, :length]

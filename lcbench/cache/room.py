@@ -40,3 +40,17 @@ def extend(view: torch.Tensor, base: torch.Tensor | None, new: torch.Tensor) -> 
         base[:, :, :used] = view
     base[:, :, used:need] = new
     return base[:, :, :need], base
+
+
+def grow(layer, name: str, new: torch.Tensor) -> None:
+    """``layer.<name>`` extended by ``new`` along dim 2 (:func:`extend`); the bases are kept in the
+    layer's ``_room`` dict, rebound (never mutated) so a layer copied by ``__dict__`` shares none."""
+    room = layer.__dict__.get("_room", {})
+    view, base = extend(getattr(layer, name), room.get(name), new)
+    setattr(layer, name, view)
+    layer._room = {**room, name: base}
+
+
+def drop_room(layer) -> None:
+    """Forget ``layer``'s room (its next append copies into new storage)."""
+    layer._room = {}
