@@ -5,8 +5,8 @@
 (:mod:`lcbench.engine.shared_prefill`) still decode one after the other that way: the context is
 prefilled once, but every run pays its own decode, one row per step. :func:`evaluate_together`
 opens every run of such a group (each its own folder, exactly as :func:`evaluate` opens it), and
-for each sample lets each run prepare, compress its copy of the shared prefill and prefill its
-question parts; then all their rows decode in one batch (:func:`lcbench.engine.joint.decode_together`),
+for each sample lets each run prepare and compress its copy of the shared prefill; then all their
+rows prefill their question parts and decode in one batch (:func:`lcbench.engine.joint.decode_together`),
 and each run scores and writes its own records. Each record is the one the run writes alone
 (tokens, KV bytes at compression and at the end, kept tokens, achieved ratio); ``decode_s`` is the
 joint decode's and ``batch_rows`` how many rows shared it. A run that fails (a shortfall, bad
@@ -65,7 +65,7 @@ def evaluate_together(specs: list[RunSpec], models: ModelPool,
                     continue
                 with _ended_apart(i, run, results, live):
                     pending = run.engine.ask(run.engine.prepare(sample, skip_turns=skip))
-                    held += pending.asked.state.cache.nbytes()
+                    held += pending.cache.nbytes()
                     asked.append((i, run, pending))
                 budget = run.engine.prefill_memo.budget_bytes if run.engine.prefill_memo is not None else None
                 if budget is not None and held > budget and len(asked) > 1:

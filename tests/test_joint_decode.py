@@ -67,6 +67,31 @@ def test_joint_decode_equals_each_run_alone(tiny, turns):
     assert len(set(ends.values())) > 3  # the runs' layers really differ: each row's bytes are its own run's
 
 
+
+def test_runs_asking_different_turns_prefill_their_questions_apart(tiny):
+    """A run resumed at a later turn asks other questions than the rest of the group: its question
+    parts are prefilled in their own batch (the others' in one batch, one shared time), and every
+    row still decodes with the others and equals its run alone."""
+    model, tok = tiny
+    sample = make_sample(n_turns=3, repeat=12, max_new_tokens=6, sid="a")
+    methods = METHODS[:3]
+    skips = [set(), set(), {0}]  # the third run already wrote turn 0
+    alone = [engine_for(model, tok, n, r, a).run(sample, multi_turn=False, skip_turns=skip)
+             for (n, r, a), skip in zip(methods, skips)]
+    engines = [engine_for(model, tok, n, r, a) for n, r, a in methods]
+    memo = PrefillMemo(engines[0].chain.needs.merge(engines[1].chain.needs).merge(engines[2].chain.needs), None)
+    for e in engines:
+        e.prefill_memo = memo
+    pendings = [e.ask(e.prepare(sample, skip_turns=skip)) for e, skip in zip(engines, skips)]
+    together = decode_together(pendings)
+    for got, want in zip(together, alone):
+        assert [r.turn for r in got] == [r.turn for r in want]
+        for a, b in zip(got, want):
+            _same(a, b)
+            assert a.measured.batch_rows == 8
+    first, second, third = (records[0].measured.question_prefill_s for records in together)
+    assert first == second != third  # the first two in one batch, the resumed run on its own
+
 # --- runs side by side through the real CLI (lcbench/run_together.py) ------------------------------
 EXE = shutil.which("lcbench")
 TASK = ["--model", "tiny-random-llama", "--task", "niah", "--device", "cpu", "--task-args",

@@ -13,6 +13,9 @@ from test_dropping import chain, kept_positions, model, prefill, tok  # noqa: F4
 from test_kvpress_presses import ids, kvpress_reference, sdpa_model  # noqa: F401  (fixtures)
 
 from lcbench.cache.layer import DenseLayer
+from lcbench.engine.decode import forward
+from lcbench.engine.state import DECODE, QUESTION, ForwardState
+from lcbench.engine.timing import Stopwatch
 from lcbench.errors import UserError
 from lcbench.methods.base import LayerObservation
 from lcbench.methods.chain import resolve_chain
@@ -235,9 +238,128 @@ def test_dms_ratio_mode_shares_one_threshold_over_the_heads_and_keeps_the_window
     assert len(head0) + len(head1) == 60
 
 
-def test_dms_refuses_decoding():
-    with pytest.raises(UserError, match="decoding"):
-        chain("dms", 0.5, "decoding=true")
+def test_dms_decoding_needs_threshold_mode_and_knorm():
+    for args in ("decoding=true", "decoding=true,mode=threshold,scorer=snapkv"):
+        with pytest.raises(UserError, match="decoding=true .* needs mode=threshold and scorer=knorm"):
+            chain("dms", 0.5, args)
+    assert chain("dms", 0.5).stages[0].stages == ("cache",)  # prefill-only: no decode stage
+    assert chain("dms", 0.0, "decoding=true,mode=threshold").stages[0].stages == ("cache", "decode")
+
+
+def kvpress_dms_evicted(model, parts: list[list[int]], press) -> list[list[set[int]]]:
+    """kvpress's DMSPress(decoding=True) hooked on the plain SDPA model, fed ``parts`` one pass
+    each (the context, the question, then one token per step), its masked keys used in attention
+    by kvpress's own attention patch: per layer, per KV head, the evicted positions."""
+    def hook(module, args, kwargs, output):
+        q = kwargs["hidden_states"].shape[1]
+        past = kwargs["cache"].get_seq_length(module.layer_idx) - q
+        kwargs = {**kwargs, "past_key_values": kwargs["cache"], "cache_position": torch.arange(past, past + q)}
+        return press.forward_hook(module, args, kwargs, output)
+
+    from transformers import DynamicCache
+
+    press.post_init_from_model(model)
+    hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    cache, start = DynamicCache(), 0
+    try:
+        with torch.no_grad():
+            for part in parts:
+                model(input_ids=torch.tensor([part]), position_ids=torch.arange(start, start + len(part))[None],
+                      cache=cache, use_cache=True)
+                start += len(part)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for layer in model.model.layers:
+        heads = [set() for _ in range(model.config.num_key_value_heads)]
+        masked = layer.self_attn.masked_key_indices
+        for head, slot in zip(masked[1].tolist(), masked[2].tolist()):
+            heads[head].add(slot)
+        layer.self_attn.masked_key_indices = None
+        out.append(heads)
+    return out
+
+
+def test_dms_decoding_evicts_kvpress_positions(model, sdpa_model, tok, ids):  # noqa: F811
+    """Context, question and 20 fed tokens with a 16-token window: every token that leaves the
+    window (the context's protected tail, the question, the first generated ones) is judged on its
+    own key; lcbench evicts exactly kvpress's positions in every layer and head, and its end cache
+    holds only the survivors."""
+    window = 16
+    question = tok(" What is the special magic number?", add_special_tokens=False)["input_ids"]
+    fed = ids[5:25]
+    full, _ = prefill(model, chain("full", 0.0), ids)
+    threshold = float(-torch.linalg.vector_norm(full.layers[0].keys[0].float(), dim=-1).median())
+    press = kvpress.DMSPress(press=kvpress.KnormPress(), threshold=threshold, sliding_window_size=window,
+                             decoding=True)
+    reference = kvpress_dms_evicted(sdpa_model, [ids, question, *([t] for t in fed)], press)
+
+    ch = chain("dms", 0.0, f"mode=threshold,threshold={threshold},sliding_window_size={window},decoding=true")
+    cache, _ = prefill(model, ch, ids)
+    prefill_kept = [[len(kept_positions(layer, head=h)) for h in range(2)] for layer in cache.layers]
+    state = ForwardState(cache=cache, stages=ch.stages, needs=ch.needs, timer=Stopwatch("cpu"))
+    n = len(ids)
+    with torch.inference_mode():
+        state.phase = QUESTION
+        forward(model, torch.tensor([question]), torch.arange(n, n + len(question))[None], state)
+        state.phase = DECODE
+        for i, t in enumerate(fed):
+            forward(model, torch.tensor([[t]]), torch.tensor([[n + len(question) + i]]), state)
+    total = n + len(question) + len(fed)
+    judged_late = set(range(n - window, total - window))  # left the window after the prefill
+    late_evictions = 0
+    for layer_idx, (layer, heads) in enumerate(zip(cache.layers, reference)):
+        for head, evicted in enumerate(heads):
+            kept = kept_positions(layer, head=head)
+            assert set(range(total)) - set(kept) == evicted, (layer_idx, head)
+            assert kept[-window:] == list(range(total - window, total))  # the window is never judged
+            late_evictions += len(evicted & judged_late)
+        assert [len(kept_positions(layer, head=h)) for h in range(2)] != prefill_kept[layer_idx]
+    assert late_evictions > 0 and cache.nbytes() < full.nbytes()
+
+
+@pytest.mark.parametrize("multi_turn", [False, True])
+def test_dms_decoding_with_a_zero_threshold_keeps_a_rolling_window(model, tok, multi_turn):  # noqa: F811
+    """Every knorm score is below 0: each token goes as it leaves the window, so after the
+    prefill, the question and every generated token the cache holds exactly the latest
+    ``sliding_window_size`` tokens per head (a run, multi-turn crops included)."""
+    from helpers import make_sample
+
+    from test_dropping import run
+
+    records = run(model, tok, "dms", 0.0, "mode=threshold,threshold=0,sliding_window_size=8,decoding=true",
+                  sample=make_sample(n_turns=2, max_new_tokens=6), multi_turn=multi_turn, check=False)
+    assert len(records) == 2
+    for r in records:
+        assert r["kept_tokens"] == 8.0 and r["kept_tokens_end"] == 8.0
+        assert r["kv_bytes_end"] == r["kv_bytes"]
+
+
+def test_dms_decoding_forgets_a_turns_answer_exactly():
+    """Multi-turn mode crops a turn's generated answer by slot counts as they were before the turn:
+    after decode-time evictions (per head, so the layer is ragged) the crop keeps exactly the
+    context and question tokens that survived and drops every generated one."""
+    stage = chain("dms", 0.0, "mode=threshold,threshold=-2.5,sliding_window_size=3,decoding=true").stages[0]
+    layer = dense_layer(1, 2, 8)
+    layer.keys = torch.ones((1, 2, 8, 4))  # norm 2: score -2 (kept)
+    start = layer.seq_len()
+    loud = torch.full((1, 2, 1, 4), 2.0)  # norm 4: score -4 (evicted when it leaves the window)
+    quiet = torch.ones((1, 2, 1, 4))
+    question = torch.cat([loud, quiet], dim=2)
+    question[0, 1, 0] = 1.0  # head 1's first question token is quiet: heads judge apart
+    layer.append(question, question.clone(), torch.tensor([[8, 9]]), None)
+    layer = stage.after_question(layer, 0, torch.zeros((1, 2, 2, 4)))
+    for step in range(4):
+        token = loud if step % 2 == 0 else quiet
+        layer.append(token, token.clone(), torch.tensor([[10 + step]]), None)
+        layer = stage.after_decode_step(layer, 0, torch.zeros((1, 2, 1, 4)))
+    # head 0: position 8 (loud question token) and 10 (loud answer token) left the window and went
+    assert kept_positions(layer, head=0) == [0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 12, 13]
+    assert kept_positions(layer, head=1) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13]
+    layer.crop_to(start + 2)  # forget the answer (positions 10..13)
+    assert kept_positions(layer, head=0) == [0, 1, 2, 3, 4, 5, 6, 7, 9]
+    assert kept_positions(layer, head=1) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 # --- kvzip -------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
 from ..methods.budget import compress
 from .joint import JointLayer
-from .state import DECODE, PREFILL, ForwardState
+from .state import DECODE, PREFILL, QUESTION, ForwardState
 
 ATTENTION_NAME = "lcbench"
 
@@ -485,6 +485,9 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
     elif state.phase == DECODE and state.decode_stages:
         for stage in state.decode_stages:
             layer = stage.after_decode_step(layer, idx, query)
+    elif state.phase == QUESTION and state.decode_stages:
+        for stage in state.decode_stages:
+            layer = stage.after_question(layer, idx, query)
     return out, layer
 
 

@@ -1,22 +1,22 @@
 """Several runs' rows decoded in one batch (issue #14: runs that share a prefill decode together).
 
 Runs that share a prefill (:mod:`.shared_prefill`) differ only in their cache and decode stages:
-after each compressed its own copy of a context and prefilled its question part on it, their rows
-are greedy-decoded together — one forward pass per step for all of them, so the model's weights are
-read once per step instead of once per run — while each row keeps everything its run would have
-alone. A :class:`JointLayer` holds, per layer, each run's own layer (dense, quantized, evicting,
+after each compressed its own copy of a context, their rows prefill their question parts together
+(one forward pass for all runs asking the same questions) and are greedy-decoded together — one
+forward pass per step for all of them, so the model's weights are read once per step instead of
+once per run — while each row keeps everything its run would have alone. A :class:`JointLayer` holds, per layer, each run's own layer (dense, quantized, evicting,
 ragged, shared between turns: any kind) for its rows: appends go to each run's layer, attention runs
 per run on its own layer with its own stages (:func:`lcbench.engine.attention.attend_layer`: its
 sparse decode, its eviction after the step), a finished row leaves its run's layer exactly as it
 would leave a run decoding alone. Only the projections and MLPs see the whole batch. So each row's
 tokens, KV bytes at the end and kept tokens are those of its run alone (the records are compared in
-``tests/test_joint_decode.py`` and ``benchmarks/sweep.py``); its ``decode_s`` is the joint decode's
-time and ``batch_rows`` says how many rows shared it.
+``tests/test_joint_decode.py`` and ``benchmarks/sweep.py``); its ``question_prefill_s`` and
+``decode_s`` are the joint passes' times and ``batch_rows`` says how many rows shared them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache
 from ..cache import KVCache
 from ..cache.layer import KVLayer
 from ..methods.base import Needs
-from .state import DECODE, ForwardState
+from .state import DECODE, QUESTION, ForwardState
 
 
 @dataclass
@@ -114,12 +114,12 @@ class JointLayer(KVLayer):
         raise RuntimeError("a joint layer is built from each run's decode rows, never repeated")
 
 
-def joint_state(states: list[ForwardState], rows: list[int], timer) -> ForwardState:
-    """The forward state of one batch over ``states`` (each run's question-prefilled cache, with
-    ``rows`` rows each): a cache of :class:`JointLayer` s, no stages of its own (each part's run
-    the parts' own); every part's state is switched to decoding."""
+def joint_state(states: list[ForwardState], rows: list[int], timer, phase: str = DECODE) -> ForwardState:
+    """The forward state of one batch over ``states`` (each run's cache, with ``rows`` rows each):
+    a cache of :class:`JointLayer` s, no stages of its own (each part's run the parts' own); every
+    part's state is switched to ``phase`` (decoding, or prefilling question parts)."""
     for state in states:
-        state.phase = DECODE
+        state.phase = phase
     layers = [JointLayer([JointPart(state.cache.layers[i], n, state) for state, n in zip(states, rows)])
               for i in range(len(states[0].cache.layers))]
     cache = KVCache.__new__(KVCache)
@@ -129,9 +129,43 @@ def joint_state(states: list[ForwardState], rows: list[int], timer) -> ForwardSt
     return ForwardState(cache=cache, stages=[], needs=Needs(), timer=timer)
 
 
+def ask_together(pendings: list) -> None:
+    """Prefill the question parts of every pending turn of ``pendings`` (each run's compressed
+    cache, :meth:`~lcbench.engine.runner.Engine.ask`), setting each one's ``asked``. Runs whose
+    rows are the same questions at the same position — every run of a shared group, unless resumed
+    at different turns — go in one batch (one forward pass, their left padding as each would pad
+    alone); each run's layers then hold what its own question prefill leaves. Each run's
+    ``question_prefill_s`` is the batch's."""
+    groups: dict[tuple, list] = {}
+    for pd in pendings:
+        key = (tuple(map(tuple, pd.question_rows())), len(pd.prepared.prompt.context_ids))
+        groups.setdefault(key, []).append(pd)
+    for group in groups.values():
+        start = len(group[0].prepared.prompt.context_ids)
+        if len(group) == 1:
+            pd = group[0]
+            pd.asked = pd.engine.question_prefill(pd.cache, pd.question_rows(), start)
+            continue
+        lead = group[0].engine
+        states = [pd.engine.forward_state(pd.cache) for pd in group]
+        rows = [len(pd.prepared.todo) for pd in group]
+        joint = joint_state(states, rows, lead.clock, phase=QUESTION)
+        asked = lead.prefill_questions(joint, [q for pd in group for q in pd.question_rows()], start)
+        for i, layer in enumerate(joint.cache.layers):  # each run's own layers, as its attention left them
+            for part in layer.parts:
+                part.state.cache.layers[i] = part.layer
+        begin = 0
+        for pd, state, n in zip(group, states, rows):
+            pd.asked = replace(asked, state=state, logits=asked.logits[begin:begin + n],
+                               next_positions=asked.next_positions[begin:begin + n])
+            begin += n
+
+
 def decode_together(pendings: list) -> list[list]:
-    """Greedy-decode every pending turn of ``pendings`` (:class:`~lcbench.engine.runner.Pending`,
-    one per run, all on one model) in one batch; returns each run's records, in order."""
+    """Prefill the question parts of every pending turn of ``pendings``
+    (:class:`~lcbench.engine.runner.Pending`, one per run, all on one model: :func:`ask_together`)
+    and greedy-decode them all in one batch; returns each run's records, in order."""
+    ask_together(pendings)
     lead = pendings[0].engine
     rows = [len(pd.prepared.todo) for pd in pendings]
     state = joint_state([pd.asked.state for pd in pendings], rows, lead.clock)

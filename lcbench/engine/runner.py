@@ -96,14 +96,21 @@ class Decoded:
 
 @dataclass
 class Pending:
-    """One run's sample ready to decode (:meth:`Engine.ask`): what :meth:`Engine.answer` needs."""
+    """One run's sample with its context compressed (:meth:`Engine.ask`): the cache its turns
+    decode from, then (once their question parts are prefilled) ``asked``; what
+    :meth:`Engine.answer` needs."""
 
     engine: "Engine"
     prepared: Prepared
     prefilled: Prefilled
     measured: dict[str, float]
     stats: dict[str, float]
-    asked: "Asked"
+    cache: KVCache
+    asked: "Asked | None" = None
+
+    def question_rows(self) -> list[list[int]]:
+        """The question part of each pending turn, in decode-row order."""
+        return [self.prepared.prompt.turn_ids[k] for k in self.prepared.todo]
 
 
 @dataclass
@@ -418,9 +425,14 @@ class Engine:
     def question_prefill(self, cache: KVCache, turn_ids: list[list[int]], start: int | list[int]) -> "Asked":
         """The question parts prefilled on ``cache`` (left-padded rows): the state decoding goes on
         with, the last logits of each row, each row's next position, and the time it took."""
-        times: dict[str, float] = {}
         state = self.forward_state(cache)
         state.phase = QUESTION
+        return self.prefill_questions(state, turn_ids, start)
+
+    def prefill_questions(self, state: ForwardState, turn_ids: list[list[int]], start: int | list[int]) -> "Asked":
+        """:meth:`question_prefill` on ``state`` (one run's, or several runs' joint state:
+        engine/joint.py), its phase already set."""
+        times: dict[str, float] = {}
         ids, valid = self.left_pad(turn_ids)
         q = ids.shape[1]
         lengths = torch.tensor([len(t) for t in turn_ids], device=self.device)
@@ -521,14 +533,14 @@ class Engine:
 
     # --- several runs decoding together (engine/joint.py) ------------------------------------
     def ask(self, p: Prepared) -> "Pending":
-        """:meth:`run_group` for one sample, up to where decoding begins: the context prefilled
-        (from a shared prefill where runs share them) and compressed, measured and checked, and
-        every pending turn's question part prefilled on it."""
+        """:meth:`run_group` for one sample, up to its question parts: the context prefilled (from
+        a shared prefill where runs share them) and compressed, measured and checked, and the cache
+        its pending turns decode from (their question parts are prefilled with the other runs':
+        :func:`lcbench.engine.joint.decode_together`)."""
         prefilled = self.prefill([p.prompt.context_ids])
         measured, stats = self.measured(prefilled.cache, p, prefilled.row_stages[0])
         cache = self._decode_cache(prefilled.cache, [len(p.todo)], last=True)
-        asked = self.question_prefill(cache, [p.prompt.turn_ids[k] for k in p.todo], len(p.prompt.context_ids))
-        return Pending(self, p, prefilled, measured, stats, asked)
+        return Pending(self, p, prefilled, measured, stats, cache)
 
     def answer(self, pending: "Pending", outputs: list[RowOutput], decode_s: float, rows: int) -> list[TurnRecord]:
         """The records of ``pending``'s turns from their decoded ``outputs`` (a decode of ``rows``

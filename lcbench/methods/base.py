@@ -9,7 +9,8 @@ Stages, in the order a sample meets them:
 ``cache``              :meth:`Stage.compress_layer` turns one layer's full cache into the kept one,
                        called as soon as that layer finished its prefill (so peak memory falls).
 ``decode``             :meth:`Stage.decode_attention` / :meth:`Stage.after_decode_step` select or
-                       evict per generated token (Quest, H2O, StreamingLLM's rolling window).
+                       evict per generated token (Quest, H2O, StreamingLLM's rolling window);
+                       :meth:`Stage.after_question` evicts after the question part's pass (DMS).
 
 A component overrides only the hooks of its stages; ``stages`` is derived from the hooks it
 overrides (a class may still list it, and then the list must match the overrides). A method's
@@ -38,7 +39,7 @@ STAGE_HOOKS: dict[str, tuple[str, ...]] = {
     "context_inputs": ("context_inputs",),
     "prefill_attention": ("prefill_attention",),
     "cache": ("compress_layer",),
-    "decode": ("decode_attention", "after_decode_step"),
+    "decode": ("decode_attention", "after_question", "after_decode_step"),
 }
 
 FAMILIES = ("baseline", "kv_dropping", "kv_quantization", "prompt_compression", "soft_compression",
@@ -211,6 +212,12 @@ class Stage:
         """Return the decode-step attention output to replace dense attention, or None (``window``:
         the layer's sliding window, passed only on sliding-window layers, to be honoured)."""
         return None
+
+    def after_question(self, layer: KVLayer, layer_idx: int, query: torch.Tensor) -> KVLayer:
+        """Evict after the question part's pass (its tokens appended, attention computed); return
+        the (possibly new) layer object. A decode-stage hook: most decode-time evictions start at
+        the first generated token and leave it alone."""
+        return layer
 
     def after_decode_step(self, layer: KVLayer, layer_idx: int, query: torch.Tensor) -> KVLayer:
         """Evict after a decode step; return the (possibly new) layer object."""

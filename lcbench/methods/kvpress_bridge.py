@@ -379,8 +379,9 @@ PRESSES: tuple[PressSupport, ...] = (
                                        "attentions), which lcbench's attention does not materialize; lcbench's "
                                        "`h2o` scores by the same accumulated attention"),
     _refused("DMSPress", "evicts by a score threshold, not a ratio, in its own forward_hook (also while decoding); "
-                         "lcbench's native `dms` runs its prefill eviction: `mode=threshold` keeps kvpress's exact "
-                         "positions, the default `mode=ratio` sets each layer's threshold for --ratio"),
+                         "lcbench's native `dms` runs it: `mode=threshold` keeps kvpress's exact positions (with "
+                         "`decoding=true` also while decoding), the default `mode=ratio` sets each layer's threshold "
+                         "for --ratio"),
     _refused("DecodingPress", DECODE),
     _refused("CompressionRatioDecodingPress", DECODE),
     _refused("PrefillDecodingPress", "pairs a prefill press with a decoding press in its own forward_hook; " + DECODE),

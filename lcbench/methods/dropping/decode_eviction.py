@@ -174,6 +174,20 @@ class EvictingLayer(KVLayer):
         self.select(slots[slots != drop].view(b, h, n - 1))
         self.evicted += 1
 
+    def drop(self, evict: torch.Tensor) -> None:
+        """Evict every slot where ``evict`` (B, H, L) is true, per KV head (DMS: each head judges
+        its own tokens), so heads may keep different numbers of slots: the inner layer becomes a
+        :class:`~lcbench.cache.ragged.RaggedLayer` holding exactly each head's survivors, and the
+        per-slot arrival indices and tracks follow them (multi-turn crops stay exact)."""
+        keep = ~evict
+        if self.valid is not None:
+            keep = keep & self.valid
+        order = _kept_first(keep)[..., : int(keep.sum(-1).max())]
+        self.tracks = {k: t.gather(-1, order) for k, t in self.tracks.items()}
+        if self.arrival is not None:
+            self.arrival = self.arrival.gather(-1, order)
+        self.inner = RaggedLayer.from_layer(self.inner, keep)
+
 
 def _kept_first(keep: torch.Tensor) -> torch.Tensor:
     """(B, H, L) slot indices, per row and head the kept ones first (in storage order)."""

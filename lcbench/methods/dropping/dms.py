@@ -25,10 +25,18 @@ Two modes (``mode``):
                tokens to evict, it shrinks to what the ratio allows (the question tail in query-aware
                mode is always kept). Ratio 0 keeps everything.
 
-kvpress's ``decoding=True`` (evicting generated tokens as they leave the window, scored on their
-step's hidden states) is not implemented: ``decoding=true`` stops with a UserError; lcbench's decode-time
-evictions are ``streamingllm``, ``h2o`` and ``tova``. ``--budget`` is refused (the budgets are per head
-by design).
+``decoding=true`` is kvpress's eviction while decoding (``DMSPress(decoding=True)``, read against
+kvpress 0.5.5 ``presses/dms_press.py``, ``DMSPress.forward_hook``): every token is judged once, when it
+leaves the sliding window of the latest ``sliding_window_size`` tokens — the context's protected
+window as the question pushes it out, then question and generated tokens — and evicted (per KV head)
+if its score is below ``threshold``. As there, the question part's pass evicts too (its tokens and
+the context window tokens it pushes out, after that pass's attention; :meth:`Stage.after_question`),
+then each generated token's step. Judging a token on its own key needs a scorer that scores a token
+from itself: decoding works with ``scorer=knorm`` (kvpress scores new tokens with the wrapped press
+on their own keys) and ``mode=threshold`` (kvpress's rule; in ratio mode there is no threshold to
+apply to later tokens); other combinations stop with a UserError. kvpress masks an evicted key in
+attention and keeps it stored; lcbench stores only the kept tokens, so KV bytes at the end fall.
+``--budget`` is refused (the budgets are per head by design).
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from ...cache.ragged import RaggedLayer
 from ...errors import UserError
 from ...params import Param
 from ..base import LayerObservation, Stage, keep_count
+from .decode_eviction import EvictingLayer
 from .expected_attention import ExpectedAttention
 from .keydiff import KeyDiff
 from .knorm import KNorm
@@ -74,18 +83,24 @@ class DMS(Stage):
               "threshold: evict scores below `threshold` (kvpress's)", choices=("ratio", "threshold")),
         Param("threshold", float, 0.0, "threshold mode: tokens scoring below it are evicted (the scorer's scale)"),
         Param("scorer", str, "knorm", "the per-token scores", choices=tuple(SCORERS)),
-        Param("sliding_window_size", int, 128, "latest prefill tokens protected from eviction", min=0),
-        Param("decoding", bool, False, "kvpress's eviction while decoding (not implemented: refused)"),
+        Param("sliding_window_size", int, 128, "latest tokens protected from eviction", min=0),
+        Param("decoding", bool, False, "also evict while decoding: tokens leaving the sliding window (question and "
+              "generated ones) scored below `threshold` (kvpress's decoding=True; needs mode=threshold, scorer=knorm)"),
         WINDOW_SIZE,
     )
+    stages = ("cache", "decode")
     token_budget = False
 
     def __init__(self, ratio: float = 0.0, **args):
         super().__init__(ratio, **args)
-        if self.args["decoding"]:
-            raise UserError("dms: decoding=true (evicting generated tokens as they leave the sliding window) is not "
-                            "implemented in lcbench. Fix: drop decoding=true (prefill eviction, kvpress's default), or "
-                            "use a decode-time eviction method (streamingllm, h2o, tova).")
+        if self.args["decoding"] and (self.args["mode"] != "threshold" or self.args["scorer"] != "knorm"):
+            raise UserError(
+                f"dms: decoding=true judges each question and generated token on its own key against a threshold, "
+                f"as kvpress's DMSPress(decoding=True) does; it needs mode=threshold and scorer=knorm (got "
+                f"mode={self.args['mode']}, scorer={self.args['scorer']}). Fix: pass mode=threshold,scorer=knorm,"
+                f"threshold=T with decoding=true, or drop decoding=true.")
+        # a decode stage only when it evicts while decoding (so prefill-only runs share contexts between turns)
+        self.stages = ("cache", "decode") if self.args["decoding"] else ("cache",)
         scorer_cls = SCORERS[self.args["scorer"]]
         accepted = {p.name for p in scorer_cls.params}
         self.scorer = scorer_cls(ratio, **{k: v for k, v in self.args.items() if k in accepted})
@@ -120,3 +135,35 @@ class DMS(Stage):
             return layer
         tail = torch.ones((b, h, seen.protected), dtype=torch.bool, device=keep.device)
         return RaggedLayer.from_layer(layer, torch.cat([keep, tail], dim=-1))
+
+    # --- decoding=true: evict tokens as they leave the sliding window ----------------------------
+    def after_question(self, layer, layer_idx, query):
+        return self._evict_leaving(layer, query.shape[2])
+
+    def after_decode_step(self, layer, layer_idx, query):
+        return self._evict_leaving(layer, query.shape[2])
+
+    def _evict_leaving(self, layer, arrived: int):
+        """Judge the tokens the pass's ``arrived`` new slots pushed out of the sliding window: per row
+        the window is the latest ``sliding_window_size`` positions (positions are contiguous in a
+        row, so they count arrivals as kvpress's score buffer does), and a slot leaves it when the
+        row's last position passes it; each leaving slot whose knorm score is below ``threshold``
+        is evicted in its KV head."""
+        window = self.args["sliding_window_size"]
+        keys, _ = layer.dense()
+        b, h, n, _ = keys.shape
+        valid = layer.valid if layer.valid is not None else torch.ones((b, h, n), dtype=torch.bool, device=keys.device)
+        positions = layer.positions
+        last = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)  # (B, H, 1): each row's newest
+        new = valid[..., n - arrived:].sum(-1, keepdim=True)  # real tokens this pass added per row
+        edge = last - window  # slots at or before this position are outside the window now
+        leaving = valid & (positions <= edge) & (positions > edge - new)
+        if not bool(leaving.any()):
+            return layer
+        scores = -torch.linalg.vector_norm(keys.float(), dim=-1)  # KnormPress.score on each token's own key
+        evict = leaving & (scores < self.args["threshold"])
+        if not bool(evict.any()):
+            return layer
+        layer = EvictingLayer.wrap(layer)  # numbers the slots before this turn's first eviction (crop_to)
+        layer.drop(evict)
+        return layer
