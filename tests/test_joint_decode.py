@@ -22,7 +22,9 @@ from lcbench.engine.shared_prefill import PrefillMemo
 from lcbench.results import read_records
 
 METHODS = [("snapkv", 0.5, None), ("streamingllm", 0.5, None), ("kivi", 0.5, None), ("int8", 0.25, None),
-           ("tova", 0.75, None), ("full", 0.0, None), ("h2o", 0.5, None)]
+           ("tova", 0.75, None), ("full", 0.0, None), ("h2o", 0.5, None),
+           # evicts in the question pass too (after_question), then per head while decoding
+           ("dms", 0.0, "mode=threshold,threshold=-5,sliding_window_size=16,decoding=true")]
 FIELDS = ("kv_bytes", "kept_tokens", "achieved_ratio", "decode_tokens", "kv_bytes_end", "kept_tokens_end")
 
 
