@@ -7,7 +7,9 @@ the answer off the cache. lcbench (``Engine.run``): prefill and compress once, t
 questions as one batch, each row leaving it when it ends (engine/decode.py). Both sides decode until EOS or ``--new-tokens``; the table shows the
 tokens each decoded, so the work is the same. lcbench runs the press itself through its kvpress
 bridge (``kvpress:SnapKVPress``) and, as a second column, its own ``snapkv`` with kvpress's
-settings (tests/test_kvpress.py checks it keeps the same positions).
+settings (tests/test_kvpress.py checks it keeps the same positions). The ``bound`` column is
+kvpress's time ÷ lcbench snapkv's prefill + compression: the ratio lcbench would reach if decoding
+(question prefills and every generated token) cost nothing.
 
 kvpress 0.5 targets transformers < 5.3: under 5.24 an attention module receives its cache as
 ``cache`` (was ``past_key_values``) and no ``cache_position``; :func:`kvpress_compat` adds both
