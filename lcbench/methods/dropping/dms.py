@@ -77,7 +77,7 @@ class DMS(Stage):
     paper = ("Łańcucki et al., Inference-Time Hyper-Scaling with KV Cache Compression (arXiv:2506.05345); "
              "training-free as kvpress's DMSPress")
     summary = ("evict tokens scored below a threshold (per KV head) outside a protected sliding window; ratio mode "
-               "sets each layer's threshold for --ratio")
+               "sets each layer's threshold for --ratio; decoding=true also evicts while decoding (its decode stage)")
     params = (
         Param("mode", str, "ratio", "ratio: each layer's threshold evicts the requested share (lcbench's); "
               "threshold: evict scores below `threshold` (kvpress's)", choices=("ratio", "threshold")),
