@@ -6,13 +6,15 @@ and ``kvpress:SnapKVPress`` when kvpress is installed) compresses the same ~4K-t
 a run does: one compressing prefill (the cache stage runs on each layer right after its
 attention, and its time — observations included — is the compression time), then a one-token
 answer of ``--decode-tokens`` tokens (EOS masked until then, so every method decodes as many).
-Reported per method: the measured ratio, KV bytes held and their share of the full cache, prefill
+Reported per method: the measured ratio, KV bytes held and their share of the full cache, the KV
+bytes held when decoding ended (decode-time evictions lower them, appended tokens raise them), prefill
 time, compression time, compression as % of prefill, and decode tokens/s with its ratio to
 ``full``'s (issue #14's target for ``kivi``/``int4``/``int8``: ≥ 0.7 × full at 4K on CPU). On a shared CPU the
 timings move with the machine's load; the bytes do not.
 
     python benchmarks/methods.py                        # SmolLM2-135M-Instruct, 4K, ratio 0.5
     python benchmarks/methods.py --methods snapkv,kivi --context-tokens 2048
+    python benchmarks/methods.py --methods full,h2o --variant dms=mode=threshold,threshold=-20,decoding=true
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def default_methods() -> list[str]:
     return methods
 
 
-def measure(loaded, sample: Sample, method: str, ratio: float) -> dict:
+def measure(loaded, sample: Sample, method: str, ratio: float, method_args: str | None = None) -> dict:
     r = 0.0 if method == "full" else ratio
-    chain = Chain.build(resolve_chain(method, None, r), r)
+    chain = Chain.build(resolve_chain(method, method_args, r), r)
     # methods that pick the context for the question (finch, ilre, reform) run query-aware, as they must
     query_aware = any(stage.needs_question for stage in chain.stages)
     engine = Engine(loaded.model, loaded.tokenizer, chain, EngineConfig(check_ratio=False, query_aware=query_aware))
@@ -77,12 +79,13 @@ def row(method: str, rec: dict, full_tok_s: float | None) -> list[str]:
     share = rec["kv_bytes"] / rec["kv_bytes_full"]
     tok_s = rec.get("decode_tok_s") or 0.0
     vs_full = f"{tok_s / full_tok_s:.2f}" if full_tok_s else "–"
+    end = rec.get("kv_bytes_end")
     return [method, f"{rec['achieved_ratio']:.3f}", f"{rec['kept_tokens']:.0f}", f"{rec['kv_bytes'] / 2**20:.1f}",
-            f"{100 * share:.1f}%", f"{rec['prefill_s']:.2f}", f"{rec['compress_s']:.2f}",
+            f"{100 * share:.1f}%", "–" if end is None else f"{end / 2**20:.1f}", f"{rec['prefill_s']:.2f}", f"{rec['compress_s']:.2f}",
             f"{100 * rec['compress_s'] / rec['prefill_s']:.1f}%", f"{tok_s:.2f}", vs_full]
 
 
-HEADER = ["method", "ratio", "kept tok", "KV MB", "KV vs full", "prefill s", "compress s", "compress/prefill",
+HEADER = ["method", "ratio", "kept tok", "KV MB", "KV vs full", "KV MB at end", "prefill s", "compress s", "compress/prefill",
           "decode tok/s", "decode vs full"]
 
 
@@ -152,6 +155,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=32, help="tokens each method decodes (EOS masked until then)")
     parser.add_argument("--steps-only", action="store_true", help="only the side-by-side cache-step table")
+    parser.add_argument("--variant", action="append", default=[], metavar="METHOD=ARGS",
+                        help="one more row: METHOD with its k=v,... arguments (e.g. "
+                             "dms=mode=threshold,threshold=-20,decoding=true); repeatable")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model, {}, "cpu")
@@ -162,6 +168,7 @@ def main() -> None:
                     [Turn(question="What is the main point of the text?", answers=[""], max_new_tokens=args.decode_tokens,
                           scorer="none", min_new_tokens=args.decode_tokens)])
     methods = args.methods.split(",") if args.methods else default_methods()
+    variants = [tuple(v.split("=", 1)) for v in args.variant]
     print(f"model {args.model} ({loaded.model.dtype}, CPU, {args.threads} threads), ratio {args.ratio}", flush=True)
     rows = []
     full_tok_s = None
@@ -170,6 +177,10 @@ def main() -> None:
         if method == "full":
             full_tok_s = rec.get("decode_tok_s")
         rows.append(row(method, rec, full_tok_s))
+        print("  " + "  ".join(rows[-1]), flush=True)
+    for method, method_args in variants:
+        rec = measure(loaded, sample, method, args.ratio, method_args)
+        rows.append(row(f"{method} ({method_args})", rec, full_tok_s))
         print("  " + "  ".join(rows[-1]), flush=True)
     print(f"\ncontext: {rec['context_tokens']} tokens; full KV cache {rec['kv_bytes_full'] / 2**20:.1f} MB\n")
     print_table(rows)
