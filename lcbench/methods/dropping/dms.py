@@ -150,16 +150,17 @@ class DMS(Stage):
         row's last position passes it; each leaving slot whose knorm score is below ``threshold``
         is evicted in its KV head."""
         window = self.args["sliding_window_size"]
-        keys, _ = layer.dense()
-        b, h, n, _ = keys.shape
-        valid = layer.valid if layer.valid is not None else torch.ones((b, h, n), dtype=torch.bool, device=keys.device)
-        positions = layer.positions
+        positions, valid = layer.positions, layer.valid  # the keys are read only when a slot leaves
+        n = positions.shape[-1]
+        if valid is None:
+            valid = torch.ones_like(positions, dtype=torch.bool)
         last = positions.masked_fill(~valid, -1).amax(-1, keepdim=True)  # (B, H, 1): each row's newest
         new = valid[..., n - arrived:].sum(-1, keepdim=True)  # real tokens this pass added per row
         edge = last - window  # slots at or before this position are outside the window now
         leaving = valid & (positions <= edge) & (positions > edge - new)
         if not bool(leaving.any()):
             return layer
+        keys, _ = layer.dense()
         scores = -torch.linalg.vector_norm(keys.float(), dim=-1)  # KnormPress.score on each token's own key
         evict = leaving & (scores < self.args["threshold"])
         if not bool(evict.any()):
