@@ -8,8 +8,8 @@ opens every run of such a group (each its own folder, exactly as :func:`evaluate
 for each sample lets each run prepare and compress its copy of the shared prefill; then all their
 rows prefill their question parts and decode in one batch (:func:`lcbench.engine.joint.decode_together`),
 and each run scores and writes its own records. Each record is the one the run writes alone
-(tokens, KV bytes at compression and at the end, kept tokens, achieved ratio); ``decode_s`` is the
-joint decode's and ``batch_rows`` how many rows shared it. A run that fails (a shortfall, bad
+(tokens, KV bytes at compression and at the end, kept tokens, achieved ratio); ``question_prefill_s``
+and ``decode_s`` are the joint passes' and ``batch_rows`` how many rows shared them. A run that fails (a shortfall, bad
 input found at its first sample) is ended as :func:`evaluate` ends it and the others go on; a
 signal aborts every open run, each resumable. Resume works per run: a run skips the turns its
 folder holds, and the others still decode together. Memory: the compressed caches waiting for the

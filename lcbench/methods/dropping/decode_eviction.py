@@ -134,10 +134,7 @@ class EvictingLayer(KVLayer):
             else:
                 self.select(_kept_first(keep)[..., :count])
         elif isinstance(self.inner, (DenseLayer, RaggedLayer)):
-            # heads kept different numbers of prompt tokens: each head keeps exactly its own
-            order = _kept_first(keep)[..., : int(counts.max())]
-            self.tracks = {k: t.gather(-1, order) for k, t in self.tracks.items()}
-            self.inner = RaggedLayer.from_layer(self.inner, keep)
+            self.drop(~keep)  # heads kept different numbers of prompt tokens: each head keeps exactly its own
         else:
             raise RunFailed(
                 f"multi-turn mode: forgetting a generated answer left KV heads with different numbers of "
