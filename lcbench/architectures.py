@@ -213,8 +213,8 @@ def markdown(results: list[FamilyResult]) -> str:
                  f"for ashape); shortfall: the engine stops the run with a clear error because the method cannot "
                  f"reach the ratio on that architecture (e.g. a prompt compressor cannot shrink layers whose "
                  f"window is shorter than the compressed context); refused: the engine refuses the method before "
-                 f"anything runs (e.g. a sparse method, which computes attention itself, on a model with an "
-                 f"attention softcap or learned sinks it does not apply).")
+                 f"anything runs (e.g. a sparse method that computes attention itself without a model's "
+                 f"attention softcap or learned sinks, such as hyperattention on Gemma-2).")
     return "\n".join(lines)
 
 

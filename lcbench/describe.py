@@ -44,11 +44,17 @@ def describe_entry(what: str, name: str, console: Console) -> None:
         raise UserError(f"`lcbench ls {terminal_text(what)} {terminal_text(name)}`: one entry is shown for methods "
                         f"or tasks. Fix: e.g. `lcbench ls methods snapkv`.")
     cls = reg.get(name)  # an unknown name: did-you-mean
+    from .methods.base import ATTENTION_TERMS, computes_attention
     facts = Table.grid(padding=(0, 2))
     rows = [("name", name)]
     if kind == "method":
         rows += [("family", cls.family), ("paper", cls.paper), ("summary", cls.summary),
                  ("stages", ", ".join(cls.stages) or "–"), ("ratio tolerance", f"{cls.tolerance:g}")]
+        if computes_attention(cls):
+            terms = getattr(cls, "attention_terms", ())
+            applied = ", ".join(t for t in ATTENTION_TERMS if t in terms)
+            rows.append(("own attention applies", applied or "no softcap, no sinks (refused on models with them, "
+                                                              "e.g. Gemma-2, gpt-oss)"))
     else:
         rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),
                  ("summary", cls.summary), ("mode", cls.mode)]

@@ -46,6 +46,11 @@ def test_every_builtin_is_found_and_declared_right():
     ({"name": "bad+name"}, "contains one of"),
     ({"params": (Param("window", int, None, "w"),)}, "parameter 'window' has no default"),
     ({"params": (Param("window", int, 8, "w"),), "defaults": {"windw": 4}}, "`defaults` set 'windw'"),
+    ({"attention_terms": frozenset({"softcap"})}, "declares `attention_terms` but computes no attention"),
+    ({"attention_terms": frozenset({"softcapp"}), "prefill_attention": lambda self, *a, softcapp=None: None,
+      "stages": ("prefill_attention", "cache")}, "name 'softcapp', which is not one of softcap, sinks"),
+    ({"attention_terms": frozenset({"sinks"}), "prefill_attention": lambda self, m, q, k, v, mask, s, i, window=None: None,
+      "stages": ("prefill_attention", "cache")}, "its prefill_attention takes no such keyword (the engine passes `sinks=`)"),
 ])
 def test_declaration_mistakes_are_refused_naming_the_file(body, message):
     attrs = {"name": "mistake_test", "family": "kv_dropping", "compress_layer": lambda self, layer, seen: layer,

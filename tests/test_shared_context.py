@@ -228,23 +228,3 @@ def test_window_softcap_and_sink_families_decode_batched_turns_as_alone(family_n
              for t in sample.turns]
     assert [r.decoded_ids for r in together] == [r.decoded_ids for r in alone]
     assert [r.measured.batch_rows for r in together] == [len(sample.turns)] * len(sample.turns)
-
-
-@pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
-@pytest.mark.parametrize("method,args", [("quest", "page_size=4,dense_layers=0"), ("ashape", "block_size=8")])
-def test_sparse_methods_are_refused_on_softcap_and_sink_models(family_name, method, args):
-    """Quest's paged SDPA and the block-sparse kernel apply no softcap (Gemma-2) and no learned sink
-    column (gpt-oss): on such a model the engine refuses them before anything runs (issue #12),
-    at ratio 0 (dense attention throughout) they run."""
-    from lcbench.engine.attach import use_lcbench_attention
-    from lcbench.errors import UserError
-    from lcbench.models.families import FAMILIES, build
-    from lcbench.models.tiny import tiny_tokenizer
-
-    (fam,) = [f for f in FAMILIES if f.name == family_name]
-    model, tok = build(fam, "eager"), tiny_tokenizer()
-    use_lcbench_attention(model, "eager")
-    feature = "softcap" if family_name == "gemma2" else "sinks"
-    with pytest.raises(UserError, match=f"computes attention itself.*{feature}.*Fix:"):
-        engine_for(model, tok, method, 0.5, method_args=args)
-    assert engine_for(model, tok, method, 0.0, method_args=args).run(varied_sample(), False)

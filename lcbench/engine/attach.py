@@ -12,6 +12,7 @@ import torch
 
 from ..cache import KVCache
 from ..errors import UserError
+from ..methods.base import computes_attention
 from ..models.hook import (
     Geometry,
     HookProbe,
@@ -27,21 +28,27 @@ from .state import ForwardState
 
 def attention_refusal(model, stages) -> str | None:
     """Why a stage that computes attention itself (sparse prefill, sparse decode) cannot run on
-    ``model``: its own computation (block-sparse SDPA, Quest's paged SDPA) has no attention-logit
-    softcap (Gemma-2) and no learned sink column (gpt-oss), so on such a model it would silently
+    ``model``: the model applies an attention-logit softcap (Gemma-2) or a learned sink column
+    (gpt-oss) that the stage's own computation does not (it does not list it in
+    :attr:`~lcbench.methods.base.Stage.attention_terms`), so on such a model it would silently
     compute other numbers than the model's attention. None when nothing stands in the way: the
-    model has neither, or the stage is at ratio 0 (it never replaces dense attention then)."""
+    model has neither, the stage applies what it has, or the stage is at ratio 0 (it never replaces
+    dense attention then)."""
     geometry = getattr(model, "lcbench_geometry", None)
     if geometry is None or not (geometry.softcap or geometry.sinks):
         return None
-    what = " and ".join(x for x, on in (("an attention-logit softcap", geometry.softcap),
-                                         ("learned attention sinks", geometry.sinks)) if on)
+    needed = {"softcap": geometry.softcap, "sinks": geometry.sinks}
+    names = {"softcap": "an attention-logit softcap", "sinks": "learned attention sinks"}
     for stage in stages:
-        if {"prefill_attention", "decode_attention"} & set(stage.stages) and stage.ratio > 0:
+        if not (computes_attention(stage) and stage.ratio > 0):
+            continue
+        missing = [t for t, on in needed.items() if on and t not in getattr(stage, "attention_terms", ())]
+        if missing:
+            what = " and ".join(names[t] for t in missing)
             return (f"method '{stage.name}' computes attention itself (sparse {' and '.join(sorted(stage.stages))}) "
                     f"without {what}, which {arch_name(model)} applies in every layer: its numbers would not be "
-                    f"this model's attention. Fix: a method that compresses the cache instead (e.g. snapkv, kivi), "
-                    f"or a model without softcap and sinks")
+                    f"this model's attention. Fix: a sparse method that applies it (`lcbench ls methods NAME` "
+                    f"says), a method that compresses the cache instead (e.g. snapkv, kivi), or a model without it")
     return None
 
 

@@ -195,6 +195,33 @@ def additive_mask(bias: torch.Tensor, mask: torch.Tensor | None, q_len: int, gro
     return add.repeat_interleave(groups, dim=1).to(dtype)
 
 
+def softmax_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                      allowed: torch.Tensor | None = None, softcap: float | None = None,
+                      sink_column: torch.Tensor | None = None, additive: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention computed on explicit logits, as transformers' eager paths do (``gemma2``,
+    ``gpt_oss`` ``eager_attention_forward``): ``query`` (..., q, D) over ``keys``/``values``
+    (..., L, D) with as many heads; the scaled logits, Gemma-2's softcap ``tanh(s / cap) · cap``,
+    then either the float mask ``additive`` added (it carries ``-inf`` where a key is hidden) or the
+    boolean ``allowed`` (broadcast to (..., q, L); ``None`` hides nothing) applied; gpt-oss's learned
+    sink logits ``sink_column`` (broadcast to (..., q, 1)) join the softmax as one more column that
+    is dropped after it. The softmax runs in float32; returns (..., q, D) in the query's dtype."""
+    scores = query @ keys.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if additive is not None:
+        scores = scores + additive
+    elif allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if sink_column is not None:
+        column = sink_column.to(scores.dtype).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, column], dim=-1)
+        scores = scores - scores.amax(dim=-1, keepdim=True)
+        probs = scores.softmax(-1, dtype=torch.float32)[..., :-1].to(query.dtype)
+    else:
+        probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    return probs @ values
+
+
 def dense_attention(module, query, key, value, mask, scaling, call: AttentionCall | None = None,
                     bias: torch.Tensor | None = None):
     """Exact attention over what the layer holds; per-KV-head masks expand to the query heads.
@@ -217,28 +244,16 @@ def dense_attention(module, query, key, value, mask, scaling, call: AttentionCal
                                                  attn_mask=add, scale=scaling)
             return out.transpose(1, 2).contiguous()
     if eager or softcap is not None or sinks is not None:
-        keys, values = repeat_kv(key, groups), repeat_kv(value, groups)
-        scores = query @ keys.transpose(-1, -2) * scaling
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        if bias is not None:
-            scores = scores + add
-        elif mask is not None:
-            scores = scores.masked_fill(~mask.repeat_interleave(groups, dim=1) if mask.shape[1] > 1 else ~mask,
-                                        float("-inf"))
-        elif query.shape[2] > 1:
-            L, q = keys.shape[2], query.shape[2]
-            causal = torch.arange(L, device=query.device)[None, :] <= torch.arange(L - q, L, device=query.device)[:, None]
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if sinks is not None:
-            b, hq, q, _ = scores.shape
-            column = sinks.to(scores.dtype).reshape(1, hq, 1, 1).expand(b, hq, q, 1)
-            scores = torch.cat([scores, column], dim=-1)
-            scores = scores - scores.amax(dim=-1, keepdim=True)
-            probs = scores.softmax(-1, dtype=torch.float32)[..., :-1].to(query.dtype)
-        else:
-            probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
-        return (probs @ values).transpose(1, 2).contiguous()
+        if bias is None and mask is not None and mask.shape[1] > 1:
+            mask = mask.repeat_interleave(groups, dim=1)
+        elif bias is None and mask is None and query.shape[2] > 1:
+            L, q = key.shape[2], query.shape[2]
+            mask = torch.arange(L, device=query.device)[None, :] <= torch.arange(L - q, L, device=query.device)[:, None]
+        sink_column = None if sinks is None else sinks.reshape(1, -1, 1, 1)
+        out = softmax_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), scaling,
+                                allowed=None if bias is not None else mask, softcap=softcap,
+                                sink_column=sink_column, additive=add if bias is not None else None)
+        return out.transpose(1, 2).contiguous()
     if mask is not None and mask.shape[1] > 1:
         mask = mask.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(query, repeat_kv(key, groups), repeat_kv(value, groups),
@@ -380,10 +395,18 @@ def plain_mask(query: torch.Tensor, key: torch.Tensor, window: int | None) -> to
     return mask[None, None]
 
 
-def _stage_kwargs(call: AttentionCall) -> dict:
-    """The keyword a stage hook gets on a sliding-window layer (nothing otherwise, so stages that
-    predate windows keep working on models without one)."""
-    return {"window": call.window} if call.window else {}
+def _stage_kwargs(call: AttentionCall, stage) -> dict:
+    """The keywords a stage hook gets: ``window`` on a sliding-window layer, ``softcap`` / ``sinks``
+    where the model passes them and the stage applies them (:attr:`Stage.attention_terms`; the engine
+    refuses a stage that would need one it does not apply) — nothing otherwise, so stages that
+    predate these keep working on models without them."""
+    out: dict = {"window": call.window} if call.window else {}
+    terms = getattr(stage, "attention_terms", ())
+    if call.softcap is not None and "softcap" in terms:
+        out["softcap"] = call.softcap
+    if call.sinks is not None and "sinks" in terms:
+        out["sinks"] = call.sinks
+    return out
 
 
 def shared_context_attention(module, query, layer: SharedContextLayer, call: AttentionCall) -> torch.Tensor:
@@ -450,14 +473,14 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
     out = None
     if state.phase == DECODE:
         for stage in state.decode_stages:
-            out = stage.decode_attention(module, query, layer, scaling, idx, **_stage_kwargs(call))
+            out = stage.decode_attention(module, query, layer, scaling, idx, **_stage_kwargs(call, stage))
             if out is not None:
                 break
     elif state.attention_stages:
         # stages get the storage mask without the window (None: plain causal) and the window itself
         plain = storage_mask(layer, q_len) if call.window else mask
         for stage in state.attention_stages:
-            out = stage.prefill_attention(module, query, key, value, plain, scaling, idx, **_stage_kwargs(call))
+            out = stage.prefill_attention(module, query, key, value, plain, scaling, idx, **_stage_kwargs(call, stage))
             if out is not None:
                 break
     bias = slot_bias(layer)

@@ -42,6 +42,9 @@ STAGE_HOOKS: dict[str, tuple[str, ...]] = {
     "decode": ("decode_attention", "after_question", "after_decode_step"),
 }
 
+# the model attention terms a stage that computes attention itself may apply (Stage.attention_terms)
+ATTENTION_TERMS = ("softcap", "sinks")
+
 FAMILIES = ("baseline", "kv_dropping", "kv_quantization", "prompt_compression", "soft_compression",
             "sparse_attention")
 
@@ -151,6 +154,11 @@ class Stage:
     # for a kernel), not representative of an optimized one: spec.json records it and `lcbench report`
     # and the leaderboard mark such runs' latencies so nobody ranks methods on them (issue #14)
     reference_latency: ClassVar[bool] = False
+    # the model's attention terms besides q/k/v, scaling and a sliding window that the stage's own attention
+    # computation (``prefill_attention`` / ``decode_attention``) applies: "softcap" (Gemma-2's logit softcap) and
+    # "sinks" (gpt-oss's learned sink column). The engine passes each as a keyword (``softcap=``, ``sinks=``) on
+    # a model that has it, and refuses a stage that computes attention on such a model without it (engine/attach.py)
+    attention_terms: ClassVar[frozenset[str]] = frozenset()
     # True when the stage scores with the question, which only --query-aware puts in the prefill (Finch):
     # the engine refuses such a chain without it, unless it compresses nothing (ratio 0)
     needs_question: ClassVar[bool] = False
@@ -200,7 +208,9 @@ class Stage:
         """Return the attention output (B, q, Hq, D) to replace dense attention, or None.
         ``window``: the layer's sliding window (a query at position p sees keys in (p − window, p]),
         passed only on sliding-window layers; ``mask`` (padding and storage order, None when plain
-        causal) does not hold it, so a stage that computes attention must apply it."""
+        causal) does not hold it, so a stage that computes attention must apply it. A stage that
+        declares :attr:`attention_terms` also gets ``softcap=`` and/or ``sinks=`` on a model that has
+        them, to apply as :func:`lcbench.engine.attention.softmax_attention` does."""
         return None
 
     def compress_layer(self, layer: KVLayer, seen: LayerObservation) -> KVLayer:
@@ -210,7 +220,8 @@ class Stage:
     def decode_attention(self, module, query, layer: KVLayer, scaling: float,
                          layer_idx: int, window: int | None = None) -> torch.Tensor | None:
         """Return the decode-step attention output to replace dense attention, or None (``window``:
-        the layer's sliding window, passed only on sliding-window layers, to be honoured)."""
+        the layer's sliding window, passed only on sliding-window layers, to be honoured; ``softcap=``
+        and ``sinks=`` as for :meth:`prefill_attention`)."""
         return None
 
     def after_question(self, layer: KVLayer, layer_idx: int, query: torch.Tensor) -> KVLayer:
@@ -239,6 +250,21 @@ def overridden_stages(cls: type) -> tuple[str, ...]:
                  if any(getattr(cls, h) is not getattr(Stage, h) for h in hooks))
 
 
+def computes_attention(stage: Any) -> bool:
+    """Whether a stage (class or instance) may replace the dense attention computation: it
+    overrides ``prefill_attention`` or ``decode_attention``."""
+    cls = stage if isinstance(stage, type) else type(stage)
+    return any(getattr(cls, hook) is not getattr(Stage, hook) for hook in ("prefill_attention", "decode_attention"))
+
+
+def accepts_keyword(function: Any, name: str) -> bool:
+    """Whether ``function`` can be called with the keyword argument ``name``."""
+    import inspect
+
+    params = inspect.signature(function).parameters.values()
+    return any(p.kind is p.VAR_KEYWORD or (p.name == name and p.kind is not p.POSITIONAL_ONLY) for p in params)
+
+
 def declaration_errors(cls: Any) -> list[str]:
     """What is wrong with ``cls`` as a registered method (empty when nothing is)."""
     if not (isinstance(cls, type) and issubclass(cls, Stage)):
@@ -262,6 +288,17 @@ def declaration_errors(cls: Any) -> list[str]:
         errors.append(f"it overrides {' / '.join(h for h in STAGE_HOOKS[stage] if getattr(cls, h) is not getattr(Stage, h))} "
                       f"but its `stages` leaves out {stage!r}, so that hook would never be called "
                       f"(drop the `stages` line: stages follow the hooks)")
+    for term in sorted(set(cls.attention_terms) - set(ATTENTION_TERMS)):
+        errors.append(f"its `attention_terms` name {term!r}, which is not one of {', '.join(ATTENTION_TERMS)}")
+    if cls.attention_terms and not computes_attention(cls):
+        errors.append("it declares `attention_terms` but computes no attention (no prefill_attention / "
+                      "decode_attention hook)")
+    for hook in ("prefill_attention", "decode_attention"):
+        if cls.attention_terms and getattr(cls, hook) is not getattr(Stage, hook):
+            missing = [t for t in sorted(cls.attention_terms) if not accepts_keyword(getattr(cls, hook), t)]
+            if missing:
+                errors.append(f"its `attention_terms` name {', '.join(missing)}, but its {hook} takes no such "
+                              f"keyword (the engine passes `{missing[0]}=`)")
     names = [p.name for p in cls.params]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         errors.append(f"it declares the parameter {dup!r} twice")

@@ -84,11 +84,14 @@ def block_mask(pattern: BlockPattern, query_heads: int):
 
 
 def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                pattern: BlockPattern, scaling: float, compiled: bool | None = None) -> torch.Tensor:
+                                pattern: BlockPattern, scaling: float, compiled: bool | None = None,
+                                softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``query`` (B, Hq, L, D) over ``key``/``value`` (B, Hkv, L, D) computing
     only ``pattern`` with FlexAttention; (B, L, Hq, D) like :func:`.kernel.block_sparse_attention`.
-    ``compiled``: compile it (default: on CUDA only)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    ``compiled``: compile it (default: on CUDA only). ``softcap`` is a ``score_mod`` on the scaled
+    logits; ``sinks`` (Hq,) rescale each output by ``Z / (Z + e^s)`` = ``sigmoid(lse − s)`` from the
+    kernel's log-sum-exp ``lse`` = log Z — exactly the extra softmax column that is then dropped."""
+    from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     B, Hq, L, D = query.shape
     bs = pattern.block_size
@@ -100,6 +103,16 @@ def flex_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     run = _compiled() if compiled else flex_attention
     # the compiled kernel's tiles must divide the mask's blocks (its defaults are 128 or 64)
     options = {"BLOCK_M": min(bs, 64), "BLOCK_N": min(bs, 64)} if compiled else None
-    out = run(query, key, value, block_mask=mask, scale=scaling, enable_gqa=key.shape[1] != Hq,
-              kernel_options=options)
+    score_mod = None
+    if softcap is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+    if sinks is None:
+        out = run(query, key, value, score_mod=score_mod, block_mask=mask, scale=scaling,
+                  enable_gqa=key.shape[1] != Hq, kernel_options=options)
+    else:
+        out, aux = run(query, key, value, score_mod=score_mod, block_mask=mask, scale=scaling,
+                       enable_gqa=key.shape[1] != Hq, kernel_options=options, return_aux=AuxRequest(lse=True))
+        keep = torch.sigmoid(aux.lse.float() - sinks.float().reshape(1, Hq, 1))  # (B, Hq, L)
+        out = (out.float() * keep[..., None]).to(query.dtype)
     return out[:, :, :L].transpose(1, 2).contiguous()

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ...engine.attention import softmax_attention
+
 
 def causal_block_pairs(length: int, block_size: int, device=None, window: int | None = None) -> torch.Tensor:
     """(nb, nb) number of causal (query ≥ key) token pairs inside each block pair, counting only
@@ -138,9 +140,13 @@ class BlockPattern:
 
 
 def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           pattern: BlockPattern, scaling: float) -> torch.Tensor:
+                           pattern: BlockPattern, scaling: float, softcap: float | None = None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``query`` (B, Hq, L, D) over ``key``/``value`` (B, Hkv, L, D) computing
-    only ``pattern``; returns (B, L, Hq, D) like transformers' attention functions. On CUDA it runs
+    only ``pattern``; returns (B, L, Hq, D) like transformers' attention functions. ``softcap``
+    (Gemma-2) caps the scaled logits, ``sinks`` (Hq,) (gpt-oss) adds each query head's learned sink
+    column to the softmax, both as the models' eager attention does
+    (:func:`lcbench.engine.attention.softmax_attention`). On CUDA it runs
     as compiled FlexAttention (:mod:`.flex`); ``LCBENCH_SPARSE_KERNEL=loop`` (or ``flex``) forces
     the exact loop below (or FlexAttention, uncompiled off CUDA) anywhere; a block size that is not
     a power of two ≥ 16 stays on the loop under ``auto``."""
@@ -151,13 +157,15 @@ def block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         from . import flex
 
         if flex.available():
-            return flex.flex_block_sparse_attention(query, key, value, pattern, scaling)
-    return loop_block_sparse_attention(query, key, value, pattern, scaling)
+            return flex.flex_block_sparse_attention(query, key, value, pattern, scaling, softcap=softcap, sinks=sinks)
+    return loop_block_sparse_attention(query, key, value, pattern, scaling, softcap=softcap, sinks=sinks)
 
 
 def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                pattern: BlockPattern, scaling: float) -> torch.Tensor:
-    """The exact path: one gathered SDPA call per query block (CPU, or anywhere on request)."""
+                                pattern: BlockPattern, scaling: float, softcap: float | None = None,
+                                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The exact path: one gathered SDPA call per query block (CPU, or anywhere on request); with a
+    softcap or sinks, which SDPA cannot apply, the same gathered blocks on explicit logits."""
     B, Hq, L, D = query.shape
     Hkv = key.shape[1]
     g = Hq // Hkv
@@ -183,6 +191,8 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
         gather = cols[..., None].expand(-1, -1, -1, D)
         kc, vc = key.gather(2, gather), value.gather(2, gather)
         col_block = cols // bs
+    # a stacked group block's row r belongs to query head (KV head · g + r // bs): its sink logit
+    sink_rows = None if sinks is None else sinks.reshape(1, Hkv, g, 1, 1).expand(1, Hkv, g, bs, 1).reshape(1, Hkv, g * bs, 1)
     for i in range(nb):
         S = int(counts[:, :, i].max())
         idx = order[:, :, i, :S]  # (B, Hkv, S)
@@ -209,7 +219,10 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
                 if window is not None:
                     col_mask = col_mask & (cols[:, :, None, :] > (i * bs + q_offs)[:, None] - window)
                 mask = torch.cat([mask.expand(B, Hkv, g * bs, -1), col_mask], dim=-1)
-        o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask, scale=scaling)
+        if softcap is None and sinks is None:
+            o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask, scale=scaling)
+        else:
+            o = softmax_attention(qg, ks, vs, scaling, allowed=mask, softcap=softcap, sink_column=sink_rows)
         out[:, :, :, i * bs:(i + 1) * bs] = o.view(B, Hkv, g, bs, D)
     out = out[..., :L, :].reshape(B, Hq, L, D)
     return out.transpose(1, 2).contiguous()

@@ -154,11 +154,11 @@ class MInference(SparsePrefill):
         return [names[i] for i in score.argmax(0).tolist()]
 
     # --- the pattern -------------------------------------------------------------------------
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None, **terms):
         self.load(self.cache_path(module, key.shape[1]))
         self._layer = layer_idx
         self._module = module
-        return super().prefill_attention(module, query, key, value, mask, scaling, layer_idx, window)
+        return super().prefill_attention(module, query, key, value, mask, scaling, layer_idx, window, **terms)
 
     def pattern(self, query, key, groups, scaling):
         for c in self.candidates.values():

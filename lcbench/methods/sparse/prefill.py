@@ -89,9 +89,15 @@ class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
 
     window: int | None = None  # the current layer's sliding window, while its pattern is built
 
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+    # the block-sparse kernel applies Gemma-2's softcap and gpt-oss's sinks on the computed blocks; the
+    # patterns are estimated from the plain logits (a softcap is monotonic, so logit rankings stay)
+    attention_terms = frozenset({"softcap", "sinks"})
+
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None,
+                          softcap=None, sinks=None):
         """On a sliding-window layer the pattern lives inside the window: pairs it hides are
-        neither computed nor counted, so the density is over the pairs the layer attends densely."""
+        neither computed nor counted, so the density is over the pairs the layer attends densely.
+        ``softcap`` / ``sinks``: the model's, applied to the computed blocks (kernel.py)."""
         L = key.shape[2]
         if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
             return None
@@ -105,4 +111,4 @@ class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
         pattern = self.pattern(query, key, getattr(module, "num_key_value_groups", 1), scaling)
         computed, _ = pattern.pair_counts()
         self._count(float(computed.sum()), total)
-        return block_sparse_attention(query, key, value, pattern, scaling)
+        return block_sparse_attention(query, key, value, pattern, scaling, softcap=softcap, sinks=sinks)

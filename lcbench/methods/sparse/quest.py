@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ...cache.layer import DenseLayer
-from ...engine.attention import dense_attention, storage_mask
+from ...engine.attention import AttentionCall, dense_attention, softmax_attention, storage_mask
 from ...params import Param
 from ..base import Stage
 
@@ -69,12 +69,12 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) 
     return k.masked_fill(~ok, float("inf")).amin(3), k.masked_fill(~ok, float("-inf")).amax(3)
 
 
-def _dense_row(module, query: torch.Tensor, row: DenseLayer, scaling: float, window: int | None) -> torch.Tensor:
+def _dense_row(module, query: torch.Tensor, row: DenseLayer, call: AttentionCall, window: int | None) -> torch.Tensor:
     """One row's dense decode attention over its valid slots, computed as the engine computes it
-    for that row alone (its storage mask and dense function), so a row that attends densely this
-    step matches decoding alone."""
+    for that row alone (its storage mask and dense function, the model's softcap and sinks), so a
+    row that attends densely this step matches decoding alone."""
     keys, values = row.dense()
-    return dense_attention(module, query, keys, values, storage_mask(row, 1, window), scaling)
+    return dense_attention(module, query, keys, values, storage_mask(row, 1, window), call.scaling, call)
 
 
 class Quest(Stage):
@@ -89,6 +89,9 @@ class Quest(Stage):
     tolerance = 0.05
     defaults = {"page_size": 16, "dense_layers": 2}
     stages = ("prefill_attention", "decode")
+    # the picked pages are attended with the model's softcap and sinks (the page bounds rank plain q·k
+    # upper bounds: a softcap is monotonic, so the same pages win)
+    attention_terms = frozenset({"softcap", "sinks"})
     params = (
         Param("page_size", int, None, "tokens per KV page", min=1),
         Param("dense_layers", int, None, "first layers that stay dense (the paper skips 2)", min=0),
@@ -101,7 +104,7 @@ class Quest(Stage):
         self._bounds: dict[int, tuple] = {}
 
     # --- prefill: dense; learn the context length to state the density decoding will use -------
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None, **terms):
         if query.shape[2] == key.shape[2] and layer_idx == 0:
             layers = module.config.num_hidden_layers
             self._planned = self._layer_keep(key.shape[2], layers, layer_idx=layers - 1)[1]
@@ -123,19 +126,21 @@ class Quest(Stage):
         return keep, (dense + (layers - dense) * keep / pages) / layers
 
     # --- decode -----------------------------------------------------------------------------
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None):
         """On a sliding-window layer only the pages the window reaches compete, keys it hides are
         masked, and the density counts only the tokens the window lets the query see. A batch
-        whose rows hold padding is paged row by row (:func:`rows_apart`)."""
+        whose rows hold padding is paged row by row (:func:`rows_apart`). ``softcap`` / ``sinks``:
+        the model's, applied to the picked pages."""
+        call = AttentionCall(scaling, softcap=softcap, sinks=sinks)
         rows = None if self.ratio <= 0 or layer_idx < self.args["dense_layers"] else rows_apart(layer)
         if rows is None:
-            return self._decode_pages(module, query, layer, scaling, layer_idx, layer_idx, window)
-        outs = [self._decode_pages(module, query[b:b + 1], row, scaling, None, layer_idx, window)
+            return self._decode_pages(module, query, layer, call, layer_idx, layer_idx, window)
+        outs = [self._decode_pages(module, query[b:b + 1], row, call, None, layer_idx, window)
                 for b, row in enumerate(rows)]
-        return torch.cat([_dense_row(module, query[b:b + 1], row, scaling, window) if out is None else out
+        return torch.cat([_dense_row(module, query[b:b + 1], row, call, window) if out is None else out
                           for b, (row, out) in enumerate(zip(rows, outs))], dim=0)
 
-    def _decode_pages(self, module, query, layer, scaling, cache_key, layer_idx: int, window=None):
+    def _decode_pages(self, module, query, layer, call: AttentionCall, cache_key, layer_idx: int, window=None):
         """Quest's page selection on ``layer`` (None: dense this step); ``cache_key`` keys the
         incremental page bounds (None when paged row by row: rows leave the batch, so a row index
         names no row for long; its bounds are computed afresh)."""
@@ -183,8 +188,14 @@ class Quest(Stage):
         live = None if layer.valid is None else take(layer.valid)
         if visible is not None:
             live = take(visible)
-        out = F.scaled_dot_product_attention(query.reshape(B, Hkv, g, D), k_sel, v_sel,
-                                             attn_mask=None if live is None else live[:, :, None, :], scale=scaling)
+        allowed = None if live is None else live[:, :, None, :]
+        if call.softcap is None and call.sinks is None:
+            out = F.scaled_dot_product_attention(query.reshape(B, Hkv, g, D), k_sel, v_sel, attn_mask=allowed,
+                                                 scale=call.scaling)
+        else:  # query head h·g + i is row i of KV head h
+            sink_column = None if call.sinks is None else call.sinks.reshape(1, Hkv, g, 1)
+            out = softmax_attention(query.reshape(B, Hkv, g, D), k_sel, v_sel, call.scaling, allowed=allowed,
+                                    softcap=call.softcap, sink_column=sink_column)
         self._count(layer, float(B * Hkv * k_sel.shape[2]) if live is None else float(live.sum()), visible)
         return out.reshape(B, Hq, 1, D).transpose(1, 2)
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...engine.attention import dense_attention, storage_mask
+from ...engine.attention import AttentionCall, dense_attention, storage_mask
 from ...errors import UserError
 from ..base import Stage
 
@@ -36,6 +36,9 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
     dense_question: ClassVar[bool] = False
     # reference: the selection is a mask over the whole cache (dense compute), not a gathered kernel
     reference_latency = True
+    # the selected slots are attended by the engine's dense attention, with the model's softcap and sinks
+    # (the selection itself ranks the plain logits: a softcap is monotonic)
+    attention_terms = frozenset({"softcap", "sinks"})
 
     def begin_sample(self) -> None:
         self._learned: dict[int, Any] = {}
@@ -56,7 +59,8 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
         ``key`` (B, Hkv, L, D); ``valid_queries`` (B or 1, q) marks the queries that are not padding."""
 
     # --- the frame ----------------------------------------------------------------------------
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None,
+                          softcap=None, sinks=None):
         if self.ratio <= 0:
             return None
         if not hasattr(self, "_learned"):
@@ -80,9 +84,10 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
                             f"no KV-dropping stage (it keeps the whole cache).")
         base = mask if mask is not None else storage_causal(n, total, query.device)
         valid = base[:, 0, -1, torch.arange(total - n, total, device=query.device)]  # the last query sees every valid slot
-        return self._attend(module, query, key, value, base, scaling, layer_idx, valid)
+        return self._attend(module, query, key, value, base, AttentionCall(scaling, softcap=softcap, sinks=sinks),
+                            layer_idx, valid)
 
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None):
         if self.ratio <= 0:
             return None
         base = storage_mask(layer, 1, window)
@@ -94,14 +99,15 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
             return None
         keys, values = layer.dense()
         valid = torch.ones(query.shape[0], 1, dtype=torch.bool, device=query.device)
-        return self._attend(module, query, keys, values, base, scaling, layer_idx, valid)
+        return self._attend(module, query, keys, values, base, AttentionCall(scaling, softcap=softcap, sinks=sinks),
+                            layer_idx, valid)
 
-    def _attend(self, module, query, key, value, base, scaling: float, layer_idx: int, valid):
+    def _attend(self, module, query, key, value, base, call: AttentionCall, layer_idx: int, valid):
         b, _, n, _ = query.shape
         total, hkv = key.shape[2], key.shape[1]
-        allowed = base & self.keep(self._learned[layer_idx], query, key, valid, scaling)
+        allowed = base & self.keep(self._learned[layer_idx], query, key, valid, call.scaling)
         self._count(float(base.expand(b, hkv, n, total).sum()), float(allowed.expand(b, hkv, n, total).sum()))
-        return dense_attention(module, query, key, value, allowed, scaling)
+        return dense_attention(module, query, key, value, allowed, call.scaling, call)
 
     def _count(self, visible: float, attended: float | None) -> None:
         if not hasattr(self, "_learned"):

@@ -115,6 +115,9 @@ class RetroAttention(Quest):
     # reference: Quest's PyTorch page selection plus an fp32 masked attention per cached past query at every
     # decode step, not the paper's fused kernel
     reference_latency = True
+    # its output cache's log-sum-exp revisions are computed on plain logits with no sink column, so it is
+    # refused on models with a softcap or sinks (Quest's own decode applies both)
+    attention_terms = frozenset()
     defaults = {"retro_window": 8, "measure_error": False}
     params = Quest.params + (
         Param("retro_window", int, None, "queries in the retrospective window (current + cached past ones)",

@@ -45,7 +45,7 @@ class TriMix(TriShape):
     def target_density(self) -> float:
         return self._deep_target
 
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None, **terms):
         num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None) or layer_idx + 1
         start = self.first_triangle_layer(num_layers)
         if self.ratio > 0 and start >= num_layers:
@@ -61,7 +61,7 @@ class TriMix(TriShape):
                             f"ratio it can approach is {deep / num_layers:.3f}. Fix: request a smaller "
                             f"--ratio, or start Triangle attention earlier (starting_layer=N).")
         if layer_idx >= start:
-            return super().prefill_attention(module, query, key, value, mask, scaling, layer_idx, window)
+            return super().prefill_attention(module, query, key, value, mask, scaling, layer_idx, window, **terms)
         L = key.shape[2]
         if query.shape[2] != L:
             return None

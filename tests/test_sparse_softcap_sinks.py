@@ -1,0 +1,181 @@
+"""Sparse attention on models with an attention-logit softcap (Gemma-2) or learned sinks (gpt-oss).
+
+A stage that computes attention itself applies the model's softcap and sink column where it lists
+them in ``Stage.attention_terms``; the engine passes them and refuses a stage that would need one it
+does not apply. Pinned here: the block-sparse kernel (exact loop and FlexAttention) equals
+transformers' own eager attention of each family restricted to the pattern; Quest's picked pages
+equal that attention over the same pages; on tiny Gemma-2 and gpt-oss models the block-sparse,
+Quest and retrieval families run (the term reaching them changes what they compute), while the
+stages that do not apply them are still refused.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+
+from lcbench.engine.attention import AttentionCall, dense_attention
+from lcbench.methods.sparse import flex
+from lcbench.methods.sparse.kernel import BlockPattern, loop_block_sparse_attention
+from tests.conftest import engine_for
+from tests.test_shared_context import varied_sample
+
+SOFTCAP = 2.0  # small enough that it bites on the test logits
+SCALING = 0.3
+
+
+def qkv(L=70, B=2, Hq=4, Hkv=2, D=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (3 * torch.randn(B, Hq, L, D, generator=gen), 3 * torch.randn(B, Hkv, L, D, generator=gen),
+            torch.randn(B, Hkv, L, D, generator=gen))
+
+
+def pattern(L=70, B=2, window=None, columns=True, seed=1) -> BlockPattern:
+    gen = torch.Generator().manual_seed(seed)
+    nb = -(-L // 16)
+    blocks = torch.rand(B, 2, nb, nb, generator=gen) < 0.4
+    cols = torch.stack([torch.randperm(L, generator=gen)[:6].sort().values for _ in range(B * 2)]).view(B, 2, 6)
+    return BlockPattern(blocks, 16, L, cols if columns else None, window=window)
+
+
+def transformers_reference(term: str, q, k, v, allowed: torch.Tensor, sinks: torch.Tensor | None = None):
+    """The family's own eager attention (transformers' code) over the keys ``allowed`` (B, Hkv, q, L)
+    lets each query see, as (B, q, Hq, D)."""
+    groups = q.shape[1] // k.shape[1]
+    add = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf")).repeat_interleave(groups, 1)
+    module = SimpleNamespace(num_key_value_groups=groups, training=False, sinks=sinks, head_dim=q.shape[-1])
+    if term == "softcap":
+        return gemma2_eager(module, q, k, v, add, scaling=SCALING, softcap=SOFTCAP)[0]
+    return gpt_oss_eager(module, q, k, v, add, scaling=SCALING)[0]
+
+
+def terms(term: str) -> dict:
+    return {"softcap": SOFTCAP} if term == "softcap" else {"sinks": torch.tensor([0.5, -1.0, 2.0, 4.0])}
+
+
+@pytest.mark.parametrize("term", ["softcap", "sinks"])
+@pytest.mark.parametrize("window", [None, 20])
+@pytest.mark.filterwarnings("ignore::UserWarning")  # uncompiled FlexAttention warns off CUDA
+def test_block_sparse_kernel_applies_the_term_like_transformers(term, window):
+    q, k, v = qkv()
+    p = pattern(window=window)
+    extra = terms(term)
+    want = transformers_reference(term, q, k, v, p.dense_mask(), extra.get("sinks"))
+    loop = loop_block_sparse_attention(q, k, v, p, SCALING, **extra)
+    assert torch.allclose(loop, want, atol=1e-5)
+    assert not torch.allclose(loop, loop_block_sparse_attention(q, k, v, p, SCALING), atol=1e-3)  # it mattered
+    if flex.available():
+        out = flex.flex_block_sparse_attention(q, k, v, p, SCALING, compiled=False, **extra)
+        assert torch.allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("term", ["softcap", "sinks"])
+def test_dense_attention_with_a_mask_applies_the_term_like_transformers(term):
+    """What the retrieval stages (InfLLM, ClusterKV, Squeezed, ...) attend through: the engine's dense
+    attention over their selected slots, with the call's softcap or sinks."""
+    q, k, v = qkv(L=30)
+    allowed = torch.rand(2, 2, 30, 30, generator=torch.Generator().manual_seed(3)) < 0.5
+    allowed |= torch.eye(30, dtype=torch.bool)
+    allowed &= torch.ones(30, 30, dtype=torch.bool).tril()
+    extra = terms(term)
+    module = SimpleNamespace(num_key_value_groups=2, config=None)
+    out = dense_attention(module, q, k, v, allowed, SCALING, AttentionCall(SCALING, **extra))
+    assert torch.allclose(out, transformers_reference(term, q, k, v, allowed, extra.get("sinks")), atol=1e-5)
+
+
+@pytest.mark.parametrize("term", ["softcap", "sinks"])
+def test_quest_attends_its_picked_pages_with_the_term(term):
+    """Four pages of 4 slots at ratio 0.25 keep three; page 1's keys point away from the query, so
+    its upper bound is the lowest and it is the page left out. Quest's output equals the family's
+    eager attention over the other twelve slots."""
+    from lcbench.cache.layer import DenseLayer
+    from lcbench.methods.registry import METHODS
+
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, L, D = 1, 4, 2, 16, 8
+    q = torch.randn(B, Hq, 1, D, generator=gen)
+    keys = torch.randn(B, Hkv, L, D, generator=gen)
+    direction = q.reshape(B, Hkv, 2, D).sum(2, keepdim=True)  # both query heads of each KV head
+    keys[:, :, 4:8] = -5 * direction / direction.norm(dim=-1, keepdim=True)
+    values = torch.randn(B, Hkv, L, D, generator=gen)
+    layer = DenseLayer()
+    layer.append(keys, values, torch.arange(L)[None], None)
+    module = SimpleNamespace(num_key_value_groups=2, config=SimpleNamespace(num_hidden_layers=1))
+    quest = METHODS.get("quest")(ratio=0.25, page_size=4, dense_layers=0)
+    quest.begin_sample()
+    extra = terms(term)
+    out = quest.decode_attention(module, q, layer, SCALING, 0, **extra)
+    allowed = torch.ones(B, Hkv, 1, L, dtype=torch.bool)
+    allowed[..., 4:8] = False
+    assert torch.allclose(out, transformers_reference(term, q, keys, values, allowed, extra.get("sinks")), atol=1e-5)
+    assert quest.sample_stats()["attention_density"] == pytest.approx(0.75)
+
+
+def _tiny(family_name: str):
+    from lcbench.engine.attach import use_lcbench_attention
+    from lcbench.models.families import FAMILIES, build
+    from lcbench.models.tiny import tiny_tokenizer
+
+    (fam,) = [f for f in FAMILIES if f.name == family_name]
+    model, tok = build(fam, "eager"), tiny_tokenizer()
+    use_lcbench_attention(model, "eager")
+    return model, tok
+
+
+@pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
+@pytest.mark.parametrize("method,args", [("ashape", "block_size=8"), ("quest", "page_size=4,dense_layers=0"),
+                                         ("infllm", "block_size=8")])
+def test_sparse_families_run_on_softcap_and_sink_models_and_apply_the_term(family_name, method, args, monkeypatch):
+    """Each family of stages that computes attention itself runs on Gemma-2 (softcap) and gpt-oss
+    (sinks), its turns decoded together equal to each turn alone; withholding the model's term from
+    the stage (what lcbench did before it applied them) changes the sparse outputs' logits."""
+    import lcbench.engine.attention as attention
+
+    model, tok = _tiny(family_name)
+    sample = varied_sample()
+    records = engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
+    assert records and all(r.method_stats["attention_density"] < 0.9 for r in records)
+    from lcbench.tasks.base import Sample
+
+    alone = [engine_for(model, tok, method, 0.5, method_args=args).run(Sample(sample.id, sample.context, [t]), False)[0]
+             for t in sample.turns]
+    assert [r.decoded_ids for r in records] == [r.decoded_ids for r in alone]
+
+    seen: list[tuple[torch.Tensor, dict]] = []
+    real = attention.attend_layer
+
+    def spy(module, query, key, value, layer, state, call, idx, num_layers):
+        out, layer = real(module, query, key, value, layer, state, call, idx, num_layers)
+        seen.append(out)
+        return out, layer
+
+    monkeypatch.setattr(attention, "attend_layer", spy)
+    engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
+    applied = list(seen)
+    seen.clear()
+    real_kwargs = attention._stage_kwargs
+    monkeypatch.setattr(attention, "_stage_kwargs", lambda call, stage: {
+        k: v for k, v in real_kwargs(call, stage).items() if k == "window"})
+    engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
+    assert len(seen) == len(applied)
+    differ = [not torch.allclose(a, b, atol=1e-6) for a, b in zip(applied, seen) if a.shape == b.shape]
+    assert any(differ)
+
+
+@pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
+@pytest.mark.parametrize("method,args", [("retroattention", "page_size=4,dense_layers=0"), ("hyperattention", None)])
+def test_stages_that_do_not_apply_them_are_refused(family_name, method, args):
+    """RetroAttention's output-cache revisions and HyperAttention's LSH estimate compute plain logits
+    with no sink column: on such a model the engine refuses them before anything runs; at ratio 0
+    (dense attention throughout) they run."""
+    from lcbench.errors import UserError
+
+    model, tok = _tiny(family_name)
+    feature = "softcap" if family_name == "gemma2" else "sinks"
+    with pytest.raises(UserError, match=f"computes attention itself.*{feature}.*Fix:"):
+        engine_for(model, tok, method, 0.5, method_args=args)
+    assert engine_for(model, tok, method, 0.0, method_args=args).run(varied_sample(), False)
