@@ -4,9 +4,10 @@ A stage that computes attention itself applies the model's softcap and sink colu
 them in ``Stage.attention_terms``; the engine passes them and refuses a stage that would need one it
 does not apply. Pinned here: the block-sparse kernel (exact loop and FlexAttention) equals
 transformers' own eager attention of each family restricted to the pattern; Quest's picked pages
-equal that attention over the same pages; on tiny Gemma-2 and gpt-oss models the block-sparse,
-Quest and retrieval families run (the term reaching them changes what they compute), while the
-stages that do not apply them are still refused.
+equal that attention over the same pages, and so do HyperAttention's exact pieces; on tiny Gemma-2
+and gpt-oss models the block-sparse, Quest, retrieval and HyperAttention stages run (the term
+reaching them changes what they compute), while RetroAttention, which does not apply them, is
+still refused.
 """
 
 from __future__ import annotations
@@ -115,6 +116,25 @@ def test_quest_attends_its_picked_pages_with_the_term(term):
     assert quest.sample_stats()["attention_density"] == pytest.approx(0.75)
 
 
+@pytest.mark.parametrize("term", ["softcap", "sinks"])
+def test_hyperattention_exact_pieces_apply_the_term_like_transformers(term):
+    """HyperAttention's exact leaves (a leaf as long as the sequence: no LSH piece) with the softcap
+    on every logit and the sinks joining the final log-sum-exp equal the family's eager attention."""
+    from lcbench.methods.sparse.hyperattention import HyperAttentionRun
+
+    q, k, v = qkv(L=40, B=1)
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    extra = terms(term)
+    run = HyperAttentionRun(block=8, leaf=64, bits=3, generator=torch.Generator().manual_seed(0), dim=16,
+                            softcap=extra.get("softcap"))
+    out, lse = run.causal(q, k, v, SCALING)
+    if "sinks" in extra:
+        out = out * torch.sigmoid(lse - extra["sinks"].reshape(1, 4, 1))[..., None]
+    causal = torch.ones(40, 40, dtype=torch.bool).tril().expand(1, 4, 40, 40)
+    want = transformers_reference(term, q, k, v, causal, extra.get("sinks"))
+    assert torch.allclose(out.transpose(1, 2), want, atol=1e-5)
+
+
 def _tiny(family_name: str):
     from lcbench.engine.attach import use_lcbench_attention
     from lcbench.models.families import FAMILIES, build
@@ -127,9 +147,11 @@ def _tiny(family_name: str):
 
 
 @pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
-@pytest.mark.parametrize("method,args", [("ashape", "block_size=8"), ("quest", "page_size=4,dense_layers=0"),
-                                         ("infllm", "block_size=8")])
-def test_sparse_families_run_on_softcap_and_sink_models_and_apply_the_term(family_name, method, args, monkeypatch):
+@pytest.mark.parametrize("method,args,ratio", [("ashape", "block_size=8", 0.5), ("quest", "page_size=4,dense_layers=0", 0.5),
+                                               ("infllm", "block_size=8", 0.5),
+                                               ("hyperattention", None, 0.1)])  # its window layers stay dense
+def test_sparse_families_run_on_softcap_and_sink_models_and_apply_the_term(family_name, method, args, ratio,
+                                                                            monkeypatch):
     """Each family of stages that computes attention itself runs on Gemma-2 (softcap) and gpt-oss
     (sinks), its turns decoded together equal to each turn alone; withholding the model's term from
     the stage (what lcbench did before it applied them) changes the sparse outputs' logits."""
@@ -137,11 +159,11 @@ def test_sparse_families_run_on_softcap_and_sink_models_and_apply_the_term(famil
 
     model, tok = _tiny(family_name)
     sample = varied_sample()
-    records = engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
-    assert records and all(r.method_stats["attention_density"] < 0.9 for r in records)
+    records = engine_for(model, tok, method, ratio, method_args=args).run(sample, False)
+    assert records and all(r.method_stats["attention_density"] < 1.0 for r in records)
     from lcbench.tasks.base import Sample
 
-    alone = [engine_for(model, tok, method, 0.5, method_args=args).run(Sample(sample.id, sample.context, [t]), False)[0]
+    alone = [engine_for(model, tok, method, ratio, method_args=args).run(Sample(sample.id, sample.context, [t]), False)[0]
              for t in sample.turns]
     assert [r.decoded_ids for r in records] == [r.decoded_ids for r in alone]
 
@@ -154,24 +176,23 @@ def test_sparse_families_run_on_softcap_and_sink_models_and_apply_the_term(famil
         return out, layer
 
     monkeypatch.setattr(attention, "attend_layer", spy)
-    engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
+    engine_for(model, tok, method, ratio, method_args=args).run(sample, False)
     applied = list(seen)
     seen.clear()
     real_kwargs = attention._stage_kwargs
     monkeypatch.setattr(attention, "_stage_kwargs", lambda call, stage: {
         k: v for k, v in real_kwargs(call, stage).items() if k == "window"})
-    engine_for(model, tok, method, 0.5, method_args=args).run(sample, False)
+    engine_for(model, tok, method, ratio, method_args=args).run(sample, False)
     assert len(seen) == len(applied)
     differ = [not torch.allclose(a, b, atol=1e-6) for a, b in zip(applied, seen) if a.shape == b.shape]
     assert any(differ)
 
 
 @pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
-@pytest.mark.parametrize("method,args", [("retroattention", "page_size=4,dense_layers=0"), ("hyperattention", None)])
+@pytest.mark.parametrize("method,args", [("retroattention", "page_size=4,dense_layers=0")])
 def test_stages_that_do_not_apply_them_are_refused(family_name, method, args):
-    """RetroAttention's output-cache revisions and HyperAttention's LSH estimate compute plain logits
-    with no sink column: on such a model the engine refuses them before anything runs; at ratio 0
-    (dense attention throughout) they run."""
+    """RetroAttention's output-cache revisions compute plain logits with no sink column: on such a
+    model the engine refuses it before anything runs; at ratio 0 (dense attention throughout) it runs."""
     from lcbench.errors import UserError
 
     model, tok = _tiny(family_name)

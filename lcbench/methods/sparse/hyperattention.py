@@ -57,9 +57,15 @@ def merge(o1, l1, o2, l2):
     return o1 * (l1 - lse).exp()[..., None] + o2 * (l2 - lse).exp()[..., None], lse
 
 
-def exact(q, k, v, scale, causal: bool):
-    """(out, lse) of exact attention (fp32)."""
+def logits(q, k, scale, softcap: float | None = None):
+    """Scaled logits of ``q`` over ``k``, with Gemma-2's softcap ``tanh(s / cap) · cap`` when given."""
     s = (q @ k.transpose(-1, -2)) * scale
+    return s if softcap is None else torch.tanh(s / softcap) * softcap
+
+
+def exact(q, k, v, scale, causal: bool, softcap: float | None = None):
+    """(out, lse) of exact attention (fp32)."""
+    s = logits(q, k, scale, softcap)
     if causal:
         n = q.shape[-2]
         s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
@@ -94,8 +100,10 @@ class Plan:
 class HyperAttentionRun:
     """One layer's HyperAttention with fixed sizes (``block`` = sample size, leaves below ``leaf``)."""
 
-    def __init__(self, block: int, leaf: int, bits: int, generator: torch.Generator, dim: int):
+    def __init__(self, block: int, leaf: int, bits: int, generator: torch.Generator, dim: int,
+                 softcap: float | None = None):
         self.block, self.samples, self.leaf = block, block, leaf
+        self.softcap = softcap  # the model's logit softcap, on every computed logit
         self.gen = generator
         self.proj = torch.randn(dim, bits, generator=generator)
         self.rank = gray_order(bits)
@@ -106,7 +114,7 @@ class HyperAttentionRun:
         if n <= self.leaf:
             self.plan.leaves.append((start, start + n))
             self.plan.pairs = self.plan.pairs + n * (n + 1) / 2
-            return exact(q, k, v, scale, True)
+            return exact(q, k, v, scale, True, self.softcap)
         h = n // 2
         o1, l1 = self.causal(q[..., :h, :], k[..., :h, :], v[..., :h, :], scale, start)
         o2, l2 = self.causal(q[..., h:, :], k[..., h:, :], v[..., h:, :], scale, start + h)
@@ -120,7 +128,7 @@ class HyperAttentionRun:
         if nq < self.leaf or nk <= self.block:  # small: exact (upstream: below min_seq_len)
             self.plan.rects.append((q0, nq, k0, nk))
             self.plan.pairs = self.plan.pairs + nq * nk
-            return exact(q, k, v, scale, False)
+            return exact(q, k, v, scale, False, self.softcap)
         proj = self.proj.to(q.device)
         q_ord, k_ord = lsh_order(q, proj, self.rank), lsh_order(k, proj, self.rank)
         nb = math.ceil(nk / self.block)
@@ -132,7 +140,7 @@ class HyperAttentionRun:
         qb = torch.nn.functional.pad(qs, (0, 0, 0, pq)).reshape(B, H, nb, bq, D)
         kb = torch.nn.functional.pad(ks, (0, 0, 0, pk)).reshape(B, H, nb, self.block, D)
         vb = torch.nn.functional.pad(vs, (0, 0, 0, pk)).reshape(B, H, nb, self.block, D)
-        s = (qb @ kb.transpose(-1, -2)) * scale  # (B, H, nb, bq, block)
+        s = logits(qb, kb, scale, self.softcap)  # (B, H, nb, bq, block)
         real_key = torch.arange(nb * self.block, device=q.device).reshape(nb, 1, self.block) < nk
         s = s.masked_fill(~real_key, float("-inf"))
         lse_b = s.logsumexp(-1)
@@ -144,7 +152,7 @@ class HyperAttentionRun:
         kss = ks.gather(2, idx[..., None].expand(-1, -1, -1, D))
         vss = vs.gather(2, idx[..., None].expand(-1, -1, -1, D))
         own = (torch.arange(nq, device=q.device)[:, None] // bq) == (idx // self.block)[:, :, None, :]  # (B,H,nq,m)
-        r = ((qs @ kss.transpose(-1, -2)) * scale).masked_fill(own, float("-inf"))
+        r = logits(qs, kss, scale, self.softcap).masked_fill(own, float("-inf"))
         lse_r = r.logsumexp(-1)
         out_r = (r - lse_r[..., None]).exp().nan_to_num(0.0) @ vss
         lse_r = lse_r + math.log(nk / m)
@@ -188,6 +196,8 @@ class HyperAttention(DensityStats, Stage):
     reference_latency = True
     tolerance = 0.05
     stages = ("prefill_attention",)
+    # every computed logit is softcapped; the sinks join the total log-sum-exp of the merged parts
+    attention_terms = frozenset({"softcap", "sinks"})
     params = (
         Param("lsh_bits", int, 7, "random projections of the angular LSH (upstream 7)", min=1, max=16),
         Param("leaf_blocks", int, 4, "pieces up to this many blocks are exact causal attention (upstream 4096/256 = 16)", min=1),
@@ -214,19 +224,24 @@ class HyperAttention(DensityStats, Stage):
     def target_density(self) -> float:
         return 1.0 - self.ratio
 
-    def run(self, query, key, value, scaling, layer_idx) -> tuple[torch.Tensor, Plan]:
-        """Output (B, L, Hq, D) and what was computed."""
+    def run(self, query, key, value, scaling, layer_idx, softcap: float | None = None,
+            sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, Plan]:
+        """Output (B, L, Hq, D) and what was computed. ``sinks`` (Hq,): each query head's learned sink
+        logit joins the softmax, i.e. the output is rescaled by ``Z / (Z + e^s) = sigmoid(lse − s)``."""
         B, Hq, L, D = query.shape
         g = Hq // key.shape[1]
         block, leaf = self.sizes(L)
         gen = torch.Generator().manual_seed(self.args["seed"] * 100003 + layer_idx)
-        hyper = HyperAttentionRun(block, leaf, self.args["lsh_bits"], gen, D)
+        hyper = HyperAttentionRun(block, leaf, self.args["lsh_bits"], gen, D, softcap)
         k = key.float().repeat_interleave(g, 1)
         v = value.float().repeat_interleave(g, 1)
-        out, _ = hyper.causal(query.float(), k, v, scaling)
+        out, lse = hyper.causal(query.float(), k, v, scaling)
+        if sinks is not None:
+            out = out * torch.sigmoid(lse - sinks.float().reshape(1, Hq, 1))[..., None]
         return out.to(query.dtype).transpose(1, 2).contiguous(), hyper.plan
 
-    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None):
+    def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None,
+                          softcap=None, sinks=None):
         L = key.shape[2]
         if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
             return None
@@ -235,7 +250,7 @@ class HyperAttention(DensityStats, Stage):
         if self.ratio <= 0 or mask is not None or (window is not None and window < L):
             self._count(total, total)
             return None
-        out, plan = self.run(query, key, value, scaling, layer_idx)
+        out, plan = self.run(query, key, value, scaling, layer_idx, softcap, sinks)
         pairs = plan.pairs
         computed = float(pairs.sum()) if torch.is_tensor(pairs) else float(pairs) * heads
         self._count(min(computed, total), total)
