@@ -214,7 +214,7 @@ def markdown(results: list[FamilyResult]) -> str:
                  f"reach the ratio on that architecture (e.g. a prompt compressor cannot shrink layers whose "
                  f"window is shorter than the compressed context); refused: the engine refuses the method before "
                  f"anything runs (e.g. a sparse method that computes attention itself without a model's "
-                 f"attention softcap or learned sinks, such as retroattention on Gemma-2).")
+                 f"attention softcap or learned sinks, such as a plugin that does not declare them).")
     return "\n".join(lines)
 
 

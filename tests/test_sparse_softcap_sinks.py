@@ -6,8 +6,8 @@ does not apply. Pinned here: the block-sparse kernel (exact loop and FlexAttenti
 transformers' own eager attention of each family restricted to the pattern; Quest's picked pages
 equal that attention over the same pages, and so do HyperAttention's exact pieces; on tiny Gemma-2
 and gpt-oss models the block-sparse, Quest, retrieval and HyperAttention stages run (the term
-reaching them changes what they compute), while RetroAttention, which does not apply them, is
-still refused.
+reaching them changes what they compute), and RetroAttention revises its output cache with them.
+A stage without them is refused (tests/test_declarations.py pins the declaration checks).
 """
 
 from __future__ import annotations
@@ -188,15 +188,49 @@ def test_sparse_families_run_on_softcap_and_sink_models_and_apply_the_term(famil
     assert any(differ)
 
 
+@pytest.mark.parametrize("term", ["softcap", "sinks"])
+def test_retroattention_merged_parts_with_the_term_equal_transformers(term):
+    """The output cache's arithmetic: two disjoint parts attended with the softcap, merged by their
+    log-sum-exps, then the sink column added (with_sinks), equal the family's eager attention over
+    their union."""
+    from lcbench.methods.sparse.retroattention import masked_attention, merge, with_sinks
+
+    q, k, v = qkv(L=24, B=1)
+    q = q[:, :, -1]  # one decoding query per head
+    extra = terms(term)
+    part = torch.rand(1, 2, 24, generator=torch.Generator().manual_seed(2)) < 0.5
+    oa, la = masked_attention(q, k, v, part, SCALING, extra.get("softcap"))
+    ob, lb = masked_attention(q, k, v, ~part, SCALING, extra.get("softcap"))
+    out = with_sinks(*merge(oa, la, ob, lb), extra.get("sinks"))
+    want = transformers_reference(term, q[:, :, None], k, v, torch.ones(1, 2, 1, 24, dtype=torch.bool),
+                                  extra.get("sinks"))
+    assert torch.allclose(out, want[:, 0], atol=1e-5)
+
+
 @pytest.mark.parametrize("family_name", ["gemma2", "gpt-oss"])
-@pytest.mark.parametrize("method,args", [("retroattention", "page_size=4,dense_layers=0")])
-def test_stages_that_do_not_apply_them_are_refused(family_name, method, args):
-    """RetroAttention's output-cache revisions compute plain logits with no sink column: on such a
-    model the engine refuses it before anything runs; at ratio 0 (dense attention throughout) it runs."""
-    from lcbench.errors import UserError
+def test_retroattention_revisions_apply_the_term(family_name):
+    """RetroAttention on Gemma-2 / gpt-oss: its tokens are Quest's, and on the full-attention layers
+    its output cache is revised with the model's softcap and sinks — the revised outputs come closer
+    to the dense outputs (computed with the term) than Quest's own were."""
+    from lcbench.tasks.base import Sample
 
     model, tok = _tiny(family_name)
-    feature = "softcap" if family_name == "gemma2" else "sinks"
-    with pytest.raises(UserError, match=f"computes attention itself.*{feature}.*Fix:"):
-        engine_for(model, tok, method, 0.5, method_args=args)
-    assert engine_for(model, tok, method, 0.0, method_args=args).run(varied_sample(), False)
+    whole = varied_sample()
+    sample = Sample(whole.id, whole.context, whole.turns[-1:])  # one row: no padding, revisions run
+    args = "page_size=4,dense_layers=0"
+    retro = engine_for(model, tok, "retroattention", 0.5, method_args=args + ",measure_error=true").run(sample, False)
+    quest = engine_for(model, tok, "quest", 0.5, method_args=args).run(sample, False)
+    assert [r.decoded_ids for r in retro] == [r.decoded_ids for r in quest]
+    stats = retro[0].method_stats
+    assert stats["retro_kv_exposure"] > 1.0
+    assert stats["retro_error_after"] < stats["retro_error_before"]
+
+
+def test_no_builtin_sparse_stage_is_refused_on_softcap_or_sink_models():
+    """Every registered stage that computes attention itself applies both terms."""
+    from lcbench.methods.base import ATTENTION_TERMS, computes_attention
+    from lcbench.methods.registry import METHODS
+
+    attending = [n for n in METHODS.names() if not n.startswith("kvpress:") and computes_attention(METHODS.get(n))]
+    assert len(attending) >= 17
+    assert [n for n in attending if set(METHODS.get(n).attention_terms) != set(ATTENTION_TERMS)] == []

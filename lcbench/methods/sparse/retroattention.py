@@ -75,23 +75,36 @@ from .quest import Quest
 
 
 def masked_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     scaling: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 attention of one query per head over the slots ``mask`` allows, with its log-sum-exp.
 
     query (B, Hq, D); keys/values (B, Hkv, L, D); mask (B, Hkv, L) per KV head (shared by its
-    group). Returns the output (B, Hq, D) and lse (B, Hq); a head with no allowed slot gets
-    output 0 and lse −inf (the neutral element of :func:`merge`)."""
+    group); ``softcap``: the model's logit softcap (Gemma-2). Returns the output (B, Hq, D) and lse
+    (B, Hq); a head with no allowed slot gets output 0 and lse −inf (the neutral element of
+    :func:`merge`). A model's learned sinks are not in it: :func:`with_sinks` adds them to a result."""
     B, Hq, D = query.shape
     Hkv = keys.shape[1]
     g = Hq // Hkv
     q = query.float().reshape(B, Hkv, g, D)
     scores = torch.einsum("bhgd,bhld->bhgl", q, keys.float()) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, Hkv, g)
     weights = torch.exp(scores - lse[..., None].clamp_min(torch.finfo(torch.float32).min))
     weights = torch.nan_to_num(weights, nan=0.0)
     out = torch.einsum("bhgl,bhld->bhgd", weights, values.float())
     return out.reshape(B, Hq, D), lse.reshape(B, Hq)
+
+
+def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """The output (B, Hq, D) of a softmax over the same keys plus gpt-oss's learned sink column
+    ``sinks`` (Hq,), from the sink-free output and its ``lse``: ``out · Z / (Z + e^s)`` =
+    ``out · sigmoid(lse − s)``. Outputs stay sink-free while they are merged (the sink is one
+    column of the whole softmax, not of each part)."""
+    if sinks is None:
+        return out
+    return out * torch.sigmoid(lse - sinks.float().reshape(1, -1))[..., None]
 
 
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -115,9 +128,9 @@ class RetroAttention(Quest):
     # reference: Quest's PyTorch page selection plus an fp32 masked attention per cached past query at every
     # decode step, not the paper's fused kernel
     reference_latency = True
-    # its output cache's log-sum-exp revisions are computed on plain logits with no sink column, so it is
-    # refused on models with a softcap or sinks (Quest's own decode applies both)
-    attention_terms = frozenset()
+    # Quest's decode and the output cache's revisions apply the model's softcap; the cache keeps sink-free
+    # (out, lse) so revisions merge exactly, and the sinks are applied when an output is read (with_sinks)
+    attention_terms = frozenset({"softcap", "sinks"})
     defaults = {"retro_window": 8, "measure_error": False}
     params = Quest.params + (
         Param("retro_window", int, None, "queries in the retrospective window (current + cached past ones)",
@@ -135,12 +148,13 @@ class RetroAttention(Quest):
         self._errors = [0.0, 0.0, 0]  # Σ relative error of Quest's / the revised output, heads counted
 
     # --- decode -----------------------------------------------------------------------------
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None):
         """Quest's output for the current token, then the retrospective revision of the layer's
         output cache with the entries this step loads."""
         if not hasattr(self, "_retro"):
             self.begin_sample()
-        out = super().decode_attention(module, query, layer, scaling, layer_idx, window)
+        self._terms = (softcap, sinks)
+        out = super().decode_attention(module, query, layer, scaling, layer_idx, window, softcap=softcap, sinks=sinks)
         if self.ratio > 0 and layer_idx >= self.args["dense_layers"]:
             if window or layer.valid is not None:
                 self._drop(layer_idx)
@@ -196,10 +210,13 @@ class RetroAttention(Quest):
         cur_mask = torch.ones(B, Hkv, L, dtype=torch.bool, device=keys.device)
         cur_mask[..., :n_full * ps] = sel[..., page_of]
         q_now = query[:, :, -1]
-        out_now, lse_now = masked_attention(q_now, keys, values, cur_mask, scaling)
+        softcap, sinks = getattr(self, "_terms", (None, None))
+        sinks = None if sinks is None else sinks.detach().float()  # a model parameter: kept, read outside inference
+        out_now, lse_now = masked_attention(q_now, keys, values, cur_mask, scaling, softcap)
         reference = None
         if self.args["measure_error"]:
-            reference, _ = masked_attention(q_now, keys, values, torch.ones_like(cur_mask), scaling)
+            reference = with_sinks(*masked_attention(q_now, keys, values, torch.ones_like(cur_mask), scaling, softcap),
+                                   sinks)
         for entry in state["entries"]:
             fresh = sel & (loaded < entry["step"])  # loaded now, by no step since the entry's own
             new = torch.zeros(B, Hkv, L, dtype=torch.bool, device=keys.device)
@@ -207,7 +224,7 @@ class RetroAttention(Quest):
             new &= slot < entry["full"]  # before its own partial page (attended at its step) and itself
             count = float(new.sum())
             if count:
-                o_new, lse_new = masked_attention(entry["query"], keys, values, new, scaling)
+                o_new, lse_new = masked_attention(entry["query"], keys, values, new, scaling, softcap)
                 entry["out"], entry["lse"] = merge(entry["out"], entry["lse"], o_new, lse_new)
                 entry["added"] += count
                 self._retro_added += count
@@ -216,7 +233,8 @@ class RetroAttention(Quest):
         self._retro_base += base
         entries = state["entries"] + [{"step": t, "full": n_full * ps, "position": layer.positions[..., L - 1].clone(),
                                        "query": q_now.float().clone(), "out": out_now, "lse": lse_now,
-                                       "base": base, "added": 0.0, "dense": reference, "quest": out_now}]
+                                       "base": base, "added": 0.0, "dense": reference, "quest": with_sinks(out_now, lse_now, sinks),
+                                       "sinks": sinks}]
         keep = self.args["retro_window"] - 1
         for gone in entries[:len(entries) - keep] if keep else entries:
             self._score(gone)
@@ -238,14 +256,17 @@ class RetroAttention(Quest):
         into = self._errors if into is None else into
         norm = entry["dense"].norm(dim=-1).clamp_min(1e-12)
         into[0] += float(((entry["quest"] - entry["dense"]).norm(dim=-1) / norm).sum())
-        into[1] += float(((entry["out"] - entry["dense"]).norm(dim=-1) / norm).sum())
+        revised = with_sinks(entry["out"], entry["lse"], entry["sinks"])
+        into[1] += float(((revised - entry["dense"]).norm(dim=-1) / norm).sum())
         into[2] += norm.numel()
 
     def output_cache(self, layer_idx: int) -> list[dict]:
         """The layer's output cache, oldest first: per past query its step, ``position`` (B, Hkv),
-        ``out`` (B, Hq, D) and ``lse`` (B, Hq) after every revision so far, ``quest`` its output at its
-        own step, ``dense`` its dense output (with ``measure_error``, else None), and the entries it
-        attended at its step (``base``) and the revisions added (``added``), summed over heads."""
+        ``out`` (B, Hq, D) and ``lse`` (B, Hq) after every revision so far (without a model's learned
+        sinks, so they merge exactly; :func:`with_sinks` with the entry's ``sinks`` gives the output the
+        model's softmax would), ``quest`` its output at its own step, ``dense`` its dense output (with
+        ``measure_error``, else None; both with the sinks), and the entries it attended at its step
+        (``base``) and the revisions added (``added``), summed over heads."""
         state = getattr(self, "_retro", {}).get(layer_idx)
         return [] if state is None else list(state["entries"])
 
