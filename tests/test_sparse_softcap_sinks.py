@@ -234,3 +234,32 @@ def test_no_builtin_sparse_stage_is_refused_on_softcap_or_sink_models():
     attending = [n for n in METHODS.names() if not n.startswith("kvpress:") and computes_attention(METHODS.get(n))]
     assert len(attending) >= 17
     assert [n for n in attending if set(METHODS.get(n).attention_terms) != set(ATTENTION_TERMS)] == []
+
+
+@pytest.mark.parametrize("family_name,method,args", [("gemma2", "ashape", "block_size=8"),
+                                                    ("gpt-oss", "quest", "page_size=4,dense_layers=0")])
+def test_cli_runs_a_sparse_method_on_a_local_softcap_or_sink_checkpoint(tmp_path, family_name, method, args):
+    """What a user runs: `lcbench run --model <folder>` on a Gemma-2 / gpt-oss checkpoint with a sparse
+    method exits 0 and records its attention density (it was refused with exit 2 before)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from lcbench.models.families import FAMILIES, build
+    from lcbench.models.tiny import tiny_tokenizer
+
+    (fam,) = [f for f in FAMILIES if f.name == family_name]
+    folder = tmp_path / family_name
+    build(fam, "eager").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    exe = shutil.which("lcbench")
+    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
+    proc = subprocess.run(cmd + ["run", "--model", str(folder), "--method", method, "--method-args", args, "--ratio", "0.2",
+                                 "--task", "niah", "--task-args", "lengths=320,depths=50,max_new_tokens=4", "--limit", "1",
+                                 "--output-path", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (records,) = (tmp_path / "out").rglob("samples.jsonl")
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    assert rows and all(0 < r["method_stats"]["attention_density"] < 1 for r in rows)
