@@ -25,7 +25,7 @@ from lcbench.models.tiny import tiny_tokenizer
 warnings.filterwarnings("ignore", message=".*rope.*")
 
 REFUSED = {"falcon": "attention with its own code", "deepseek-v2": "latent attention",
-           "deepseek-v3": "latent attention", "llama4-text": "chunked_attention", "qwen3-next": "linear_attention"}
+           "deepseek-v3": "latent attention", "qwen3-next": "linear_attention"}
 WINDOWED = [f.name for f in FAMILIES if f.overrides.get("sliding_window")]
 AVAILABLE = [f.name for f in FAMILIES if f.available()]
 
@@ -57,9 +57,11 @@ def test_family_is_right_or_refused(name):
     assert shortfalls in ([], ["truncate"])
     if shortfalls:
         assert family(name).overrides.get("sliding_window") and "layer_types" not in family(name).overrides
-    # nothing is refused: the sparse method (it computes attention itself) applies a softcap and
-    # learned sinks on the families that have them (tests/test_sparse_softcap_sinks.py)
-    assert [c.what for c in result.checks if c.detail.startswith("refused")] == []
+    # the sparse method (it computes attention itself) applies a softcap and learned sinks on the
+    # families that have them (tests/test_sparse_softcap_sinks.py); it is refused only where some
+    # layers use chunked attention (Llama-4), which it does not apply
+    refused = [c.what for c in result.checks if c.detail.startswith("refused")]
+    assert refused == (["ashape"] if "chunked attention" in result.geometry else [])
 
 
 def _without(fam, feature: str):
@@ -68,10 +70,15 @@ def _without(fam, feature: str):
         over["sliding_window"] = 4096  # longer than the context: the same layers, no window effect
     elif feature == "softcap":
         over["attn_logit_softcapping"] = None
+    elif feature == "chunk":
+        over["attention_chunk_size"] = 4096  # longer than the context: the same layers, one chunk
+    elif feature == "temperature":
+        over["attn_temperature_tuning"] = False
     return dataclasses.replace(fam, overrides=over, strong_sinks=feature != "sinks" and fam.strong_sinks)
 
 
-@pytest.mark.parametrize("name,feature", [(n, "window") for n in WINDOWED] + [("gemma2", "softcap"), ("gpt-oss", "sinks")])
+@pytest.mark.parametrize("name,feature", [(n, "window") for n in WINDOWED] + [
+    ("gemma2", "softcap"), ("gpt-oss", "sinks"), ("llama4-text", "chunk"), ("llama4-text", "temperature")])
 def test_the_matrix_context_makes_each_feature_matter(name, feature):
     """The feature changes model.generate's output at the matrix's context length, so `full`
     matching generate proves lcbench honours it (not that it never mattered)."""
@@ -88,7 +95,7 @@ def test_the_matrix_context_makes_each_feature_matter(name, feature):
     assert with_it != without
 
 
-@pytest.mark.parametrize("name", ["mistral-window", "gemma2", "gpt-oss", "cohere2"])
+@pytest.mark.parametrize("name", ["mistral-window", "gemma2", "gpt-oss", "cohere2", "llama4-text"])
 def test_full_token_ids_equal_generate(name):
     """Token ids (not only text) of lcbench `full` equal model.generate's, for both turns."""
     from lcbench.engine.prompt import render
@@ -323,3 +330,70 @@ def test_chunkkv_reuses_indices_only_between_layers_holding_the_same_tokens():
     for query_aware in (False, True):
         record = engine_for(model, tiny_tokenizer(), "chunkkv", 0.5, query_aware=query_aware).run(support.sample(), False)[0]
         assert 0.45 <= record["achieved_ratio"] <= 0.55
+
+
+def test_llama4_attention_temperature_reads_true_positions_after_compression(monkeypatch):
+    """Llama-4's NoPE layers scale their queries by a temperature of the query's position, which
+    they read as `cache.get_seq_length(layer)`. After snapkv keeps half of a layer, that layer stores
+    fewer slots than the tokens it has seen; lcbench's cache answers the true next position, so the
+    question pass is scaled as the model would scale it uncompressed."""
+    from lcbench.cache.kvcache import KVCache
+    from lcbench.engine.prompt import render
+    from tests.conftest import engine_for
+
+    tok = tiny_tokenizer()
+    s = support.sample()
+    context_tokens = len(render(tok, s, s.context, multi_turn=False).context_ids)
+    model = support.lcbench_model(family("llama4-text"), "eager")
+    calls: list[tuple[int, int]] = []  # (returned, slots stored)
+    real = KVCache.get_seq_length
+
+    def spy(self, layer_idx=0):
+        calls.append((real(self, layer_idx), self.layers[layer_idx].seq_len()))
+        return calls[-1][0]
+
+    monkeypatch.setattr(KVCache, "get_seq_length", spy)
+    records = engine_for(model, tok, "snapkv", 0.5).run(s, False)
+    assert records[0].measured.achieved_ratio > 0.4
+    returned = [r for r, _ in calls]
+    returned = returned[len(returned) - 1 - returned[::-1].index(0):]  # from the context pass on
+    # the context pass starts at 0, the question pass at the context's length, each step one further
+    assert returned[:2] == [0, context_tokens]
+    assert all(b == a + 1 for a, b in zip(returned[2:], returned[3:]))
+    stored = dict(calls)[context_tokens]
+    assert stored < context_tokens  # what the layer stores after snapkv: its slots would have been wrong
+
+
+def test_chunked_layer_forgets_what_no_later_query_sees_and_the_reference_agrees():
+    """A chunked layer after its prefill keeps the tokens of the chunk the next position is in (the
+    newest one when the context ends on a chunk boundary, masked), and Geometry.visible — the full
+    cache a method is measured against — counts the same."""
+    from lcbench.cache.layer import DenseLayer
+    from lcbench.engine.attention import drop_unseeable, storage_mask
+    from lcbench.models.hook import Geometry
+
+    geometry = Geometry(windows=(None,), bytes_per_token=(1,), chunks=(24,))
+    for n, kept in [(50, 2), (48, 1), (20, 20), (24, 1)]:
+        layer = DenseLayer()
+        layer.append(torch.zeros(1, 1, n, 4), torch.zeros(1, 1, n, 4), torch.arange(n)[None], None)
+        drop_unseeable(layer, None, 24)
+        assert layer.positions[0, 0].tolist() == list(range(n - kept, n)) and geometry.visible(0, n) == kept
+        # the next token (position n) sees the kept tokens of its own chunk only
+        layer.append(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([[n]]), None)
+        mask = storage_mask(layer, 1, None, 24)
+        seen = layer.positions[0, 0][mask[0, 0, 0]] if mask is not None else layer.positions[0, 0]
+        assert seen.tolist() == [p for p in range(n - kept, n + 1) if p >= n // 24 * 24]
+
+
+def test_llama4_chunked_prefill_equals_one_pass():
+    """`--prefill-chunk` on Llama-4: passes that cross chunk boundaries, each ending by forgetting
+    what no later query sees, give the one-pass tokens."""
+    from tests.conftest import engine_for
+
+    tok = tiny_tokenizer()
+    s = support.sample()
+    model = support.lcbench_model(family("llama4-text"), "eager")
+    one = engine_for(model, tok, "full").run(s, False)
+    chunked = engine_for(model, tok, "full", prefill_chunk=40).run(s, False)
+    assert [r.decoded_ids for r in chunked] == [r.decoded_ids for r in one]
+    assert [r.measured.kv_bytes for r in chunked] == [r.measured.kv_bytes for r in one]

@@ -211,10 +211,12 @@ def test_keep_rows_keeps_exactly_those_rows_for_every_layer_kind(kind):
 
 @pytest.mark.parametrize("family_name,method,args", [
     ("gemma2", "streamingllm", None), ("gpt-oss", "streamingllm", None),
-    ("gemma3-text", "quest", "page_size=4,dense_layers=0"), ("mistral-window", "quest", "page_size=4,dense_layers=0")])
+    ("gemma3-text", "quest", "page_size=4,dense_layers=0"), ("mistral-window", "quest", "page_size=4,dense_layers=0"),
+    ("llama4-text", "snapkv", None), ("llama4-text", "streamingllm", None)])
 def test_window_softcap_and_sink_families_decode_batched_turns_as_alone(family_name, method, args):
-    """Sliding windows (with softcap on Gemma-2, learned sinks on gpt-oss): a sample's turns decoded
-    together — left-padded question parts, rows leaving as they finish — give each turn's own ids."""
+    """Sliding windows (with softcap on Gemma-2, learned sinks on gpt-oss) and Llama-4's chunked
+    attention: a sample's turns decoded together — left-padded question parts, rows leaving as they
+    finish, a shared context (snapkv) or a copy per turn (streamingllm) — give each turn's own ids."""
     from lcbench.engine.attach import use_lcbench_attention
     from lcbench.models.families import FAMILIES, build
     from lcbench.models.tiny import tiny_tokenizer

@@ -40,7 +40,11 @@ class KVCache(Cache):
         return layer.dense()
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].seq_len()
+        """Tokens the layer has seen: the true position its next token takes. That is transformers'
+        meaning (a sliding layer counts what it forgot), and Llama-4's attention reads it as its
+        queries' positions (the temperature of its NoPE layers): a compressed layer stores fewer slots
+        (``seq_len``), which would shift that position."""
+        return self.layers[layer_idx].next_position()
 
     # --- measurement ----------------------------------------------------------------------
     def nbytes(self) -> int:

@@ -91,6 +91,11 @@ class KVLayer(CacheLayerMixin):
     def seq_len(self) -> int:
         return 0 if self.positions is None else self.positions.shape[-1]
 
+    def next_position(self) -> int:
+        """The true position the next token takes: one past the latest stored one (0 when empty)."""
+        positions = self.positions
+        return 0 if positions is None or positions.numel() == 0 else int(positions.amax()) + 1
+
     def kept_tokens(self) -> torch.Tensor:
         """(B, H) number of valid stored tokens per row and head."""
         if self.positions is None:
@@ -108,7 +113,7 @@ class KVLayer(CacheLayerMixin):
         raise RuntimeError("lcbench layers are updated through KVCache.update")
 
     def get_seq_length(self) -> int:
-        return self.seq_len()
+        return self.next_position()  # tokens seen, as KVCache.get_seq_length
 
     def get_max_length(self) -> int:
         return -1
@@ -208,3 +213,14 @@ class DenseLayer(KVLayer):
             t = getattr(self, name)
             setattr(out, name, None if t is None else t.repeat_interleave(n, dim=0))
         return out
+
+
+def lowest_visible(positions: torch.Tensor, window: int | None, chunk: int | None = None) -> torch.Tensor | None:
+    """The lowest key position queries at true ``positions`` see: ``p − window + 1`` through a
+    sliding window, the start of their chunk ``⌊p / chunk⌋ · chunk`` on a chunked layer; None when
+    every earlier key is seen."""
+    if window:
+        return positions - window + 1
+    if chunk:
+        return torch.div(positions, chunk, rounding_mode="floor") * chunk
+    return None

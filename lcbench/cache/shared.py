@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .layer import DenseLayer, KVLayer, tensor_bytes
+from .layer import DenseLayer, KVLayer, lowest_visible, tensor_bytes
 from .ragged import RaggedLayer
 
 def shareable(layer: KVLayer) -> bool:
@@ -74,6 +74,11 @@ class SharedContextLayer(KVLayer):
     def seq_len(self) -> int:
         longest = int(self._row_tail_lengths().max()) if self.owner.numel() else 0
         return self.context.seq_len() + longest
+
+    def next_position(self) -> int:
+        """One past the latest position of the context or of any row's tail (no per-row view made)."""
+        tail = int(self.tail_positions.amax()) + 1 if self.tail_positions.numel() else 0
+        return max(self.context.next_position(), tail)
 
     def nbytes(self) -> int:
         """The context once, plus every row's own tokens."""
@@ -161,12 +166,13 @@ class SharedContextLayer(KVLayer):
     # --- attention without copies -------------------------------------------------------------
     def attend(self, query: torch.Tensor,
                attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-               window: int | None = None) -> torch.Tensor:
+               window: int | None = None, chunk: int | None = None) -> torch.Tensor:
         """Attention of this pass's queries (B, Hq, n, D) — the tokens just appended — over each
         row's ``[context | own tail]``, as one folded call ``attention(q, keys, values, mask)``
         on ``(1, Hq, B·n, D)`` queries and the shared ``(1, H, Lc + T, D)`` keys/values; returns
         ``(B, n, Hq, D)`` like :func:`lcbench.engine.attention.dense_attention`. With a sliding
-        ``window`` a query at true position p sees the keys at positions in ``(p - window, p]``."""
+        ``window`` a query at true position p sees the keys at positions in ``(p - window, p]``;
+        with an attention ``chunk``, those of its own chunk ``[⌊p / chunk⌋ · chunk, p]``."""
         b, hq, n, d = query.shape
         ck, cv = self.context.dense()
         keys = torch.cat([ck, self.tail_keys], dim=2) if self.tail_keys is not None else ck
@@ -177,11 +183,12 @@ class SharedContextLayer(KVLayer):
         q_slot = self.query_slots.reshape(-1)  # (B·n,)
         own = (self.owner[None, :] == q_row[:, None]) & (torch.arange(t, device=device)[None, :] <= q_slot[:, None])
         cvalid = self.context.valid  # (1, H, Lc) or None
-        if window:
+        if window or chunk:
             real = q_slot >= 0  # a padding query keeps the whole context (no empty row; its output is unused)
             q_pos = torch.where(real, self.tail_positions[q_slot.clamp(min=0)] if t else q_slot, -1)
-            own = own & ((self.tail_positions[None, :] > q_pos[:, None] - window) | ~real[:, None])
-            seen = (self.context.positions[:, :, None, :] > q_pos[None, None, :, None] - window) | ~real[:, None]
+            lowest = lowest_visible(q_pos, window, chunk)
+            own = own & ((self.tail_positions[None, :] >= lowest[:, None]) | ~real[:, None])
+            seen = (self.context.positions[:, :, None, :] >= lowest[None, None, :, None]) | ~real[:, None]
             cvalid = seen if cvalid is None else cvalid[:, :, None, :] & seen  # (1, H, B·n, Lc)
         elif cvalid is not None:
             cvalid = cvalid[:, :, None, :]

@@ -35,6 +35,14 @@ def attention_refusal(model, stages) -> str | None:
     model has neither, the stage applies what it has, or the stage is at ratio 0 (it never replaces
     dense attention then)."""
     geometry = getattr(model, "lcbench_geometry", None)
+    if geometry is not None and any(geometry.chunks):
+        for stage in stages:
+            if computes_attention(stage) and stage.ratio > 0:
+                return (f"method '{stage.name}' computes attention itself (sparse {' and '.join(sorted(stage.stages))}) "
+                        f"without the chunked attention {arch_name(model)} uses in some layers (a query sees only "
+                        f"its own chunk of {max(c for c in geometry.chunks if c)} positions): its numbers would not "
+                        f"be this model's attention. Fix: a method that compresses the cache instead (e.g. snapkv, "
+                        f"kivi), or a model without chunked attention")
     if geometry is None or not (geometry.softcap or geometry.sinks):
         return None
     needed = {"softcap": geometry.softcap, "sinks": geometry.sinks}
@@ -122,7 +130,7 @@ def probe(model) -> Geometry:
     per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
     calls = [seen.layers[i] for i in range(layers)]
     return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
-                    any(r.sinks for r in calls))
+                    any(r.sinks for r in calls), tuple(r.chunk for r in calls))
 
 
 def _ranges(idx: list[int]) -> str:

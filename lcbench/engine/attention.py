@@ -20,7 +20,9 @@ prefill and decode, for dense attention and for every stage: a sliding window in
 positions (a query at position p sees keys at positions in ``(p − window, p]``, transformers'
 ``sliding_window_overlay``; dropped tokens keep their positions, so the window is not counted in
 slots), Gemma-2's logit softcap and gpt-oss's learned sinks (computed explicitly, as SDPA cannot),
-the model's scaling; dropout is never applied.
+the model's scaling; dropout is never applied. Llama-4's chunked layers, which the model marks in
+its config rather than in the call (``layer_types``), are honoured like a window: a query at
+position p sees its own chunk ``[⌊p / C⌋ · C, p]`` (:func:`lcbench.cache.layer.lowest_visible`).
 
 Compression on a sliding-window layer: each prefill pass ends by forgetting the tokens no later
 query can see (the last ``window − 1`` stay, as in transformers' ``DynamicSlidingWindowLayer``),
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-from ..cache.layer import KVLayer
+from ..cache.layer import KVLayer, lowest_visible
 from ..cache.shared import SharedContextLayer
 from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
@@ -60,10 +62,15 @@ class AttentionCall:
     ``(p - window, p]``: ``sliding_window_overlay`` in transformers' ``masking_utils``), ``softcap``
     (Gemma-2: ``tanh(s / cap) · cap`` on the scaled logits before the mask, ``gemma2`` eager path),
     ``sinks`` (gpt-oss's learned per-head logit ``s_aux``, one extra softmax column that is then
-    dropped, ``gpt_oss`` eager path) and ``scaling``. Dropout is never applied (evaluation)."""
+    dropped, ``gpt_oss`` eager path) and ``scaling``. Dropout is never applied (evaluation).
+    ``chunk``: on a chunked-attention layer (Llama-4's ``layer_types`` "chunked_attention", which the
+    model does not pass but its mask carries: ``chunked_overlay`` in ``masking_utils``), a query at
+    true position p sees only the keys of its own chunk of ``attention_chunk_size`` positions,
+    ``[⌊p / chunk⌋ · chunk, p]``."""
 
     scaling: float
     window: int | None = None
+    chunk: int | None = None
     softcap: float | None = None
     sinks: torch.Tensor | None = None
     causal: bool = True
@@ -79,7 +86,8 @@ class AttentionCall:
             )
         window = kwargs.get("sliding_window")
         return cls(scaling=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
-                   window=int(window) if window else None, softcap=kwargs.get("softcap") or None,
+                   window=int(window) if window else None, chunk=layer_chunk(module),
+                   softcap=kwargs.get("softcap") or None,
                    sinks=kwargs.get("s_aux"),
                    causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))))
 
@@ -88,14 +96,27 @@ class AttentionCall:
 UNSUPPORTED_KWARGS = ("position_bias", "attention_chunk_size")
 
 
-def storage_mask(layer: KVLayer, q_len: int, window: int | None = None) -> torch.Tensor | None:
+def layer_chunk(module) -> int | None:
+    """The attention chunk of ``module``'s layer when its config marks it "chunked_attention"
+    (Llama-4: transformers builds that layer's mask with ``attention_chunk_size`` and caches it as a
+    sliding layer of that size), else None."""
+    config = getattr(module, "config", None)
+    types = getattr(config, "layer_types", None)
+    idx = getattr(module, "layer_idx", None)
+    if not types or idx is None or idx >= len(types) or types[idx] != "chunked_attention":
+        return None
+    return int(config.attention_chunk_size)
+
+
+def storage_mask(layer: KVLayer, q_len: int, window: int | None = None,
+                 chunk: int | None = None) -> torch.Tensor | None:
     """Boolean (B, 1 or H, q, L) mask: the ``q_len`` newest stored tokens are the queries; each
     sees every valid older token and the new ones up to itself — and, with a sliding ``window``,
-    only the keys whose true position lies in ``(p - window, p]`` for a query at true position p.
-    ``None`` when plain causal attention is exactly right (what transformers' SDPA path does), to
-    keep its numerics."""
+    only the keys whose true position lies in ``(p - window, p]`` for a query at true position p
+    (with a ``chunk``, only those of its own chunk: :func:`lowest_visible`). ``None`` when plain
+    causal attention is exactly right (what transformers' SDPA path does), to keep its numerics."""
     L = layer.seq_len()
-    outside = window_excludes(layer, q_len, window)
+    outside = window_excludes(layer, q_len, window, chunk)
     if layer.valid is None and not outside and (q_len == 1 or q_len == L):
         return None
     device = layer.positions.device
@@ -109,40 +130,45 @@ def storage_mask(layer: KVLayer, q_len: int, window: int | None = None) -> torch
         own = cols == rows  # a padded query still sees itself: no all-masked rows (NaN)
         mask = mask & (layer.valid[:, :, None, :] | own)  # (B, H, q, L)
     if outside:
-        qpos = layer.positions[..., L - q_len:]  # (B, H, q)
-        mask = mask & (layer.positions[..., None, :] > qpos[..., :, None] - window)
+        lowest = lowest_visible(layer.positions[..., L - q_len:], window, chunk)  # (B, H, q)
+        mask = mask & (layer.positions[..., None, :] >= lowest[..., :, None])
     if mask.shape[1] > 1 and bool((mask == mask[:, :1]).all()):
         mask = mask[:, :1]
     return mask
 
 
-def window_excludes(layer: KVLayer, q_len: int, window: int | None) -> bool:
-    """Whether a sliding ``window`` hides any stored key from any of the ``q_len`` newest queries."""
-    if not window or layer.positions is None:
+def window_excludes(layer: KVLayer, q_len: int, window: int | None, chunk: int | None = None) -> bool:
+    """Whether a sliding ``window`` (or an attention ``chunk``) hides any stored key from any of the
+    ``q_len`` newest queries."""
+    if not (window or chunk) or layer.positions is None:
         return False
     L = layer.seq_len()
-    return bool((layer.positions[..., L - q_len:].amax() - window) >= layer.positions.amin())
+    lowest = lowest_visible(layer.positions[..., L - q_len:], window, chunk)
+    return bool(lowest.amax() > layer.positions.amin())
 
 
-def visible_after(layer: KVLayer, window: int) -> torch.Tensor:
+def visible_after(layer: KVLayer, window: int | None, chunk: int | None = None) -> torch.Tensor:
     """(B, H, L) bool: the stored tokens a query after every stored one can still see through a
-    sliding ``window`` (true position > next position − window)."""
+    sliding ``window`` (true position > next position − window) or in its ``chunk``."""
     nxt = layer.positions.amax(dim=-1, keepdim=True) + 1
-    return layer.positions > nxt - window
+    return layer.positions >= lowest_visible(nxt, window, chunk)
 
 
-def drop_unseeable(layer: KVLayer, window: int) -> KVLayer:
+def drop_unseeable(layer: KVLayer, window: int | None, chunk: int | None = None) -> KVLayer:
     """Forget the tokens no later query of a sliding-window layer can see (what transformers'
-    ``DynamicSlidingWindowLayer`` keeps: the last ``window - 1``). Every row and head keep their last
-    ``K`` slots, ``K`` the most real tokens any of them can still see — so a row shorter than the
-    others keeps some of its left padding, and no row keeps a token it cannot see. Done only where
-    that is exact (the visible tokens are the newest slots, as after a prefill)."""
+    ``DynamicSlidingWindowLayer`` keeps: the last ``window - 1``), or, on a chunked-attention layer,
+    the tokens before the chunk the next position opens or continues. Every row and head keep their
+    last ``K`` slots, ``K`` the most real tokens any of them can still see — so a row shorter than the
+    others keeps some of its left padding, and no row keeps a token it cannot see; a chunked layer
+    whose context ends on a chunk boundary keeps its newest token (``K`` ≥ 1: it sees nothing, and
+    is masked). Done only where that is exact (the visible tokens are the newest slots, as after a
+    prefill)."""
     L = layer.seq_len()
-    seeable = visible_after(layer, window)
+    seeable = visible_after(layer, window, chunk)
     if layer.valid is not None:
         seeable = seeable & layer.valid
-    k = int(seeable.sum(-1).max())
-    if k >= L or k == 0 or bool(seeable[..., : L - k].any()):
+    k = max(1, int(seeable.sum(-1).max()))
+    if k >= L or bool(seeable[..., : L - k].any()):
         return layer
     b, h, _ = seeable.shape
     layer.select(torch.arange(L - k, L, device=seeable.device).expand(b, h, k))
@@ -379,19 +405,20 @@ def attention_sum(query, key, groups: int, scaling: float, L: int, chunk: int | 
     return total.reshape(b, hq, L)
 
 
-def plain_mask(query: torch.Tensor, key: torch.Tensor, window: int | None) -> torch.Tensor | None:
+def plain_mask(query: torch.Tensor, key: torch.Tensor, window: int | None,
+               chunk: int | None = None) -> torch.Tensor | None:
     """Outside the engine: the bottom-right causal mask (queries are the last ``q`` of ``L`` slots,
-    slot index = position), with the sliding window; ``None`` where SDPA's own causal path is exact."""
+    slot index = position), with the sliding window or the attention chunk; ``None`` where SDPA's
+    own causal path is exact."""
     q_len, kv_len = query.shape[2], key.shape[2]
-    if q_len == 1 and (not window or kv_len <= window):
-        return None
-    if q_len == kv_len and (not window or kv_len <= window):
+    span = window or chunk
+    if (q_len == 1 or q_len == kv_len) and (not span or kv_len <= span):
         return None
     rows = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
     cols = torch.arange(kv_len, device=query.device)[None, :]
     mask = cols <= rows
-    if window:
-        mask = mask & (cols > rows - window)
+    if span:
+        mask = mask & (cols >= lowest_visible(rows, window, chunk))
     return mask[None, None]
 
 
@@ -417,7 +444,7 @@ def shared_context_attention(module, query, layer: SharedContextLayer, call: Att
     if bias is not None:  # the context's slots keep their bias; the rows' own tokens get 0
         bias = torch.cat([bias, bias.new_zeros(*bias.shape[:2], layer.owner.numel())], dim=-1)
     return layer.attend(query, lambda q, k, v, m: dense_attention(module, q, k, v, m, call.scaling, call, bias),
-                        window=call.window)
+                        window=call.window, chunk=call.chunk)
 
 
 def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -439,7 +466,7 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if state is None:  # the model used outside lcbench's engine: plain attention
         # transformers makes no mask for a custom attention name, and SDPA's is_causal aligns
         # top-left: queries appended to a cache (chunked prefill) need the bottom-right causal mask
-        mask = attention_mask if attention_mask is not None else plain_mask(query, key, call.window)
+        mask = attention_mask if attention_mask is not None else plain_mask(query, key, call.window, call.chunk)
         if call.softcap is None and call.sinks is None and mask is attention_mask:
             return sdpa_attention_forward(module, query, key, value, mask, dropout=0.0, scaling=call.scaling)
         return dense_attention(module, query, key, value, mask, call.scaling, call), None
@@ -467,7 +494,7 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
     if isinstance(layer, SharedContextLayer):  # turns sharing one context (cache/shared.py)
         return shared_context_attention(module, query, layer, call), layer
     q_len = query.shape[2]
-    mask = storage_mask(layer, q_len, call.window)
+    mask = storage_mask(layer, q_len, call.window, call.chunk)
     scaling = call.scaling
 
     out = None
@@ -491,8 +518,8 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
                         f"bias of merged or weighted slots (zeromerge, subgen). Fix: do not chain it with a stage that "
                         f"merges or samples the cache.")
 
-    if call.window and state.phase == PREFILL:
-        layer = drop_unseeable(layer, call.window)
+    if (call.window or call.chunk) and state.phase == PREFILL:
+        layer = drop_unseeable(layer, call.window, call.chunk)
         if layer.seq_len() < key.shape[2]:  # what a cache stage observes: the tokens kept
             key, _ = layer.dense()
             query = query[:, :, max(0, q_len - layer.seq_len()):]

@@ -94,6 +94,9 @@ class JointLayer(KVLayer):
     def seq_len(self) -> int:
         return max(part.layer.seq_len() for part in self.parts)
 
+    def next_position(self) -> int:
+        return max(part.layer.next_position() for part in self.parts)
+
     def kept_tokens(self) -> torch.Tensor:
         return torch.cat([part.layer.kept_tokens() for part in self.parts])
 

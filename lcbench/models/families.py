@@ -106,8 +106,9 @@ FAMILIES: tuple[Family, ...] = (
            {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}, "MoE"),
     Family("llama4-text", "Llama4TextConfig", "Llama4ForCausalLM",
            {"attention_chunk_size": WINDOW, "num_local_experts": 2, "intermediate_size_mlp": 128,
-            "layer_types": ["chunked_attention", "full_attention"], "no_rope_layers": [1, 0]},
-           "chunked attention"),
+            "layer_types": ["chunked_attention", "full_attention"], "no_rope_layers": [1, 0],
+            "floor_scale": 16},  # its NoPE layer's attention temperature then changes every 16 positions
+           "chunked attention, NoPE temperature"),
     Family("qwen3-next", "Qwen3NextConfig", "Qwen3NextForCausalLM",
            {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4, "num_experts_per_tok": 2,
             "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "linear_num_key_heads": 2,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 class LayerCall:
     calls: int = 0
     window: int | None = None
+    chunk: int | None = None
     softcap: float | None = None
     sinks: bool = False
     key_dim: int = 0
@@ -42,28 +43,39 @@ class HookProbe:
             return
         rec = self.layers.setdefault(int(idx), LayerCall())
         rec.calls += 1
-        rec.window, rec.softcap, rec.sinks = call.window, call.softcap, call.sinks is not None
+        rec.window, rec.chunk, rec.softcap, rec.sinks = call.window, call.chunk, call.softcap, call.sinks is not None
         rec.key_dim, rec.value_dim = key.shape[-1], value.shape[-1]
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """Per layer: the sliding window (None: global attention) and the bytes one token's keys and
-    values take in a dense cache, as measured by the probe."""
+    """Per layer: the sliding window (None: global attention), the attention chunk (Llama-4's
+    chunked layers; None elsewhere) and the bytes one token's keys and values take in a dense
+    cache, as measured by the probe."""
 
     windows: tuple[int | None, ...]
     bytes_per_token: tuple[int, ...]
     softcap: bool = False
     sinks: bool = False
+    chunks: tuple[int | None, ...] = ()
 
     def visible(self, layer: int, tokens: int) -> int:
-        """Tokens of a ``tokens``-long context that layer ``layer`` still holds for later queries."""
+        """Tokens of a ``tokens``-long context (true positions 0 … tokens − 1) that layer ``layer``
+        still holds for later queries: all on a global layer, the last ``window − 1`` on a sliding
+        one, on a chunked one those of the chunk the next position is in (at least one: a context
+        that ends on a chunk boundary leaves its newest token, masked; engine/attention.drop_unseeable)."""
         w = self.windows[layer]
-        return tokens if not w else min(tokens, w - 1)
+        c = self.chunks[layer] if layer < len(self.chunks) else None
+        if w:
+            return min(tokens, w - 1)
+        if c and tokens:
+            return max(1, tokens % c)
+        return tokens
 
     def dense_bytes(self, tokens: int) -> int:
         """Bytes of the uncompressed cache after a ``tokens``-long context: every global layer holds
-        all of them, a sliding-window layer the ``window - 1`` it can still see."""
+        all of them, a sliding-window layer the ``window - 1`` it can still see, a chunked layer its
+        last chunk's."""
         return sum(self.visible(i, tokens) * b for i, b in enumerate(self.bytes_per_token))
 
     def describe(self) -> str:
@@ -71,6 +83,9 @@ class Geometry:
         parts = [f"{len(self.windows)} layers"]
         if windowed:
             parts.append(f"{sum(1 for w in self.windows if w)} with sliding window {', '.join(map(str, windowed))}")
+        chunked = sorted({c for c in self.chunks if c})
+        if chunked:
+            parts.append(f"{sum(1 for c in self.chunks if c)} with chunked attention {', '.join(map(str, chunked))}")
         if self.softcap:
             parts.append("attention softcap")
         if self.sinks:
@@ -82,7 +97,7 @@ class Geometry:
 _OWN_ATTENTION = {
     "falcon": "Falcon computes attention with its own code, not through transformers' attention interface",
 }
-_KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention"}
+_KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 
 
 def config_refusal(cfg) -> str | None:
@@ -102,14 +117,11 @@ def config_refusal(cfg) -> str | None:
     kinds = set(getattr(text, "layer_types", None) or ()) - _KNOWN_LAYER_TYPES
     if kinds:
         return (f"its layers include {', '.join(sorted(kinds))}, which lcbench's attention does not implement "
-                f"(only full and sliding-window attention). Fix: use a supported architecture (README).")
+                f"(only full, sliding-window and chunked attention). Fix: use a supported architecture (README).")
     if getattr(text, "num_kv_shared_layers", 0):
         return (f"{text.num_kv_shared_layers} of its layers reuse another layer's keys and values (KV sharing, as in "
                 f"Gemma-3n): lcbench's cache holds and compresses each layer's own. Fix: use a supported "
                 f"architecture (README).")
-    if getattr(text, "attention_chunk_size", None):
-        return ("chunked attention (attention_chunk_size) is not implemented by lcbench's attention. "
-                "Fix: use a supported architecture (README).")
     return None
 
 
