@@ -7,6 +7,7 @@ and the probe that refuses models lcbench cannot take over."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -397,3 +398,51 @@ def test_llama4_chunked_prefill_equals_one_pass():
     chunked = engine_for(model, tok, "full", prefill_chunk=40).run(s, False)
     assert [r.decoded_ids for r in chunked] == [r.decoded_ids for r in one]
     assert [r.measured.kv_bytes for r in chunked] == [r.measured.kv_bytes for r in one]
+
+
+def test_llama4_multimodal_checkpoint_runs_from_the_cli(tmp_path):
+    """Llama-4 instruct checkpoints are Llama4ForConditionalGeneration (text + vision): `lcbench run
+    --model <folder>` takes over the text layers (chunked and NoPE ones), `full` predicts what
+    model.generate does on the text, and snapkv reaches its ratio; exit 0."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    from lcbench.models.families import tiny_config_kwargs
+
+    tok = tiny_tokenizer()
+    text = {**tiny_config_kwargs(tok), **family("llama4-text").overrides}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=32)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)).eval()
+    folder = tmp_path / "llama4"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    exe = shutil.which("lcbench")
+    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
+    proc = subprocess.run(cmd + ["run", "--model", str(folder), "--method", "full,snapkv", "--ratio", "0.5",
+                                 "--task", "niah", "--task-args", "lengths=320,depths=50,max_new_tokens=6",
+                                 "--limit", "1", "--share-prefill", "off", "--output-path", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = {p.parent.name.split("__")[1]: [json.loads(line) for line in p.read_text().splitlines()]
+               for p in (tmp_path / "out").rglob("samples.jsonl")}
+    assert sorted(records) == ["full", "snapkv"]
+    assert records["snapkv"][0]["measured"]["achieved_ratio"] > 0.45
+    # in process, loaded as the CLI loads it (the text model): lcbench's `full` predicts what
+    # transformers' own generate does on that checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from lcbench.engine.attach import attached
+    from lcbench.engine.prompt import render
+    from lcbench.models.loading import load_model
+    from tests.conftest import engine_for
+
+    ref = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    loaded = load_model(str(folder), None, "cpu")
+    if not attached(loaded.model):
+        use_lcbench_attention(loaded.model)
+    assert loaded.model.lcbench_geometry.chunks == (WINDOW, None)
+    sample = support.sample()
+    p = render(tok, sample, sample.context, False)
+    want = support._text(tok, support._generate(ref, p.context_ids + p.turn_ids[0]))
+    assert engine_for(loaded.model, tok).run(sample, False)[0]["prediction"] == want
