@@ -52,9 +52,11 @@ def describe_entry(what: str, name: str, console: Console) -> None:
                  ("stages", ", ".join(cls.stages) or "–"), ("ratio tolerance", f"{cls.tolerance:g}")]
         if computes_attention(cls):
             terms = getattr(cls, "attention_terms", ())
-            applied = ", ".join(t for t in ATTENTION_TERMS if t in terms)
-            rows.append(("own attention applies", applied or "no softcap, no sinks (refused on models with them, "
-                                                              "e.g. Gemma-2, gpt-oss)"))
+            applied = ", ".join(t for t in ATTENTION_TERMS if t in terms) or "none"
+            missing = [t for t in ATTENTION_TERMS if t not in terms]
+            if missing:  # Gemma-2 (softcap), gpt-oss (sinks), Llama-4 (chunk)
+                applied += f" (refused on models with {' or '.join(missing)}, e.g. Gemma-2, gpt-oss, Llama-4)"
+            rows.append(("own attention applies", applied))
     else:
         rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),
                  ("summary", cls.summary), ("mode", cls.mode)]

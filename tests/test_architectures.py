@@ -58,11 +58,9 @@ def test_family_is_right_or_refused(name):
     assert shortfalls in ([], ["truncate"])
     if shortfalls:
         assert family(name).overrides.get("sliding_window") and "layer_types" not in family(name).overrides
-    # the sparse method (it computes attention itself) applies a softcap and learned sinks on the
-    # families that have them (tests/test_sparse_softcap_sinks.py); it is refused only where some
-    # layers use chunked attention (Llama-4), which it does not apply
-    refused = [c.what for c in result.checks if c.detail.startswith("refused")]
-    assert refused == (["ashape"] if "chunked attention" in result.geometry else [])
+    # nothing is refused: the sparse method (it computes attention itself) applies a softcap, learned
+    # sinks and chunked attention on the families that have them (tests/test_sparse_softcap_sinks.py)
+    assert [c.what for c in result.checks if c.detail.startswith("refused")] == []
 
 
 def _without(fam, feature: str):

@@ -212,7 +212,8 @@ def test_keep_rows_keeps_exactly_those_rows_for_every_layer_kind(kind):
 @pytest.mark.parametrize("family_name,method,args", [
     ("gemma2", "streamingllm", None), ("gpt-oss", "streamingllm", None),
     ("gemma3-text", "quest", "page_size=4,dense_layers=0"), ("mistral-window", "quest", "page_size=4,dense_layers=0"),
-    ("llama4-text", "snapkv", None), ("llama4-text", "streamingllm", None)])
+    ("llama4-text", "snapkv", None), ("llama4-text", "streamingllm", None),
+    ("llama4-text", "quest", "page_size=4,dense_layers=0"), ("llama4-text", "infllm", "block_size=8")])
 def test_window_softcap_and_sink_families_decode_batched_turns_as_alone(family_name, method, args):
     """Sliding windows (with softcap on Gemma-2, learned sinks on gpt-oss) and Llama-4's chunked
     attention: a sample's turns decoded together — left-padded question parts, rows leaving as they

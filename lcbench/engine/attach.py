@@ -28,25 +28,18 @@ from .state import ForwardState
 
 def attention_refusal(model, stages) -> str | None:
     """Why a stage that computes attention itself (sparse prefill, sparse decode) cannot run on
-    ``model``: the model applies an attention-logit softcap (Gemma-2) or a learned sink column
-    (gpt-oss) that the stage's own computation does not (it does not list it in
-    :attr:`~lcbench.methods.base.Stage.attention_terms`), so on such a model it would silently
+    ``model``: the model applies an attention-logit softcap (Gemma-2), a learned sink column
+    (gpt-oss) or chunked attention (Llama-4) that the stage's own computation does not (it does not
+    list it in :attr:`~lcbench.methods.base.Stage.attention_terms`), so on such a model it would silently
     compute other numbers than the model's attention. None when nothing stands in the way: the
     model has neither, the stage applies what it has, or the stage is at ratio 0 (it never replaces
     dense attention then)."""
     geometry = getattr(model, "lcbench_geometry", None)
-    if geometry is not None and any(geometry.chunks):
-        for stage in stages:
-            if computes_attention(stage) and stage.ratio > 0:
-                return (f"method '{stage.name}' computes attention itself (sparse {' and '.join(sorted(stage.stages))}) "
-                        f"without the chunked attention {arch_name(model)} uses in some layers (a query sees only "
-                        f"its own chunk of {max(c for c in geometry.chunks if c)} positions): its numbers would not "
-                        f"be this model's attention. Fix: a method that compresses the cache instead (e.g. snapkv, "
-                        f"kivi), or a model without chunked attention")
-    if geometry is None or not (geometry.softcap or geometry.sinks):
+    if geometry is None or not (geometry.softcap or geometry.sinks or any(geometry.chunks)):
         return None
-    needed = {"softcap": geometry.softcap, "sinks": geometry.sinks}
-    names = {"softcap": "an attention-logit softcap", "sinks": "learned attention sinks"}
+    needed = {"softcap": geometry.softcap, "sinks": geometry.sinks, "chunk": any(geometry.chunks)}
+    names = {"softcap": "an attention-logit softcap", "sinks": "learned attention sinks",
+             "chunk": "chunked attention (a query sees only its own chunk)"}
     for stage in stages:
         if not (computes_attention(stage) and stage.ratio > 0):
             continue
@@ -54,7 +47,7 @@ def attention_refusal(model, stages) -> str | None:
         if missing:
             what = " and ".join(names[t] for t in missing)
             return (f"method '{stage.name}' computes attention itself (sparse {' and '.join(sorted(stage.stages))}) "
-                    f"without {what}, which {arch_name(model)} applies in every layer: its numbers would not be "
+                    f"without {what}, which {arch_name(model)} applies: its numbers would not be "
                     f"this model's attention. Fix: a sparse method that applies it (`lcbench ls methods NAME` "
                     f"says), a method that compresses the cache instead (e.g. snapkv, kivi), or a model without it")
     return None

@@ -424,7 +424,7 @@ def plain_mask(query: torch.Tensor, key: torch.Tensor, window: int | None,
 
 def _stage_kwargs(call: AttentionCall, stage) -> dict:
     """The keywords a stage hook gets: ``window`` on a sliding-window layer, ``softcap`` / ``sinks``
-    where the model passes them and the stage applies them (:attr:`Stage.attention_terms`; the engine
+    where the model passes them, ``chunk`` on a chunked layer — each where the stage applies it (:attr:`Stage.attention_terms`; the engine
     refuses a stage that would need one it does not apply) — nothing otherwise, so stages that
     predate these keep working on models without them."""
     out: dict = {"window": call.window} if call.window else {}
@@ -433,6 +433,8 @@ def _stage_kwargs(call: AttentionCall, stage) -> dict:
         out["softcap"] = call.softcap
     if call.sinks is not None and "sinks" in terms:
         out["sinks"] = call.sinks
+    if call.chunk is not None and "chunk" in terms:
+        out["chunk"] = call.chunk
     return out
 
 

@@ -43,7 +43,7 @@ STAGE_HOOKS: dict[str, tuple[str, ...]] = {
 }
 
 # the model attention terms a stage that computes attention itself may apply (Stage.attention_terms)
-ATTENTION_TERMS = ("softcap", "sinks")
+ATTENTION_TERMS = ("softcap", "sinks", "chunk")
 
 FAMILIES = ("baseline", "kv_dropping", "kv_quantization", "prompt_compression", "soft_compression",
             "sparse_attention")
@@ -155,9 +155,10 @@ class Stage:
     # and the leaderboard mark such runs' latencies so nobody ranks methods on them (issue #14)
     reference_latency: ClassVar[bool] = False
     # the model's attention terms besides q/k/v, scaling and a sliding window that the stage's own attention
-    # computation (``prefill_attention`` / ``decode_attention``) applies: "softcap" (Gemma-2's logit softcap) and
-    # "sinks" (gpt-oss's learned sink column). The engine passes each as a keyword (``softcap=``, ``sinks=``) on
-    # a model that has it, and refuses a stage that computes attention on such a model without it (engine/attach.py)
+    # computation (``prefill_attention`` / ``decode_attention``) applies: "softcap" (Gemma-2's logit softcap),
+    # "sinks" (gpt-oss's learned sink column) and "chunk" (Llama-4's chunked layers: a query sees its own chunk).
+    # The engine passes each as a keyword (``softcap=``, ``sinks=``, ``chunk=``) where the model has it, and
+    # refuses a stage that computes attention on such a model without it (engine/attach.py)
     attention_terms: ClassVar[frozenset[str]] = frozenset()
     # True when the stage scores with the question, which only --query-aware puts in the prefill (Finch):
     # the engine refuses such a chain without it, unless it compresses nothing (ratio 0)
@@ -210,7 +211,8 @@ class Stage:
         passed only on sliding-window layers; ``mask`` (padding and storage order, None when plain
         causal) does not hold it, so a stage that computes attention must apply it. A stage that
         declares :attr:`attention_terms` also gets ``softcap=`` and/or ``sinks=`` on a model that has
-        them, to apply as :func:`lcbench.engine.attention.softmax_attention` does."""
+        them, to apply as :func:`lcbench.engine.attention.softmax_attention` does, and ``chunk=`` on a
+        chunked-attention layer (a query at position p sees keys in ``[⌊p / chunk⌋ · chunk, p]``)."""
         return None
 
     def compress_layer(self, layer: KVLayer, seen: LayerObservation) -> KVLayer:
@@ -220,8 +222,8 @@ class Stage:
     def decode_attention(self, module, query, layer: KVLayer, scaling: float,
                          layer_idx: int, window: int | None = None) -> torch.Tensor | None:
         """Return the decode-step attention output to replace dense attention, or None (``window``:
-        the layer's sliding window, passed only on sliding-window layers, to be honoured; ``softcap=``
-        and ``sinks=`` as for :meth:`prefill_attention`)."""
+        the layer's sliding window, passed only on sliding-window layers, to be honoured; ``softcap=``,
+        ``sinks=`` and ``chunk=`` as for :meth:`prefill_attention`)."""
         return None
 
     def after_question(self, layer: KVLayer, layer_idx: int, query: torch.Tensor) -> KVLayer:

@@ -31,6 +31,7 @@ import torch
 
 from ...params import Param
 from ..base import Stage
+from .kernel import chunk_pairs
 from .prefill import DensityStats
 
 
@@ -196,8 +197,9 @@ class HyperAttention(DensityStats, Stage):
     reference_latency = True
     tolerance = 0.05
     stages = ("prefill_attention",)
-    # every computed logit is softcapped; the sinks join the total log-sum-exp of the merged parts
-    attention_terms = frozenset({"softcap", "sinks"})
+    # every computed logit is softcapped; the sinks join the total log-sum-exp of the merged parts; a chunked
+    # layer stays dense within its chunks
+    attention_terms = frozenset({"softcap", "sinks", "chunk"})
     params = (
         Param("lsh_bits", int, 7, "random projections of the angular LSH (upstream 7)", min=1, max=16),
         Param("leaf_blocks", int, 4, "pieces up to this many blocks are exact causal attention (upstream 4096/256 = 16)", min=1),
@@ -241,11 +243,15 @@ class HyperAttention(DensityStats, Stage):
         return out.to(query.dtype).transpose(1, 2).contiguous(), hyper.plan
 
     def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None,
-                          softcap=None, sinks=None):
+                          softcap=None, sinks=None, chunk=None):
         L = key.shape[2]
         if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
             return None
         heads = query.shape[0] * query.shape[1]
+        if chunk is not None and chunk < L:  # a chunked layer: dense within its chunks, counted so
+            total = heads * chunk_pairs(L, chunk)
+            self._count(total, total)
+            return None
         total = heads * L * (L + 1) / 2
         if self.ratio <= 0 or mask is not None or (window is not None and window < L):
             self._count(total, total)

@@ -28,6 +28,13 @@ import torch.nn.functional as F
 from ...engine.attention import softmax_attention
 
 
+def chunk_pairs(length: int, chunk: int) -> float:
+    """Causal (query ≥ key) pairs of positions 0 … ``length`` − 1 within chunks of ``chunk``
+    positions: what a chunked-attention layer (Llama-4) computes densely."""
+    full, rest = divmod(length, chunk)
+    return float(full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2)
+
+
 def causal_block_pairs(length: int, block_size: int, device=None, window: int | None = None) -> torch.Tensor:
     """(nb, nb) number of causal (query ≥ key) token pairs inside each block pair, counting only
     the ``length`` real tokens (the last block may be partial) — and, with a sliding ``window``,

@@ -18,7 +18,7 @@ import torch
 
 from ...params import Param
 from ..base import Stage
-from .kernel import BlockPattern, block_sparse_attention, causal_block_pairs
+from .kernel import BlockPattern, block_sparse_attention, causal_block_pairs, chunk_pairs
 
 BLOCK_SIZE = Param("block_size", int, None, "tokens per query/key block of the sparse pattern", min=1)
 
@@ -90,18 +90,25 @@ class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
     window: int | None = None  # the current layer's sliding window, while its pattern is built
 
     # the block-sparse kernel applies Gemma-2's softcap and gpt-oss's sinks on the computed blocks; the
-    # patterns are estimated from the plain logits (a softcap is monotonic, so logit rankings stay)
-    attention_terms = frozenset({"softcap", "sinks"})
+    # patterns are estimated from the plain logits (a softcap is monotonic, so logit rankings stay); a
+    # chunked layer (Llama-4) is attended densely within its chunks and counted so
+    attention_terms = frozenset({"softcap", "sinks", "chunk"})
 
     def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None,
-                          softcap=None, sinks=None):
+                          softcap=None, sinks=None, chunk=None):
         """On a sliding-window layer the pattern lives inside the window: pairs it hides are
         neither computed nor counted, so the density is over the pairs the layer attends densely.
-        ``softcap`` / ``sinks``: the model's, applied to the computed blocks (kernel.py)."""
+        ``softcap`` / ``sinks``: the model's, applied to the computed blocks (kernel.py). A chunked
+        layer (``chunk``) is not sparsified: the engine attends it densely within its chunks, and
+        those pairs count as computed."""
         L = key.shape[2]
         if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
             return None
         heads = key.shape[0] * key.shape[1]
+        if chunk is not None and chunk < L:
+            pairs = heads * chunk_pairs(L, chunk)
+            self._count(pairs, pairs)
+            return None
         self.window = window if window is not None and window < L else None
         total = heads * (L * (L + 1) / 2 if self.window is None else
                          float(causal_block_pairs(L, self.args["block_size"], key.device, self.window).sum()))

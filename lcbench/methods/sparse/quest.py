@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ...cache.layer import DenseLayer
+from ...cache.layer import DenseLayer, lowest_visible
 from ...engine.attention import AttentionCall, dense_attention, softmax_attention, storage_mask
 from ...params import Param
 from ..base import Stage
@@ -69,12 +69,13 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) 
     return k.masked_fill(~ok, float("inf")).amin(3), k.masked_fill(~ok, float("-inf")).amax(3)
 
 
-def _dense_row(module, query: torch.Tensor, row: DenseLayer, call: AttentionCall, window: int | None) -> torch.Tensor:
+def _dense_row(module, query: torch.Tensor, row: DenseLayer, call: AttentionCall, window: int | None,
+               chunk: int | None = None) -> torch.Tensor:
     """One row's dense decode attention over its valid slots, computed as the engine computes it
     for that row alone (its storage mask and dense function, the model's softcap and sinks), so a
     row that attends densely this step matches decoding alone."""
     keys, values = row.dense()
-    return dense_attention(module, query, keys, values, storage_mask(row, 1, window), call.scaling, call)
+    return dense_attention(module, query, keys, values, storage_mask(row, 1, window, chunk), call.scaling, call)
 
 
 class Quest(Stage):
@@ -90,8 +91,9 @@ class Quest(Stage):
     defaults = {"page_size": 16, "dense_layers": 2}
     stages = ("prefill_attention", "decode")
     # the picked pages are attended with the model's softcap and sinks (the page bounds rank plain q·k
-    # upper bounds: a softcap is monotonic, so the same pages win)
-    attention_terms = frozenset({"softcap", "sinks"})
+    # upper bounds: a softcap is monotonic, so the same pages win); on a chunked layer the pages of the
+    # query's chunk compete, as the pages a sliding window reaches do
+    attention_terms = frozenset({"softcap", "sinks", "chunk"})
     params = (
         Param("page_size", int, None, "tokens per KV page", min=1),
         Param("dense_layers", int, None, "first layers that stay dense (the paper skips 2)", min=0),
@@ -126,7 +128,8 @@ class Quest(Stage):
         return keep, (dense + (layers - dense) * keep / pages) / layers
 
     # --- decode -----------------------------------------------------------------------------
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None,
+                         chunk=None):
         """On a sliding-window layer only the pages the window reaches compete, keys it hides are
         masked, and the density counts only the tokens the window lets the query see. A batch
         whose rows hold padding is paged row by row (:func:`rows_apart`). ``softcap`` / ``sinks``:
@@ -134,19 +137,20 @@ class Quest(Stage):
         call = AttentionCall(scaling, softcap=softcap, sinks=sinks)
         rows = None if self.ratio <= 0 or layer_idx < self.args["dense_layers"] else rows_apart(layer)
         if rows is None:
-            return self._decode_pages(module, query, layer, call, layer_idx, layer_idx, window)
-        outs = [self._decode_pages(module, query[b:b + 1], row, call, None, layer_idx, window)
+            return self._decode_pages(module, query, layer, call, layer_idx, layer_idx, window, chunk)
+        outs = [self._decode_pages(module, query[b:b + 1], row, call, None, layer_idx, window, chunk)
                 for b, row in enumerate(rows)]
-        return torch.cat([_dense_row(module, query[b:b + 1], row, call, window) if out is None else out
+        return torch.cat([_dense_row(module, query[b:b + 1], row, call, window, chunk) if out is None else out
                           for b, (row, out) in enumerate(zip(rows, outs))], dim=0)
 
-    def _decode_pages(self, module, query, layer, call: AttentionCall, cache_key, layer_idx: int, window=None):
+    def _decode_pages(self, module, query, layer, call: AttentionCall, cache_key, layer_idx: int, window=None,
+                      chunk=None):
         """Quest's page selection on ``layer`` (None: dense this step); ``cache_key`` keys the
         incremental page bounds (None when paged row by row: rows leave the batch, so a row index
         names no row for long; its bounds are computed afresh)."""
         visible = None
-        if window:
-            visible = layer.positions > layer.positions[..., -1:] - window  # (B, Hkv, L)
+        if window or chunk:
+            visible = layer.positions >= lowest_visible(layer.positions[..., -1:], window, chunk)  # (B, Hkv, L)
             if layer.valid is not None:
                 visible = visible & layer.valid
             if bool(visible.all()):

@@ -37,8 +37,9 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
     # reference: the selection is a mask over the whole cache (dense compute), not a gathered kernel
     reference_latency = True
     # the selected slots are attended by the engine's dense attention, with the model's softcap and sinks
-    # (the selection itself ranks the plain logits: a softcap is monotonic)
-    attention_terms = frozenset({"softcap", "sinks"})
+    # (the selection itself ranks the plain logits: a softcap is monotonic); a chunked layer learns
+    # nothing and stays dense within its chunk, counted so
+    attention_terms = frozenset({"softcap", "sinks", "chunk"})
 
     def begin_sample(self) -> None:
         self._learned: dict[int, Any] = {}
@@ -60,14 +61,14 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
 
     # --- the frame ----------------------------------------------------------------------------
     def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None,
-                          softcap=None, sinks=None):
+                          softcap=None, sinks=None, chunk=None):
         if self.ratio <= 0:
             return None
         if not hasattr(self, "_learned"):
             self.begin_sample()
         n, total = query.shape[2], key.shape[2]
         if n == total:  # the context pass: dense, and learn from it
-            if window is None and key.shape[0] == 1:
+            if window is None and chunk is None and key.shape[0] == 1:
                 learned = self.learn(query, key, scaling, getattr(module, "num_key_value_groups", 1), layer_idx)
                 if learned is not None:
                     self._learned[layer_idx], self._contexts[layer_idx] = learned, total
@@ -75,7 +76,7 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
         if self.dense_question:
             return None
         if layer_idx not in self._learned:
-            self._count(key.shape[0] * key.shape[1] * n * min(total, window or total), None)
+            self._count(key.shape[0] * key.shape[1] * n * min(total, window or chunk or total), None)
             return None
         context = self._contexts[layer_idx]
         if total - n != context:
@@ -87,10 +88,11 @@ class ContextRetrieval(Stage, metaclass=ABCMeta):
         return self._attend(module, query, key, value, base, AttentionCall(scaling, softcap=softcap, sinks=sinks),
                             layer_idx, valid)
 
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None,
+                         chunk=None):
         if self.ratio <= 0:
             return None
-        base = storage_mask(layer, 1, window)
+        base = storage_mask(layer, 1, window, chunk)
         if base is None:
             base = torch.ones(1, 1, 1, layer.seq_len(), dtype=torch.bool, device=query.device)
         if window is not None or layer_idx not in getattr(self, "_learned", {}):

@@ -130,7 +130,7 @@ class RetroAttention(Quest):
     reference_latency = True
     # Quest's decode and the output cache's revisions apply the model's softcap; the cache keeps sink-free
     # (out, lse) so revisions merge exactly, and the sinks are applied when an output is read (with_sinks)
-    attention_terms = frozenset({"softcap", "sinks"})
+    attention_terms = frozenset({"softcap", "sinks", "chunk"})
     defaults = {"retro_window": 8, "measure_error": False}
     params = Quest.params + (
         Param("retro_window", int, None, "queries in the retrospective window (current + cached past ones)",
@@ -148,15 +148,17 @@ class RetroAttention(Quest):
         self._errors = [0.0, 0.0, 0]  # Σ relative error of Quest's / the revised output, heads counted
 
     # --- decode -----------------------------------------------------------------------------
-    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None):
+    def decode_attention(self, module, query, layer, scaling, layer_idx, window=None, softcap=None, sinks=None,
+                         chunk=None):
         """Quest's output for the current token, then the retrospective revision of the layer's
         output cache with the entries this step loads."""
         if not hasattr(self, "_retro"):
             self.begin_sample()
         self._terms = (softcap, sinks)
-        out = super().decode_attention(module, query, layer, scaling, layer_idx, window, softcap=softcap, sinks=sinks)
+        out = super().decode_attention(module, query, layer, scaling, layer_idx, window, softcap=softcap, sinks=sinks,
+                                       chunk=chunk)
         if self.ratio > 0 and layer_idx >= self.args["dense_layers"]:
-            if window or layer.valid is not None:
+            if window or chunk or layer.valid is not None:
                 self._drop(layer_idx)
                 self._retro_skipped += 1
             else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ...errors import CompressionShortfall, UserError
 from ...params import Param
-from .kernel import causal_block_pairs
+from .kernel import causal_block_pairs, chunk_pairs
 from .shapes import TriShape
 
 
@@ -67,7 +67,8 @@ class TriMix(TriShape):
             return None
         w = window if window is not None and window < L else None
         heads = key.shape[0] * key.shape[1]
-        total = heads * (L * (L + 1) / 2 if w is None else
-                         float(causal_block_pairs(L, self.args["block_size"], key.device, w).sum()))
+        chunk = terms.get("chunk")
+        total = heads * (chunk_pairs(L, chunk) if chunk is not None and chunk < L else L * (L + 1) / 2 if w is None
+                         else float(causal_block_pairs(L, self.args["block_size"], key.device, w).sum()))
         self._count(total, total)  # a dense layer: every pair computed (the engine's dense path)
         return None
