@@ -423,18 +423,14 @@ def plain_mask(query: torch.Tensor, key: torch.Tensor, window: int | None,
 
 
 def _stage_kwargs(call: AttentionCall, stage) -> dict:
-    """The keywords a stage hook gets: ``window`` on a sliding-window layer, ``softcap`` / ``sinks``
-    where the model passes them, ``chunk`` on a chunked layer — each where the stage applies it (:attr:`Stage.attention_terms`; the engine
-    refuses a stage that would need one it does not apply) — nothing otherwise, so stages that
-    predate these keep working on models without them."""
+    """The keywords a stage hook gets: ``window`` on a sliding-window layer, and each of
+    ``softcap`` / ``sinks`` / ``chunk`` the call carries and the stage applies
+    (:attr:`Stage.attention_terms`; the engine refuses a stage that would need one it does not
+    apply) — nothing otherwise, so stages that predate these keep working on models without them."""
     out: dict = {"window": call.window} if call.window else {}
     terms = getattr(stage, "attention_terms", ())
-    if call.softcap is not None and "softcap" in terms:
-        out["softcap"] = call.softcap
-    if call.sinks is not None and "sinks" in terms:
-        out["sinks"] = call.sinks
-    if call.chunk is not None and "chunk" in terms:
-        out["chunk"] = call.chunk
+    out.update({term: value for term, value in (("softcap", call.softcap), ("sinks", call.sinks),
+                                                ("chunk", call.chunk)) if value is not None and term in terms})
     return out
 
 

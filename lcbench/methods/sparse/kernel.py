@@ -35,6 +35,18 @@ def chunk_pairs(length: int, chunk: int) -> float:
     return float(full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2)
 
 
+def dense_pairs(length: int, block_size: int, device=None, window: int | None = None,
+                chunk: int | None = None) -> float:
+    """Causal pairs a layer attends densely over ``length`` prefilled positions: within its chunks on
+    a chunked layer, through its ``window`` on a sliding-window one (counted per block, as the block
+    patterns count them), all of them otherwise — the total a sparse prefill's density is over."""
+    if chunk is not None and chunk < length:
+        return chunk_pairs(length, chunk)
+    if window is not None and window < length:
+        return float(causal_block_pairs(length, block_size, device, window).sum())
+    return length * (length + 1) / 2
+
+
 def causal_block_pairs(length: int, block_size: int, device=None, window: int | None = None) -> torch.Tensor:
     """(nb, nb) number of causal (query ≥ key) token pairs inside each block pair, counting only
     the ``length`` real tokens (the last block may be partial) — and, with a sliding ``window``,

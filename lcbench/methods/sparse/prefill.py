@@ -18,7 +18,7 @@ import torch
 
 from ...params import Param
 from ..base import Stage
-from .kernel import BlockPattern, block_sparse_attention, causal_block_pairs, chunk_pairs
+from .kernel import BlockPattern, block_sparse_attention, dense_pairs
 
 BLOCK_SIZE = Param("block_size", int, None, "tokens per query/key block of the sparse pattern", min=1)
 
@@ -104,14 +104,11 @@ class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
         L = key.shape[2]
         if query.shape[2] != L:  # a question part on an existing cache: dense, not counted
             return None
-        heads = key.shape[0] * key.shape[1]
+        total = key.shape[0] * key.shape[1] * dense_pairs(L, self.args["block_size"], key.device, window, chunk)
         if chunk is not None and chunk < L:
-            pairs = heads * chunk_pairs(L, chunk)
-            self._count(pairs, pairs)
+            self._count(total, total)
             return None
         self.window = window if window is not None and window < L else None
-        total = heads * (L * (L + 1) / 2 if self.window is None else
-                         float(causal_block_pairs(L, self.args["block_size"], key.device, self.window).sum()))
         if self.ratio <= 0 or mask is not None or L <= self.args["block_size"]:
             self._count(total, total)
             return None

@@ -69,13 +69,13 @@ def page_bounds(keys: torch.Tensor, valid: torch.Tensor | None, page_size: int) 
     return k.masked_fill(~ok, float("inf")).amin(3), k.masked_fill(~ok, float("-inf")).amax(3)
 
 
-def _dense_row(module, query: torch.Tensor, row: DenseLayer, call: AttentionCall, window: int | None,
-               chunk: int | None = None) -> torch.Tensor:
+def _dense_row(module, query: torch.Tensor, row: DenseLayer, call: AttentionCall) -> torch.Tensor:
     """One row's dense decode attention over its valid slots, computed as the engine computes it
     for that row alone (its storage mask and dense function, the model's softcap and sinks), so a
     row that attends densely this step matches decoding alone."""
     keys, values = row.dense()
-    return dense_attention(module, query, keys, values, storage_mask(row, 1, window, chunk), call.scaling, call)
+    return dense_attention(module, query, keys, values, storage_mask(row, 1, call.window, call.chunk), call.scaling,
+                           call)
 
 
 class Quest(Stage):
@@ -134,23 +134,22 @@ class Quest(Stage):
         masked, and the density counts only the tokens the window lets the query see. A batch
         whose rows hold padding is paged row by row (:func:`rows_apart`). ``softcap`` / ``sinks``:
         the model's, applied to the picked pages."""
-        call = AttentionCall(scaling, softcap=softcap, sinks=sinks)
+        call = AttentionCall(scaling, window=window, chunk=chunk, softcap=softcap, sinks=sinks)
         rows = None if self.ratio <= 0 or layer_idx < self.args["dense_layers"] else rows_apart(layer)
         if rows is None:
-            return self._decode_pages(module, query, layer, call, layer_idx, layer_idx, window, chunk)
-        outs = [self._decode_pages(module, query[b:b + 1], row, call, None, layer_idx, window, chunk)
-                for b, row in enumerate(rows)]
-        return torch.cat([_dense_row(module, query[b:b + 1], row, call, window, chunk) if out is None else out
+            return self._decode_pages(module, query, layer, call, layer_idx, layer_idx)
+        outs = [self._decode_pages(module, query[b:b + 1], row, call, None, layer_idx) for b, row in enumerate(rows)]
+        return torch.cat([_dense_row(module, query[b:b + 1], row, call) if out is None else out
                           for b, (row, out) in enumerate(zip(rows, outs))], dim=0)
 
-    def _decode_pages(self, module, query, layer, call: AttentionCall, cache_key, layer_idx: int, window=None,
-                      chunk=None):
-        """Quest's page selection on ``layer`` (None: dense this step); ``cache_key`` keys the
-        incremental page bounds (None when paged row by row: rows leave the batch, so a row index
-        names no row for long; its bounds are computed afresh)."""
+    def _decode_pages(self, module, query, layer, call: AttentionCall, cache_key, layer_idx: int):
+        """Quest's page selection on ``layer`` (None: dense this step), within what ``call``'s window or
+        chunk lets the query see; ``cache_key`` keys the incremental page bounds (None when paged row
+        by row: rows leave the batch, so a row index names no row for long; its bounds are computed
+        afresh)."""
         visible = None
-        if window or chunk:
-            visible = layer.positions >= lowest_visible(layer.positions[..., -1:], window, chunk)  # (B, Hkv, L)
+        if call.window or call.chunk:
+            visible = layer.positions >= lowest_visible(layer.positions[..., -1:], call.window, call.chunk)
             if layer.valid is not None:
                 visible = visible & layer.valid
             if bool(visible.all()):

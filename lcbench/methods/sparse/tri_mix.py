@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ...errors import CompressionShortfall, UserError
 from ...params import Param
-from .kernel import causal_block_pairs, chunk_pairs
+from .kernel import dense_pairs
 from .shapes import TriShape
 
 
@@ -65,10 +65,7 @@ class TriMix(TriShape):
         L = key.shape[2]
         if query.shape[2] != L:
             return None
-        w = window if window is not None and window < L else None
-        heads = key.shape[0] * key.shape[1]
-        chunk = terms.get("chunk")
-        total = heads * (chunk_pairs(L, chunk) if chunk is not None and chunk < L else L * (L + 1) / 2 if w is None
-                         else float(causal_block_pairs(L, self.args["block_size"], key.device, w).sum()))
+        total = key.shape[0] * key.shape[1] * dense_pairs(L, self.args["block_size"], key.device, window,
+                                                          terms.get("chunk"))
         self._count(total, total)  # a dense layer: every pair computed (the engine's dense path)
         return None
