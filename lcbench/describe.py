@@ -57,6 +57,10 @@ def describe_entry(what: str, name: str, console: Console) -> None:
             if missing:  # Gemma-2 (softcap), gpt-oss (sinks), Llama-4 (chunk)
                 applied += f" (refused on models with {' or '.join(missing)}, e.g. Gemma-2, gpt-oss, Llama-4)"
             rows.append(("own attention applies", applied))
+        if set(cls.stages) & {"cache", "decode", "prefill_attention"}:  # DeepSeek-V2/V3 (engine/attach.latent_refusal)
+            rows.append(("multi-head latent attention", "runs (its math holds on cached latents)"
+                         if getattr(cls, "latent_cache", False) else
+                         "refused (it reads cached slots as keys or values; DeepSeek-V2/V3 cache latents)"))
     else:
         rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),
                  ("summary", cls.summary), ("mode", cls.mode)]

@@ -298,7 +298,7 @@ def test_decode_dequantizes_each_group_once_into_a_buffer_of_the_models_dtype(mo
     group = 2 * 2 * spec.token_group() * 16  # keys + values, 2 heads, a group of tokens, 16 channels
     assert sum(dequantized) <= group * (60 // spec.token_group() + 1)
     monkeypatch.setattr(quantized, "dequantize", real)
-    cg = layer._channel_group()
+    cg = layer._channel_group(layer.dvalues)
     whole_k = layer._dequantize_keys(layer.qkeys).to(dtype)
     whole_v = quantized.dequantize_tokens(layer.qvalues, spec.bits, cg).to(dtype)
     k, v = layer.dense()

@@ -166,9 +166,9 @@ class DenseLayer(KVLayer):
 
     def select(self, index):
         index, _ = index.sort(dim=-1)
-        gather = index[..., None].expand(*index.shape, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather).contiguous()
-        self.values = self.values.gather(2, gather).contiguous()
+        slots = index[..., None]  # keys and values may differ in width (MLA's latent and rotary key)
+        self.keys = self.keys.gather(2, slots.expand(*index.shape, self.keys.shape[-1])).contiguous()
+        self.values = self.values.gather(2, slots.expand(*index.shape, self.values.shape[-1])).contiguous()
         self.positions = self.positions.gather(2, index)
         if self.bias is not None:
             self.bias = self.bias.gather(2, index)

@@ -57,15 +57,21 @@ class QuantSpec:
         g = self.token_group()
         return max(0, (length - self.window) // g * g)
 
-    def nbytes(self, rows: int, heads: int, length: int, head_dim: int, elem: int) -> int:
-        """Bytes held for ``length`` tokens (planning; equals :meth:`QuantizedLayer.nbytes` with float16 scales)."""
+    def nbytes(self, rows: int, heads: int, length: int, head_dim: int, elem: int,
+               value_dim: int | None = None) -> int:
+        """Bytes held for ``length`` tokens (planning; equals :meth:`QuantizedLayer.nbytes` with float16
+        scales). ``value_dim``: the values' width when it is not the keys' ``head_dim`` (MLA's latent)."""
+        kd, vd = head_dim, head_dim if value_dim is None else value_dim
         lq = self.quantized_tokens(length)
         sb = torch.finfo(SCALE_DTYPE).bits // 8
-        codes = 2 * lq * head_dim * self.bits // 8
-        per_token = lq * (head_dim // self.channel_group(head_dim)) * 2 * sb
-        key_scales = (lq // self.group_size) * head_dim * 2 * sb if self.key_axis == "channel" else per_token
-        window = 2 * (length - lq) * head_dim * elem
-        return rows * heads * (codes + key_scales + per_token + window)
+        codes = lq * kd * self.bits // 8 + lq * vd * self.bits // 8
+
+        def per_token(d: int) -> int:
+            return lq * (d // self.channel_group(d)) * 2 * sb
+
+        key_scales = (lq // self.group_size) * kd * 2 * sb if self.key_axis == "channel" else per_token(kd)
+        window = (length - lq) * (kd + vd) * elem
+        return rows * heads * (codes + key_scales + per_token(vd) + window)
 
 
 # --- packing ---------------------------------------------------------------------------------
@@ -255,18 +261,19 @@ class QuantizedLayer(KVLayer):
         return cls.from_dense(keys, values, positions, valid, spec)
 
     # --- quantizing what is past the window ----------------------------------------------------
-    def _channel_group(self) -> int:
-        return self.spec.channel_group(self.dkeys.shape[-1] if self.dkeys is not None else self.spec.group_size)
+    def _channel_group(self, held: torch.Tensor | None) -> int:
+        """Channels per scale of ``held`` (keys or values: their widths differ on MLA's latents)."""
+        return self.spec.channel_group(held.shape[-1] if held is not None else self.spec.group_size)
 
     def _quantize_keys(self, x: torch.Tensor) -> Packed:
         if self.spec.key_axis == "channel":
             return quantize_channels(x, self.spec.bits, self.spec.group_size)
-        return quantize_tokens(x, self.spec.bits, self._channel_group())
+        return quantize_tokens(x, self.spec.bits, self._channel_group(self.dkeys))
 
     def _dequantize_keys(self, p: Packed) -> torch.Tensor:
         if self.spec.key_axis == "channel":
             return dequantize_channels(p, self.spec.bits, self.spec.group_size)
-        return dequantize_tokens(p, self.spec.bits, self._channel_group())
+        return dequantize_tokens(p, self.spec.bits, self._channel_group(self.dkeys))
 
     def _flush(self, block: int = 1) -> None:
         """Quantize the oldest whole token groups of the window that lie beyond ``spec.window``
@@ -276,7 +283,7 @@ class QuantizedLayer(KVLayer):
         n = self.spec.quantized_tokens(self.dkeys.shape[2] - a)
         if n <= 0 or n < block:
             return
-        cg = self._channel_group()
+        cg = self._channel_group(self.dvalues)
         new_keys = self._quantize_keys(self.dkeys[:, :, a:a + n])
         new_values = quantize_tokens(self.dvalues[:, :, a:a + n], self.spec.bits, cg)
         self.dkeys[:, :, a:a + n] = self._dequantize_keys(new_keys).to(self.dtype)
@@ -326,9 +333,10 @@ class QuantizedLayer(KVLayer):
         """Keep slots ``index``: gather the dequantized view and quantize again (token groups change)."""
         index, _ = index.sort(dim=-1)
         keys, values = self.dense()
-        gather = index[..., None].expand(*index.shape, keys.shape[-1])
+        slots = index[..., None]
         valid = None if self.valid is None else self.valid.gather(2, index)
-        self._rebuild(keys.gather(2, gather), values.gather(2, gather), self.positions.gather(2, index),
+        self._rebuild(keys.gather(2, slots.expand(*index.shape, keys.shape[-1])),
+                      values.gather(2, slots.expand(*index.shape, values.shape[-1])), self.positions.gather(2, index),
                       None if valid is None or bool(valid.all()) else valid)
 
     def crop_to(self, length):

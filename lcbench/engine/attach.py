@@ -53,6 +53,27 @@ def attention_refusal(model, stages) -> str | None:
     return None
 
 
+def latent_refusal(model, stages) -> str | None:
+    """Why a stage cannot run on a model whose cache holds multi-head latents (DeepSeek-V2/V3's MLA,
+    :attr:`Geometry.latent`): it acts on the cache or computes attention and does not declare
+    :attr:`~lcbench.methods.base.Stage.latent_cache` (it reads cached slots as attention keys or
+    values, e.g. key norms, key similarity, pages of keys, key channels), so on such a model it would
+    compute on latents as if they were keys. None when nothing stands in the way (ratio 0 included:
+    the stage then changes nothing)."""
+    geometry = getattr(model, "lcbench_geometry", None)
+    if geometry is None or not geometry.latent:
+        return None
+    for stage in stages:
+        acts = set(stage.stages) & {"cache", "decode", "prefill_attention"}
+        if acts and not getattr(stage, "latent_cache", False) and (stage.ratio > 0 or stage.budget_tokens is not None):
+            return (f"method '{stage.name}' reads the cache's slots as attention keys and values, but {arch_name(model)} "
+                    f"caches a latent per token that its attention expands into keys and values (multi-head latent "
+                    f"attention): its numbers would be computed on the latents. Fix: a method that runs on latent "
+                    f"caches (`lcbench ls methods NAME` says; e.g. snapkv, streamingllm, kivi, int8, ashape), or a "
+                    f"model with standard multi-head / grouped-query attention")
+    return None
+
+
 def attached(model) -> bool:
     """True once :func:`use_lcbench_attention` has switched ``model`` (and its probe passed)."""
     return getattr(model, "lcbench_geometry", None) is not None
@@ -72,8 +93,8 @@ def use_lcbench_attention(model, dense: str = "sdpa") -> None:
 
 
 def probe(model) -> Geometry:
-    """Run 2 tokens through lcbench's path and check every layer called lcbench's attention once,
-    with keys and values of one width; return the model's :class:`Geometry`. Raises
+    """Run 2 tokens through lcbench's path and check every layer called lcbench's attention once;
+    return the model's :class:`Geometry`. Raises
     :class:`UserError` (with the reason) for a model lcbench cannot take over."""
     reason = config_refusal(model.config)
     if reason:
@@ -111,19 +132,10 @@ def probe(model) -> Geometry:
             f"{seen.unindexed} calls without a layer index): lcbench's per-layer cache cannot follow it. "
             f"Fix: use a supported architecture (README)."
         )
-    uneven = [i for i, r in seen.layers.items() if r.key_dim != r.value_dim]
-    if uneven:
-        r = seen.layers[uneven[0]]
-        raise UserError(
-            f"{arch_name(model)} caches keys and values of different widths ({r.key_dim} and {r.value_dim} per head: "
-            f"multi-head latent attention, as in DeepSeek-V2/V3). lcbench's cache layers, quantizers and "
-            f"sparse kernels assume one width, so lcbench refuses this model rather than measure it wrongly. "
-            f"Fix: use a model with standard multi-head / grouped-query attention (README, supported architectures)."
-        )
-    per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
     calls = [seen.layers[i] for i in range(layers)]
+    per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
     return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
-                    any(r.sinks for r in calls), tuple(r.chunk for r in calls))
+                    any(r.sinks for r in calls), tuple(r.chunk for r in calls), latent=any(r.latent for r in calls))
 
 
 def _ranges(idx: list[int]) -> str:

@@ -294,7 +294,10 @@ def observe(needs: Needs, query, key, layer: KVLayer, groups: int, scaling: floa
     """Collect what the cache stages need from this layer's compressing pass."""
     L = layer.seq_len()
     q_len = query.shape[2]
-    seen = LayerObservation(layer_idx=layer_idx, num_layers=num_layers, num_groups=groups,
+    # the stages' groups are query heads per *stored* head: on a latent cache (MLA) one stored
+    # "head" serves every query head, although attention's expanded keys have a head per query head
+    stored_heads = layer.positions.shape[1]
+    seen = LayerObservation(layer_idx=layer_idx, num_layers=num_layers, num_groups=query.shape[1] // stored_heads,
                             context_length=L - protected, protected=protected, module=module,
                             positions=layer.positions[:, 0])
     if needs.queries:
@@ -471,15 +474,14 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if not call.causal:
         raise UserError(f"{type(module).__name__} attends bidirectionally (is_causal=False); lcbench evaluates "
                         f"causal decoders only. Fix: use a causal language model.")
-    probe = state.probe
-    if probe is not None:
-        probe.seen(module, query, key, value, call)
     idx = module.layer_idx
     cache = state.cache
     layer = cache.layers[idx]
+    if state.probe is not None:
+        state.probe.seen(module, query, key, value, call, stored=layer)
     if isinstance(layer, JointLayer):  # several runs' rows decoding together (engine/joint.py)
         return layer.attend(query, lambda q, k, v, part_layer, part_state: attend_layer(
-            module, q, k, v, part_layer, part_state, call, idx, len(cache.layers))), None
+            module, q, k, v, part_layer, part_state, call, idx, len(cache.layers)), key, value), None
     out, cache.layers[idx] = attend_layer(module, query, key, value, layer, state, call, idx, len(cache.layers))
     return out, None
 
@@ -518,9 +520,10 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
 
     if (call.window or call.chunk) and state.phase == PREFILL:
         layer = drop_unseeable(layer, call.window, call.chunk)
-        if layer.seq_len() < key.shape[2]:  # what a cache stage observes: the tokens kept
-            key, _ = layer.dense()
-            query = query[:, :, max(0, q_len - layer.seq_len()):]
+        kept = layer.seq_len()
+        if kept < key.shape[2]:  # what a cache stage observes: the tokens kept (the newest slots)
+            key = key[:, :, key.shape[2] - kept:]
+            query = query[:, :, max(0, q_len - kept):]
 
     if state.compressing and state.cache_stages:
         start = state.timer.now()

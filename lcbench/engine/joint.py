@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache
 from ..cache import KVCache
 from ..cache.layer import KVLayer
 from ..methods.base import Needs
+from .row_stack import pad_left
 from .state import DECODE, QUESTION, ForwardState
 
 
@@ -40,11 +41,16 @@ class JointPart:
 class JointLayer(KVLayer):
     """One layer of a joint batch: ``parts`` in row order, each one run's own layer for its rows."""
 
-    lazy_dense = True  # KVCache.update hands attention the new tokens; attention goes through attend()
+    # KVCache.update hands attention the new tokens; attention goes through attend(). On a latent
+    # cache (multi-head latent attention) the model must expand what the parts hold, so update hands
+    # it every part's slots left-padded to the longest (:meth:`dense`) and attend() cuts each part's out.
+    lazy_dense = True
 
-    def __init__(self, parts: list[JointPart]):
+    def __init__(self, parts: list[JointPart], latent: bool = False):
         super().__init__()
         self.parts = parts
+        self.latent = latent
+        self.lazy_dense = not latent
         self.positions = None
         self.valid = None
         self.is_initialized = True
@@ -60,13 +66,19 @@ class JointLayer(KVLayer):
         for part, a, b in self._spans():
             part.layer.append(keys[a:b], values[a:b], positions[a:b], None if valid is None else valid[a:b])
 
-    def attend(self, query: torch.Tensor, attend_layer: Callable) -> torch.Tensor:
-        """Each run's rows attend over its own layer with its own stages; outputs in row order."""
+    def attend(self, query: torch.Tensor, attend_layer: Callable, key: torch.Tensor | None = None,
+               value: torch.Tensor | None = None) -> torch.Tensor:
+        """Each run's rows attend over its own layer with its own stages; outputs in row order.
+        ``key``/``value``: what the model expanded from :meth:`dense` (latent caches only)."""
         outs = []
         for part, a, b in self._spans():
-            lazy = getattr(part.layer, "lazy_dense", False)
-            key, value = (None, None) if lazy else part.layer.dense()
-            out, part.layer = attend_layer(query[a:b], key, value, part.layer, part.state)
+            if self.latent:  # the part's slots are the last of the padded width
+                n = part.layer.seq_len()
+                k, v = key[a:b, :, key.shape[2] - n:], value[a:b, :, value.shape[2] - n:]
+            else:
+                lazy = getattr(part.layer, "lazy_dense", False)
+                k, v = (None, None) if lazy else part.layer.dense()
+            out, part.layer = attend_layer(query[a:b], k, v, part.layer, part.state)
             outs.append(out)
         return torch.cat(outs)
 
@@ -82,7 +94,7 @@ class JointLayer(KVLayer):
             layer = part.layer if len(local) == part.rows else part.layer.keep_rows(
                 torch.tensor(local, dtype=torch.long, device=rows.device))
             parts.append(JointPart(layer, len(local), part.state))
-        return JointLayer(parts)
+        return JointLayer(parts, self.latent)
 
     def part_of(self, row: int) -> tuple[KVLayer, int, int]:
         """(the run's layer, the row's index in it, the run's rows) for batch row ``row``."""
@@ -105,7 +117,14 @@ class JointLayer(KVLayer):
 
     # --- not used while decoding ------------------------------------------------------------------
     def dense(self):
-        raise RuntimeError("a joint layer has no single dense view: attention goes through JointLayer.attend")
+        """Every part's slots, left-padded to the longest and stacked by rows: what a latent cache's
+        model expands (padding is cut off again in :meth:`attend`, never attended)."""
+        if not self.latent:
+            raise RuntimeError("a joint layer has no single dense view: attention goes through JointLayer.attend")
+        views = [part.layer.dense() for part in self.parts]
+        width = max(k.shape[2] for k, _ in views)
+        return (torch.cat([pad_left(k, width - k.shape[2], 0.0) for k, _ in views]),
+                torch.cat([pad_left(v, width - v.shape[2], 0.0) for _, v in views]))
 
     def select(self, index):
         raise RuntimeError("a joint layer is only decoded: compression runs on each run's own layer")
@@ -117,13 +136,14 @@ class JointLayer(KVLayer):
         raise RuntimeError("a joint layer is built from each run's decode rows, never repeated")
 
 
-def joint_state(states: list[ForwardState], rows: list[int], timer, phase: str = DECODE) -> ForwardState:
+def joint_state(states: list[ForwardState], rows: list[int], timer, phase: str = DECODE,
+                latent: bool = False) -> ForwardState:
     """The forward state of one batch over ``states`` (each run's cache, with ``rows`` rows each):
     a cache of :class:`JointLayer` s, no stages of its own (each part's run the parts' own); every
     part's state is switched to ``phase`` (decoding, or prefilling question parts)."""
     for state in states:
         state.phase = phase
-    layers = [JointLayer([JointPart(state.cache.layers[i], n, state) for state, n in zip(states, rows)])
+    layers = [JointLayer([JointPart(state.cache.layers[i], n, state) for state, n in zip(states, rows)], latent)
               for i in range(len(states[0].cache.layers))]
     cache = KVCache.__new__(KVCache)
     Cache.__init__(cache, layers=layers)
@@ -152,7 +172,7 @@ def ask_together(pendings: list) -> None:
         lead = group[0].engine
         states = [pd.engine.forward_state(pd.cache) for pd in group]
         rows = [len(pd.prepared.todo) for pd in group]
-        joint = joint_state(states, rows, lead.clock, phase=QUESTION)
+        joint = joint_state(states, rows, lead.clock, phase=QUESTION, latent=lead.latent)
         asked = lead.prefill_questions(joint, [q for pd in group for q in pd.question_rows()], start)
         for i, layer in enumerate(joint.cache.layers):  # each run's own layers, as its attention left them
             for part in layer.parts:
@@ -171,7 +191,7 @@ def decode_together(pendings: list) -> list[list]:
     ask_together(pendings)
     lead = pendings[0].engine
     rows = [len(pd.prepared.todo) for pd in pendings]
-    state = joint_state([pd.asked.state for pd in pendings], rows, lead.clock)
+    state = joint_state([pd.asked.state for pd in pendings], rows, lead.clock, latent=lead.latent)
     logits = torch.cat([pd.asked.logits for pd in pendings])
     next_positions = torch.cat([pd.asked.next_positions for pd in pendings])
     turns = [pd.prepared.sample.turns[k] for pd in pendings for k in pd.prepared.todo]

@@ -31,7 +31,7 @@ from ..methods.base import Needs, TextInput
 from ..methods.chain import Chain
 from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
-from .attach import attached, attention_refusal, use_lcbench_attention
+from .attach import attached, attention_refusal, latent_refusal, use_lcbench_attention
 from .calibration import calibrate_stages
 from .chunked import check_chunkable, compress_as_you_go, prefill_spans
 from .decode import RowOutput, forward, greedy_decode
@@ -181,15 +181,18 @@ class Engine:
         if asks and not self.config.query_aware:
             raise UserError(f"method '{asks[0]}' scores the context by the question's attention, but without "
                             f"--query-aware the question is not part of the prefill. Fix: add --query-aware.")
-        refusal = attention_refusal(model, chain.stages)
+        refusal = attention_refusal(model, chain.stages) or latent_refusal(model, chain.stages)
         if refusal:
             raise UserError(refusal + ".")
         # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
         self.calibrations = calibrate_stages(model, tokenizer, chain.stages, self.clock)
         # turns may share the compressed context (no copy per turn) unless a stage acts on each
         # row's cache after compression: decode stages (eviction, sparse decode) and sparse
-        # prefill attention (it runs on the question parts too)
-        self.shares_context = not any({"decode", "prefill_attention"} & set(s.stages) for s in chain.stages)
+        # prefill attention (it runs on the question parts too); and never on a latent cache (MLA),
+        # where the model expands every row's cache into keys and values before attention reads them
+        self.latent = bool(getattr(model, "lcbench_geometry", None) and model.lcbench_geometry.latent)
+        self.shares_context = not self.latent and not any({"decode", "prefill_attention"} & set(s.stages)
+                                                          for s in chain.stages)
 
     def warm_up(self, tokens: int = 16) -> None:
         """One untimed pass before the first timed sample, so sample 1's TTFT is not device

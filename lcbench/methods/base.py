@@ -160,6 +160,12 @@ class Stage:
     # The engine passes each as a keyword (``softcap=``, ``sinks=``, ``chunk=``) where the model has it, and
     # refuses a stage that computes attention on such a model without it (engine/attach.py)
     attention_terms: ClassVar[frozenset[str]] = frozenset()
+    # True when the stage's math holds on a cache of multi-head latents (DeepSeek-V2/V3's MLA: each slot is
+    # a per-token latent the model expands into every head's keys and values; one stored "head" for all
+    # query heads): it selects slots from the engine's observation (attention of the expanded keys) or
+    # quantizes the cached numbers, and reads no slot as an attention key or value. The engine refuses a
+    # cache, decode or sparse-prefill stage without it on such a model (engine/attach.latent_refusal)
+    latent_cache: ClassVar[bool] = False
     # True when the stage scores with the question, which only --query-aware puts in the prefill (Finch):
     # the engine refuses such a chain without it, unless it compresses nothing (ratio 0)
     needs_question: ClassVar[bool] = False

@@ -1,13 +1,13 @@
 """Checking, right after loading, that lcbench really computes the model's attention.
 
 ``set_attn_implementation("lcbench")`` is a request, not a guarantee: a model may keep its own
-attention code (Falcon), or hand lcbench a cache lcbench cannot hold (DeepSeek-V2/V3's MLA:
-keys and values of different widths). The engine's probe (:func:`lcbench.engine.attach.probe`)
-runs a 2-token forward through the engine's path and counts the calls of lcbench's attention
-function per layer in a :class:`HookProbe`; every layer must call it exactly once, with keys and
-values lcbench can store. What the calls carried (sliding window per layer, softcap, sinks) and
-the bytes one token takes in each layer's dense cache are kept on the model as its
-:class:`Geometry` — the reference a compressed cache is measured against (a sliding-window
+attention code (Falcon). The engine's probe (:func:`lcbench.engine.attach.probe`) runs a 2-token
+forward through the engine's path and counts the calls of lcbench's attention function per layer
+in a :class:`HookProbe`; every layer must call it exactly once. What the calls carried (sliding
+window per layer, softcap, sinks), the bytes one token takes in each layer's dense cache, and
+whether the cache holds the attention's keys and values or a latent the model expands them from
+(multi-head latent attention, DeepSeek-V2/V3: :attr:`Geometry.latent`) are kept on the model as
+its :class:`Geometry` — the reference a compressed cache is measured against (a sliding-window
 layer's full cache holds at most ``window - 1`` context tokens). This module holds what the
 models layer needs without the engine: the records, and :func:`config_refusal`, which refuses
 from the config alone, before any weights are fetched.
@@ -27,6 +27,7 @@ class LayerCall:
     sinks: bool = False
     key_dim: int = 0
     value_dim: int = 0
+    latent: bool = False  # the layer stores something else than the keys/values attention receives (MLA)
 
 
 @dataclass
@@ -36,7 +37,9 @@ class HookProbe:
     layers: dict[int, LayerCall] = field(default_factory=dict)
     unindexed: int = 0  # calls from modules without a layer_idx
 
-    def seen(self, module, query, key, value, call) -> None:
+    def seen(self, module, query, key, value, call, stored=None) -> None:
+        """Record one attention call; ``stored`` is the cache layer the call's keys/values came from
+        (its held tensors are compared with what attention received: :attr:`LayerCall.latent`)."""
         idx = getattr(module, "layer_idx", None)
         if idx is None:
             self.unindexed += 1
@@ -45,19 +48,27 @@ class HookProbe:
         rec.calls += 1
         rec.window, rec.chunk, rec.softcap, rec.sinks = call.window, call.chunk, call.softcap, call.sinks is not None
         rec.key_dim, rec.value_dim = key.shape[-1], value.shape[-1]
+        held = getattr(stored, "keys", None), getattr(stored, "values", None)
+        if held[0] is not None and held[1] is not None:
+            rec.latent = held[0].shape[1:] != key.shape[1:] or held[1].shape[1:] != value.shape[1:]
 
 
 @dataclass(frozen=True)
 class Geometry:
     """Per layer: the sliding window (None: global attention), the attention chunk (Llama-4's
     chunked layers; None elsewhere) and the bytes one token's keys and values take in a dense
-    cache, as measured by the probe."""
+    cache, as measured by the probe. ``latent``: the cache holds a compressed latent per token that
+    the model expands into every head's keys and values before each attention call (multi-head
+    latent attention: DeepSeek-V2/V3's ``kv_a_proj_with_mqa`` latent and shared rotary key, cached
+    as one "head" and expanded by ``kv_b_proj``), so a cache layer's slots are not attention keys:
+    only stages that declare :attr:`~lcbench.methods.base.Stage.latent_cache` run on it."""
 
     windows: tuple[int | None, ...]
     bytes_per_token: tuple[int, ...]
     softcap: bool = False
     sinks: bool = False
     chunks: tuple[int | None, ...] = ()
+    latent: bool = False
 
     def visible(self, layer: int, tokens: int) -> int:
         """Tokens of a ``tokens``-long context (true positions 0 … tokens − 1) that layer ``layer``
@@ -90,6 +101,8 @@ class Geometry:
             parts.append("attention softcap")
         if self.sinks:
             parts.append("learned attention sinks")
+        if self.latent:
+            parts.append("multi-head latent attention (a latent cached per token)")
         return ", ".join(parts)
 
 
@@ -108,12 +121,6 @@ def config_refusal(cfg) -> str | None:
     if model_type in _OWN_ATTENTION:
         return (f"{_OWN_ATTENTION[model_type]}, so lcbench cannot run methods on it or measure it. "
                 f"Fix: use a supported architecture (README, supported architectures).")
-    if getattr(text, "kv_lora_rank", None) and getattr(text, "v_head_dim", None):
-        qk = (getattr(text, "qk_nope_head_dim", 0) or 0) + (getattr(text, "qk_rope_head_dim", 0) or 0)
-        if qk != text.v_head_dim:
-            return (f"multi-head latent attention (keys {qk} and values {text.v_head_dim} wide per head, as in "
-                    f"DeepSeek-V2/V3) is not supported: lcbench's cache layers, quantizers and sparse kernels assume "
-                    f"keys and values of one width. Fix: use a model with standard multi-head / grouped-query attention.")
     kinds = set(getattr(text, "layer_types", None) or ()) - _KNOWN_LAYER_TYPES
     if kinds:
         return (f"its layers include {', '.join(sorted(kinds))}, which lcbench's attention does not implement "

@@ -37,6 +37,7 @@ def chunk_major(token_scores: torch.Tensor, chunk: int) -> torch.Tensor:
 class ChunkKV(Stage):
     name = "chunkkv"
     family = "kv_dropping"
+    latent_cache = True  # selects slots by the observation / quantizes the cached numbers (MLA latents too)
     paper = ("Liu et al., ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context "
              "LLM Inference (arXiv:2502.00299)")
     summary = ("SnapKV scores summed per chunk of tokens; whole chunks kept; indices reused across "

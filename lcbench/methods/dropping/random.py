@@ -11,6 +11,7 @@ class RandomDrop(ScoringDrop):
 
     name = "random"
     family = "kv_dropping"
+    latent_cache = True  # selects slots by the observation / quantizes the cached numbers (MLA latents too)
     paper = "baseline used by kvpress (NVIDIA, 2024) and most KV-dropping papers"
     summary = "uniformly random token eviction (a floor)"
     defaults = {"seed": 0}

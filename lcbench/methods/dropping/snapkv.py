@@ -43,6 +43,7 @@ SNAPKV_PARAMS = (WINDOW_SIZE, KERNEL_SIZE, POOLING)
 class SnapKV(ScoringDrop):
     name = "snapkv"
     family = "kv_dropping"
+    latent_cache = True  # selects slots by the observation / quantizes the cached numbers (MLA latents too)
     paper = ("Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024 "
              "(arXiv:2404.14469)")
     summary = "attention of the last window of queries, pooled, top-k per KV head; the window is kept"

@@ -25,6 +25,7 @@ from .scoring import ScoringDrop
 class StreamingLLM(ScoringDrop):
     name = "streamingllm"
     family = "kv_dropping"
+    latent_cache = True  # selects slots by the observation / quantizes the cached numbers (MLA latents too)
     paper = ("Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024 "
              "(arXiv:2309.17453)")
     summary = "attention sinks + a recent window; rolling window during decoding"

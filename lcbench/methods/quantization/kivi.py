@@ -15,6 +15,7 @@ from .plan import QuantizeStage
 class KIVI(QuantizeStage):
     name = "kivi"
     family = "kv_quantization"
+    latent_cache = True  # selects slots by the observation / quantizes the cached numbers (MLA latents too)
     paper = ("Liu et al., KIVI: A Tuning-Free Asymmetric 2bit Quantization for KV Cache, ICML 2024 "
              "(arXiv:2402.02750)")
     summary = ("2/4-bit asymmetric quantization, keys per channel, values per token, full-precision recent "

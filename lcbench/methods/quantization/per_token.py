@@ -20,6 +20,7 @@ PER_TOKEN_PARAMS = (
 class Int8(QuantizeStage):
     name = "int8"
     family = "kv_quantization"
+    latent_cache = True  # selects slots by the observation / quantizes the cached numbers (MLA latents too)
     paper = ("per-token INT8 KV quantization (transformers QuantizedCache; baseline in KIVI, ICML 2024, "
              "arXiv:2402.02750)")
     summary = "8-bit per-token quantization of keys and values, full-precision recent window"
@@ -34,6 +35,7 @@ class Int8(QuantizeStage):
 class Int4(QuantizeStage):
     name = "int4"
     family = "kv_quantization"
+    latent_cache = True
     paper = ("per-token INT4 KV quantization (transformers QuantizedCache; baseline in KIVI, ICML 2024, "
              "arXiv:2402.02750)")
     summary = "4-bit per-token quantization of keys and values, full-precision recent window"

@@ -34,13 +34,13 @@ def plan(layer: KVLayer, ratio: float, bits_options: tuple[int, ...], key_axis: 
          window: int) -> QuantSpec:
     """The :class:`QuantSpec` that removes at least ``ratio`` of ``layer``'s bytes with the most
     bits, then the longest window (see the module docstring)."""
-    keys, _ = layer.dense()
+    keys, values = layer.dense()
     b, h, length, d = keys.shape
     elem = keys.element_size()
     target = (1.0 - ratio) * layer.nbytes()
 
     def size(spec: QuantSpec) -> int:
-        return spec.nbytes(b, h, length, d, elem)
+        return spec.nbytes(b, h, length, d, elem, values.shape[-1])
 
     g = group_size if key_axis == "channel" else 1
     for bits in bits_options:

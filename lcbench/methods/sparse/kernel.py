@@ -186,6 +186,7 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     """The exact path: one gathered SDPA call per query block (CPU, or anywhere on request); with a
     softcap or sinks, which SDPA cannot apply, the same gathered blocks on explicit logits."""
     B, Hq, L, D = query.shape
+    Dv = value.shape[-1]  # MLA's values are narrower than its keys
     Hkv = key.shape[1]
     g = Hq // Hkv
     bs = pattern.block_size
@@ -195,9 +196,9 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     if pad:  # padded keys lie after every real query, so the causal mask hides them
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     kb = key.reshape(B, Hkv, nb, bs, D)
-    vb = value.reshape(B, Hkv, nb, bs, D)
+    vb = value.reshape(B, Hkv, nb, bs, Dv)
     qv = query.reshape(B, Hkv, g, nb * bs, D)
-    out = query.new_empty(B, Hkv, g, nb * bs, D)
+    out = query.new_empty(B, Hkv, g, nb * bs, Dv)
     counts = pattern.blocks.sum(-1)  # (B, Hkv, nb)
     order = pattern.blocks.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices  # selected first, ascending
     offs = torch.arange(bs, device=query.device)
@@ -207,8 +208,8 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
     hi = torch.arange(Hkv, device=query.device)[None, :, None]
     cols = pattern.columns if pattern.columns is not None and pattern.columns.shape[-1] else None
     if cols is not None:
-        gather = cols[..., None].expand(-1, -1, -1, D)
-        kc, vc = key.gather(2, gather), value.gather(2, gather)
+        kc = key.gather(2, cols[..., None].expand(-1, -1, -1, D))
+        vc = value.gather(2, cols[..., None].expand(-1, -1, -1, Dv))
         col_block = cols // bs
     # a stacked group block's row r belongs to query head (KV head · g + r // bs): its sink logit
     sink_rows = None if sinks is None else sinks.reshape(1, Hkv, g, 1, 1).expand(1, Hkv, g, bs, 1).reshape(1, Hkv, g * bs, 1)
@@ -217,7 +218,7 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
         idx = order[:, :, i, :S]  # (B, Hkv, S)
         padded = torch.arange(S, device=idx.device) >= counts[:, :, i, None]
         ks = kb[bi, hi, idx].reshape(B, Hkv, S * bs, D)
-        vs = vb[bi, hi, idx].reshape(B, Hkv, S * bs, D)
+        vs = vb[bi, hi, idx].reshape(B, Hkv, S * bs, Dv)
         qg = qv[:, :, :, i * bs:(i + 1) * bs].reshape(B, Hkv, g * bs, D)
         if window is None and not bool(padded.any()) and bool((idx == idx[:1, :1]).all()):
             # one pattern for all heads; the diagonal block is the last one
@@ -242,6 +243,6 @@ def loop_block_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: t
             o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=mask, scale=scaling)
         else:
             o = softmax_attention(qg, ks, vs, scaling, allowed=mask, softcap=softcap, sink_column=sink_rows)
-        out[:, :, :, i * bs:(i + 1) * bs] = o.view(B, Hkv, g, bs, D)
-    out = out[..., :L, :].reshape(B, Hq, L, D)
+        out[:, :, :, i * bs:(i + 1) * bs] = o.view(B, Hkv, g, bs, Dv)
+    out = out[..., :L, :].reshape(B, Hq, L, Dv)
     return out.transpose(1, 2).contiguous()

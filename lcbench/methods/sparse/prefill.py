@@ -76,6 +76,8 @@ class SparsePrefill(DensityStats, Stage, metaclass=ABCMeta):
     """
 
     stages = ("prefill_attention",)
+    # it computes on the q/k/v the model hands attention (on MLA: the expanded keys and values)
+    latent_cache = True
     # reference: on CPU the block pattern runs as a loop of small SDPA calls per block row (kernel.py), on
     # CUDA through FlexAttention, not the methods' own fused kernels
     reference_latency = True
