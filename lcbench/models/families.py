@@ -121,12 +121,12 @@ FAMILIES: tuple[Family, ...] = (
            {"kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
             "v_head_dim": 12, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
             "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4,
-            "head_dim": 8}, "MLA"),
+            "head_dim": 8}, "MoE"),
     Family("deepseek-v3", "DeepseekV3Config", "DeepseekV3ForCausalLM",
            {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
             "v_head_dim": 12, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
             "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "num_key_value_heads": 4,
-            "head_dim": 8}, "MLA"),
+            "head_dim": 8}, "MoE, low-rank queries"),
 )
 
 

@@ -53,7 +53,7 @@ class ValueReadout:
         self.values: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
         self.q_len = 0
 
-    def seen(self, module, query, key, value, call) -> None:
+    def seen(self, module, query, key, value, call, stored=None) -> None:
         idx = int(getattr(module, "layer_idx", -1))
         if idx in self.layers:
             self.values[idx].append(value[:, :, -query.shape[2]:].float())
