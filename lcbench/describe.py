@@ -44,7 +44,7 @@ def describe_entry(what: str, name: str, console: Console) -> None:
         raise UserError(f"`lcbench ls {terminal_text(what)} {terminal_text(name)}`: one entry is shown for methods "
                         f"or tasks. Fix: e.g. `lcbench ls methods snapkv`.")
     cls = reg.get(name)  # an unknown name: did-you-mean
-    from .methods.base import ATTENTION_TERMS, computes_attention
+    from .methods.base import ATTENTION_TERMS, acts_on_cache, computes_attention
     facts = Table.grid(padding=(0, 2))
     rows = [("name", name)]
     if kind == "method":
@@ -57,9 +57,9 @@ def describe_entry(what: str, name: str, console: Console) -> None:
             if missing:  # Gemma-2 (softcap), gpt-oss (sinks), Llama-4 (chunk)
                 applied += f" (refused on models with {' or '.join(missing)}, e.g. Gemma-2, gpt-oss, Llama-4)"
             rows.append(("own attention applies", applied))
-        if set(cls.stages) & {"cache", "decode", "prefill_attention"}:  # DeepSeek-V2/V3 (engine/attach.latent_refusal)
+        if acts_on_cache(cls):  # DeepSeek-V2/V3 (engine/attach.latent_refusal)
             rows.append(("multi-head latent attention", "runs (its math holds on cached latents)"
-                         if getattr(cls, "latent_cache", False) else
+                         if cls.latent_cache else
                          "refused (it reads cached slots as keys or values; DeepSeek-V2/V3 cache latents)"))
     else:
         rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),

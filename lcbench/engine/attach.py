@@ -12,7 +12,7 @@ import torch
 
 from ..cache import KVCache
 from ..errors import UserError
-from ..methods.base import computes_attention
+from ..methods.base import acts_on_cache, computes_attention
 from ..models.hook import (
     Geometry,
     HookProbe,
@@ -64,8 +64,7 @@ def latent_refusal(model, stages) -> str | None:
     if geometry is None or not geometry.latent:
         return None
     for stage in stages:
-        acts = set(stage.stages) & {"cache", "decode", "prefill_attention"}
-        if acts and not getattr(stage, "latent_cache", False) and (stage.ratio > 0 or stage.budget_tokens is not None):
+        if acts_on_cache(stage) and not stage.latent_cache and (stage.ratio > 0 or stage.budget_tokens is not None):
             return (f"method '{stage.name}' reads the cache's slots as attention keys and values, but {arch_name(model)} "
                     f"caches a latent per token that its attention expands into keys and values (multi-head latent "
                     f"attention): its numbers would be computed on the latents. Fix: a method that runs on latent "

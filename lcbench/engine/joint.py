@@ -41,15 +41,14 @@ class JointPart:
 class JointLayer(KVLayer):
     """One layer of a joint batch: ``parts`` in row order, each one run's own layer for its rows."""
 
-    # KVCache.update hands attention the new tokens; attention goes through attend(). On a latent
-    # cache (multi-head latent attention) the model must expand what the parts hold, so update hands
-    # it every part's slots left-padded to the longest (:meth:`dense`) and attend() cuts each part's out.
-    lazy_dense = True
-
     def __init__(self, parts: list[JointPart], latent: bool = False):
         super().__init__()
         self.parts = parts
         self.latent = latent
+        # KVCache.update hands attention the new tokens; attention goes through attend(). On a latent
+        # cache (multi-head latent attention) the model must expand what the parts hold, so update
+        # hands it every part's slots left-padded to the longest (:meth:`dense`) and attend() cuts
+        # each part's out.
         self.lazy_dense = not latent
         self.positions = None
         self.valid = None

@@ -29,6 +29,7 @@ from ..cache import KVCache
 from ..errors import CompressionShortfall, UserError
 from ..methods.base import Needs, TextInput
 from ..methods.chain import Chain
+from ..models.hook import geometry as geometry_of
 from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
 from .attach import attached, attention_refusal, latent_refusal, use_lcbench_attention
@@ -190,7 +191,8 @@ class Engine:
         # row's cache after compression: decode stages (eviction, sparse decode) and sparse
         # prefill attention (it runs on the question parts too); and never on a latent cache (MLA),
         # where the model expands every row's cache into keys and values before attention reads them
-        self.latent = bool(getattr(model, "lcbench_geometry", None) and model.lcbench_geometry.latent)
+        measured = geometry_of(model)
+        self.latent = bool(measured and measured.latent)
         self.shares_context = not self.latent and not any({"decode", "prefill_attention"} & set(s.stages)
                                                           for s in chain.stages)
 

@@ -265,6 +265,13 @@ def computes_attention(stage: Any) -> bool:
     return any(getattr(cls, hook) is not getattr(Stage, hook) for hook in ("prefill_attention", "decode_attention"))
 
 
+def acts_on_cache(stage: Any) -> bool:
+    """Whether a stage (class or instance) works on the cache or on attention — a cache, decode or
+    sparse-prefill stage — rather than on the text or the inputs only (what :attr:`Stage.latent_cache`
+    is asked of)."""
+    return bool(set(stage.stages) & {"cache", "decode", "prefill_attention"})
+
+
 def accepts_keyword(function: Any, name: str) -> bool:
     """Whether ``function`` can be called with the keyword argument ``name``."""
     import inspect

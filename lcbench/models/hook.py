@@ -25,8 +25,6 @@ class LayerCall:
     chunk: int | None = None
     softcap: float | None = None
     sinks: bool = False
-    key_dim: int = 0
-    value_dim: int = 0
     latent: bool = False  # the layer stores something else than the keys/values attention receives (MLA)
 
 
@@ -47,7 +45,6 @@ class HookProbe:
         rec = self.layers.setdefault(int(idx), LayerCall())
         rec.calls += 1
         rec.window, rec.chunk, rec.softcap, rec.sinks = call.window, call.chunk, call.softcap, call.sinks is not None
-        rec.key_dim, rec.value_dim = key.shape[-1], value.shape[-1]
         held = getattr(stored, "keys", None), getattr(stored, "values", None)
         if held[0] is not None and held[1] is not None:
             rec.latent = held[0].shape[1:] != key.shape[1:] or held[1].shape[1:] != value.shape[1:]
