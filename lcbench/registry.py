@@ -48,6 +48,13 @@ class Registry(Generic[T]):
             self._loaded[name] = target
             self._targets[name] = f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', name)}"
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a plugin or test entry; a built-in comes back only in a new process)."""
+        for store in (self._targets, self._loaded):
+            store.pop(name, None)
+        self._checked.discard(name)
+        self._builtin.discard(name)
+
     def _scan_plugins(self) -> None:
         if self._plugins_scanned:
             return

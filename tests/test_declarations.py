@@ -57,8 +57,11 @@ def test_declaration_mistakes_are_refused_naming_the_file(body, message):
              "__module__": __name__, **body}
     cls = type("Mistake", (Stage,), attrs)
     METHODS.add("mistake_test", cls)
-    with pytest.raises(UserError) as err:
-        METHODS.get("mistake_test")
+    try:
+        with pytest.raises(UserError) as err:
+            METHODS.get("mistake_test")
+    finally:
+        METHODS.remove("mistake_test")  # a wrongly declared entry left behind breaks every later METHODS.get
     assert message in str(err.value)
     assert "test_declarations.py" in str(err.value)  # the file the class lives in
 

@@ -22,9 +22,12 @@ class MasksOnly(Stage):
 def test_shortfall_fails_the_run(tiny):
     METHODS.add("masks_only_test", MasksOnly)
     model, tok = tiny
-    engine = engine_for(model, tok, "masks_only_test", 0.5)
-    with pytest.raises(CompressionShortfall, match="achieved a KV memory compression ratio of 0.000 but 0.500"):
-        engine.run(make_sample(1), False)
+    try:
+        engine = engine_for(model, tok, "masks_only_test", 0.5)
+        with pytest.raises(CompressionShortfall, match="achieved a KV memory compression ratio of 0.000 but 0.500"):
+            engine.run(make_sample(1), False)
+    finally:
+        METHODS.remove("masks_only_test")
 
 
 def test_chain_ratio_splits_multiplicatively():
