@@ -31,7 +31,7 @@ import torch
 
 from . import REPO_ROOT
 from .errors import CompressionShortfall, UserError
-from .models.families import FAMILIES, WINDOW, Family, build
+from .models.families import FAMILIES, WINDOW, Family, build, tiny_config
 from .models.hook import config_refusal
 
 # one method of each family, with settings that fit a ~250-token context and a 24-token window
@@ -128,8 +128,7 @@ def check_family(fam: Family, methods=METHODS) -> FamilyResult:
     p = render(tok, s, s.context, multi_turn=False)
     prompts = [p.context_ids + t for t in p.turn_ids]
     try:
-        model = build(fam, "eager")
-        reason = config_refusal(model.config)  # what load_model says before fetching weights
+        reason = config_refusal(tiny_config(fam))  # what load_model says before fetching weights
         if reason:
             raise UserError(reason)
         model = lcbench_model(fam, "sdpa")

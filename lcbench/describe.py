@@ -61,6 +61,9 @@ def describe_entry(what: str, name: str, console: Console) -> None:
             rows.append(("multi-head latent attention", "runs (its math holds on cached latents)"
                          if cls.latent_cache else
                          "refused (it reads cached slots as keys or values; DeepSeek-V2/V3 cache latents)"))
+        rows.append(("hybrid models", "runs (Qwen3-Next, Qwen3.5, Jamba, ...: only the attention layers are compressed)"
+                     if cls.hybrid_layers else
+                     "refused (it takes every layer for an attention layer; hybrids have linear-attention layers)"))
     else:
         rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),
                  ("summary", cls.summary), ("mode", cls.mode)]

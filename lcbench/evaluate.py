@@ -509,7 +509,7 @@ def _produce(engine: Engine, samples: list, done: dict[str, set[int]], batch_siz
     together where the chain and mode allow it (engine/batching.py); otherwise one sample at a
     time with its turns batched — both through the engine's one pipeline."""
     refusal = batch_refusal(engine.chain, multi_turn, engine.config.query_aware)
-    if refusal is None and batch_size not in (1, "turns") and not engine.config.compress_chunks:
+    if refusal is None and batch_size not in (1, "turns") and not engine.config.compress_chunks and not engine.one_row:
         # (compressing every chunk prefills each sample alone: its chunks' targets are its own)
         yield from run_batched(engine, samples, done, batch_size)
         return

@@ -64,7 +64,12 @@ def evaluate_together(specs: list[RunSpec], models: ModelPool,
                 if len(skip) >= len(sample.turns):
                     continue
                 with _ended_apart(i, run, results, live):
-                    pending = run.engine.ask(run.engine.prepare(sample, skip_turns=skip))
+                    prepared = run.engine.prepare(sample, skip_turns=skip)
+                    if run.engine.one_row:  # a hybrid model: its turns one unpadded row at a time, still sharing the prefill
+                        run.written += _write(run.spec, run.store, run.task, {sample.id: sample},
+                                              run.engine.run_group([prepared]))
+                        continue
+                    pending = run.engine.ask(prepared)
                     held += pending.cache.nbytes()
                     asked.append((i, run, pending))
                 budget = run.engine.prefill_memo.budget_bytes if run.engine.prefill_memo is not None else None

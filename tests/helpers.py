@@ -17,3 +17,23 @@ def decoded_ids(run) -> tuple[dict, dict]:
     records = run()
     keys = [(r.sample_id, r.turn) for r in records]
     return {k: r.decoded_ids for k, r in zip(keys, records)}, dict(zip(keys, records))
+
+
+def saved_family(folder, name: str):
+    """The tiny model of family ``name`` saved with the offline tokenizer into ``folder`` (a local
+    checkpoint, as a user passes ``--model <folder>``); returns the folder."""
+    from lcbench.models.families import build, family
+    from lcbench.models.tiny import tiny_tokenizer
+
+    build(family(name), "eager").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def records_by_method(out) -> dict[str, list[dict]]:
+    """Every run folder's records under ``out``, by the method named in the folder."""
+    import json
+    from pathlib import Path
+
+    return {p.parent.name.split("__")[1]: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in Path(out).rglob("samples.jsonl")}

@@ -6,11 +6,6 @@ whose math holds on latents (:attr:`Stage.latent_cache`); the rest are refused w
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -23,7 +18,8 @@ from lcbench.errors import UserError
 from lcbench.models.families import build, family
 from lcbench.models.tiny import tiny_tokenizer
 from tests.conftest import engine_for
-from tests.helpers import make_sample
+from tests.helpers import make_sample, records_by_method, saved_family
+from tests.test_cli_errors import lcbench
 
 warnings.filterwarnings("ignore", message=".*rope.*")
 
@@ -218,23 +214,15 @@ def test_block_sparse_kernel_with_narrower_values_equals_masked_attention():
 def test_cli_runs_deepseek_and_refuses_a_key_reading_method(tmp_path):
     """What a user runs on a local DeepSeek-V3 checkpoint: snapkv and kivi exit 0 with their ratios,
     sharing one prefill and decoding together; knorm exits 2 naming the reason, no traceback."""
-    folder = tmp_path / "deepseek"
-    build(family("deepseek-v3"), "eager").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    exe = shutil.which("lcbench")
-    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    folder = saved_family(tmp_path / "deepseek-v3", "deepseek-v3")
     common = ["--model", str(folder), "--ratio", "0.5", "--task", "niah", "--limit", "1",
               "--task-args", "lengths=320,depths=50,max_new_tokens=4"]
-    proc = subprocess.run(cmd + ["run", *common, "--method", "snapkv,kivi", "--output-path", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = lcbench("run", *common, "--method", "snapkv,kivi", "--output-path", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    records = {p.parent.name.split("__")[1]: [json.loads(line) for line in p.read_text().splitlines()]
-               for p in (tmp_path / "out").rglob("samples.jsonl")}
+    records = records_by_method(tmp_path / "out")
     assert sorted(records) == ["kivi", "snapkv"]
     assert all(rows and rows[0]["measured"]["achieved_ratio"] > 0.45 for rows in records.values())
-    bad = subprocess.run(cmd + ["run", *common, "--method", "knorm", "--output-path", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=300, env=env)
+    bad = lcbench("run", *common, "--method", "knorm", "--output-path", str(tmp_path / "bad"))
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "latent" in bad.stderr and "Fix:" in bad.stderr and "Traceback" not in bad.stderr
 

@@ -4,6 +4,13 @@ transformers' attention modules call :meth:`KVCache.update` with the new keys/va
 the engine sets the true positions (and padding validity) of those tokens beforehand with
 :meth:`KVCache.set_incoming`, so that after tokens are dropped later tokens keep their true
 positions (DESIGN.md) and layers may hold different numbers of tokens.
+
+A hybrid model's linear-attention / state-space layers keep a fixed-size state through
+transformers' ``get_conv_state`` / ``update_conv_state`` / ``get_recurrent_state`` /
+``update_recurrent_state``: the first such call on a still-empty layer makes it a
+:class:`~lcbench.cache.recurrent.RecurrentLayer` (the model, not a list kept by hand, says which
+layers they are). Its state is not key/value payload: :meth:`KVCache.nbytes` and
+:meth:`KVCache.kept_tokens` cover the token layers, :meth:`KVCache.state_nbytes` the states.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache
 
+from ..errors import UserError
 from .layer import DenseLayer, KVLayer
+from .recurrent import RecurrentLayer
 
 
 class KVCache(Cache):
@@ -22,12 +31,24 @@ class KVCache(Cache):
         super().__init__(layers=[factory(i) for i in range(num_layers)])
         self.incoming_positions: torch.Tensor | None = None
         self.incoming_valid: torch.Tensor | None = None
+        self.forward_id = 0
 
     # --- what transformers calls ----------------------------------------------------------
-    def set_incoming(self, positions: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """True positions (B, q) and validity (B, q) of the tokens of the next forward pass."""
+    def set_incoming(self, positions: torch.Tensor, valid: torch.Tensor | None = None, prompt: bool = True) -> None:
+        """True positions (B, q) and validity (B, q) of the tokens of the next forward pass;
+        ``prompt``: they are prompt tokens, not a generated one (a recurrent layer remembers the
+        state a prompt part leaves: cache/recurrent.py)."""
         self.incoming_positions = positions
+        self.incoming_prompt = prompt
         self.incoming_valid = None if valid is None or bool(valid.all()) else valid
+        self.forward_id = getattr(self, "forward_id", 0) + 1
+        if any(isinstance(layer, RecurrentLayer) for layer in self.layers):
+            self._refuse_padding()
+
+    def _refuse_padding(self) -> None:
+        if getattr(self, "incoming_valid", None) is not None:
+            raise RuntimeError("padded rows reached a hybrid model's recurrent layers, whose state would take the "
+                               "padding in: the engine runs such models one unpadded row at a time")
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.incoming_positions is None:
@@ -38,6 +59,66 @@ class KVCache(Cache):
         if getattr(layer, "lazy_dense", False):  # rows sharing a context: attention reads the layer itself
             return key_states, value_states
         return layer.dense()
+
+    # --- a hybrid model's linear-attention / state-space layers (cache/recurrent.py) -------------
+    def recurrent_layer(self, layer_idx: int, state_idx: int = 0) -> RecurrentLayer:
+        """Layer ``layer_idx`` as a recurrent layer (a still-empty layer becomes one), told that the
+        model touches its state in the current forward."""
+        self._refuse_padding()
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, RecurrentLayer):
+            if not isinstance(layer, KVLayer) or layer.seq_len() or layer.keys is not None:
+                raise UserError(f"layer {layer_idx} of this model both stores attention keys and asks for a "
+                                f"recurrent state (a hybrid layer): lcbench's cache keeps one or the other. "
+                                f"Fix: use a supported architecture (README).")
+            layer = self.layers[layer_idx] = RecurrentLayer()
+        positions = self.incoming_positions
+        nxt = layer.tokens if positions is None else int(positions.amax()) + 1
+        layer.touch(getattr(self, "forward_id", 0), getattr(self, "incoming_prompt", True), nxt, state_idx)
+        return layer
+
+    def holds_state(self) -> bool:
+        """True once a recurrent layer has taken tokens in (a forward now continues its state)."""
+        return any(isinstance(layer, RecurrentLayer) and layer.tokens for layer in self.layers)
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        self.recurrent_layer(layer_idx, state_idx)
+        return super().get_conv_state(layer_idx, state_idx)
+
+    def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        self.recurrent_layer(layer_idx, state_idx)
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        self.recurrent_layer(layer_idx, state_idx)
+        return super().get_recurrent_state(layer_idx, state_idx)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        self.recurrent_layer(layer_idx, state_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        if layer_idx is None:
+            if not any(isinstance(layer, RecurrentLayer) for layer in self.layers):
+                return False  # nothing has taken a state in yet
+            return super().has_previous_state(None, state_idx)
+        if layer_idx >= len(self.layers):
+            return False
+        self.recurrent_layer(layer_idx, state_idx or 0)
+        return super().has_previous_state(layer_idx, state_idx)
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False  # lcbench keeps its own mark of the last prompt part (RecurrentLayer.crop_to)
+
+    def token_layers(self) -> list[KVLayer]:
+        """The layers holding tokens: not the recurrent ones, nor those nothing was stored in
+        (a layer without a token mixer: Nemotron-H's MLP layers)."""
+        return [layer for layer in self.layers if not isinstance(layer, RecurrentLayer)
+                and not (type(layer) is DenseLayer and layer.positions is None)]
+
+    def state_nbytes(self) -> int:
+        """Bytes of the recurrent layers' fixed-size states (0 on a model without them)."""
+        return sum(layer.state_nbytes() for layer in self.layers if isinstance(layer, RecurrentLayer))
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens the layer has seen: the true position its next token takes. That is transformers'
@@ -53,7 +134,7 @@ class KVCache(Cache):
 
     def kept_tokens(self) -> float:
         """Mean number of valid tokens held per layer, row and KV head."""
-        counts = [layer.kept_tokens().float().mean().item() for layer in self.layers]
+        counts = [layer.kept_tokens().float().mean().item() for layer in self.token_layers()]
         return sum(counts) / len(counts) if counts else 0.0
 
     # --- sharing a context between turns --------------------------------------------------

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..cache import KVCache
+from ..cache.recurrent import RecurrentLayer
 from ..errors import UserError
 from ..methods.base import acts_on_cache, computes_attention
 from ..models.hook import (
     Geometry,
+    IDLE_LAYER_TYPES,
     HookProbe,
     LayerCall,
     arch_name,
@@ -73,6 +75,25 @@ def latent_refusal(model, stages) -> str | None:
     return None
 
 
+def hybrid_refusal(model, stages) -> str | None:
+    """Why a stage cannot run on a hybrid model (:attr:`Geometry.recurrent`: linear-attention /
+    state-space layers that keep a recurrent state and never call attention): it declares
+    :attr:`~lcbench.methods.base.Stage.hybrid_layers` False, since its math takes every layer for an
+    attention layer (at any ratio: its calibration alone walks every layer). None when nothing
+    stands in the way."""
+    geometry = getattr(model, "lcbench_geometry", None)
+    if geometry is None or not geometry.recurrent:
+        return None
+    for stage in stages:
+        if not stage.hybrid_layers:  # even at ratio 0: its calibration would still walk every layer
+            return (f"method '{stage.name}' takes every layer of the model for an attention layer (it counts, "
+                    f"calibrates or hooks them by layer), but {len(geometry.recurrent)} of {arch_name(model)}'s "
+                    f"{len(geometry.windows)} layers are linear-attention / state-space layers that keep a recurrent "
+                    f"state instead. Fix: a method that runs on hybrid models (`lcbench ls methods NAME` says; e.g. "
+                    f"snapkv, pyramidkv, streamingllm, kivi, ashape), or a model whose layers are all attention")
+    return None
+
+
 def attached(model) -> bool:
     """True once :func:`use_lcbench_attention` has switched ``model`` (and its probe passed)."""
     return getattr(model, "lcbench_geometry", None) is not None
@@ -116,7 +137,15 @@ def probe(model) -> Geometry:
             f"{str(exc).splitlines()[0] if str(exc) else ''}). lcbench cannot evaluate it. Fix: use a model "
             f"whose attention goes through transformers' attention interface (README, supported architectures)."
         ) from None
-    missing = [i for i in range(layers) if seen.layers.get(i, LayerCall()).calls == 0]
+    recurrent = tuple(i for i in range(layers) if isinstance(cache.layers[i], RecurrentLayer))
+    if len(recurrent) == layers:
+        raise UserError(
+            f"{arch_name(model)} has no attention layer (every layer keeps a recurrent state: a pure state-space or "
+            f"linear-attention model), so it has no KV cache for any method to compress. Fix: use a model with "
+            f"attention layers (hybrids such as Qwen3-Next or Jamba run; README, supported architectures).")
+    idle = {i for i, kind in enumerate(getattr(text_config(model), "layer_types", None) or ()) if kind in IDLE_LAYER_TYPES}
+    missing = [i for i in range(layers) if seen.layers.get(i, LayerCall()).calls == 0 and i not in recurrent
+               and i not in idle]
     if missing:
         raise UserError(
             f"{arch_name(model)} computes attention with its own code: layers {_ranges(missing)} of {layers} never "
@@ -131,10 +160,34 @@ def probe(model) -> Geometry:
             f"{seen.unindexed} calls without a layer index): lcbench's per-layer cache cannot follow it. "
             f"Fix: use a supported architecture (README)."
         )
-    calls = [seen.layers[i] for i in range(layers)]
+    calls = [seen.layers.get(i, LayerCall()) for i in range(layers)]
     per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
     return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
-                    any(r.sinks for r in calls), tuple(r.chunk for r in calls), latent=any(r.latent for r in calls))
+                    any(r.sinks for r in calls), tuple(r.chunk for r in calls), latent=any(r.latent for r in calls),
+                    recurrent=recurrent, state_bytes=cache.state_nbytes(),
+                    stepwise=bool(recurrent) and continues_inexactly(model, layers, device))
+
+
+def continues_inexactly(model, layers: int, device) -> bool:
+    """Whether the model's recurrent layers continue a state over several tokens less exactly than
+    token by token (transformers' PyTorch Mamba paths of Jamba and Bamba start such a pass's scan
+    afresh): 8 random tokens in one pass against 4 + 4 and against 4 + 1 + 1 + 1 + 1."""
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    pos = torch.arange(8, device=device)[None]
+
+    def last_logits(parts: list[int]) -> torch.Tensor:
+        state, start = ForwardState(cache=KVCache(layers), stages=[]), 0
+        with torch.inference_mode():
+            for n in parts:
+                logits = forward(model, ids[:, start:start + n], pos[:, start:start + n], state)
+                start += n
+        return logits.float()
+
+    whole = last_logits([8])
+    continued = (last_logits([4, 4]) - whole).abs().max()
+    stepped = (last_logits([4, 1, 1, 1, 1]) - whole).abs().max()
+    return bool(continued > 10 * stepped + 1e-4 * whole.abs().max())
 
 
 def _ranges(idx: list[int]) -> str:

@@ -17,8 +17,21 @@ def forward(model, ids: torch.Tensor | None, positions: torch.Tensor, state: For
             all_logits: bool = False) -> torch.Tensor:
     """One forward pass of ``ids`` (B, q) — or of ``inputs_embeds`` (B, q, hidden) in their place —
     at true ``positions`` through lcbench's attention; returns the logits of the last position (B, V),
-    or with ``all_logits`` those of every position (B, q, V: teacher forcing, :mod:`.loglik`)."""
-    state.cache.set_incoming(positions, valid)
+    or with ``all_logits`` those of every position (B, q, V: teacher forcing, :mod:`.loglik`).
+
+    On a hybrid model whose recurrent layers do not continue a state exactly over several tokens
+    (transformers' PyTorch Mamba paths of Jamba and Bamba; the probe measures it:
+    :attr:`~lcbench.models.hook.Geometry.stepwise`), a pass continuing a state feeds its tokens one
+    at a time, as ``model.generate``'s decoding steps would."""
+    width = (ids if ids is not None else inputs_embeds).shape[1]
+    geometry = getattr(model, "lcbench_geometry", None)
+    if width > 1 and geometry is not None and geometry.stepwise and state.cache.holds_state():
+        steps = [forward(model, None if ids is None else ids[:, j:j + 1], positions[:, j:j + 1], state,
+                         None if valid is None else valid[:, j:j + 1],
+                         None if inputs_embeds is None else inputs_embeds[:, j:j + 1], all_logits)
+                 for j in range(width)]
+        return torch.cat(steps, dim=1) if all_logits else steps[-1]
+    state.cache.set_incoming(positions, valid, prompt=state.phase != DECODE)
     inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=0 if all_logits else 1,
                 lcbench_state=state, **{_cache_kwarg(model): state.cache})

@@ -30,7 +30,7 @@ def row_end_cache(cache, row: int, rows: int) -> EndCache:
     if rows == 1:
         return EndCache(int(cache.nbytes()), float(cache.kept_tokens()))
     total, kept = 0.0, []
-    for layer in cache.layers:
+    for layer in cache.token_layers():
         own, n = (row, rows)
         if isinstance(layer, JointLayer):
             layer, own, n = layer.part_of(row)

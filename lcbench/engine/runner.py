@@ -29,10 +29,10 @@ from ..cache import KVCache
 from ..errors import CompressionShortfall, UserError
 from ..methods.base import Needs, TextInput
 from ..methods.chain import Chain
-from ..models.hook import geometry as geometry_of
+from ..models.hook import arch_name, geometry as geometry_of
 from ..results.record import Measured, TurnRecord
 from ..tasks.sample import Sample, Turn
-from .attach import attached, attention_refusal, latent_refusal, use_lcbench_attention
+from .attach import attached, attention_refusal, hybrid_refusal, latent_refusal, use_lcbench_attention
 from .calibration import calibrate_stages
 from .chunked import check_chunkable, compress_as_you_go, prefill_spans
 from .decode import RowOutput, forward, greedy_decode
@@ -182,7 +182,8 @@ class Engine:
         if asks and not self.config.query_aware:
             raise UserError(f"method '{asks[0]}' scores the context by the question's attention, but without "
                             f"--query-aware the question is not part of the prefill. Fix: add --query-aware.")
-        refusal = attention_refusal(model, chain.stages) or latent_refusal(model, chain.stages)
+        refusal = (attention_refusal(model, chain.stages) or latent_refusal(model, chain.stages)
+                   or hybrid_refusal(model, chain.stages))
         if refusal:
             raise UserError(refusal + ".")
         # per-model offline work of the stages, cached on disk (engine/calibration.py); spec.json records it
@@ -195,6 +196,13 @@ class Engine:
         self.latent = bool(measured and measured.latent)
         self.shares_context = not self.latent and not any({"decode", "prefill_attention"} & set(s.stages)
                                                           for s in chain.stages)
+        # a hybrid's recurrent layers would take padding into their state (cache/recurrent.py): one
+        # unpadded row per forward (samples prefilled alone, turns decoded one at a time)
+        self.one_row = bool(measured and measured.recurrent)
+        if self.one_row and self.config.compress_chunks and self.config.query_aware:
+            raise UserError(f"--compress-chunks with --query-aware prefills the question after every chunk and then "
+                            f"forgets it, but {arch_name(model)} keeps a recurrent state in its linear-attention "
+                            f"layers, which cannot forget tokens. Fix: drop --query-aware or --compress-chunks.")
 
     def warm_up(self, tokens: int = 16) -> None:
         """One untimed pass before the first timed sample, so sample 1's TTFT is not device
@@ -380,6 +388,7 @@ class Engine:
             kept = dense_kv_bytes(self.model, min(held, budget), self.bytes_per_token)
             requested = 1.0 - self.chain.fixed_keep() * kept / full if full else 0.0
         return {"kv_bytes": int(kv), "kv_bytes_full": int(full), "kept_tokens": cache.kept_tokens(),
+                "state_bytes": cache.state_nbytes() or None,
                 "achieved_ratio": 1.0 - kv / full if full else 0.0, "requested_ratio": requested, "budget": budget}
 
     def check(self, measured: dict[str, float], stats: dict[str, float]) -> None:
@@ -515,7 +524,7 @@ class Engine:
             stats.append(st)
         del per_row
         pending = [(j, k) for j, p in enumerate(group) for k in p.todo]
-        size = max(1, rows or self.config.decode_rows or len(pending) or 1)
+        size = 1 if self.one_row else max(1, rows or self.config.decode_rows or len(pending) or 1)
         records = []
         for begin in range(0, len(pending), size):
             chunk = pending[begin:begin + size]

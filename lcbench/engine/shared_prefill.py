@@ -78,7 +78,7 @@ class Recorded:
     peak_memory_mb: float | None
 
     def nbytes(self) -> int:
-        total = self.cache.nbytes()
+        total = self.cache.nbytes() + self.cache.state_nbytes()
         for seen in self.seen.values():
             for t in (seen.window_attention, seen.window_queries, seen.attention_sum, seen.queries):
                 if t is not None:
@@ -120,7 +120,7 @@ def compress_recorded(recorded: Recorded, stages: list[Stage]) -> KVCache:
     with torch.inference_mode():
         for i, layer in enumerate(recorded.cache.layers):
             copy = layer.repeat_rows(1)
-            for stage in cache_stages:
+            for stage in cache_stages if i in recorded.seen else ():  # a hybrid's recurrent layers: no attention
                 copy = compress(stage, copy, recorded.seen[i])
             cache.layers[i] = copy
     return cache

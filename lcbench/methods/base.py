@@ -166,6 +166,13 @@ class Stage:
     # quantizes the cached numbers, and reads no slot as an attention key or value. The engine refuses a
     # cache, decode or sparse-prefill stage without it on such a model (engine/attach.latent_refusal)
     latent_cache: ClassVar[bool] = False
+    # False when the stage's math assumes every layer of the model is an attention layer: it counts,
+    # calibrates or hooks layers by the model's layer count or modules (a per-layer table over
+    # ``num_hidden_layers``, ``layer.self_attn``, waiting for ``num_layers`` observations). On a hybrid
+    # model (Qwen3-Next, Qwen3.5, Jamba, Nemotron-H: linear-attention / state-space layers between the
+    # attention layers, which keep a recurrent state and never call attention) the engine refuses it
+    # (engine/attach.hybrid_refusal); stages acting through the per-layer hooks alone run there
+    hybrid_layers: ClassVar[bool] = True
     # True when the stage scores with the question, which only --query-aware puts in the prefill (Finch):
     # the engine refuses such a chain without it, unless it compresses nothing (ratio 0)
     needs_question: ClassVar[bool] = False

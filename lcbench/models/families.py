@@ -43,6 +43,11 @@ def _alternating(n: int = 2) -> list[str]:
 
 
 _SLIDING = {"sliding_window": WINDOW}
+_MOE = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+_DELTA = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8}
+_MAMBA2 = {"mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 8, "mamba_n_groups": 1}
+_MLA = {"kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "num_key_value_heads": 4}
 _ALT = {"sliding_window": WINDOW, "layer_types": _alternating()}
 
 FAMILIES: tuple[Family, ...] = (
@@ -109,11 +114,38 @@ FAMILIES: tuple[Family, ...] = (
             "layer_types": ["chunked_attention", "full_attention"], "no_rope_layers": [1, 0],
             "floor_scale": 16},  # its NoPE layer's attention temperature then changes every 16 positions
            "chunked attention, NoPE temperature"),
+    # hybrids: linear-attention / state-space layers (a recurrent state, no KV: cache/recurrent.py) beside attention
     Family("qwen3-next", "Qwen3NextConfig", "Qwen3NextForCausalLM",
-           {"layer_types": ["linear_attention", "full_attention"], "num_experts": 4, "num_experts_per_tok": 2,
-            "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8},
-           "linear-attention hybrid"),
+           {"layer_types": ["linear_attention", "full_attention"], **_MOE, "shared_expert_intermediate_size": 32,
+            **_DELTA}, "hybrid: gated DeltaNet, MoE"),
+    Family("qwen3.5", "Qwen3_5TextConfig", "Qwen3_5ForCausalLM",
+           {"layer_types": ["linear_attention", "full_attention"], **_DELTA}, "hybrid: gated DeltaNet"),
+    Family("qwen3.5-moe", "Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM",
+           {"layer_types": ["linear_attention", "full_attention"], **_MOE, "shared_expert_intermediate_size": 32,
+            **_DELTA}, "hybrid: gated DeltaNet, MoE"),
+    Family("jamba", "JambaConfig", "JambaForCausalLM",
+           {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+            "num_experts": 2, "num_experts_per_tok": 1, "mamba_d_state": 8, "mamba_expand": 2, "mamba_dt_rank": 8,
+            "head_dim": None, "use_mamba_kernels": False}, "hybrid: Mamba, MoE"),
+    Family("bamba", "BambaConfig", "BambaForCausalLM",
+           {"attn_layer_indices": [1], **_MAMBA2, "head_dim": None}, "hybrid: Mamba-2"),
+    Family("granitemoehybrid", "GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM",
+           {"layer_types": ["mamba", "attention"], **_MAMBA2, "num_local_experts": 2, "num_experts_per_tok": 1,
+            "head_dim": None}, "hybrid: Mamba-2, MoE (Granite 4)"),
+    Family("nemotron-h", "NemotronHConfig", "NemotronHForCausalLM",
+           {"num_hidden_layers": 3, "hybrid_override_pattern": "M-*", "mamba_num_heads": 4, "mamba_head_dim": 32,
+            "ssm_state_size": 8, "n_groups": 1, "head_dim": None}, "hybrid: Mamba-2, an MLP-only layer"),
+    Family("olmo-hybrid", "OlmoHybridConfig", "OlmoHybridForCausalLM",
+           {"layer_types": ["linear_attention", "full_attention"]}, "hybrid: gated DeltaNet"),
+    Family("lfm2", "Lfm2Config", "Lfm2ForCausalLM", {"layer_types": ["conv", "full_attention"]},
+           "hybrid: short convolutions"),
+    Family("kimi-linear", "KimiLinearConfig", "KimiLinearForCausalLM",
+           {"layer_types": ["linear_attention", "full_attention"], **_MLA, "linear_head_dim": 8,
+            "linear_num_heads": 4, **_MOE}, "hybrid: Kimi delta attention, MLA, MoE"),
+    Family("bailing-hybrid", "BailingHybridConfig", "BailingHybridForCausalLM",
+           {"layer_types": ["linear_attention", "full_attention"], **_MLA, **_MOE}, "hybrid: linear attention, MLA, MoE"),
+    Family("falcon-h1", "FalconH1Config", "FalconH1ForCausalLM", {}, "attention and Mamba-2 side by side in a layer"),
+    Family("mamba", "MambaConfig", "MambaForCausalLM", {}, "no attention layer"),
     Family("falcon", "FalconConfig", "FalconForCausalLM", {"num_kv_heads": 2, "new_decoder_architecture": True, "head_dim": None,
             "num_key_value_heads": None},
            "own attention code"),
@@ -145,6 +177,18 @@ def tiny_config_kwargs(tokenizer) -> dict[str, Any]:
                 bos_token_id=None, tie_word_embeddings=False)
 
 
+def tiny_config(fam: Family):
+    """The config of the family's tiny model (what the config-only refusals read)."""
+    import transformers
+
+    from .tiny import tiny_tokenizer
+
+    kwargs = tiny_config_kwargs(tiny_tokenizer())
+    kwargs.update(fam.overrides)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("sliding_window", "bos_token_id", "q_lora_rank")}
+    return getattr(transformers, fam.config)(**kwargs)
+
+
 def build(fam: Family, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
     """The family's tiny random model (``attn_implementation`` as transformers loads it), in eval mode."""
     import transformers
@@ -152,10 +196,7 @@ def build(fam: Family, attn_implementation: str = "sdpa", seed: int = 0, dtype=t
     from .tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    kwargs = tiny_config_kwargs(tok)
-    kwargs.update(fam.overrides)
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("sliding_window", "bos_token_id", "q_lora_rank")}
-    cfg = getattr(transformers, fam.config)(**kwargs)
+    cfg = tiny_config(fam)
     cfg._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     model = getattr(transformers, fam.model)(cfg).to(dtype).eval()

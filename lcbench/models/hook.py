@@ -66,6 +66,11 @@ class Geometry:
     sinks: bool = False
     chunks: tuple[int | None, ...] = ()
     latent: bool = False
+    recurrent: tuple[int, ...] = ()  # layers keeping a linear-attention / state-space state (hybrids)
+    state_bytes: int = 0  # bytes of those layers' states for one row (fixed: they do not grow with tokens)
+    # those layers continue a state over several tokens inexactly (transformers' PyTorch Mamba paths of
+    # Jamba and Bamba): a pass continuing a state feeds its tokens one at a time (engine/decode.forward)
+    stepwise: bool = False
 
     def visible(self, layer: int, tokens: int) -> int:
         """Tokens of a ``tokens``-long context (true positions 0 … tokens − 1) that layer ``layer``
@@ -100,6 +105,11 @@ class Geometry:
             parts.append("learned attention sinks")
         if self.latent:
             parts.append("multi-head latent attention (a latent cached per token)")
+        if self.recurrent:
+            size = f"{self.state_bytes / 2**20:.1f} MiB" if self.state_bytes >= 2**20 else f"{self.state_bytes / 2**10:.1f} KiB"
+            n = len(self.recurrent)
+            parts.append(f"{n} linear-attention / state-space layer{'s' if n != 1 else ''} holding {size} of "
+                         f"recurrent state per row")
         return ", ".join(parts)
 
 
@@ -107,7 +117,11 @@ class Geometry:
 _OWN_ATTENTION = {
     "falcon": "Falcon computes attention with its own code, not through transformers' attention interface",
 }
-_KNOWN_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+# a hybrid's "linear_attention" (gated delta rule, Mamba) and "conv" layers keep a recurrent state
+# (cache/recurrent.py; the probe finds them); "mlp" / "moe" layers (Nemotron-H) have no token mixer
+RECURRENT_LAYER_TYPES = {"linear_attention", "conv"}
+IDLE_LAYER_TYPES = {"mlp", "moe"}
 
 
 def config_refusal(cfg) -> str | None:
@@ -118,10 +132,21 @@ def config_refusal(cfg) -> str | None:
     if model_type in _OWN_ATTENTION:
         return (f"{_OWN_ATTENTION[model_type]}, so lcbench cannot run methods on it or measure it. "
                 f"Fix: use a supported architecture (README, supported architectures).")
-    kinds = set(getattr(text, "layer_types", None) or ()) - _KNOWN_LAYER_TYPES
+    types = set(getattr(text, "layer_types", None) or ())
+    if types & {"hybrid", "hybrid_sliding"}:
+        return ("some of its layers run attention and a state-space mixer side by side (hybrid layers, as in "
+                "Falcon-H1 and Zamba), and lcbench's cache keeps either a layer's keys and values or its recurrent "
+                "state. Fix: use a supported architecture (README; hybrids whose layers are either attention or "
+                "linear attention, such as Qwen3-Next, Qwen3.5, Jamba or Nemotron-H, run).")
+    kinds = types - _ATTENTION_LAYER_TYPES - RECURRENT_LAYER_TYPES - IDLE_LAYER_TYPES
     if kinds:
         return (f"its layers include {', '.join(sorted(kinds))}, which lcbench's attention does not implement "
-                f"(only full, sliding-window and chunked attention). Fix: use a supported architecture (README).")
+                f"(only full, sliding-window and chunked attention, and linear-attention / state-space layers beside "
+                f"them). Fix: use a supported architecture (README).")
+    if types and not types & _ATTENTION_LAYER_TYPES:
+        return (f"it has no attention layer (its layers are {', '.join(sorted(types))}: a pure state-space or "
+                f"linear-attention model), so it has no KV cache for any method to compress. Fix: use a model with "
+                f"attention layers (hybrids such as Qwen3-Next, Qwen3.5 or Jamba run; README, supported architectures).")
     if getattr(text, "num_kv_shared_layers", 0):
         return (f"{text.num_kv_shared_layers} of its layers reuse another layer's keys and values (KV sharing, as in "
                 f"Gemma-3n): lcbench's cache holds and compresses each layer's own. Fix: use a supported "

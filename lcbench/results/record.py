@@ -44,6 +44,7 @@ class Measured:
     kv_bytes: int | None = None  # bytes of the compressed context's cache (per row)
     kv_bytes_full: int | None = None  # bytes of the same context's dense cache
     kept_tokens: int | None = None  # slots the compressed cache holds (all layers and heads)
+    state_bytes: int | None = None  # a hybrid's linear-attention / state-space states (per row; not in kv_bytes)
     achieved_ratio: float | None = None  # 1 − kv_bytes / kv_bytes_full
     requested_ratio: float | None = None  # with a budget: of keeping it, over this sample's tokens
     budget: int | None = None  # --budget: tokens kept per layer and KV head

@@ -185,6 +185,7 @@ def same_kind_layers(seen) -> list[int]:
 
 class CompressKV(ScoringDrop):
     name = "compresskv"
+    hybrid_layers = False  # its calibration tables heads and errors per model layer (hybrids: attention layers only)
     family = "kv_dropping"
     paper = ("Lin et al., CompressKV: Semantic Retrieval Heads Know What Tokens are Not Important Before "
              "Generation (arXiv:2508.02401)")

@@ -177,6 +177,7 @@ def same_kind(seen: LayerObservation) -> tuple[int, ...]:
 
 class DuoAttention(Stage):
     name = "duoattention"
+    hybrid_layers = False  # it hooks every decoder layer's self_attn and scores num_hidden_layers × KV heads
     family = "kv_dropping"
     paper = ("Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming "
              "Heads, ICLR 2025 (arXiv:2410.10819)")

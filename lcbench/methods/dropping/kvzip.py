@@ -101,6 +101,7 @@ class _Reconstruction:
 
 class KVzip(Stage):
     name = "kvzip"
+    hybrid_layers = False  # its reconstruction scores are a (num_hidden_layers, heads, L) table filled from every layer's keys
     family = "kv_dropping"
     paper = ("Kim et al., KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction, NeurIPS 2025 "
              "(arXiv:2505.23416)")

@@ -113,6 +113,7 @@ def lazy_allocation(scores: list[float], context: list[int], protected: int, rat
 
 class SimLayerKV(Stage):
     name = "simlayerkv"
+    hybrid_layers = False  # its ratio mode waits for num_layers observations, one per model layer
     family = "kv_dropping"
     paper = ("Zhang et al., SimLayerKV: A Simple Framework for Layer-Level KV Cache Reduction, ICLR 2025 "
              "(arXiv:2410.13846)")

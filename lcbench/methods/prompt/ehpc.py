@@ -96,6 +96,7 @@ def find_evaluator_heads(lm, heads: int, probe_tokens: int, seed: int = 0) -> Ev
 
 class EHPC(PromptCompressor):
     name = "ehpc"
+    hybrid_layers = False  # it reads every model layer's attention to find its evaluator heads
     family = "prompt_compression"
     paper = ("Fei et al., Efficient Prompt Compression with Evaluator Heads for Long-Context Transformer "
              "Inference, NeurIPS 2025 (arXiv:2501.12959)")

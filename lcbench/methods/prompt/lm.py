@@ -8,11 +8,15 @@ accepts (a hub id or a local folder). Loaded compressors are cached per process.
 
 Surprisal is ``−log p(token | everything before it)`` in nats. Long inputs are scored through a
 KV cache in chunks; when the conditioning text outgrows ``window`` tokens the state restarts from
-its most recent half (LLMLingua conditions on a bounded window the same way).
+its most recent half (LLMLingua conditions on a bounded window the same way). On a hybrid model
+(linear-attention / state-space layers: Qwen3-Next, Jamba, ...) the cache is built from the model's
+config, so those layers keep their recurrent state, and scoring without committing runs on a copy
+of the cache: a recurrent state cannot be cropped back.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,6 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from ...errors import UserError
+from ...models.hook import RECURRENT_LAYER_TYPES
 from ..base import TextInput
 
 _LOADED: dict[str, "CompressorLM"] = {}
@@ -108,7 +113,12 @@ class Session:
         start_len = len(self.ids)
         first = float("inf") if self.next_logp is None else float(-self.next_logp[ids[0]])
         out = [torch.tensor([first])]
-        cache = self.cache if self.cache is not None else DynamicCache()
+        recurrent = bool(RECURRENT_LAYER_TYPES & set(getattr(self.lm.model.config.get_text_config(), "layer_types",
+                                                             None) or ()))
+        if self.cache is None:
+            cache = DynamicCache(config=self.lm.model.config) if recurrent else DynamicCache()
+        else:  # a recurrent state cannot be cropped: score on a copy
+            cache = copy.deepcopy(self.cache) if recurrent and not commit else self.cache
         last = None
         for k in range(0, len(ids), CHUNK):
             piece = ids[k: k + CHUNK]
@@ -121,7 +131,7 @@ class Session:
             last = logp[-1]
         if commit:
             self.cache, self.ids, self.next_logp = cache, self.ids + ids, last
-        else:
+        elif not recurrent:
             cache.crop(-len(ids))
             self.cache = cache if self.ids else None
         return torch.cat(out)

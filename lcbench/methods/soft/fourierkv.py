@@ -135,6 +135,7 @@ def plan(n: int, sinks: int, local: int, coefficients: int, ratio: float, dims: 
 
 class FourierKV(Stage):
     name = "fourierkv"
+    hybrid_layers = False  # its calibration lists per-dimension errors by model layer
     family = "soft_compression"
     token_budget = False  # it compresses dimensions along the sequence, not whole tokens
     # reference: attention reads a reconstructed dense view (no FlashFourierAttention kernel)

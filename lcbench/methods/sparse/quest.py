@@ -107,7 +107,7 @@ class Quest(Stage):
 
     # --- prefill: dense; learn the context length to state the density decoding will use -------
     def prefill_attention(self, module, query, key, value, mask, scaling, layer_idx, window=None, **terms):
-        if query.shape[2] == key.shape[2] and layer_idx == 0:
+        if query.shape[2] == key.shape[2] and getattr(self, "_planned", None) is None:  # the first attention layer
             layers = module.config.num_hidden_layers
             self._planned = self._layer_keep(key.shape[2], layers, layer_idx=layers - 1)[1]
         return None
