@@ -25,7 +25,7 @@ from lcbench.models.tiny import tiny_tokenizer
 
 warnings.filterwarnings("ignore", message=".*rope.*")
 
-REFUSED = {"falcon": "attention with its own code", "falcon-h1": "side by side", "mamba": "no attention layer"}
+REFUSED = {"falcon": "attention with its own code", "mamba": "no attention layer"}
 WINDOWED = [f.name for f in FAMILIES if f.overrides.get("sliding_window")]
 AVAILABLE = [f.name for f in FAMILIES if f.available()]
 
@@ -245,7 +245,7 @@ def test_config_refusal_before_weights_load():
         transformers.LlamaConfig(layer_types=["full_attention", "indexed_attention"], num_hidden_layers=2))
     assert support.config_refusal(transformers.Qwen3NextConfig()) is None  # hybrids run (tests/test_hybrid.py)
     assert "no attention layer" in support.config_refusal(transformers.MambaConfig())
-    assert "side by side" in support.config_refusal(transformers.FalconH1Config())
+    assert support.config_refusal(transformers.FalconH1Config()) is None  # a state beside attention runs
     assert "KV sharing" in support.config_refusal(transformers.Gemma3nTextConfig())
     assert support.config_refusal(transformers.MistralConfig()) is None
 

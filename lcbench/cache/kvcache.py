@@ -9,8 +9,11 @@ A hybrid model's linear-attention / state-space layers keep a fixed-size state t
 transformers' ``get_conv_state`` / ``update_conv_state`` / ``get_recurrent_state`` /
 ``update_recurrent_state``: the first such call on a still-empty layer makes it a
 :class:`~lcbench.cache.recurrent.RecurrentLayer` (the model, not a list kept by hand, says which
-layers they are). Its state is not key/value payload: :meth:`KVCache.nbytes` and
-:meth:`KVCache.kept_tokens` cover the token layers, :meth:`KVCache.state_nbytes` the states.
+layers they are). A layer that runs attention and a state-space mixer side by side (Falcon-H1,
+Zamba's hybrid layers) keeps its KV layer in ``layers`` and its state beside it in
+:attr:`KVCache.side_states` (a recurrent layer that then receives keys moves there). A state is not
+key/value payload: :meth:`KVCache.nbytes` and :meth:`KVCache.kept_tokens` cover the token layers,
+:meth:`KVCache.state_nbytes` the states.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class KVCache(Cache):
         self.incoming_positions: torch.Tensor | None = None
         self.incoming_valid: torch.Tensor | None = None
         self.forward_id = 0
+        self.side_states: dict[int, RecurrentLayer] = {}  # the states of layers that also hold KV
 
     # --- what transformers calls ----------------------------------------------------------
     def set_incoming(self, positions: torch.Tensor, valid: torch.Tensor | None = None, prompt: bool = True) -> None:
@@ -42,7 +46,7 @@ class KVCache(Cache):
         self.incoming_prompt = prompt
         self.incoming_valid = None if valid is None or bool(valid.all()) else valid
         self.forward_id = getattr(self, "forward_id", 0) + 1
-        if any(isinstance(layer, RecurrentLayer) for layer in self.layers):
+        if self.states():
             self._refuse_padding()
 
     def _refuse_padding(self) -> None:
@@ -54,6 +58,9 @@ class KVCache(Cache):
         if self.incoming_positions is None:
             raise RuntimeError("KVCache.set_incoming must be called before a forward pass")
         layer = self.layers[layer_idx]
+        if isinstance(layer, RecurrentLayer):  # a layer with attention beside its mixer: the state moves aside
+            self.side_states_of()[layer_idx] = layer
+            layer = self.layers[layer_idx] = DenseLayer()
         layer.append(key_states, value_states, self.incoming_positions.to(key_states.device),
                      None if self.incoming_valid is None else self.incoming_valid.to(key_states.device))
         if getattr(layer, "lazy_dense", False):  # rows sharing a context: attention reads the layer itself
@@ -65,13 +72,18 @@ class KVCache(Cache):
         """Layer ``layer_idx`` as a recurrent layer (a still-empty layer becomes one), told that the
         model touches its state in the current forward."""
         self._refuse_padding()
-        layer = self.layers[layer_idx]
+        side = self.side_states_of()
+        layer = side.get(layer_idx, self.layers[layer_idx])
         if not isinstance(layer, RecurrentLayer):
-            if not isinstance(layer, KVLayer) or layer.seq_len() or layer.keys is not None:
-                raise UserError(f"layer {layer_idx} of this model both stores attention keys and asks for a "
-                                f"recurrent state (a hybrid layer): lcbench's cache keeps one or the other. "
-                                f"Fix: use a supported architecture (README).")
-            layer = self.layers[layer_idx] = RecurrentLayer()
+            if not isinstance(layer, KVLayer):
+                raise UserError(f"layer {layer_idx} of this model asks for a recurrent state while lcbench's cache "
+                                f"holds a {type(layer).__name__} there. Fix: use a supported architecture (README).")
+            layer = RecurrentLayer()
+            if layer_idx < len(self.layers) and self.layers[layer_idx].positions is None \
+                    and type(self.layers[layer_idx]) is DenseLayer:
+                self.layers[layer_idx] = layer  # a still-empty layer: recurrent (it moves aside if keys come)
+            else:
+                side[layer_idx] = layer  # the layer already stores keys: its state goes beside them
         positions = self.incoming_positions
         nxt = layer.tokens if positions is None else int(positions.amax()) + 1
         layer.touch(getattr(self, "forward_id", 0), getattr(self, "incoming_prompt", True), nxt, state_idx)
@@ -79,33 +91,43 @@ class KVCache(Cache):
 
     def holds_state(self) -> bool:
         """True once a recurrent layer has taken tokens in (a forward now continues its state)."""
-        return any(isinstance(layer, RecurrentLayer) and layer.tokens for layer in self.layers)
+        return any(layer.tokens for layer in self.states())
 
+    def side_states_of(self) -> dict[int, RecurrentLayer]:
+        """:attr:`side_states` (created on caches built without ``__init__``)."""
+        if not hasattr(self, "side_states"):
+            self.side_states = {}
+        return self.side_states
+
+    def states(self) -> list[RecurrentLayer]:
+        """Every recurrent state the cache holds: recurrent layers and the states beside KV layers."""
+        return [layer for layer in self.layers if isinstance(layer, RecurrentLayer)] + \
+            list(self.side_states_of().values())
+
+    # transformers' state methods (cache_utils.Cache), on the layer's own state or the one beside its KV
     def get_conv_state(self, layer_idx: int, state_idx: int = 0):
-        self.recurrent_layer(layer_idx, state_idx)
-        return super().get_conv_state(layer_idx, state_idx)
+        layer = self.recurrent_layer(layer_idx, state_idx)
+        return layer.conv_states[state_idx] if layer.has_previous_state[state_idx] else None
 
     def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, **kwargs):
-        self.recurrent_layer(layer_idx, state_idx)
-        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+        return self.recurrent_layer(layer_idx, state_idx).update_conv_state(conv_states, state_idx, **kwargs)
 
     def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
-        self.recurrent_layer(layer_idx, state_idx)
-        return super().get_recurrent_state(layer_idx, state_idx)
+        layer = self.recurrent_layer(layer_idx, state_idx)
+        return layer.recurrent_states[state_idx] if layer.has_previous_state[state_idx] else None
 
     def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
-        self.recurrent_layer(layer_idx, state_idx)
-        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+        return self.recurrent_layer(layer_idx, state_idx).update_recurrent_state(recurrent_states, state_idx, **kwargs)
 
     def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
         if layer_idx is None:
-            if not any(isinstance(layer, RecurrentLayer) for layer in self.layers):
-                return False  # nothing has taken a state in yet
-            return super().has_previous_state(None, state_idx)
+            states = self.states()
+            return bool(states) and all(all(s.has_previous_state.values()) for s in states[-1:])
         if layer_idx >= len(self.layers):
             return False
-        self.recurrent_layer(layer_idx, state_idx or 0)
-        return super().has_previous_state(layer_idx, state_idx)
+        layer = self.recurrent_layer(layer_idx, state_idx or 0)
+        flags = layer.has_previous_state
+        return all(flags.values()) if state_idx is None else flags[state_idx]
 
     def is_recording_past(self, layer_idx: int) -> bool:
         return False  # lcbench keeps its own mark of the last prompt part (RecurrentLayer.crop_to)
@@ -118,7 +140,7 @@ class KVCache(Cache):
 
     def state_nbytes(self) -> int:
         """Bytes of the recurrent layers' fixed-size states (0 on a model without them)."""
-        return sum(layer.state_nbytes() for layer in self.layers if isinstance(layer, RecurrentLayer))
+        return sum(layer.state_nbytes() for layer in self.states())
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens the layer has seen: the true position its next token takes. That is transformers'
@@ -139,7 +161,10 @@ class KVCache(Cache):
 
     # --- sharing a context between turns --------------------------------------------------
     def crop_to(self, length_per_layer: list[int]) -> None:
-        for layer, n in zip(self.layers, length_per_layer):
+        for i, (layer, n) in enumerate(zip(self.layers, length_per_layer)):
+            side = self.side_states_of().get(i)
+            if side is not None:  # the tokens cut from the layer's KV are the state's latest ones
+                side.crop_to(side.tokens - (layer.seq_len() - n))
             layer.crop_to(n)
 
     def seq_lengths(self) -> list[int]:
@@ -148,6 +173,7 @@ class KVCache(Cache):
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (1-D long, ascending) in every layer (finished rows leave)."""
         self.layers[:] = [layer.keep_rows(rows) for layer in self.layers]
+        self.side_states = {i: state.keep_rows(rows) for i, state in self.side_states_of().items()}
 
     def share_rows(self, n: int) -> "KVCache":
         """A new cache of ``n`` rows continuing this one-row cache, each layer shared where its
@@ -155,16 +181,17 @@ class KVCache(Cache):
         this cache is kept and never changed through the new one."""
         from .shared import share_rows
 
-        out = KVCache.__new__(KVCache)
-        Cache.__init__(out, layers=[share_rows(layer, n) for layer in self.layers])
-        out.incoming_positions = None
-        out.incoming_valid = None
-        return out
+        return self._like([share_rows(layer, n) for layer in self.layers], n)
 
     def repeat_rows(self, n: int) -> "KVCache":
         """A new cache whose rows are this cache's rows repeated ``n`` times (copies; this one is kept)."""
+        return self._like([layer.repeat_rows(n) for layer in self.layers], n)
+
+    def _like(self, layers: list, n: int) -> "KVCache":
+        """A new cache of ``layers``, with this cache's side states repeated ``n`` times."""
         out = KVCache.__new__(KVCache)
-        Cache.__init__(out, layers=[layer.repeat_rows(n) for layer in self.layers])
+        Cache.__init__(out, layers=layers)
         out.incoming_positions = None
         out.incoming_valid = None
+        out.side_states = {i: state.repeat_rows(n) for i, state in self.side_states_of().items()}
         return out

@@ -138,6 +138,7 @@ def probe(model) -> Geometry:
             f"whose attention goes through transformers' attention interface (README, supported architectures)."
         ) from None
     recurrent = tuple(i for i in range(layers) if isinstance(cache.layers[i], RecurrentLayer))
+    stateful = tuple(sorted({*recurrent, *cache.side_states}))
     if len(recurrent) == layers:
         raise UserError(
             f"{arch_name(model)} has no attention layer (every layer keeps a recurrent state: a pure state-space or "
@@ -164,8 +165,8 @@ def probe(model) -> Geometry:
     per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
     return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
                     any(r.sinks for r in calls), tuple(r.chunk for r in calls), latent=any(r.latent for r in calls),
-                    recurrent=recurrent, state_bytes=cache.state_nbytes(),
-                    stepwise=bool(recurrent) and continues_inexactly(model, layers, device))
+                    recurrent=recurrent, stateful=stateful, state_bytes=cache.state_nbytes(),
+                    stepwise=bool(stateful) and continues_inexactly(model, layers, device))
 
 
 def continues_inexactly(model, layers: int, device) -> bool:

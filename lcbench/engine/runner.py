@@ -198,7 +198,7 @@ class Engine:
                                                           for s in chain.stages)
         # a hybrid's recurrent layers would take padding into their state (cache/recurrent.py): one
         # unpadded row per forward (samples prefilled alone, turns decoded one at a time)
-        self.one_row = bool(measured and measured.recurrent)
+        self.one_row = bool(measured and measured.stateful)
         if self.one_row and self.config.compress_chunks and self.config.query_aware:
             raise UserError(f"--compress-chunks with --query-aware prefills the question after every chunk and then "
                             f"forgets it, but {arch_name(model)} keeps a recurrent state in its linear-attention "

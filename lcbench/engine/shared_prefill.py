@@ -123,6 +123,7 @@ def compress_recorded(recorded: Recorded, stages: list[Stage]) -> KVCache:
             for stage in cache_stages if i in recorded.seen else ():  # a hybrid's recurrent layers: no attention
                 copy = compress(stage, copy, recorded.seen[i])
             cache.layers[i] = copy
+        cache.side_states = {i: state.repeat_rows(1) for i, state in recorded.cache.side_states_of().items()}
     return cache
 
 

@@ -66,7 +66,8 @@ class Geometry:
     sinks: bool = False
     chunks: tuple[int | None, ...] = ()
     latent: bool = False
-    recurrent: tuple[int, ...] = ()  # layers keeping a linear-attention / state-space state (hybrids)
+    recurrent: tuple[int, ...] = ()  # layers keeping a linear-attention / state-space state instead of KV (hybrids)
+    stateful: tuple[int, ...] = ()  # layers keeping such a state, beside KV or instead of it (Falcon-H1: beside)
     state_bytes: int = 0  # bytes of those layers' states for one row (fixed: they do not grow with tokens)
     # those layers continue a state over several tokens inexactly (transformers' PyTorch Mamba paths of
     # Jamba and Bamba): a pass continuing a state feeds its tokens one at a time (engine/decode.forward)
@@ -105,11 +106,13 @@ class Geometry:
             parts.append("learned attention sinks")
         if self.latent:
             parts.append("multi-head latent attention (a latent cached per token)")
-        if self.recurrent:
+        if self.stateful:
             size = f"{self.state_bytes / 2**20:.1f} MiB" if self.state_bytes >= 2**20 else f"{self.state_bytes / 2**10:.1f} KiB"
-            n = len(self.recurrent)
-            parts.append(f"{n} linear-attention / state-space layer{'s' if n != 1 else ''} holding {size} of "
-                         f"recurrent state per row")
+            n, beside = len(self.recurrent), len(self.stateful) - len(self.recurrent)
+            what = [f"{n} linear-attention / state-space layer{'s' if n != 1 else ''}"] if n else []
+            if beside:
+                what.append(f"{beside} layer{'s' if beside != 1 else ''} with a state-space mixer beside attention")
+            parts.append(f"{' and '.join(what)} holding {size} of recurrent state per row")
         return ", ".join(parts)
 
 
@@ -122,6 +125,15 @@ _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attent
 # (cache/recurrent.py; the probe finds them); "mlp" / "moe" layers (Nemotron-H) have no token mixer
 RECURRENT_LAYER_TYPES = {"linear_attention", "conv"}
 IDLE_LAYER_TYPES = {"mlp", "moe"}
+# layers running attention and a state-space mixer side by side (Falcon-H1, Zamba): KV and a state beside it
+HYBRID_LAYER_TYPES = {"hybrid", "hybrid_sliding"}
+
+
+def keeps_state(cfg) -> bool:
+    """True when the config's layers keep a recurrent state (linear attention, Mamba, short convolution,
+    alone or beside attention): a cache of such a model cannot be cropped back."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return bool(set(getattr(text, "layer_types", None) or ()) & (RECURRENT_LAYER_TYPES | HYBRID_LAYER_TYPES))
 
 
 def config_refusal(cfg) -> str | None:
@@ -133,17 +145,12 @@ def config_refusal(cfg) -> str | None:
         return (f"{_OWN_ATTENTION[model_type]}, so lcbench cannot run methods on it or measure it. "
                 f"Fix: use a supported architecture (README, supported architectures).")
     types = set(getattr(text, "layer_types", None) or ())
-    if types & {"hybrid", "hybrid_sliding"}:
-        return ("some of its layers run attention and a state-space mixer side by side (hybrid layers, as in "
-                "Falcon-H1 and Zamba), and lcbench's cache keeps either a layer's keys and values or its recurrent "
-                "state. Fix: use a supported architecture (README; hybrids whose layers are either attention or "
-                "linear attention, such as Qwen3-Next, Qwen3.5, Jamba or Nemotron-H, run).")
-    kinds = types - _ATTENTION_LAYER_TYPES - RECURRENT_LAYER_TYPES - IDLE_LAYER_TYPES
+    kinds = types - _ATTENTION_LAYER_TYPES - RECURRENT_LAYER_TYPES - IDLE_LAYER_TYPES - HYBRID_LAYER_TYPES
     if kinds:
         return (f"its layers include {', '.join(sorted(kinds))}, which lcbench's attention does not implement "
                 f"(only full, sliding-window and chunked attention, and linear-attention / state-space layers beside "
                 f"them). Fix: use a supported architecture (README).")
-    if types and not types & _ATTENTION_LAYER_TYPES:
+    if types and not types & (_ATTENTION_LAYER_TYPES | HYBRID_LAYER_TYPES):
         return (f"it has no attention layer (its layers are {', '.join(sorted(types))}: a pure state-space or "
                 f"linear-attention model), so it has no KV cache for any method to compress. Fix: use a model with "
                 f"attention layers (hybrids such as Qwen3-Next, Qwen3.5 or Jamba run; README, supported architectures).")

@@ -24,7 +24,7 @@ import torch
 from transformers import DynamicCache
 
 from ...errors import UserError
-from ...models.hook import RECURRENT_LAYER_TYPES
+from ...models.hook import keeps_state
 from ..base import TextInput
 
 _LOADED: dict[str, "CompressorLM"] = {}
@@ -113,8 +113,7 @@ class Session:
         start_len = len(self.ids)
         first = float("inf") if self.next_logp is None else float(-self.next_logp[ids[0]])
         out = [torch.tensor([first])]
-        recurrent = bool(RECURRENT_LAYER_TYPES & set(getattr(self.lm.model.config.get_text_config(), "layer_types",
-                                                             None) or ()))
+        recurrent = keeps_state(self.lm.model.config)
         if self.cache is None:
             cache = DynamicCache(config=self.lm.model.config) if recurrent else DynamicCache()
         else:  # a recurrent state cannot be cropped: score on a copy
