@@ -72,11 +72,26 @@ def test_multi_turn_goes_back_to_each_question_and_equals_generate(hybrid):
     """SCBench multi-turn forgets each generated answer: a recurrent layer goes back to the state it
     held after the question (remembered when decoding began), so every turn equals model.generate on
     the context, earlier questions and gold answers, and this question."""
-    model, ref, tok = hybrid
-    sample = make_sample(n_turns=3, repeat=8, max_new_tokens=5)
+    _multi_turn_equals_generate(*hybrid)
+
+
+def test_an_attention_block_shared_by_layers_caches_each_layers_own_kv():
+    """Zamba2 runs one attention module (``layer_idx = -1``) in each of its hybrid layers, passing
+    the layer's index to ``cache.update``: lcbench attends the layer the block just cached, so the
+    probe sees each layer once and multi-turn equals model.generate."""
+    from lcbench.engine.attach import use_lcbench_attention
+
+    model = build(family("zamba2"), "eager")
+    use_lcbench_attention(model)
+    assert model.lcbench_geometry.recurrent == (0,) and model.lcbench_geometry.stateful == (0, 1)
+    _multi_turn_equals_generate(model, build(family("zamba2"), "eager"), tiny_tokenizer(), turns=2)
+
+
+def _multi_turn_equals_generate(model, ref, tok, turns: int = 3) -> None:
+    sample = make_sample(n_turns=turns, repeat=8, max_new_tokens=5)
     prompt = render(tok, sample, sample.context, True)
     records = engine_for(model, tok).run(sample, True)
-    assert len(records) == 3
+    assert len(records) == turns
     for k, r in enumerate(records):
         ids = prompt.context_ids + [t for part in prompt.turn_ids[:k + 1] for t in part]
         assert r.decoded_ids == _until_eos(_generate(ref, ids, 5), tok), k

@@ -57,6 +57,7 @@ class KVCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.incoming_positions is None:
             raise RuntimeError("KVCache.set_incoming must be called before a forward pass")
+        self.updated_layer = layer_idx  # read by attention when its module is shared by layers (Zamba2)
         layer = self.layers[layer_idx]
         if isinstance(layer, RecurrentLayer):  # a layer with attention beside its mixer: the state moves aside
             self.side_states_of()[layer_idx] = layer

@@ -474,11 +474,13 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if not call.causal:
         raise UserError(f"{type(module).__name__} attends bidirectionally (is_causal=False); lcbench evaluates "
                         f"causal decoders only. Fix: use a causal language model.")
-    idx = module.layer_idx
     cache = state.cache
-    layer = cache.layers[idx]
+    idx = module.layer_idx
+    if idx is None or idx < 0:  # an attention block shared by several layers (Zamba2): the layer it just cached
+        idx, cache.updated_layer = getattr(cache, "updated_layer", None), None
+    layer = cache.layers[idx] if idx is not None else None
     if state.probe is not None:
-        state.probe.seen(module, query, key, value, call, stored=layer)
+        state.probe.seen(module, query, key, value, call, stored=layer, layer_idx=idx)
     if isinstance(layer, JointLayer):  # several runs' rows decoding together (engine/joint.py)
         return layer.attend(query, lambda q, k, v, part_layer, part_state: attend_layer(
             module, q, k, v, part_layer, part_state, call, idx, len(cache.layers)), key, value), None

@@ -35,10 +35,11 @@ class HookProbe:
     layers: dict[int, LayerCall] = field(default_factory=dict)
     unindexed: int = 0  # calls from modules without a layer_idx
 
-    def seen(self, module, query, key, value, call, stored=None) -> None:
-        """Record one attention call; ``stored`` is the cache layer the call's keys/values came from
-        (its held tensors are compared with what attention received: :attr:`LayerCall.latent`)."""
-        idx = getattr(module, "layer_idx", None)
+    def seen(self, module, query, key, value, call, stored=None, layer_idx: int | None = None) -> None:
+        """Record one attention call of layer ``layer_idx`` (the module's own index by default);
+        ``stored`` is the cache layer the call's keys/values came from (its held tensors are
+        compared with what attention received: :attr:`LayerCall.latent`)."""
+        idx = getattr(module, "layer_idx", None) if layer_idx is None else layer_idx
         if idx is None:
             self.unindexed += 1
             return
