@@ -53,8 +53,8 @@ class ValueReadout:
         self.values: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
         self.q_len = 0
 
-    def seen(self, module, query, key, value, call, stored=None) -> None:
-        idx = int(getattr(module, "layer_idx", -1))
+    def seen(self, module, query, key, value, call, stored=None, layer_idx: int | None = None) -> None:
+        idx = int(getattr(module, "layer_idx", -1) if layer_idx is None else layer_idx)
         if idx in self.layers:
             self.values[idx].append(value[:, :, -query.shape[2]:].float())
         if idx >= self.last:
