@@ -37,3 +37,17 @@ def records_by_method(out) -> dict[str, list[dict]]:
 
     return {p.parent.name.split("__")[1]: [json.loads(line) for line in p.read_text().splitlines()]
             for p in Path(out).rglob("samples.jsonl")}
+
+
+def sharing_prefills(engines: list) -> list:
+    """``engines`` given one unbounded prefill memo for the union of their chains' needs (what
+    ``lcbench run`` does for runs that share a prefill); returns them."""
+    from lcbench.engine.shared_prefill import PrefillMemo
+
+    needs = engines[0].chain.needs
+    for e in engines[1:]:
+        needs = needs.merge(e.chain.needs)
+    memo = PrefillMemo(needs, None)
+    for e in engines:
+        e.prefill_memo = memo
+    return engines

@@ -19,7 +19,7 @@ from lcbench.errors import UserError
 from lcbench.models.families import build, family, tiny_config
 from lcbench.models.tiny import tiny_tokenizer
 from tests.conftest import engine_for
-from tests.helpers import make_sample, records_by_method, saved_family
+from tests.helpers import make_sample, records_by_method, saved_family, sharing_prefills
 from tests.test_cli_errors import lcbench
 
 warnings.filterwarnings("ignore", message=".*rope.*")
@@ -117,19 +117,11 @@ def test_samples_asked_to_batch_run_one_unpadded_row_each_as_alone(hybrid):
 def test_runs_sharing_a_prefill_on_a_hybrid_equal_each_alone(hybrid):
     """Runs sharing one prefill (engine/shared_prefill.py) copy the recurrent layers untouched and
     compress the attention layers; each run's records equal the run alone."""
-    from lcbench.engine.shared_prefill import PrefillMemo
-
     model, _, tok = hybrid
     runs = [("snapkv", 0.5, "window_size=8"), ("kivi", 0.5, "group_size=8"), ("full", 0.0, None)]
     sample = make_sample(n_turns=2, repeat=10, max_new_tokens=5)
     alone = [engine_for(model, tok, n, r, a).run(sample, False) for n, r, a in runs]
-    engines = [engine_for(model, tok, n, r, a) for n, r, a in runs]
-    needs = engines[0].chain.needs
-    for e in engines[1:]:
-        needs = needs.merge(e.chain.needs)
-    memo = PrefillMemo(needs, None)
-    for e in engines:
-        e.prefill_memo = memo
+    engines = sharing_prefills([engine_for(model, tok, n, r, a) for n, r, a in runs])
     shared = [e.run(sample, False) for e in engines]
     for got, want in zip(shared, alone):
         assert [r.decoded_ids for r in got] == [r.decoded_ids for r in want]

@@ -18,7 +18,7 @@ from lcbench.errors import UserError
 from lcbench.models.families import build, family
 from lcbench.models.tiny import tiny_tokenizer
 from tests.conftest import engine_for
-from tests.helpers import make_sample, records_by_method, saved_family
+from tests.helpers import make_sample, records_by_method, saved_family, sharing_prefills
 from tests.test_cli_errors import lcbench
 
 warnings.filterwarnings("ignore", message=".*rope.*")
@@ -142,20 +142,12 @@ def test_runs_sharing_a_prefill_decode_together_on_mla_as_alone(mla):
     """Several runs' rows in one decode batch (engine/joint.py): on MLA the model expands every run's
     latents, padded to the longest, and each run attends only its own; records equal each run alone."""
     from lcbench.engine.joint import decode_together
-    from lcbench.engine.shared_prefill import PrefillMemo
-
     model, _, tok = mla
     runs = RUNS[:4] + [("full", 0.0, None)]
     sample = make_sample(n_turns=2, repeat=12, max_new_tokens=6, sid="a")
     sample = dataclasses.replace(sample, turns=[sample.turns[0], dataclasses.replace(sample.turns[1], max_new_tokens=3)])
     alone = [engine_for(model, tok, n, r, a).run(sample, False) for n, r, a in runs]
-    engines = [engine_for(model, tok, n, r, a) for n, r, a in runs]
-    needs = engines[0].chain.needs
-    for e in engines[1:]:
-        needs = needs.merge(e.chain.needs)
-    memo = PrefillMemo(needs, None)
-    for e in engines:
-        e.prefill_memo = memo
+    engines = sharing_prefills([engine_for(model, tok, n, r, a) for n, r, a in runs])
     together = decode_together([e.ask(e.prepare(sample)) for e in engines])
     for got, want in zip(together, alone):
         for a, b in zip(got, want):
