@@ -144,11 +144,21 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_killed_writers_lo
 
 
 # --- corrupt records ----------------------------------------------------------------------------
-@pytest.fixture()
-def three(tmp_path) -> Path:
-    proc = lcbench(*RUN_3, "--output-path", str(tmp_path / "out"))
+@pytest.fixture(scope="module")
+def three_written(tmp_path_factory) -> Path:
+    """One complete 3-record run written by the real CLI (once per module: each test damages a copy)."""
+    out = tmp_path_factory.mktemp("three") / "out"
+    proc = lcbench(*RUN_3, "--output-path", str(out))
     assert proc.returncode == 0, proc.stderr
-    return next((tmp_path / "out").glob("*/summary.json")).parent
+    return next(out.glob("*/summary.json")).parent
+
+
+@pytest.fixture()
+def three(three_written, tmp_path) -> Path:
+    """A fresh copy of that run, under its own output folder (a moved results folder resumes the same)."""
+    folder = tmp_path / "out" / three_written.name
+    shutil.copytree(three_written, folder)
+    return folder
 
 
 def test_a_corrupt_middle_line_is_quarantined_and_every_other_record_kept(three):

@@ -107,7 +107,7 @@ def use_lcbench_attention(model, dense: str = "sdpa") -> None:
     model.config.lcbench_dense_attention = dense
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     text.lcbench_dense_attention = dense
-    model.set_attn_implementation(attention.ATTENTION_NAME)
+    model.set_attn_implementation(attention.registered(attention.ATTENTION_NAME, attention.lcbench_attention))
     # never trust the switch silently: every layer must call lcbench's attention
     model.lcbench_geometry = probe(model)
 

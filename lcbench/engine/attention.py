@@ -41,7 +41,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 from ..cache.layer import KVLayer, lowest_visible
@@ -544,4 +543,13 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
     return out, layer
 
 
-AttentionInterface.register(ATTENTION_NAME, lcbench_attention)
+
+def registered(name: str, function) -> str:
+    """``name``, once ``function`` is registered under it with transformers' ``AttentionInterface``
+    (for ``model.set_attn_implementation(name)``). Registering on first use, not at import, keeps
+    transformers' modeling code out of ``import lcbench.methods``: listing the methods or refusing a
+    bad flag then costs a second, not the five of loading transformers' model code."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(name, function)
+    return name

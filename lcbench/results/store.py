@@ -61,9 +61,9 @@ class RunStore:
                 raise UserError(f"'{self.folder}' holds another run ({other}). Fix: choose another --output-path.")
         self._lock()
         try:
-            self.write_json(self.SPEC, spec)
             self._repair()
             self.records()  # every kept record names its sample and turn
+            self.write_json(self.SPEC, spec)  # after the checks: a refused resume leaves spec.json as it was
             self.mark(RUNNING)
         except BaseException:
             self.release()

@@ -47,9 +47,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 
-from ...engine.attention import lcbench_attention
+from ...engine.attention import lcbench_attention, registered
 from ...errors import UserError
 from ...params import Param
 from ..base import Needs, keep_count
@@ -74,13 +73,11 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out
 
 
-AttentionInterface.register(CAPTURE_NAME, capture_attention)
-
 
 def run_captured(model, ids: list[int], callback) -> None:
     """One plain forward of ``ids`` with ``callback`` called per layer on its q/k/v."""
     before = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_NAME)
+    model.set_attn_implementation(registered(CAPTURE_NAME, capture_attention))
     try:
         x = torch.tensor([ids], device=next(model.parameters()).device)
         model(input_ids=x, use_cache=False, **{CAPTURE_KWARG: callback})

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from transformers import AttentionInterface
 
-from ...engine.attention import attention_sum, grouped_scores, lcbench_attention, softmax_in_place
+from ...engine.attention import attention_sum, grouped_scores, lcbench_attention, registered, softmax_in_place
 from .lm import CompressorLM
 
 PROBE_NAME = "lcbench_text_attention"
@@ -84,14 +83,12 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     return out
 
 
-AttentionInterface.register(PROBE_NAME, probe_attention)
-
 
 @contextlib.contextmanager
 def probing(model):
     """Route ``model``'s attention through :func:`probe_attention`, restoring it afterwards."""
     before = model.config._attn_implementation
-    model.set_attn_implementation(PROBE_NAME)
+    model.set_attn_implementation(registered(PROBE_NAME, probe_attention))
     try:
         yield
     finally:
