@@ -44,3 +44,28 @@ def test_task_list_counts_sub_tasks():
 def test_bad_names(args, code, message):
     got, _, err = ls(*args)
     assert got == code and message in err and "Traceback" not in err
+
+
+def test_discovering_methods_and_tasks_leaves_transformers_model_code_unimported():
+    """`lcbench ls` and every refusal of a bad `--method`/`--task`/argument discover the registries and
+    build the spec; none of that may import transformers' modeling code (about 5 s of the CLI's 8 before
+    lcbench's attention functions registered on first use): only loading a model needs it."""
+    import sys
+
+    code = ("import sys; from lcbench.methods.registry import METHODS; from lcbench.tasks.registry import TASKS; "
+            "METHODS.names(); TASKS.names(); import lcbench.evaluate, lcbench.cli; "
+            "from lcbench.evaluate import build_spec; build_spec(method='snapkv', task='niah', device='cpu'); "
+            "print([m for m in ('transformers.modeling_utils', 'transformers.models.llama.modeling_llama') "
+            "if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_a_model_attached_after_that_runs_through_lcbench_attention(tiny):
+    """The registration that moved out of the import still happens: an attached model's layers call
+    lcbench's attention (the probe would refuse the model otherwise)."""
+    from transformers import AttentionInterface
+
+    model, _ = tiny
+    assert model.config._attn_implementation == "lcbench" and "lcbench" in AttentionInterface._global_mapping
