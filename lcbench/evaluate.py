@@ -346,7 +346,8 @@ def evaluate(spec: RunSpec, models: ModelPool | None = None,
              progress: Callable[[int, int], None] | None = None) -> RunOutcome:
     """Run (or resume) ``spec``; returns the folder and its summary.
 
-    Everything that can be checked is checked before the run folder is created: the model loads,
+    Everything that can be checked is checked before the run folder is created (an existing folder
+    first, reading only, then the rest): the model loads,
     the task builds its samples and the chain its stages. The folder is then locked to this
     process; a run that ends in an error is marked failed in ``status.json`` (a signal: aborted)."""
     run = open_run(spec, models)
@@ -360,6 +361,7 @@ def open_run(spec: RunSpec, models: ModelPool | None = None) -> OpenRun:
     """Load, check and open ``spec``'s run (the folder is created only once every input is checked)."""
     torch.manual_seed(spec.seed)
     folder = Path(spec.output_path) / spec.run_id
+    RunStore(folder).check_resumable(spec.run_id)  # a folder it cannot resume: refused before the model loads
     loaded = (models or ModelPool()).get(spec)
     task = TASKS.get(spec.task)(**spec.task_args)
     env = TaskEnv(tokenizer=loaded.tokenizer, model_name=spec.model, model_max_length=loaded.max_length,

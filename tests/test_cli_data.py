@@ -204,6 +204,37 @@ def test_a_corrupt_spec_json_is_an_error_naming_the_file(three, text):
     assert snapshot(three) == before and not (three.parent / "site").exists()
 
 
+def test_a_folder_that_cannot_be_resumed_is_refused_before_the_model_loads(three, tmp_path):
+    """The folder checks run before loading the model (minutes for a large one): a run of a model
+    folder that does not exist, whose results folder holds a corrupt spec.json, a live writer's lock or
+    records without their keys, is refused for the folder, never for the model, and changes nothing."""
+    from lcbench.evaluate import build_spec
+
+    model = str(tmp_path / "no-such-model")
+    out = tmp_path / "results"
+    run = ["run", "--model", model, "--task-args", NIAH_3, "--output-path", str(out)]
+    folder = out / build_spec(model=model, task_args=NIAH_3, output_path=str(out), device="cpu").run_id
+    shutil.copytree(three, folder)
+    (folder / "spec.json").write_text('{"run_id": ')
+    before = snapshot(folder)
+    err = assert_user_error(lcbench(*run), f"{folder / 'spec.json'} is corrupt")
+    assert "no-such-model" not in err.replace(str(folder), "") and snapshot(folder) == before
+
+    shutil.copy2(three / "spec.json", folder / "spec.json")
+    spec = json.loads((folder / "spec.json").read_text())
+    (folder / "spec.json").write_text(json.dumps({**spec, "run_id": folder.name}))
+    (folder / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename, "since": 0}))
+    assert_user_error(lcbench(*run), f"pid {os.getppid()}", "being written by another lcbench process")
+    (folder / ".lock").unlink()
+    with (folder / "samples.jsonl").open("a") as f:
+        f.write(json.dumps({"prediction": "stray"}) + "\n")
+    before = snapshot(folder)
+    assert_user_error(lcbench(*run), "line 4", "'sample_id'")
+    assert snapshot(folder) == before
+    (folder / "samples.jsonl").write_text("")
+    assert_user_error(lcbench(*run), "could not load model")  # a resumable folder: the model is what fails
+
+
 # --- runs that end in an error are marked failed, and shown as failed -------------------------------
 def _file_size_limit(limit: int):
     def apply() -> None:

@@ -53,12 +53,7 @@ class RunStore:
                 f"cannot write results to '{self.folder}': {exc.strerror or exc}. "
                 f"Fix: pass a writable folder with --output-path."
             ) from None
-        spec_path = self.folder / self.SPEC
-        if spec_path.exists():
-            old = self._read_json(self.SPEC)
-            if not isinstance(old, dict) or old.get("run_id") != spec.get("run_id"):
-                other = old.get("run_id") if isinstance(old, dict) else None
-                raise UserError(f"'{self.folder}' holds another run ({other}). Fix: choose another --output-path.")
+        self._check_spec(spec.get("run_id"))
         self._lock()
         try:
             self._repair()
@@ -69,6 +64,35 @@ class RunStore:
             self.release()
             raise
 
+    def check_resumable(self, run_id: str) -> None:
+        """The checks :meth:`open` makes of a folder that already exists (it holds this run, no live
+        writer holds it, its records name their turns), reading only: so a run refuses a folder it
+        could not resume before it spends minutes loading its model."""
+        if not self.folder.is_dir():
+            return
+        self._check_spec(run_id)
+        holder = _read_lock(self.folder / self.LOCK)
+        if holder and not self._mine(holder) and _alive(holder, socket.gethostname()):
+            raise self._live_writer(holder)
+        self.records()
+
+    def _check_spec(self, run_id: str | None) -> None:
+        if (self.folder / self.SPEC).exists():
+            old = self._read_json(self.SPEC)
+            if not isinstance(old, dict) or old.get("run_id") != run_id:
+                other = old.get("run_id") if isinstance(old, dict) else None
+                raise UserError(f"'{self.folder}' holds another run ({other}). Fix: choose another --output-path.")
+
+    @staticmethod
+    def _mine(holder: dict) -> bool:
+        return holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+
+    def _live_writer(self, holder: dict) -> UserError:
+        return UserError(
+            f"'{self.folder}' is being written by another lcbench process (pid {holder.get('pid')} on "
+            f"{holder.get('host')}); two writers would duplicate its records. Fix: wait for it to end "
+            f"or stop it (kill {holder.get('pid')}), then re-run; or pass another --output-path.")
+
     def _lock(self) -> None:
         path = self.folder / self.LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
@@ -77,15 +101,11 @@ class RunStore:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _read_lock(path)
-                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                if self._mine(holder):
                     self._locked = True  # this process already writes here (re-entrant)
                     return
                 if _alive(holder, me["host"]):
-                    raise UserError(
-                        f"'{self.folder}' is being written by another lcbench process (pid {holder.get('pid')} on "
-                        f"{holder.get('host')}); two writers would duplicate its records. Fix: wait for it to end "
-                        f"or stop it (kill {holder.get('pid')}), then re-run; or pass another --output-path."
-                    ) from None
+                    raise self._live_writer(holder) from None
                 path.unlink(missing_ok=True)  # the holder is gone (killed): take the lock over
                 continue
             with os.fdopen(fd, "w") as f:
