@@ -543,7 +543,6 @@ def attend_layer(module, query, key, value, layer: KVLayer, state: ForwardState,
     return out, layer
 
 
-
 def registered(name: str, function) -> str:
     """``name``, once ``function`` is registered under it with transformers' ``AttentionInterface``
     (for ``model.set_attn_implementation(name)``). Registering on first use, not at import, keeps

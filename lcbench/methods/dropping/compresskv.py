@@ -73,7 +73,6 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out
 
 
-
 def run_captured(model, ids: list[int], callback) -> None:
     """One plain forward of ``ids`` with ``callback`` called per layer on its q/k/v."""
     before = model.config._attn_implementation

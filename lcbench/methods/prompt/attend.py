@@ -83,7 +83,6 @@ def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     return out
 
 
-
 @contextlib.contextmanager
 def probing(model):
     """Route ``model``'s attention through :func:`probe_attention`, restoring it afterwards."""
