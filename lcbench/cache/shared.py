@@ -170,7 +170,7 @@ class SharedContextLayer(KVLayer):
         """Attention of this pass's queries (B, Hq, n, D) — the tokens just appended — over each
         row's ``[context | own tail]``, as one folded call ``attention(q, keys, values, mask)``
         on ``(1, Hq, B·n, D)`` queries and the shared ``(1, H, Lc + T, D)`` keys/values; returns
-        ``(B, n, Hq, D)`` like :func:`lcbench.engine.attention.dense_attention`. With a sliding
+        ``(B, n, Hq, Dv)`` (``Dv`` the values' width) like :func:`lcbench.engine.attention.dense_attention`. With a sliding
         ``window`` a query at true position p sees the keys at positions in ``(p - window, p]``;
         with an attention ``chunk``, those of its own chunk ``[⌊p / chunk⌋ · chunk, p]``."""
         b, hq, n, d = query.shape
@@ -198,8 +198,8 @@ class SharedContextLayer(KVLayer):
             h = cvalid.shape[1]
             mask = torch.cat([cvalid.expand(1, h, b * n, lc), own[None, None].expand(1, h, -1, -1)], dim=3)
         folded = query.transpose(0, 1).reshape(1, hq, b * n, d)
-        out = attention(folded, keys, values, mask)  # (1, B·n, Hq, D)
-        return out.reshape(b, n, hq, d)
+        out = attention(folded, keys, values, mask)  # (1, B·n, Hq, Dv): the values' width (MiMo-V2: ≠ D)
+        return out.reshape(b, n, hq, out.shape[-1])
 
 
 def share_rows(layer: KVLayer, rows: int) -> KVLayer:
