@@ -130,6 +130,12 @@ class KVCache(Cache):
         flags = layer.has_previous_state
         return all(flags.values()) if state_idx is None else flags[state_idx]
 
+    def increase_count(self, layer_idx: int, state_idx: int = 0) -> None:
+        """transformers ≥ 5.25: a model whose short convolution updated its state in place counts the
+        token on the layer holding that state, which may be a side state beside the layer's KV
+        (Falcon-H1, Zamba2), where transformers' own lookup (``self.layers[layer_idx]``) finds the KV."""
+        self.recurrent_layer(layer_idx, state_idx).increase_count(state_idx)
+
     def is_recording_past(self, layer_idx: int) -> bool:
         return False  # lcbench keeps its own mark of the last prompt part (RecurrentLayer.crop_to)
 
