@@ -25,8 +25,8 @@ from lcbench.models.tiny import tiny_tokenizer
 
 warnings.filterwarnings("ignore", message=".*rope.*")
 
-REFUSED = {"falcon": "attention with its own code", "mamba": "no attention layer",
-           "stablelm": "attention with its own code", "nemotron": "attention with its own code",
+REFUSED = {"falcon-alibi": "ALiBi", "mamba": "no attention layer",
+           "gpt-neo": "attention with its own code",
            "minimax": "uses cache of its own", "diffllama": "calls attention more than once per layer",
            "deepseek-v3.2": "indexed_attention", "dory": "calls attention more than once per layer",
            "glm-moe-dsa": "indexed_attention", "hy-v4": "indexed_attention",
@@ -235,20 +235,53 @@ def test_windowed_kernel_equals_dense_attention_on_its_mask(with_columns):
 
 
 # --- refusals and loading --------------------------------------------------------------------
-def test_probe_refuses_a_model_that_keeps_its_own_attention(monkeypatch):
+def test_probe_refuses_a_model_that_keeps_its_own_attention():
     """Beyond the known configs: a model whose layers never call lcbench's attention is caught by
-    counting the calls of a 2-token probe (Falcon, with its config refusal switched off)."""
-    from lcbench.engine import attach
-
-    monkeypatch.setattr(attach, "config_refusal", lambda cfg: None)
+    counting the calls of a 2-token probe (GPT-Neo, which no config rule refuses)."""
+    assert support.config_refusal(tiny_config(family("gpt-neo"))) is None
     with pytest.raises(UserError, match="layers 0, 1 of 2 never called lcbench's attention"):
-        use_lcbench_attention(build(family("falcon")))
+        use_lcbench_attention(build(family("gpt-neo"), "eager"))
+
+
+def test_a_model_call_carries_only_what_its_caller_set():
+    """A model call made inside another's (a stage scoring with the model mid-forward) sees only its
+    own values, and the outer call's come back when it ends, also after an exception."""
+    from lcbench.engine.carried import carried, carrying
+
+    with carrying(state="outer"):
+        with carrying(readout="inner"):
+            assert carried("state") is None and carried("readout") == "inner"
+        assert carried("state") == "outer" and carried("readout") is None
+        with pytest.raises(RuntimeError), carrying(state="failed"):
+            raise RuntimeError
+        assert carried("state") == "outer"
+    assert carried("state") is None
+
+
+def test_decoder_layers_that_pass_no_kwargs_still_reach_lcbench_attention():
+    """StableLM's, Nemotron's and Falcon's decoder layers call self-attention with named arguments
+    only, so nothing a forward passes as a keyword reaches the attention function; the engine's
+    state travels beside the call (engine/carried.py): every layer's KV is lcbench's, and a cache
+    stage compresses each of them."""
+    from lcbench.engine.prompt import render
+    from tests.conftest import engine_for
+
+    tok = tiny_tokenizer()
+    for name in ("stablelm", "nemotron", "falcon"):
+        model = build(family(name), "eager")
+        use_lcbench_attention(model)
+        s = support.sample()
+        p = render(tok, s, s.context, multi_turn=False)
+        r = engine_for(model, tok, "snapkv", 0.5, "window_size=8").run(s, False)[0]
+        assert r["context_tokens"] == len(p.context_ids)
+        assert 0.45 <= r["achieved_ratio"] <= 0.55 and r["kv_bytes"] < r["kv_bytes_full"], (name, r)
 
 
 def test_config_refusal_before_weights_load():
     import transformers
 
-    assert "Falcon" in support.config_refusal(transformers.FalconConfig())
+    assert "ALiBi" in support.config_refusal(transformers.FalconConfig(alibi=True))
+    assert support.config_refusal(transformers.FalconConfig()) is None  # rotary Falcon runs
     assert support.config_refusal(transformers.DeepseekV3Config()) is None  # MLA runs (tests/test_mla.py)
     assert "indexed_attention" in support.config_refusal(  # a layer kind lcbench's attention does not implement
         transformers.LlamaConfig(layer_types=["full_attention", "indexed_attention"], num_hidden_layers=2))
@@ -259,17 +292,17 @@ def test_config_refusal_before_weights_load():
     assert support.config_refusal(transformers.MistralConfig()) is None
 
 
-def test_cli_refuses_falcon_with_exit_2(tmp_path):
-    """What a user sees: `lcbench run --model <falcon folder>` exits 2 naming the reason, no traceback."""
+def test_cli_refuses_alibi_falcon_with_exit_2(tmp_path):
+    """What a user sees: `lcbench run --model <ALiBi Falcon folder>` exits 2 naming the reason, no traceback."""
     folder = tmp_path / "falcon"
-    build(family("falcon")).save_pretrained(folder)
+    build(family("falcon-alibi")).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     exe = shutil.which("lcbench")
     cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
     proc = subprocess.run(cmd + ["run", "--model", str(folder), "--method", "full", "--task", "niah",
                                  "--output-path", str(tmp_path / "out"), "--limit", "1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert "Falcon" in proc.stderr and "Traceback" not in proc.stderr
+    assert "alibi=True" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_gemma3_multimodal_checkpoint_max_length_and_hook():

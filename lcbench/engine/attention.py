@@ -48,6 +48,7 @@ from ..cache.shared import SharedContextLayer
 from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
 from ..methods.budget import compress
+from .carried import carried
 from .joint import JointLayer
 from .state import DECODE, PREFILL, QUESTION, ForwardState
 
@@ -458,7 +459,7 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     (:func:`drop_unseeable`, as transformers' sliding cache does), *before* any cache stage runs:
     a method's budget on such a layer counts only the tokens it can still see, and the full
     cache it is measured against holds the same (:class:`lcbench.models.hook.Geometry`)."""
-    state: ForwardState | None = kwargs.get("lcbench_state")
+    state: ForwardState | None = carried("state")
     call = AttentionCall.from_kwargs(module, query, scaling, kwargs)
     if state is None and not call.causal:  # e.g. the vision tower of a multimodal checkpoint
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=call.scaling,

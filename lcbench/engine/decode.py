@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .carried import carrying
 from .end_cache import EndCache, row_end_cache
 from .state import DECODE, ForwardState
 
@@ -33,8 +34,9 @@ def forward(model, ids: torch.Tensor | None, positions: torch.Tensor, state: For
         return torch.cat(steps, dim=1) if all_logits else steps[-1]
     state.cache.set_incoming(positions, valid, prompt=state.phase != DECODE)
     inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=0 if all_logits else 1,
-                lcbench_state=state, **{_cache_kwarg(model): state.cache})
+    with carrying(state=state):
+        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=0 if all_logits else 1,
+                    **{_cache_kwarg(model): state.cache})
     return out.logits if all_logits else out.logits[:, -1, :]
 
 

@@ -1,4 +1,5 @@
-"""The state one forward pass shares with lcbench's attention function (passed as a kwarg)."""
+"""The state one forward pass shares with lcbench's attention function (carried beside the model
+call: :mod:`.carried`)."""
 
 from __future__ import annotations
 

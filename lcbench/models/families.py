@@ -48,7 +48,11 @@ _DELTA = {"linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_he
 _MAMBA2 = {"mamba_n_heads": 4, "mamba_d_head": 32, "mamba_d_state": 8, "mamba_n_groups": 1}
 _MLA = {"kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
         "num_key_value_heads": 4}
+_MLA_Q = {**_MLA, "q_lora_rank": 16}  # low-rank queries too
+_MLA_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1}
+_GPT_SHAPE = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "num_key_value_heads": None, "head_dim": None}
 _ALT = {"sliding_window": WINDOW, "layer_types": _alternating()}
+_FALCON = {"num_kv_heads": 2, "new_decoder_architecture": False, "head_dim": None, "num_key_value_heads": None}
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", "LlamaConfig", "LlamaForCausalLM", features="GQA"),
@@ -192,21 +196,58 @@ FAMILIES: tuple[Family, ...] = (
     Family("nanochat", "NanoChatConfig", "NanoChatForCausalLM"),
     Family("solar-open", "SolarOpenConfig", "SolarOpenForCausalLM", features="MoE"),
     Family("zaya", "ZayaConfig", "ZayaForCausalLM", features="MoE"),
+    # decoder layers that pass no keyword arguments on to self-attention (lcbench's per-forward
+    # state travels beside the call, engine/carried.py, so they run)
+    Family("stablelm", "StableLmConfig", "StableLmForCausalLM", features="partial rotary (0.25)"),
+    Family("nemotron", "NemotronConfig", "NemotronForCausalLM", features="partial rotary (0.5)"),
+    # decoder families that need settings of their own to build a tiny model
+    Family("falcon", "FalconConfig", "FalconForCausalLM", {**_FALCON, "new_decoder_architecture": True},
+           "fused grouped qkv, parallel attention (Falcon-40B/180B)"),
+    Family("falcon-mq", "FalconConfig", "FalconForCausalLM", {**_FALCON, "multi_query": True},
+           "multi-query, parallel attention (Falcon-7B)"),
+    Family("dbrx", "DbrxConfig", "DbrxForCausalLM",
+           {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 1024,
+            "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+            "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2},
+            "hidden_size": None, "num_hidden_layers": None, "num_attention_heads": None, "num_key_value_heads": None,
+            "head_dim": None, "intermediate_size": None, "max_position_embeddings": None}, "MoE, fused qkv, clipped qkv"),
+    Family("dots1", "Dots1Config", "Dots1ForCausalLM",
+           {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+            "n_group": 1, "topk_group": 1, "n_shared_experts": 1}, "MoE, shared expert"),
+    Family("longcat-flash", "LongcatFlashConfig", "LongcatFlashForCausalLM",
+           {**_MLA_Q, "head_dim": 8, "num_layers": 1, "num_hidden_layers": None, "n_routed_experts": 4, "moe_topk": 2,
+            "expert_ffn_hidden_size": 32, "ffn_hidden_size": 128, "zero_expert_num": 1},
+           "two attention blocks per layer, MLA, MoE with zero experts"),
+    Family("glm4-moe-lite", "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+           {**_MLA_Q, **_MLA_MOE, "head_dim": None}, "MLA, MoE"),
+    Family("minicpm3", "MiniCPM3Config", "MiniCPM3ForCausalLM", {**_MLA_Q, "head_dim": None}, "MLA"),
+    Family("sarvam-mla", "SarvamMLAConfig", "SarvamMLAForCausalLM",
+           {**_MLA_Q, **_MLA_MOE, "first_k_dense_replace": 1, "head_dim": None}, "MLA, MoE"),
+    Family("youtu", "YoutuConfig", "YoutuForCausalLM", {**_MLA_Q, "head_dim": None}, "MLA"),
+    Family("codegen", "CodeGenConfig", "CodeGenForCausalLM", {**_GPT_SHAPE, "rotary_dim": 8},
+           "partial rotary (8 of 16), parallel residual, fused qkv"),
+    Family("gptj", "GPTJConfig", "GPTJForCausalLM", {**_GPT_SHAPE, "rotary_dim": 8},
+           "partial interleaved rotary (8 of 16), parallel residual"),
+    Family("cwm", "CwmConfig", "CwmForCausalLM", {**_ALT, "bos_token_id": 0}, "alternating window"),
+    Family("lfm2-moe", "Lfm2MoeConfig", "Lfm2MoeForCausalLM",
+           {"layer_types": ["conv", "full_attention"], "num_experts": 4, "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32, "num_dense_layers": 1}, "hybrid: short convolutions, MoE"),
     # refused, each with its reason (the survey's clean refusals)
     Family("dory", "DoryConfig", "DoryForCausalLM", features="several attention calls per layer"),
     Family("glm-moe-dsa", "GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", features="indexed (sparse) attention"),
     Family("hy-v4", "HYV4Config", "HYV4ForCausalLM", features="indexed (sparse) attention"),
     Family("bloom", "BloomConfig", "BloomForCausalLM", features="own attention code (ALiBi)"),
     Family("mpt", "MptConfig", "MptForCausalLM", features="own attention code (ALiBi)"),
-    Family("stablelm", "StableLmConfig", "StableLmForCausalLM", features="own attention code"),
-    Family("nemotron", "NemotronConfig", "NemotronForCausalLM", features="own attention code"),
+    Family("gpt-neo", "GPTNeoConfig", "GPTNeoForCausalLM",
+           {"num_layers": 2, "num_heads": 4, "attention_types": [[["local", "global"], 1]], "window_size": WINDOW,
+            "num_hidden_layers": None, "num_attention_heads": None, "num_key_value_heads": None, "head_dim": None},
+           "own attention code (local/global)"),
     Family("minimax", "MiniMaxConfig", "MiniMaxForCausalLM", features="own cache (lightning attention)"),
     Family("diffllama", "DiffLlamaConfig", "DiffLlamaForCausalLM", features="differential attention"),
     Family("deepseek-v3.2", "DeepseekV32Config", "DeepseekV32ForCausalLM", features="indexed (sparse) attention"),
     Family("mamba", "MambaConfig", "MambaForCausalLM", {}, "no attention layer"),
-    Family("falcon", "FalconConfig", "FalconForCausalLM", {"num_kv_heads": 2, "new_decoder_architecture": True, "head_dim": None,
-            "num_key_value_heads": None},
-           "own attention code"),
+    Family("falcon-alibi", "FalconConfig", "FalconForCausalLM", {**_FALCON, "num_kv_heads": 4, "multi_query": False,
+            "alibi": True}, "ALiBi in the attention mask (Falcon-RW)"),
     Family("deepseek-v2", "DeepseekV2Config", "DeepseekV2ForCausalLM",
            {"kv_lora_rank": 16, "q_lora_rank": None, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
             "v_head_dim": 12, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,

@@ -118,9 +118,6 @@ class Geometry:
 
 
 # refused by the config alone (before any weights are fetched); the probe refuses the rest
-_OWN_ATTENTION = {
-    "falcon": "Falcon computes attention with its own code, not through transformers' attention interface",
-}
 _ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
 # a hybrid's "linear_attention" (gated delta rule, Mamba) and "conv" layers keep a recurrent state
 # (cache/recurrent.py; the probe finds them); "mlp" / "moe" layers (Nemotron-H) have no token mixer
@@ -142,9 +139,11 @@ def config_refusal(cfg) -> str | None:
     post-load probe checks the rest."""
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     model_type = getattr(text, "model_type", "") or getattr(cfg, "model_type", "")
-    if model_type in _OWN_ATTENTION:
-        return (f"{_OWN_ATTENTION[model_type]}, so lcbench cannot run methods on it or measure it. "
-                f"Fix: use a supported architecture (README, supported architectures).")
+    if getattr(text, "alibi", False) is True:  # Falcon-RW: FalconModel.forward adds the bias to the mask
+        return (f"its config sets alibi=True: {model_type or 'the model'} adds its ALiBi position bias to the attention "
+                f"mask, and lcbench's attention builds its mask from what each layer holds, so the bias would be lost "
+                f"and `full` would not be the model. Fix: use a rotary-position model (Falcon-7B, -40B and -180B "
+                f"have alibi=False; README, supported architectures).")
     types = set(getattr(text, "layer_types", None) or ())
     kinds = types - _ATTENTION_LAYER_TYPES - RECURRENT_LAYER_TYPES - IDLE_LAYER_TYPES - HYBRID_LAYER_TYPES
     if kinds:

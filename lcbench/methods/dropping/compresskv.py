@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ...engine.attention import lcbench_attention, registered
+from ...engine.carried import carried, carrying
 from ...errors import UserError
 from ...params import Param
 from ..base import Needs, keep_count
@@ -58,15 +59,14 @@ from .select import context_budget, force_keep, real_context_slots
 from .snapkv import KERNEL_SIZE, WINDOW_SIZE
 
 CAPTURE_NAME = "lcbench_capture_qkv"
-CAPTURE_KWARG = "lcbench_capture"
 DEPTHS = (0.25, 0.5, 0.75)
 CALIBRATION_RATIO = 0.5  # the ratio layer importance is measured at when the run's is 0 or per layer (--budget)
 
 
 def capture_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """lcbench's plain attention, also handing (module, query, key, value, scaling) of each layer to
-    the callback passed as ``lcbench_capture`` (calibration only)."""
-    callback = kwargs.pop(CAPTURE_KWARG, None)
+    the callback carried as ``capture`` (calibration only)."""
+    callback = carried("capture")
     out = lcbench_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if callback is not None:
         callback(module, query, key, value, query.shape[-1] ** -0.5 if scaling is None else float(scaling))
@@ -79,7 +79,8 @@ def run_captured(model, ids: list[int], callback) -> None:
     model.set_attn_implementation(registered(CAPTURE_NAME, capture_attention))
     try:
         x = torch.tensor([ids], device=next(model.parameters()).device)
-        model(input_ids=x, use_cache=False, **{CAPTURE_KWARG: callback})
+        with carrying(capture=callback):
+            model(input_ids=x, use_cache=False)
     finally:
         model.set_attn_implementation(before)
 

@@ -23,10 +23,10 @@ from typing import Sequence
 import torch
 
 from ...engine.attention import attention_sum, grouped_scores, lcbench_attention, registered, softmax_in_place
+from ...engine.carried import carried, carrying
 from .lm import CompressorLM
 
 PROBE_NAME = "lcbench_text_attention"
-READOUT_KWARG = "lcbench_readout"
 
 
 @dataclass
@@ -58,7 +58,7 @@ class StopForward(Exception):
 
 def probe_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The registered attention function: lcbench's plain attention, plus the readout."""
-    readout: Readout | None = kwargs.pop(READOUT_KWARG, None)
+    readout: Readout | None = carried("readout")
     out = lcbench_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     if readout is not None:
         groups = getattr(module, "num_key_value_groups", 1)
@@ -113,8 +113,8 @@ def head_attention(lm: CompressorLM, ids: Sequence[int], layers: Sequence[int], 
     ``max(layers) + 1`` layers only (EHPC's partial-depth pass; no BOS is prepended)."""
     x = torch.tensor([list(ids)], device=lm.device)
     readout = Readout(window=window, head_layers=frozenset(layers), depth=max(layers) + 1)
-    with probing(lm.model), contextlib.suppress(StopForward):  # raised once the last needed layer ran
-        lm.model(input_ids=x, use_cache=False, **{READOUT_KWARG: readout})
+    with probing(lm.model), carrying(readout=readout), contextlib.suppress(StopForward):  # raised after the last needed layer
+        lm.model(input_ids=x, use_cache=False)
     return readout.head_probs
 
 
@@ -125,8 +125,8 @@ def attention_pass(lm: CompressorLM, ids: Sequence[int], received: bool = False,
     lead = [bos] if bos is not None else []
     x = torch.tensor([lead + list(ids)], device=lm.device)
     readout = Readout(received=received, focus=focus)
-    with probing(lm.model):
-        logits = lm.model(input_ids=x, use_cache=False, **{READOUT_KWARG: readout}).logits[0].float()
+    with probing(lm.model), carrying(readout=readout):
+        logits = lm.model(input_ids=x, use_cache=False).logits[0].float()
     skip = len(lead)
     logp = logits.log_softmax(-1)
     targets = x[0, 1:]
