@@ -63,7 +63,8 @@ def describe_entry(what: str, name: str, console: Console) -> None:
                          "refused (it reads cached slots as keys or values; DeepSeek-V2/V3 cache latents)"))
         rows.append(("hybrid models", "runs (Qwen3-Next, Qwen3.5, Jamba, ...: only the attention layers are compressed)"
                      if cls.hybrid_layers else
-                     "refused (it takes every layer for an attention layer; hybrids have linear-attention layers)"))
+                     "refused (it takes every layer for an attention layer with its own cache; hybrids have "
+                     "linear-attention layers, KV-sharing models (Gemma-3n) layers that reuse another's KV)"))
     else:
         rows += [("suite", cls.suite), ("version", str(cls.version)), ("source", cls.source),
                  ("summary", cls.summary), ("mode", cls.mode)]

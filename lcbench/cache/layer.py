@@ -178,6 +178,8 @@ class DenseLayer(KVLayer):
                 self.valid = None
 
     def crop_to(self, length):
+        if self.keys is None:  # a layer that caches nothing (KV sharing's reusing layers, an MLP-only layer)
+            return
         self.drop_room()  # an older, longer view may still be held: never write over it
         self.keys = self.keys[:, :, :length]
         self.values = self.values[:, :, :length]
@@ -192,6 +194,8 @@ class DenseLayer(KVLayer):
         drop_room(self)
 
     def keep_rows(self, rows):
+        if self.keys is None:
+            return self
         rows = rows.to(self.positions.device)
         out = type(self).__new__(type(self))
         KVLayer.__init__(out)

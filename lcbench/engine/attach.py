@@ -82,15 +82,20 @@ def hybrid_refusal(model, stages) -> str | None:
     attention layer (at any ratio: its calibration alone walks every layer). None when nothing
     stands in the way."""
     geometry = getattr(model, "lcbench_geometry", None)
-    if geometry is None or not geometry.recurrent:
+    if geometry is None or not (geometry.recurrent or geometry.reused):
         return None
+    if geometry.recurrent:
+        other = (f"{len(geometry.recurrent)} of {arch_name(model)}'s {len(geometry.windows)} layers are "
+                 f"linear-attention / state-space layers that keep a recurrent state instead")
+    else:
+        other = (f"{len(geometry.reused)} of {arch_name(model)}'s {len(geometry.windows)} layers reuse an earlier "
+                 f"layer's keys and values (KV sharing) and hold no cache of their own")
     for stage in stages:
         if not stage.hybrid_layers:  # even at ratio 0: its calibration would still walk every layer
-            return (f"method '{stage.name}' takes every layer of the model for an attention layer (it counts, "
-                    f"calibrates or hooks them by layer), but {len(geometry.recurrent)} of {arch_name(model)}'s "
-                    f"{len(geometry.windows)} layers are linear-attention / state-space layers that keep a recurrent "
-                    f"state instead. Fix: a method that runs on hybrid models (`lcbench ls methods NAME` says; e.g. "
-                    f"snapkv, pyramidkv, streamingllm, kivi, ashape), or a model whose layers are all attention")
+            return (f"method '{stage.name}' takes every layer of the model for an attention layer with its own "
+                    f"cache (it counts, calibrates or hooks them by layer), but {other}. Fix: a method that runs on "
+                    f"hybrid models (`lcbench ls methods NAME` says; e.g. snapkv, pyramidkv, streamingllm, kivi, "
+                    f"ashape), or a model whose layers are all attention layers with their own cache")
     return None
 
 
@@ -162,11 +167,17 @@ def probe(model) -> Geometry:
             f"Fix: use a supported architecture (README)."
         )
     calls = [seen.layers.get(i, LayerCall()) for i in range(layers)]
+    reused = tuple(i for i, r in enumerate(calls) if r.reused)
+    if getattr(text_config(model), "num_kv_shared_layers", 0) and not reused:
+        raise UserError(
+            f"{arch_name(model)}'s config shares keys and values between layers (num_kv_shared_layers="
+            f"{text_config(model).num_kv_shared_layers}), but no attention module says which (is_kv_shared_layer): "
+            f"lcbench would cache and compress layers the model does not. Fix: use a supported architecture (README).")
     per_token = tuple(cache.layers[i].nbytes() // 2 for i in range(layers))
     return Geometry(tuple(r.window for r in calls), per_token, any(r.softcap for r in calls),
                     any(r.sinks for r in calls), tuple(r.chunk for r in calls), latent=any(r.latent for r in calls),
                     recurrent=recurrent, stateful=stateful, state_bytes=cache.state_nbytes(),
-                    stepwise=bool(stateful) and continues_inexactly(model, layers, device))
+                    stepwise=bool(stateful) and continues_inexactly(model, layers, device), reused=reused)
 
 
 def continues_inexactly(model, layers: int, device) -> bool:

@@ -48,8 +48,10 @@ from ..cache.shared import SharedContextLayer
 from ..errors import UserError
 from ..methods.base import LayerObservation, Needs
 from ..methods.budget import compress
+from ..models.hook import produces_shared_kv, reuses_kv
 from .carried import carried
 from .joint import JointLayer
+from .kv_sharing import reused_attention, source_view
 from .state import DECODE, PREFILL, QUESTION, ForwardState
 
 ATTENTION_NAME = "lcbench"
@@ -481,6 +483,14 @@ def lcbench_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     layer = cache.layers[idx] if idx is not None else None
     if state.probe is not None:
         state.probe.seen(module, query, key, value, call, stored=layer, layer_idx=idx)
+    if reuses_kv(module):  # KV sharing (Gemma-3n/4): the producer's keys and values, as it saw them
+        view = state.kv_sources.get(module.layer_type)
+        if view is None:
+            raise RuntimeError(f"layer {idx} reuses the keys and values of a '{module.layer_type}' layer that did "
+                               f"not attend before it in this forward")
+        return reused_attention(module, query, key, value, view, call), None
+    if produces_shared_kv(module):
+        state.kv_sources[module.layer_type] = source_view(layer)
     if isinstance(layer, JointLayer):  # several runs' rows decoding together (engine/joint.py)
         return layer.attend(query, lambda q, k, v, part_layer, part_state: attend_layer(
             module, q, k, v, part_layer, part_state, call, idx, len(cache.layers)), key, value), None

@@ -47,10 +47,17 @@ def _padded_rows(layers: list[KVLayer], with_kv: bool = True):
     return (*kv, torch.cat(positions), None if bool(valid_t.all()) else valid_t)
 
 
+def _caches_nothing(layer: KVLayer) -> bool:
+    """A layer no token was ever stored in (KV sharing's reusing layers: engine/kv_sharing.py)."""
+    return type(layer) is DenseLayer and layer.keys is None
+
+
 def stack_rows(layers: list[KVLayer]) -> KVLayer:
     """One layer holding the rows of ``layers`` in order (each left-padded to the longest)."""
     if len(layers) == 1:
         return layers[0]
+    if all(_caches_nothing(layer) for layer in layers):
+        return DenseLayer()
     if all(type(layer) is DenseLayer for layer in layers):
         out = DenseLayer()
         out.keys, out.values, out.positions, out.valid = _padded_rows(layers)
@@ -144,9 +151,12 @@ class StackedLayer(KVLayer):
         return kept[0] if len(kept) == 1 else StackedLayer(kept)
 
 
-def row_layers(layer: KVLayer) -> list[KVLayer]:
+def row_layers(layer: KVLayer, rows: int = 1) -> list[KVLayer]:
     """The single-row layers of a stacked prefill, each without its left padding (views of the
-    dense storage, no copies) — what each sample holds, for measuring it as if it were alone."""
+    dense storage, no copies) — what each sample holds, for measuring it as if it were alone. A
+    layer that caches nothing (KV sharing's reusing layers) is ``rows`` empty ones."""
+    if _caches_nothing(layer):
+        return [DenseLayer() for _ in range(rows)]
     if isinstance(layer, StackedLayer) and all(c.positions.shape[0] == 1 for c in layer.children):
         return list(layer.children)
     if type(layer) is not DenseLayer:
@@ -173,6 +183,8 @@ def row_layers(layer: KVLayer) -> list[KVLayer]:
 
 def take_rows(layer: KVLayer, counts: list[int]) -> KVLayer:
     """A new layer holding row ``j`` of ``layer`` ``counts[j]`` times, in row order (copies)."""
+    if _caches_nothing(layer):
+        return DenseLayer()
     if type(layer) is DenseLayer:
         index = torch.repeat_interleave(torch.arange(len(counts), device=layer.keys.device),
                                         torch.tensor(counts, device=layer.keys.device))

@@ -516,7 +516,7 @@ class Engine:
         prefilled = self.prefill([p.prompt.context_ids for p in group])
         cache = prefilled.cache
         per_row = [cache] if len(group) == 1 else [cache_of(list(layers)) for layers in
-                                                  zip(*(row_layers(layer) for layer in cache.layers))]
+                                                  zip(*(row_layers(layer, len(group)) for layer in cache.layers))]
         measured, stats = [], []
         for j, p in enumerate(group):
             m, st = self.measured(per_row[j], p, prefilled.row_stages[j])

@@ -30,6 +30,9 @@ class ForwardState:
     timer: Any = None  # engine.timing.Stopwatch
     compress_seconds: float = 0.0
     probe: Any = None  # models.hook.HookProbe: records each attention call (the post-load check)
+    # KV sharing (engine/kv_sharing.py): per layer type, what the layer whose keys and values later
+    # layers reuse held when it attended in the current forward
+    kv_sources: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.attention_stages = [s for s in self.stages if "prefill_attention" in s.stages]

@@ -170,8 +170,9 @@ class Stage:
     # calibrates or hooks layers by the model's layer count or modules (a per-layer table over
     # ``num_hidden_layers``, ``layer.self_attn``, waiting for ``num_layers`` observations). On a hybrid
     # model (Qwen3-Next, Qwen3.5, Jamba, Nemotron-H: linear-attention / state-space layers between the
-    # attention layers, which keep a recurrent state and never call attention) the engine refuses it
-    # (engine/attach.hybrid_refusal); stages acting through the per-layer hooks alone run there
+    # attention layers, which keep a recurrent state and never call attention) and on a KV-sharing one
+    # (Gemma-3n/4: layers that reuse an earlier layer's KV and cache none, engine/kv_sharing.py) the
+    # engine refuses it (engine/attach.hybrid_refusal); stages acting through the per-layer hooks alone run there
     hybrid_layers: ClassVar[bool] = True
     # True when the stage scores with the question, which only --query-aware puts in the prefill (Finch):
     # the engine refuses such a chain without it, unless it compresses nothing (ratio 0)

@@ -52,6 +52,10 @@ _MLA_Q = {**_MLA, "q_lora_rank": 16}  # low-rank queries too
 _MLA_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "n_group": 1, "topk_group": 1}
 _GPT_SHAPE = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 1024, "num_key_value_heads": None, "head_dim": None}
 _ALT = {"sliding_window": WINDOW, "layer_types": _alternating()}
+# KV sharing (Gemma-3n/4): the last 2 of 4 layers reuse the KV of the last earlier layer of their kind
+_KV_SHARED = {"sliding_window": WINDOW, "num_hidden_layers": 4, "layer_types": _alternating(4), "num_kv_shared_layers": 2}
+_PER_LAYER_INPUT = {"vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 8}  # Gemma-4's, covering the vocabulary
+_GEMMA3N = {"vocab_size_per_layer_input": 64, "hidden_size_per_layer_input": 8, "altup_num_inputs": 2, "laurel_rank": 8}
 _FALCON = {"num_kv_heads": 2, "new_decoder_architecture": False, "head_dim": None, "num_key_value_heads": None}
 
 FAMILIES: tuple[Family, ...] = (
@@ -98,11 +102,15 @@ FAMILIES: tuple[Family, ...] = (
            {**_ALT, "num_local_experts": 4, "num_experts_per_tok": 2,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}, "alternating window, learned sinks",
            strong_sinks=True),
-    Family("gemma4-text", "Gemma4TextConfig", "Gemma4ForCausalLM", {**_ALT}, "alternating window"),
+    Family("gemma4-text", "Gemma4TextConfig", "Gemma4ForCausalLM", {**_ALT, **_PER_LAYER_INPUT}, "alternating window"),
+    Family("gemma4-text-kv-shared", "Gemma4TextConfig", "Gemma4ForCausalLM", {**_KV_SHARED, **_PER_LAYER_INPUT},
+           "alternating window"),
     Family("gemma3n-text", "Gemma3nTextConfig", "Gemma3nForCausalLM",
-           {**_ALT, "num_kv_shared_layers": 0, "vocab_size_per_layer_input": 64, "hidden_size_per_layer_input": 8,
-            "altup_num_inputs": 2, "laurel_rank": 8, "activation_sparsity_pattern": [0.0, 0.0]},
-           "alternating window, AltUp; KV sharing off (checkpoints that share KV are refused)"),
+           {**_ALT, "num_kv_shared_layers": 0, **_GEMMA3N, "activation_sparsity_pattern": [0.0, 0.0]},
+           "alternating window, AltUp; KV sharing off"),
+    Family("gemma3n-text-kv-shared", "Gemma3nTextConfig", "Gemma3nForCausalLM",
+           {**_KV_SHARED, **_GEMMA3N, "activation_sparsity_pattern": [0.0] * 4},
+           "alternating window, AltUp (as Gemma-3n's checkpoints)"),
     Family("olmoe", "OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}, "MoE"),
     Family("granitemoe", "GraniteMoeConfig", "GraniteMoeForCausalLM",
            {"num_local_experts": 4, "num_experts_per_tok": 2}, "MoE, custom scaling"),

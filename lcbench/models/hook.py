@@ -26,6 +26,18 @@ class LayerCall:
     softcap: float | None = None
     sinks: bool = False
     latent: bool = False  # the layer stores something else than the keys/values attention receives (MLA)
+    reused: bool = False  # the layer attends over an earlier layer's keys and values (KV sharing)
+
+
+def reuses_kv(module) -> bool:
+    """Whether the attention ``module`` attends over an earlier layer's keys and values and caches
+    none of its own (KV sharing: Gemma-3n/4's ``is_kv_shared_layer``; engine/kv_sharing.py)."""
+    return bool(getattr(module, "is_kv_shared_layer", False))
+
+
+def produces_shared_kv(module) -> bool:
+    """Whether later layers reuse the attention ``module``'s keys and values (``store_full_length_kv``)."""
+    return bool(getattr(module, "store_full_length_kv", False))
 
 
 @dataclass
@@ -46,6 +58,7 @@ class HookProbe:
         rec = self.layers.setdefault(int(idx), LayerCall())
         rec.calls += 1
         rec.window, rec.chunk, rec.softcap, rec.sinks = call.window, call.chunk, call.softcap, call.sinks is not None
+        rec.reused = reuses_kv(module)
         held = getattr(stored, "keys", None), getattr(stored, "values", None)
         if held[0] is not None and held[1] is not None:
             rec.latent = held[0].shape[1:] != key.shape[1:] or held[1].shape[1:] != value.shape[1:]
@@ -73,6 +86,7 @@ class Geometry:
     # those layers continue a state over several tokens inexactly (transformers' PyTorch Mamba paths of
     # Jamba and Bamba): a pass continuing a state feeds its tokens one at a time (engine/decode.forward)
     stepwise: bool = False
+    reused: tuple[int, ...] = ()  # layers attending over an earlier layer's keys and values (KV sharing): no cache
 
     def visible(self, layer: int, tokens: int) -> int:
         """Tokens of a ``tokens``-long context (true positions 0 … tokens − 1) that layer ``layer``
@@ -107,6 +121,8 @@ class Geometry:
             parts.append("learned attention sinks")
         if self.latent:
             parts.append("multi-head latent attention (a latent cached per token)")
+        if self.reused:
+            parts.append(f"{len(self.reused)} reusing an earlier layer's keys and values (KV sharing)")
         if self.stateful:
             size = f"{self.state_bytes / 2**20:.1f} MiB" if self.state_bytes >= 2**20 else f"{self.state_bytes / 2**10:.1f} KiB"
             n, beside = len(self.recurrent), len(self.stateful) - len(self.recurrent)
@@ -154,10 +170,6 @@ def config_refusal(cfg) -> str | None:
         return (f"it has no attention layer (its layers are {', '.join(sorted(types))}: a pure state-space or "
                 f"linear-attention model), so it has no KV cache for any method to compress. Fix: use a model with "
                 f"attention layers (hybrids such as Qwen3-Next, Qwen3.5 or Jamba run; README, supported architectures).")
-    if getattr(text, "num_kv_shared_layers", 0):
-        return (f"{text.num_kv_shared_layers} of its layers reuse another layer's keys and values (KV sharing, as in "
-                f"Gemma-3n): lcbench's cache holds and compresses each layer's own. Fix: use a supported "
-                f"architecture (README).")
     return None
 
 
