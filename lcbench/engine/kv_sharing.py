@@ -55,8 +55,9 @@ class SourceView:
 
 
 def source_view(layer: KVLayer, with_tensors: bool = False) -> SourceView:
-    """A :class:`SourceView` of ``layer`` now (tensors are referenced, not copied: lcbench's layers
-    replace their tensors when they change, never write into them)."""
+    """A :class:`SourceView` of ``layer`` now. Tensors are referenced, not copied: a layer that drops
+    or merges slots replaces its tensors, and one that appends writes only past the slots it held
+    (cache/room.py), so the view keeps what the layer held when it was taken."""
     from .attention import slot_bias
     from .joint import JointLayer
 
