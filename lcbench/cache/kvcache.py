@@ -24,7 +24,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..errors import UserError
-from .layer import DenseLayer, KVLayer
+from .layer import DenseLayer, KVLayer, caches_nothing
 from .recurrent import RecurrentLayer
 
 
@@ -80,8 +80,7 @@ class KVCache(Cache):
                 raise UserError(f"layer {layer_idx} of this model asks for a recurrent state while lcbench's cache "
                                 f"holds a {type(layer).__name__} there. Fix: use a supported architecture (README).")
             layer = RecurrentLayer()
-            if layer_idx < len(self.layers) and self.layers[layer_idx].positions is None \
-                    and type(self.layers[layer_idx]) is DenseLayer:
+            if layer_idx < len(self.layers) and caches_nothing(self.layers[layer_idx]):
                 self.layers[layer_idx] = layer  # a still-empty layer: recurrent (it moves aside if keys come)
             else:
                 side[layer_idx] = layer  # the layer already stores keys: its state goes beside them
@@ -142,8 +141,7 @@ class KVCache(Cache):
     def token_layers(self) -> list[KVLayer]:
         """The layers holding tokens: not the recurrent ones, nor those nothing was stored in
         (a layer without a token mixer: Nemotron-H's MLP layers)."""
-        return [layer for layer in self.layers if not isinstance(layer, RecurrentLayer)
-                and not (type(layer) is DenseLayer and layer.positions is None)]
+        return [layer for layer in self.layers if not isinstance(layer, RecurrentLayer) and not caches_nothing(layer)]
 
     def state_nbytes(self) -> int:
         """Bytes of the recurrent layers' fixed-size states (0 on a model without them)."""

@@ -219,6 +219,13 @@ class DenseLayer(KVLayer):
         return out
 
 
+def caches_nothing(layer: KVLayer) -> bool:
+    """A plain layer no token was ever stored in: one whose attention reuses another layer's keys and
+    values (KV sharing: engine/kv_sharing.py), one without a token mixer (Nemotron-H's MLP layers),
+    or one not written yet."""
+    return type(layer) is DenseLayer and layer.positions is None
+
+
 def lowest_visible(positions: torch.Tensor, window: int | None, chunk: int | None = None) -> torch.Tensor | None:
     """The lowest key position queries at true ``positions`` see: ``p − window + 1`` through a
     sliding window, the start of their chunk ``⌊p / chunk⌋ · chunk`` on a chunked layer; None when

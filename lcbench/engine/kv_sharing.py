@@ -77,14 +77,10 @@ def reused_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
 
     if view.shared is not None:
         return shared_context_attention(module, query, _last_queries(view.shared, query.shape[2]), call)
-    if view.parts is not None:
+    if view.parts is not None:  # each run's rows over its own layer (the model handed no keys for them)
         outs, start = [], 0
         for part, rows in view.parts:
-            rows_q = query[start:start + rows]
-            if part.shared is not None:
-                outs.append(shared_context_attention(module, rows_q, _last_queries(part.shared, rows_q.shape[2]), call))
-            else:
-                outs.append(_dense_over(module, rows_q, part.keys, part.values, part, call))
+            outs.append(reused_attention(module, query[start:start + rows], part.keys, part.values, part, call))
             start += rows
         return torch.cat(outs)
     return _dense_over(module, query, key, value, view, call)

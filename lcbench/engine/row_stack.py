@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..cache import KVCache
-from ..cache.layer import DenseLayer, KVLayer
+from ..cache.layer import DenseLayer, KVLayer, caches_nothing
 
 
 def pad_left(t: torch.Tensor, width: int, fill) -> torch.Tensor:
@@ -47,16 +47,11 @@ def _padded_rows(layers: list[KVLayer], with_kv: bool = True):
     return (*kv, torch.cat(positions), None if bool(valid_t.all()) else valid_t)
 
 
-def _caches_nothing(layer: KVLayer) -> bool:
-    """A layer no token was ever stored in (KV sharing's reusing layers: engine/kv_sharing.py)."""
-    return type(layer) is DenseLayer and layer.keys is None
-
-
 def stack_rows(layers: list[KVLayer]) -> KVLayer:
     """One layer holding the rows of ``layers`` in order (each left-padded to the longest)."""
     if len(layers) == 1:
         return layers[0]
-    if all(_caches_nothing(layer) for layer in layers):
+    if all(caches_nothing(layer) for layer in layers):
         return DenseLayer()
     if all(type(layer) is DenseLayer for layer in layers):
         out = DenseLayer()
@@ -155,7 +150,7 @@ def row_layers(layer: KVLayer, rows: int = 1) -> list[KVLayer]:
     """The single-row layers of a stacked prefill, each without its left padding (views of the
     dense storage, no copies) — what each sample holds, for measuring it as if it were alone. A
     layer that caches nothing (KV sharing's reusing layers) is ``rows`` empty ones."""
-    if _caches_nothing(layer):
+    if caches_nothing(layer):
         return [DenseLayer() for _ in range(rows)]
     if isinstance(layer, StackedLayer) and all(c.positions.shape[0] == 1 for c in layer.children):
         return list(layer.children)
@@ -183,7 +178,7 @@ def row_layers(layer: KVLayer, rows: int = 1) -> list[KVLayer]:
 
 def take_rows(layer: KVLayer, counts: list[int]) -> KVLayer:
     """A new layer holding row ``j`` of ``layer`` ``counts[j]`` times, in row order (copies)."""
-    if _caches_nothing(layer):
+    if caches_nothing(layer):
         return DenseLayer()
     if type(layer) is DenseLayer:
         index = torch.repeat_interleave(torch.arange(len(counts), device=layer.keys.device),
