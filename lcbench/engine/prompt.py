@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..chat import chat_text
 from ..errors import UserError
 from ..tasks.sample import Sample
 
@@ -28,7 +29,7 @@ def uses_chat(tokenizer, sample: Sample) -> bool:
 
 
 def _chat_text(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return chat_text(tokenizer, messages)
 
 
 def _messages(sample: Sample, turn_count: int, gold_history: bool, context: str, question: str) -> list[dict]:

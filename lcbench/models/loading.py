@@ -86,32 +86,88 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def refuse_before_loading(name_or_path: str, kw: dict[str, Any]) -> None:
-    """Read only the config and refuse, before any weights are fetched, an architecture the
-    post-load probe would refuse anyway (:func:`lcbench.models.hook.config_refusal`)."""
+def read_config(name_or_path: str, kw: dict[str, Any]):
+    """The checkpoint's config, read before any weights are fetched; None when it cannot be read
+    for a reason ``from_pretrained`` reports better (not found, no network: an ``OSError``). A
+    config transformers cannot make sense of (a ``model_type`` this transformers does not know, a
+    repository whose own code must be trusted first) is a :class:`UserError` naming the fix."""
     from transformers import AutoConfig
 
-    from .hook import config_refusal
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kw)
+    except OSError:
+        return None
+    except ValueError as exc:
+        import transformers
+
+        raise UserError(
+            f"model '{name_or_path}': transformers {transformers.__version__} cannot read its config: "
+            f"{str(exc).splitlines()[0]} Fix: a model type newer than this transformers needs a newer one "
+            f"(pip install -U '{transformers_pin()}'); a repository with its own model code needs "
+            f"--model-args trust_remote_code=true."
+        ) from None
+
+
+def transformers_pin() -> str:
+    """The transformers requirement lcbench is installed with (its pyproject's pin)."""
+    from importlib import metadata
 
     try:
-        cfg = AutoConfig.from_pretrained(name_or_path, **kw)
-    except (OSError, ValueError):
-        return  # from_pretrained below reports what is wrong
-    reason = config_refusal(cfg)
+        return next(r for r in metadata.requires("lcbench") or [] if r.replace(" ", "").startswith("transformers"))
+    except (metadata.PackageNotFoundError, StopIteration):
+        return "transformers"
+
+
+def refuse_before_loading(name_or_path: str, cfg) -> None:
+    """Refuse, before any weights are fetched, an architecture the post-load probe would refuse
+    anyway (:func:`lcbench.models.hook.config_refusal`)."""
+    from .hook import config_refusal
+
+    reason = config_refusal(cfg) if cfg is not None else None
     if reason:
         raise UserError(f"model '{name_or_path}': {reason}")
 
 
+def auto_class(name_or_path: str, cfg):
+    """The transformers auto class that builds a text generator from this config: a causal LM
+    (``AutoModelForCausalLM``, which also maps Gemma-3/3n/4 and Llama-4 instruct checkpoints to
+    their vision-language classes), else a vision-language model that generates text from text
+    alone (``AutoModelForImageTextToText``: Mistral-Small-3.x ``mistral3``, Qwen2/2.5/3-VL, LLaVA,
+    ...; lcbench feeds it text only and takes over its text layers). Anything else — an encoder,
+    an encoder-decoder, an audio or vision-only model — is refused with exit 2."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    if cfg is None:
+        return AutoModelForCausalLM  # from_pretrained reports why the config could not be read
+    auto_map = getattr(cfg, "auto_map", None) or {}
+    model_type = getattr(cfg, "model_type", "")
+    if "AutoModelForCausalLM" in auto_map or model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForCausalLM
+    if "AutoModelForImageTextToText" in auto_map or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    raise UserError(
+        f"model '{name_or_path}' is a '{model_type}' model ({', '.join(getattr(cfg, 'architectures', None) or ['?'])}), "
+        f"which is neither a causal LM nor a vision-language model that generates text, so lcbench cannot "
+        f"decode with it. Fix: pass a decoder (causal LM) checkpoint; `lcbench ls models` lists registered ones."
+    )
+
+
 def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> LoadedModel:
     """``from_pretrained`` by hub id or local path, exactly as users expect."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     dtype = resolve_dtype(args.get("dtype"), device)
     kw = {k: args[k] for k in ("gguf_file", "revision", "trust_remote_code", "local_files_only") if args.get(k) is not None}
     try:
-        refuse_before_loading(name_or_path, kw)
+        cfg = read_config(name_or_path, kw)
+        refuse_before_loading(name_or_path, cfg)
+        auto = auto_class(name_or_path, cfg)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kw, **device_placement(args, device))
+        model = auto.from_pretrained(name_or_path, dtype=dtype, **kw, **device_placement(args, device))
     except OSError as exc:
         raise UserError(
             f"could not load model '{name_or_path}': {str(exc).splitlines()[0]} "

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ..chat import chat_text
 from .. import protocol_file
 from ..errors import UserError
 from . import essays
@@ -135,7 +136,7 @@ def two_user_messages(tokenizer, system: str) -> bool:
         return False
     msgs = [{"role": "system", "content": system}, {"role": "user", "content": "C"}, {"role": "user", "content": "Q"}]
     try:
-        tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        chat_text(tokenizer, msgs)
         return True
     except Exception as exc:  # jinja TemplateError: "roles must alternate" and the like
         warnings.warn(f"niah: the model's chat template rejects two user messages in a row ({exc}); the question "

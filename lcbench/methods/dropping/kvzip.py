@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 
 from ...cache import KVCache
+from ...chat import chat_text
 from ...cache.ragged import RaggedLayer
 from ...errors import UserError
 from ...params import Param
@@ -58,8 +59,7 @@ def template_parts(tokenizer) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None) is None:
         return "", "\n"
     content, mark = "dummy context", "\n" + "#" * len("dummy context")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content + mark}], add_generation_prompt=True,
-                                         tokenize=False, enable_thinking=False)
+    text = chat_text(tokenizer, [{"role": "user", "content": content + mark}], enable_thinking=False)
     before, suffix = text.split(mark)
     return before.split(content)[0], suffix
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ...chat import chat_text
 from ...errors import UserError
 
 
@@ -90,7 +91,7 @@ def chat_overhead(tokenizer) -> int:
     if not getattr(tokenizer, "chat_template", None):
         return 0
     msgs = [{"role": "user", "content": "x"}]
-    text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    text = chat_text(tokenizer, msgs)
     return max(0, len(tokenizer(text, add_special_tokens=False)["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"]))
 
 

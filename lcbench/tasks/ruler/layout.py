@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ...chat import chat_text
 from .niah import singularize
 from .protocol import Rendered
 from .sizing import PromptCounter
@@ -50,8 +51,7 @@ def chat_wrapper(tokenizer: Any) -> tuple[str, str] | None:
     prompt included; None without a chat template or when the template alters the message."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = chat_text(tokenizer, [{"role": "user", "content": _MARK}])
     pre, sep, post = text.partition(_MARK)
     return (pre, post) if sep and _MARK not in post else None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ...chat import chat_text
 from ...errors import UserError
 
 
@@ -27,8 +28,7 @@ class PromptCounter:
 
     def text(self, user: str, answer_prefix: str = "") -> str:
         if self.chat:
-            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                          add_generation_prompt=True)
+            rendered = chat_text(self.tokenizer, [{"role": "user", "content": user}])
             return rendered + answer_prefix
         return user + answer_prefix
 

@@ -23,6 +23,7 @@ import dataclasses
 import re
 from typing import Any
 
+from ...chat import chat_text
 from ..sample import Sample, Turn
 from .protocol import MIXED, PROTOCOL
 
@@ -121,8 +122,7 @@ def parts(task: str, row: dict, multi_request: bool, chat: bool,
 
 def _render(tokenizer: Any, chat: bool, user: str) -> str:
     if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        return chat_text(tokenizer, [{"role": "user", "content": user}])
     return user
 
 

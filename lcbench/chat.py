@@ -1,0 +1,62 @@
+"""A tokenizer's chat template, given each message's text in the form the template reads.
+
+Text-only chat templates read ``message["content"]`` as a string. Many vision-language checkpoints'
+templates (LLaVA, LLaVA-NeXT, Idefics, SmolVLM: the ``chat_template.jinja`` beside the processor)
+read it only as a list of parts (``[{"type": "text", "text": ...}]``) and, given a string, iterate
+its characters, find no ``type == "text"`` part and render the message *empty* — no error, the
+model is asked nothing. Every prompt lcbench renders goes through :func:`chat_text`, which finds
+once per template which form keeps a probe text (string first, then parts) and refuses a template
+that keeps neither.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import UserError
+
+_PROBE = "\u2063lcbench-chat-probe\u2063"
+_FORMS: dict[str, str] = {}  # chat template text -> "string" | "parts"
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _as_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+def _keeps_probe(tokenizer: Any, messages: list[dict]) -> bool:
+    try:
+        return _PROBE in tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # jinja's TemplateError, or a template indexing a string as a dict
+        return False
+
+
+def content_form(tokenizer: Any) -> str:
+    """``"string"`` or ``"parts"``: how the tokenizer's chat template must be given a message's text
+    for the text to appear in the prompt. A :class:`UserError` when neither form keeps it."""
+    template = tokenizer.chat_template
+    key = template if isinstance(template, str) else repr(template)
+    if key not in _FORMS:
+        probe = [{"role": "user", "content": _PROBE}]
+        if _keeps_probe(tokenizer, probe):
+            _FORMS[key] = "string"
+        elif _keeps_probe(tokenizer, _as_parts(probe)):
+            _FORMS[key] = "parts"
+        else:
+            raise UserError("the model's chat template drops the text of a user message, given either as a string "
+                            "or as [{'type': 'text', 'text': ...}] parts, so every prompt would reach the model empty. "
+                            "Fix: the task's plain prompt (--task-args chat=false; LongBench: chat=never), or a tokenizer "
+                            "whose chat template renders user text.")
+    return _FORMS[key]
+
+
+def chat_text(tokenizer: Any, messages: list[dict], **template_kwargs: Any) -> str:
+    """``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` with each
+    string content given in the form the template reads (:func:`content_form`)."""
+    if content_form(tokenizer) == "parts":
+        messages = _as_parts(messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)

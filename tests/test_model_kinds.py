@@ -1,0 +1,184 @@
+"""What `--model <checkpoint>` loads: causal LMs, vision-language checkpoints that generate text from
+text alone (Mistral-Small-3.x is ``mistral3``, which ``AutoModelForCausalLM`` does not map), and a
+clear exit 2 for everything else; chat templates that read a message's text only as content parts."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lcbench import architectures as support
+from lcbench.chat import chat_text, content_form
+from lcbench.errors import UserError
+from lcbench.models.families import tiny_config_kwargs
+from lcbench.models.tiny import CHAT_TEMPLATE, tiny_tokenizer
+
+# A LLaVA-style template (the form of llava-hf's chat_template.jinja): it reads only the text parts
+# of a message's content; given a string it renders the message empty, without an error.
+PARTS_ONLY = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% for part in m['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    exe = shutil.which("lcbench")
+    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def _vision(**extra):
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **extra)
+
+
+def _mistral3():
+    import transformers as T
+
+    text = {**tiny_config_kwargs(tiny_tokenizer()), "model_type": "mistral"}
+    vision = _vision(image_size=28, patch_size=14, head_dim=16, model_type="pixtral")
+    return T.Mistral3ForConditionalGeneration(T.Mistral3Config(text_config=text, vision_config=vision))
+
+
+def _qwen2_5_vl():
+    import transformers as T
+
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    text = {**tiny_config_kwargs(tiny_tokenizer()), "rope_parameters": rope}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"])
+    return T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def _llava():
+    import transformers as T
+
+    text = {**tiny_config_kwargs(tiny_tokenizer()), "model_type": "llama"}
+    vision = _vision(image_size=28, patch_size=14, model_type="clip_vision_model", projection_dim=32)
+    return T.LlavaForConditionalGeneration(T.LlavaConfig(text_config=text, vision_config=vision))
+
+
+def _save(tmp_path, name, build, template=CHAT_TEMPLATE):
+    torch.manual_seed(0)
+    model = build().eval()
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _records(out) -> dict[str, list[dict]]:
+    return {p.parent.name.split("__")[1]: [json.loads(line) for line in p.read_text().splitlines()]
+            for p in out.rglob("samples.jsonl")}
+
+
+@pytest.mark.parametrize("name,build,template", [("mistral3", _mistral3, CHAT_TEMPLATE),
+                                                  ("qwen2_5_vl", _qwen2_5_vl, CHAT_TEMPLATE),
+                                                  ("llava", _llava, PARTS_ONLY)])
+def test_vision_language_checkpoint_runs_from_the_cli(tmp_path, name, build, template):
+    """`lcbench run --model <folder>` on a vision-language checkpoint that AutoModelForCausalLM does
+    not map: it loads through AutoModelForImageTextToText, lcbench takes over its text layers, snapkv
+    reaches its ratio, exit 0; `full` predicts what the checkpoint's own `generate` does on the text.
+    The LLaVA folder's template reads only content parts: the prompt is the same length as through a
+    string template (267 tokens for this sample), not an empty message."""
+    from transformers import AutoModelForImageTextToText
+
+    from lcbench.engine.attach import attached, use_lcbench_attention
+    from lcbench.engine.prompt import render
+    from lcbench.models.loading import load_model
+    from tests.conftest import engine_for
+
+    folder = _save(tmp_path, name, build, template)
+    proc = _cli("run", "--model", str(folder), "--method", "full,snapkv", "--ratio", "0.5", "--task", "niah",
+                "--task-args", "lengths=320,depths=50,max_new_tokens=6", "--limit", "1", "--share-prefill", "off",
+                "--output-path", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = _records(tmp_path / "out")
+    assert sorted(records) == ["full", "snapkv"]
+    assert records["snapkv"][0]["measured"]["achieved_ratio"] > 0.45
+    assert records["full"][0]["measured"]["input_tokens"] == 267
+
+    ref = AutoModelForImageTextToText.from_pretrained(folder, attn_implementation="eager").eval()
+    loaded = load_model(str(folder), None, "cpu")
+    assert type(loaded.model) is type(ref)
+    if not attached(loaded.model):
+        use_lcbench_attention(loaded.model)
+    tok = loaded.tokenizer
+    sample = support.sample()
+    p = render(tok, sample, sample.context, False)
+    want = support._text(tok, support._generate(ref, p.context_ids + p.turn_ids[0]))
+    assert engine_for(loaded.model, tok).run(sample, False)[0]["prediction"] == want
+
+
+def test_a_parts_only_chat_template_is_given_parts():
+    """The prompt a parts-only template renders equals the string template's; handed a string, that
+    template would have rendered the user's text away (what lcbench did before)."""
+    plain = tiny_tokenizer()
+    parts = copy.deepcopy(plain)
+    parts.chat_template = PARTS_ONLY
+    msgs = [{"role": "user", "content": "Read the following text carefully."}]
+    assert "Read the following" not in parts.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert content_form(plain) == "string" and content_form(parts) == "parts"
+    assert chat_text(parts, msgs) == chat_text(plain, msgs)
+    assert "Read the following text carefully." in chat_text(parts, msgs)
+
+
+def test_a_template_that_drops_user_text_is_refused():
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"
+    with pytest.raises(UserError, match="drops the text of a user message"):
+        chat_text(tok, [{"role": "user", "content": "hello"}])
+
+
+def test_checkpoints_that_cannot_generate_text_exit_2(tmp_path):
+    """An encoder-decoder (T5) folder, and a config whose model_type this transformers does not know:
+    exit 2 naming the model type and the fix, no traceback (both were a ValueError traceback)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
+                                        vocab_size=100)).save_pretrained(t5)
+    future = tmp_path / "future"
+    future.mkdir()
+    (future / "config.json").write_text(json.dumps({"model_type": "lcbench-future-arch"}))
+    for folder, says in [(t5, "is a 't5' model"), (future, "lcbench-future-arch")]:
+        proc = _cli("run", "--model", str(folder), "--method", "full", "--task", "niah", "--limit", "1",
+                    "--output-path", str(tmp_path / "out"))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        err = " ".join(proc.stderr.split())
+        assert says in err and "Fix:" in err and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").rglob("samples.jsonl"))
+
+
+def test_gemma4_instruct_wrapper_with_kv_sharing():
+    """Gemma-4 checkpoints load as Gemma4ForConditionalGeneration (AutoModelForCausalLM maps
+    ``gemma4`` to it): with KV-sharing text layers inside, `full` predicts what its `generate` does
+    and snapkv reaches 0.5."""
+    import transformers as T
+
+    from lcbench.engine.attach import use_lcbench_attention
+    from lcbench.engine.prompt import render
+    from lcbench.models.families import family
+    from tests.conftest import engine_for
+
+    tok = tiny_tokenizer()
+    text = {**tiny_config_kwargs(tok), **family("gemma4-text-kv-shared").overrides}
+    cfg = T.Gemma4Config(text_config=text, vision_config=None, audio_config=None)
+    torch.manual_seed(0)
+    ref = T.Gemma4ForConditionalGeneration(cfg).eval()
+    model = T.Gemma4ForConditionalGeneration(cfg).eval()
+    model.load_state_dict(ref.state_dict())
+    use_lcbench_attention(model)
+    assert len(model.lcbench_geometry.reused) == 2
+    sample = support.sample()
+    p = render(tok, sample, sample.context, False)
+    want = support._text(tok, support._generate(ref, p.context_ids + p.turn_ids[0]))
+    assert engine_for(model, tok).run(sample, False)[0]["prediction"] == want
+    assert 0.45 <= engine_for(model, tok, "snapkv", 0.5).run(sample, False)[0].measured.achieved_ratio <= 0.55
