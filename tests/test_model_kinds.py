@@ -138,8 +138,9 @@ def test_a_template_that_drops_user_text_is_refused():
 
 
 def test_checkpoints_that_cannot_generate_text_exit_2(tmp_path):
-    """An encoder-decoder (T5) folder, and a config whose model_type this transformers does not know:
-    exit 2 naming the model type and the fix, no traceback (both were a ValueError traceback)."""
+    """An encoder-decoder (T5) folder, a config whose model_type this transformers does not know, a
+    GGUF of an architecture transformers' GGUF reader lacks: exit 2 naming the model type and the
+    fix, no traceback (each was a ValueError traceback)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     t5 = tmp_path / "t5"
@@ -148,8 +149,21 @@ def test_checkpoints_that_cannot_generate_text_exit_2(tmp_path):
     future = tmp_path / "future"
     future.mkdir()
     (future / "config.json").write_text(json.dumps({"model_type": "lcbench-future-arch"}))
-    for folder, says in [(t5, "is a 't5' model"), (future, "lcbench-future-arch")]:
-        proc = _cli("run", "--model", str(folder), "--method", "full", "--task", "niah", "--limit", "1",
+    odd = tmp_path / "gguf"
+    odd.mkdir()
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(odd / "odd.gguf"), arch="lcbenchodd")  # an architecture transformers' GGUF reader lacks
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for folder, extra, says in [(t5, [], "is a 't5' model"), (future, [], "lcbench-future-arch"),
+                                (odd, ["--model-args", "gguf_file=odd.gguf"], "architecture lcbenchodd")]:
+        proc = _cli("run", "--model", str(folder), *extra, "--method", "full", "--task", "niah", "--limit", "1",
                     "--output-path", str(tmp_path / "out"))
         assert proc.returncode == 2, proc.stderr[-2000:]
         err = " ".join(proc.stderr.split())

@@ -100,12 +100,12 @@ def read_config(name_or_path: str, kw: dict[str, Any]):
     except ValueError as exc:
         import transformers
 
-        raise UserError(
-            f"model '{name_or_path}': transformers {transformers.__version__} cannot read its config: "
-            f"{str(exc).splitlines()[0]} Fix: a model type newer than this transformers needs a newer one "
-            f"(pip install -U '{transformers_pin()}'); a repository with its own model code needs "
-            f"--model-args trust_remote_code=true."
-        ) from None
+        fix = ("transformers reads only some GGUF architectures: pass the model's safetensors checkpoint "
+               "instead" if kw.get("gguf_file") else
+               f"a model type newer than this transformers needs a newer one (pip install -U '{transformers_pin()}'); "
+               f"a repository with its own model code needs --model-args trust_remote_code=true")
+        raise UserError(f"model '{name_or_path}': transformers {transformers.__version__} cannot read its config: "
+                        f"{str(exc).splitlines()[0]} Fix: {fix}.") from None
 
 
 def transformers_pin() -> str:
