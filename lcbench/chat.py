@@ -17,6 +17,7 @@ from .errors import UserError
 
 _PROBE = "\u2063lcbench-chat-probe\u2063"
 _FORMS: dict[str, str] = {}  # chat template text -> "string" | "parts"
+_SYSTEM: dict[str, bool] = {}  # chat template text -> renders a system message
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -35,11 +36,15 @@ def _keeps_probe(tokenizer: Any, messages: list[dict]) -> bool:
         return False
 
 
+def _key(tokenizer: Any) -> str:
+    template = tokenizer.chat_template
+    return template if isinstance(template, str) else repr(template)
+
+
 def content_form(tokenizer: Any) -> str:
     """``"string"`` or ``"parts"``: how the tokenizer's chat template must be given a message's text
     for the text to appear in the prompt. A :class:`UserError` when neither form keeps it."""
-    template = tokenizer.chat_template
-    key = template if isinstance(template, str) else repr(template)
+    key = _key(tokenizer)
     if key not in _FORMS:
         probe = [{"role": "user", "content": _PROBE}]
         if _keeps_probe(tokenizer, probe):
@@ -54,9 +59,33 @@ def content_form(tokenizer: Any) -> str:
     return _FORMS[key]
 
 
+def accepts_system(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system message. Gemma-1/2's and Mistral-7B-Instruct
+    v0.x's raise ("System role not supported"); Gemma-3's folds it into the first user message
+    itself."""
+    key = _key(tokenizer)
+    if key not in _SYSTEM:
+        try:
+            text = chat_text(tokenizer, [{"role": "system", "content": _PROBE + "s"}, {"role": "user", "content": "x"}])
+            _SYSTEM[key] = _PROBE + "s" in text
+        except UserError:
+            _SYSTEM[key] = False
+    return _SYSTEM[key]
+
+
 def chat_text(tokenizer: Any, messages: list[dict], **template_kwargs: Any) -> str:
     """``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` with each
-    string content given in the form the template reads (:func:`content_form`)."""
+    string content given in the form the template reads (:func:`content_form`). A template that
+    raises on these messages (its ``raise_exception``: roles that must alternate, no system role) is
+    a :class:`UserError` carrying the template's own words."""
+    from jinja2 import TemplateError
+
     if content_form(tokenizer) == "parts":
         messages = _as_parts(messages)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    except TemplateError as exc:
+        roles = ", ".join(m.get("role", "?") for m in messages)
+        raise UserError(f"the model's chat template refuses the messages [{roles}]: {exc}. Fix: the task's plain "
+                        f"prompt (--task-args chat=false; LongBench: chat=never), or a tokenizer whose chat "
+                        f"template accepts them.") from None

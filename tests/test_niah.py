@@ -41,6 +41,70 @@ def test_context_and_question_as_two_user_messages_as_upstreams_openai_provider(
     assert fixed.meta["messages"] == "one" and fixed.context == up.context
 
 
+# Gemma-1/2's and Mistral-7B-Instruct v0.x's template shape: no system role, roles must alternate
+NO_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+             "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+             "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+             "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_without_a_system_role_gets_the_system_prompt_in_the_user_message(tmp_path):
+    """Such a template raised on upstream's system message (`lcbench run --task niah` on Gemma-2-it
+    ended in a TemplateError traceback, exit 1). The system prompt now opens the context's user
+    message, as Gemma-3's template folds one; records say system='folded'. messages=two falls back
+    to one message there (roles must alternate)."""
+    import copy
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from lcbench.engine.prompt import render
+    from lcbench.models.tiny import tiny_llama
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = NO_SYSTEM
+    with pytest.warns(UserWarning, match="no system role"):
+        sample = NeedleInAHaystack(lengths="400", depths="50", haystack="filler").samples(_env(tok))[0]
+    plain = NeedleInAHaystack(lengths="400", depths="50", haystack="filler").samples(_env(tiny_tokenizer()))[0]
+    assert sample.system is None and sample.meta["system"] == "folded" and "system" not in plain.meta
+    assert sample.context == plain.system + "\n\n" + plain.context
+    p = render(tok, sample, sample.context, multi_turn=False)
+    assert p.context_text + p.turn_texts[0] == tok.apply_chat_template(
+        [{"role": "user", "content": sample.context + sample.turns[0].question}], tokenize=False,
+        add_generation_prompt=True)
+    with pytest.warns(UserWarning, match="two user messages"):
+        two = NeedleInAHaystack(lengths="400", depths="50", haystack="filler", messages="two").samples(_env(tok))[0]
+    assert two.meta["messages"] == "one"
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    exe = shutil.which("lcbench")
+    cmd = [exe] if exe else [sys.executable, "-m", "lcbench.cli"]
+    proc = subprocess.run(cmd + ["run", "--model", str(folder), "--method", "full", "--task", "niah", "--task-args",
+                                 "lengths=400,depths=50,haystack=filler,max_new_tokens=4", "--output-path",
+                                 str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next((tmp_path / "out").rglob("samples.jsonl")).read_text().splitlines()[0])
+    assert record["meta"]["system"] == "folded"
+
+
+def test_a_template_that_raises_on_the_messages_is_exit_2_in_its_own_words():
+    """A template's raise_exception (here on any assistant turn) reaches the user as a UserError with
+    the template's message and the fix, not a jinja traceback."""
+    import copy
+
+    from lcbench.chat import chat_text
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no replies here') }}"
+                         "{% endif %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(UserError, match=r"refuses the messages \[user, assistant\]: no replies here.*chat=false"):
+        chat_text(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+
+
 def test_default_haystack_is_upstreams_essays_from_the_local_data(shared_data, monkeypatch):
     from lcbench.tasks import essays
 

@@ -15,7 +15,9 @@ OpenAI provider (``providers/openai.py``) sends them as two user messages (``mes
 its Anthropic prompt (``providers/Anthropic_prompt.txt``) joins them with a blank line, which is
 lcbench's default (``messages=one``: one user message, as every recorded lcbench run used; a
 labelled deviation from the OpenAI layout; ``two`` falls back to one, warned, when the chat
-template rejects consecutive user messages).
+template rejects consecutive user messages). A chat template without a system role (Gemma-1/2,
+Mistral-7B-Instruct v0.x) gets the system prompt at the head of the context's user message
+(:func:`system_folded`).
 
 Scoring deviates from upstream, which uses an LLM judge (gpt-3.5-turbo, 1–10) that is not
 available offline: ``score`` is the fraction of the needle's content words found in the
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..chat import chat_text
+from ..chat import accepts_system, chat_text
 from .. import protocol_file
 from ..errors import UserError
 from . import essays
@@ -127,14 +129,27 @@ def resolve_haystack(choice: str | None, data_dir: Path | None = None) -> Resolv
     return ResolvedHaystack(read_haystack(found.path), ESSAYS, {"haystack": ESSAYS, **found.meta()})
 
 
-def two_user_messages(tokenizer, system: str) -> bool:
+def system_folded(tokenizer) -> bool:
+    """Upstream's system prompt goes in a system message; a chat template without a system role
+    (Gemma-1/2, Mistral-7B-Instruct v0.x: they raise) gets it at the head of the context's user
+    message instead, followed by a blank line, as Gemma-3's own template folds a system message
+    (warned; records say system='folded')."""
+    if not getattr(tokenizer, "chat_template", None) or accepts_system(tokenizer):
+        return False
+    warnings.warn("niah: the model's chat template has no system role; upstream's system prompt opens the "
+                  "context's user message instead (records say system='folded').", stacklevel=2)
+    return True
+
+
+def two_user_messages(tokenizer, system: str | None) -> bool:
     """Whether upstream's message layout applies: ``[system, user: context, user: question]``
     (``providers/openai.py`` ``generate_prompt``; Anthropic's prompt file joins them instead). Needs a
     chat template that accepts two user messages in a row; without one the question joins the
     context's message (warned)."""
     if not getattr(tokenizer, "chat_template", None):
         return False
-    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "C"}, {"role": "user", "content": "Q"}]
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    msgs += [{"role": "user", "content": "C"}, {"role": "user", "content": "Q"}]
     try:
         chat_text(tokenizer, msgs)
         return True
@@ -228,7 +243,9 @@ class NeedleInAHaystack(Task):
     def samples(self, env: TaskEnv) -> list[Sample]:
         lengths, depths = self._grid()
         up = PROTOCOL["upstream"]
-        two = self.args["messages"] == "two" and two_user_messages(env.tokenizer, up["system"])
+        folded = system_folded(env.tokenizer)
+        system = None if folded else up["system"]
+        two = self.args["messages"] == "two" and two_user_messages(env.tokenizer, system)
         resolved = resolve_haystack(self.args["haystack"])
         haystack = resolved.text
         dataset = "niah" if resolved.kind != FILLER else "niah[filler]"
@@ -253,10 +270,13 @@ class NeedleInAHaystack(Task):
                     asked = question + up["question_suffix"]
                     turn = Turn(question=asked if two else "\n\n" + asked, answers=answers,
                                 max_new_tokens=self.args["max_new_tokens"], scorer=self.args["needle"])
-                    out.append(Sample(sid, context, [turn], system=up["system"], question_message=two,
+                    if folded:
+                        context = up["system"] + "\n\n" + context
+                    out.append(Sample(sid, context, [turn], system=system, question_message=two,
                                       meta={"dataset": dataset, "length": length, "depth": depth,
                                             "length_bucket": length, "needle": self.args["needle"],
-                                            "messages": "two" if two else "one", **resolved.meta}))
+                                            "messages": "two" if two else "one", **resolved.meta,
+                                            **({"system": "folded"} if folded else {})}))
         return out
 
     def score(self, sample: Sample, turn: Turn, prediction: str) -> dict[str, float]:
