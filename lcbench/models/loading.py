@@ -196,6 +196,22 @@ def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
     return {"device_map": placement}
 
 
+def refuse_unused_args(name: str, loader, args: dict[str, Any]) -> None:
+    """A registered loader that lists the ``--model-args`` it reads (``loader.model_args``) refuses
+    the others set away from their defaults (``args`` are resolved): ``--model-args dtype=bfloat16`` on the float32 tiny model would be recorded in the
+    spec (and the run id) while the run used float32. The engine reads ``attn_implementation`` for
+    every model; a plugin's loader that lists nothing is handed every argument, as before."""
+    honoured = getattr(loader, "model_args", None)
+    if honoured is None:
+        return
+    unused = sorted(p.name for p in MODEL_PARAMS.params
+                    if args.get(p.name) != p.default and p.name not in (*honoured, "attn_implementation"))
+    if unused:
+        raise UserError(f"model '{name}' is built by lcbench and does not read --model-args {', '.join(unused)} "
+                        f"(it reads: {', '.join(sorted({*honoured, 'attn_implementation'}))}). Fix: drop "
+                        f"{', '.join(unused)}, or pass a hub id or folder, which from_pretrained loads with them.")
+
+
 def load_model(name: str, model_args: dict[str, str] | None, device: str | None = None) -> LoadedModel:
     """Load ``name`` (registered or ``from_pretrained``) on ``device``. The engine switches it to
     lcbench's attention (:func:`lcbench.engine.attach.use_lcbench_attention`, computing dense
@@ -203,7 +219,9 @@ def load_model(name: str, model_args: dict[str, str] | None, device: str | None 
     device = resolve_device(device)
     args = MODEL_PARAMS.resolve(model_args or {}, f"model '{name}'")
     if name in MODELS:
-        loaded = MODELS.get(name)(args, device)
+        loader = MODELS.get(name)
+        refuse_unused_args(name, loader, args)
+        loaded = loader(args, device)
     else:
         loaded = load_pretrained(name, args, device)
     if loaded.tokenizer.pad_token_id is None:

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .loading import LoadedModel
+from .loading import LoadedModel, resolve_dtype
 
 _CORPUS = (
     "The quick brown fox jumps over the lazy dog. A needle hides in a haystack of essays. "
@@ -59,6 +59,10 @@ def tiny_llama(seed: int = 0, layers: int = 2, dtype=torch.float32, **overrides)
 
 
 def load_tiny_random_llama(args: dict, device: str) -> LoadedModel:
-    model = tiny_llama().to(device)
+    dtype = resolve_dtype(args.get("dtype"), device)
+    model = tiny_llama(dtype=dtype).to(device)
     return LoadedModel(model, tiny_tokenizer(), "tiny-random-llama", "built from a config (random weights)",
-                       {"dtype": "float32"})
+                       {"dtype": str(dtype).replace("torch.", "")})
+
+
+load_tiny_random_llama.model_args = ("dtype",)  # see loading.refuse_unused_args
