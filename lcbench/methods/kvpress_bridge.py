@@ -357,7 +357,8 @@ PRESSES: tuple[PressSupport, ...] = (
                                   "model passes on random samples (on_the_fly_scoring) in post_init_from_model; "
                                   "lcbench's native `duoattention` runs it: its on-the-fly head scores are calibrated "
                                   "once per model, `mode=heads` keeps kvpress's exact positions, the default "
-                                  "`mode=ratio` picks the streaming heads for --ratio"),
+                                  "`mode=ratio` picks the streaming heads for --ratio, and `pattern=official` "
+                                  "reads the trained patterns kvpress downloads (pinned commit)"),
     _refused("QFilterPress", "needs hub artifacts (nthngdy/<model>_qfilt); lcbench's `qfilters` estimates its "
                              "filters offline"),
     _refused("ExpectedAttentionStatsPress", "needs hub artifacts (query statistics per model) or a calibration "

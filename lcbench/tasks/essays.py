@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +35,9 @@ from typing import Any
 
 from .. import IN_CHECKOUT, REPO_ROOT, protocol_file
 from ..errors import UserError
+from ..downloads import downloads_disabled, fetch, network_down
 from ..paths import lcbench_cache
 
-TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -75,41 +73,12 @@ def cache_root() -> Path:
     return lcbench_cache("data")
 
 
-def downloads_disabled() -> str | None:
-    """The variable that forbids downloads, if one is set."""
-    for name in ("LCBENCH_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(name, "") not in ("", "0", "false", "False"):
-            return name
-    return None
-
-
-def mirrored(url: str) -> str:
-    base = os.environ.get("LCBENCH_MIRROR")
-    if not base:
-        return url
-    rest = url.split("://", 1)[1]
-    return f"{base.rstrip('/')}/{rest}"
-
-
-def fetch(url: str) -> bytes:
-    """The body of ``url`` (through ``LCBENCH_MIRROR`` when set); raises OSError on failure."""
-    request = urllib.request.Request(mirrored(url), headers={"User-Agent": "lcbench"})
-    with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
-        return response.read()
-
-
 def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _offline_error(what: str, cause: str, fix: str) -> UserError:
     return UserError(f"{what}: {cause}. Fix: {fix}.")
-
-
-def _network_down(exc: Exception) -> bool:
-    """A failure that means no connection at all (DNS, refused, timeout), not a missing page."""
-    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError)) and not isinstance(
-        exc, urllib.error.HTTPError)
 
 
 # --- RULER -----------------------------------------------------------------------------------
@@ -162,7 +131,7 @@ def build_ruler_essays(dest: Path) -> tuple[str, list[str]]:
             raise
         except Exception as exc:  # upstream prints "Fail download" and goes on
             failed.append(url)
-            down += _network_down(exc)
+            down += network_down(exc)
     if not repo_files and not html_files:
         raise _offline_error("ruler", f"none of the {len(failed)} essay URLs of RULER's haystack could be fetched "
                              f"({'no network' if down else 'the pages failed'})",

@@ -12,9 +12,12 @@ the engine, recorded in spec.json): for each calibration sample and layer, the m
 and mean pre-rotary key over the sample's tokens are repeated at positions ``0..q_len−1`` and rotated;
 the last query's attention over those keys is cumulated, and the area under that curve (its mean),
 averaged over each KV head's query heads and over the samples, is the head's score — a head that
-attends far back scores high. Alternatively ``pattern=<dir>`` reads a trained pattern in the official
-layout (``full_attention_heads.tsv``, clipped to [0, 1], and ``config.json``'s ``sink_size`` and
-``recent_size``, as ``duo_attn.utils.load_attn_pattern`` reads it); no calibration pass then runs.
+attends far back scores high. Alternatively a trained pattern in the official layout is read
+(``full_attention_heads.tsv``, clipped to [0, 1], and ``config.json``'s ``sink_size`` and
+``recent_size``, as ``duo_attn.utils.load_attn_pattern`` reads it) and no calibration pass runs:
+``pattern=<dir>``, or ``pattern=official`` / ``official:<model>/<run>``, the paper's trained gates
+fetched from the official repository at a pinned commit (:mod:`.duo_patterns`; the source URL is
+kept with the cached calibration).
 
 Calibration samples (``texts``): ``random`` (the default, so the method runs offline): ``num_samples``
 sequences of ``sample_tokens`` token ids drawn uniformly (seed 42) from the tokenizer's non-special
@@ -61,6 +64,7 @@ from ...cache.ragged import RaggedLayer
 from ...errors import UserError
 from ...params import Param
 from ..base import LayerObservation, Stage, keep_count
+from .duo_patterns import is_official, official_folder
 from .rope import rotate
 from .select import context_slots, real_context_slots
 from .simlayerkv import fewest_first, recency_scores
@@ -195,8 +199,10 @@ class DuoAttention(Stage):
         Param("sample_tokens", int, 1024, "tokens per calibration sample (random: its length; texts: a cut, "
               "0 = whole)", min=0),
         Param("q_len", int, 500, "positions the mean query and key are repeated over", min=2),
-        Param("pattern", str, "", "a trained pattern directory in the official layout (full_attention_heads.tsv, "
-              "config.json); its sink_size and recent_size replace the params; empty: calibrate on the fly"),
+        Param("pattern", str, "", "a trained pattern: official (the loaded checkpoint's, fetched from "
+              "mit-han-lab/duo-attention@fe93c31), official:<model>/<run>, or a directory in the official layout "
+              "(full_attention_heads.tsv, config.json); its sink_size and recent_size replace the params; empty: "
+              "calibrate on the fly"),
     )
     calibration_params = ("texts", "num_samples", "sample_tokens", "q_len", "pattern")
     token_budget = False
@@ -210,6 +216,9 @@ class DuoAttention(Stage):
 
     def calibrate(self, model, tokenizer):
         a = self.args
+        if is_official(a["pattern"]):
+            folder, source = official_folder(a["pattern"], model)
+            return {**self.load_pattern(folder, model), "source": source}
         if a["pattern"]:
             return self.load_pattern(Path(a["pattern"]), model)
         samples = calibration_samples(tokenizer, a["texts"], a["num_samples"], a["sample_tokens"])
