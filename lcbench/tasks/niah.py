@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import random
 import re
-import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compat import tomllib
 from ..chat import accepts_system, chat_text
 from .. import protocol_file
 from ..errors import UserError
