@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message=".*rope.*")
 
 REFUSED = {"falcon-alibi": "ALiBi", "mamba": "no attention layer",
            "gpt-neo": "attention with its own code",
-           "minimax": "uses cache of its own", "diffllama": "calls attention more than once per layer",
+           "diffllama": "calls attention more than once per layer",
            "deepseek-v3.2": "indexed_attention", "dory": "calls attention more than once per layer",
            "glm-moe-dsa": "indexed_attention", "hy-v4": "indexed_attention",
            "bloom": "attention with its own code", "mpt": "attention with its own code"}

@@ -26,8 +26,9 @@ warnings.filterwarnings("ignore", message=".*rope.*")
 warnings.filterwarnings("ignore", message=".*falling back.*")
 
 
-# gated DeltaNet (conv + delta rule) layers; Mamba layers; Mamba-2 beside attention in every layer
-@pytest.fixture(scope="module", params=["qwen3-next", "jamba", "falcon-h1"])
+# gated DeltaNet (conv + delta rule) layers; Mamba layers; Mamba-2 beside attention in every layer;
+# MiniMax's lightning attention, behind a cache type of its own (cache/model_caches.py)
+@pytest.fixture(scope="module", params=["qwen3-next", "jamba", "falcon-h1", "minimax"])
 def hybrid(request):
     """(lcbench model, transformers' reference with the same weights, tokenizer)."""
     from lcbench.engine.attach import use_lcbench_attention

@@ -31,11 +31,22 @@ from .recurrent import RecurrentLayer
 class KVCache(Cache):
     def __init__(self, num_layers: int, layer_factory: Callable[[int], KVLayer] | None = None):
         factory = layer_factory or (lambda i: DenseLayer())
-        super().__init__(layers=[factory(i) for i in range(num_layers)])
+        # Cache's own __init__, not the next class in the MRO: a subclass that is also a model's own
+        # cache type (cache/model_caches.py) must not run that type's constructor
+        Cache.__init__(self, layers=[factory(i) for i in range(num_layers)])
         self.incoming_positions: torch.Tensor | None = None
         self.incoming_valid: torch.Tensor | None = None
         self.forward_id = 0
         self.side_states: dict[int, RecurrentLayer] = {}  # the states of layers that also hold KV
+
+    @classmethod
+    def over(cls, layers: list) -> "KVCache":
+        """A cache of this class over existing ``layers`` (no copies, no side states)."""
+        out = cls.__new__(cls)
+        Cache.__init__(out, layers=list(layers))
+        out.incoming_positions = None
+        out.incoming_valid = None
+        return out
 
     # --- what transformers calls ----------------------------------------------------------
     def set_incoming(self, positions: torch.Tensor, valid: torch.Tensor | None = None, prompt: bool = True) -> None:
@@ -194,9 +205,6 @@ class KVCache(Cache):
 
     def _like(self, layers: list, n: int) -> "KVCache":
         """A new cache of ``layers``, with this cache's side states repeated ``n`` times."""
-        out = KVCache.__new__(KVCache)
-        Cache.__init__(out, layers=layers)
-        out.incoming_positions = None
-        out.incoming_valid = None
+        out = type(self).over(layers)
         out.side_states = {i: state.repeat_rows(n) for i, state in self.side_states_of().items()}
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import KVCache
+from ..cache.model_caches import cache_for
 from ..cache.recurrent import RecurrentLayer
 from ..errors import UserError
 from ..methods.base import acts_on_cache, computes_attention
@@ -125,7 +125,7 @@ def probe(model) -> Geometry:
     if reason:
         raise UserError(f"{arch_name(model)}: {reason}")
     layers = text_config(model).num_hidden_layers
-    cache = KVCache(layers)
+    cache = cache_for(model, layers)
     seen = HookProbe()
     state = ForwardState(cache=cache, stages=[], probe=seen)
     device = next(model.parameters()).device
@@ -189,7 +189,7 @@ def continues_inexactly(model, layers: int, device) -> bool:
     pos = torch.arange(8, device=device)[None]
 
     def last_logits(parts: list[int]) -> torch.Tensor:
-        state, start = ForwardState(cache=KVCache(layers), stages=[]), 0
+        state, start = ForwardState(cache=cache_for(model, layers), stages=[]), 0
         with torch.inference_mode():
             for n in parts:
                 logits = forward(model, ids[:, start:start + n], pos[:, start:start + n], state)

@@ -20,9 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
-from transformers.cache_utils import Cache
 
-from ..cache import KVCache
 from ..cache.layer import KVLayer
 from ..methods.base import Needs
 from .row_stack import pad_left
@@ -144,10 +142,7 @@ def joint_state(states: list[ForwardState], rows: list[int], timer, phase: str =
         state.phase = phase
     layers = [JointLayer([JointPart(state.cache.layers[i], n, state) for state, n in zip(states, rows)], latent)
               for i in range(len(states[0].cache.layers))]
-    cache = KVCache.__new__(KVCache)
-    Cache.__init__(cache, layers=layers)
-    cache.incoming_positions = None
-    cache.incoming_valid = None
+    cache = type(states[0].cache).over(layers)
     return ForwardState(cache=cache, stages=[], needs=Needs(), timer=timer)
 
 

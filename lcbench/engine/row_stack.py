@@ -11,9 +11,7 @@ per-step cost); other kinds are held by a :class:`StackedLayer`, which pads thei
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache
 
-from ..cache import KVCache
 from ..cache.layer import DenseLayer, KVLayer, caches_nothing
 
 
@@ -201,10 +199,3 @@ def take_rows(layer: KVLayer, counts: list[int]) -> KVLayer:
     return stack_rows([row.repeat_rows(n) for row, n in zip(rows, counts) if n > 0])
 
 
-def cache_of(layers: list[KVLayer]) -> KVCache:
-    """A :class:`KVCache` over existing layers (no copies)."""
-    out = KVCache.__new__(KVCache)
-    Cache.__init__(out, layers=list(layers))
-    out.incoming_positions = None
-    out.incoming_valid = None
-    return out

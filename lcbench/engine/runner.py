@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from ..cache import KVCache
+from ..cache.model_caches import cache_for
 from ..errors import CompressionShortfall, UserError
 from ..methods.base import Needs, TextInput
 from ..methods.chain import Chain
@@ -38,7 +39,7 @@ from .chunked import check_chunkable, compress_as_you_go, prefill_spans
 from .decode import RowOutput, forward, greedy_decode
 from .per_row import PerRowCompression, fresh_copies
 from .prompt import RenderedPrompt, render
-from .row_stack import cache_of, row_layers, take_rows
+from .row_stack import row_layers, take_rows
 from .shared_prefill import PrefillMemo, Recorded, Recorder, compress_recorded
 from .state import DECODE, PREFILL, QUESTION, ForwardState
 from .timing import MemoryMeter, Stopwatch, input_device, model_devices
@@ -211,7 +212,7 @@ class Engine:
         cache), on a throwaway cache with no stage taking part — the stages are untouched and
         every sample resets them anyway (:meth:`prepare`)."""
         self.warmed_up = True
-        cache = KVCache(self.num_layers)
+        cache = cache_for(self.model, self.num_layers)
         state = ForwardState(cache=cache, stages=[], needs=self.chain.needs, timer=self.clock)
         state.phase = PREFILL
         text = "The quick brown fox jumps over the lazy dog. " * max(1, tokens // 8)
@@ -287,7 +288,7 @@ class Engine:
         is prefilled once and each run compresses its own copy."""
         if self.prefill_memo is not None and len(rows) == 1 and protected == 0:
             return self._shared_prefill(list(rows[0]))
-        cache = KVCache(self.num_layers)
+        cache = cache_for(self.model, self.num_layers)
         if len(rows) == 1:
             row_stages = [self.chain.stages]
             state = self.forward_state(cache)
@@ -323,7 +324,7 @@ class Engine:
         if recorded is None:
             needs = memo.needs.merge(self.chain.needs)
             recorder = Recorder(needs)
-            cache = KVCache(self.num_layers)
+            cache = cache_for(self.model, self.num_layers)
             state = self.forward_state(cache, [recorder], needs)
             state.phase = PREFILL
             state.compressing = True
@@ -515,7 +516,7 @@ class Engine:
             self.memory.reset()
         prefilled = self.prefill([p.prompt.context_ids for p in group])
         cache = prefilled.cache
-        per_row = [cache] if len(group) == 1 else [cache_of(list(layers)) for layers in
+        per_row = [cache] if len(group) == 1 else [type(cache).over(layers) for layers in
                                                   zip(*(row_layers(layer, len(group)) for layer in cache.layers))]
         measured, stats = [], []
         for j, p in enumerate(group):
@@ -579,7 +580,7 @@ class Engine:
             return cache
         if len(counts) == 1:
             return cache.share_rows(counts[0]) if self.shares_context else cache.repeat_rows(counts[0])
-        return cache_of([take_rows(layer, counts) for layer in cache.layers])
+        return type(cache).over([take_rows(layer, counts) for layer in cache.layers])
 
     def run_query_aware(self, p: Prepared, k: int) -> TurnRecord:
         """SnapKV's original protocol: the context and turn ``k``'s question prefilled together and

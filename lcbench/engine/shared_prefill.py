@@ -116,7 +116,7 @@ def compress_recorded(recorded: Recorded, stages: list[Stage]) -> KVCache:
     """A new cache: each recorded layer copied and compressed by ``stages`` (their cache hooks)
     with the layer's recorded observation, in layer order as during a compressing prefill."""
     cache_stages = [s for s in stages if "cache" in s.stages]
-    cache = KVCache(len(recorded.cache.layers))
+    cache = type(recorded.cache)(len(recorded.cache.layers))
     with torch.inference_mode():
         for i, layer in enumerate(recorded.cache.layers):
             copy = layer.repeat_rows(1)

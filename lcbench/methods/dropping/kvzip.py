@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from ...cache import KVCache
+from ...cache.model_caches import cache_for
 from ...chat import chat_text
 from ...cache.ragged import RaggedLayer
 from ...errors import UserError
@@ -165,7 +165,7 @@ class KVzip(Stage):
         from ...engine.timing import Stopwatch
 
         length, device = context.shape[1], context.device
-        state = ForwardState(cache=KVCache(layers), stages=[], timer=Stopwatch([device]))
+        state = ForwardState(cache=cache_for(model, layers), stages=[], timer=Stopwatch([device]))
         state.phase = PREFILL
         forward(model, context, torch.arange(length, device=device)[None], state)
         held = torch.zeros((layers, length), dtype=torch.bool, device=device)

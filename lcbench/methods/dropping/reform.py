@@ -34,7 +34,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ...cache import KVCache
+from ...cache.model_caches import cache_for
 from ...engine.decode import forward
 from ...engine.state import PREFILL, ForwardState
 from ...errors import UserError
@@ -67,7 +67,7 @@ def read_values(model, ids: list[int], layers: set[int], chunk: int, sinks: int,
     token's value states (H, len(ids), D)."""
     device = next(model.parameters()).device
     layers_n = model.config.get_text_config().num_hidden_layers
-    cache = KVCache(layers_n)
+    cache = cache_for(model, layers_n)
     readout = ValueReadout(layers)
     state = ForwardState(cache=cache, stages=[], probe=readout)
     state.phase = PREFILL

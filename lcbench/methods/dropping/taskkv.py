@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import torch
 
-from ...cache import KVCache
 from ...errors import UserError
 from ...params import Param
 from ..base import Needs, Stage
@@ -126,7 +125,7 @@ class TaskKV(Stage):
         task = torch.tensor([self._task_ids()], dtype=ids.dtype, device=ids.device)
         x = torch.cat([ids[:, :context_length], task], dim=1)
         scorer = _Scorer(task.shape[1], self.args["kernel_size"], self.args["pooling"], context_length)
-        state = ForwardState(cache=KVCache(len(cache.layers)), stages=[scorer], needs=scorer.needs,
+        state = ForwardState(cache=type(cache)(len(cache.layers)), stages=[scorer], needs=scorer.needs,
                              timer=Stopwatch([ids.device]))
         state.phase, state.compressing, state.protected = PREFILL, True, task.shape[1]
         forward(model, x, torch.arange(x.shape[1], device=ids.device)[None], state)

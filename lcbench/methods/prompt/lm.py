@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
+from ...cache.model_caches import transformers_cache
 from ...errors import UserError
 from ...models.hook import keeps_state
 from ..base import TextInput
@@ -83,7 +84,7 @@ class Session:
     def __init__(self, lm: CompressorLM, prefix: Sequence[int] = ()):
         self.lm = lm
         self.ids: list[int] = []
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.next_logp: torch.Tensor | None = None  # log-probs of the token after the state
         bos = lm.tokenizer.bos_token_id
         self._run(([bos] if bos is not None else []) + list(prefix), commit=True)
@@ -115,7 +116,7 @@ class Session:
         out = [torch.tensor([first])]
         recurrent = keeps_state(self.lm.model.config)
         if self.cache is None:
-            cache = DynamicCache(config=self.lm.model.config) if recurrent else DynamicCache()
+            cache = transformers_cache(self.lm.model)
         else:  # a recurrent state cannot be cropped: score on a copy
             cache = copy.deepcopy(self.cache) if recurrent and not commit else self.cache
         last = None
