@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .compat import tomllib
 from .errors import UserError
 from .evaluate import ModelPool, build_spec, share_groups
 from .run_together import run_each

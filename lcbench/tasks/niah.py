@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import re
+import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,6 @@ from typing import Any
 
 import numpy as np
 
-from ..compat import tomllib
 from ..chat import accepts_system, chat_text
 from .. import protocol_file
 from ..errors import UserError

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import random
+import tomllib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...compat import tomllib
 from ... import protocol_file
 
 PROTOCOL: dict[str, Any] = tomllib.loads(protocol_file("tasks", "ruler.toml").read_text(encoding="utf-8"))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
 from typing import Any
 
-from ...compat import tomllib
 from ... import protocol_file
 
 PROTOCOL: dict[str, Any] = tomllib.loads(protocol_file("tasks", "scbench.toml").read_text(encoding="utf-8"))
