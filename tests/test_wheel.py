@@ -102,3 +102,24 @@ def test_plugin_against_the_installed_wheel(wheel_venv, tmp_path):
     assert run.returncode == 0, run.stderr
     summary = json.loads(next((tmp_path / "out").glob("*/summary.json")).read_text())
     assert summary["method"] == "keep_first" and summary["overall"]["n"] == 2
+
+
+def test_requires_python_admits_no_python_its_transformers_cannot_install():
+    """pyproject's requires-python said >=3.10, but every transformers the pin admits (>=5.21)
+    requires 3.11: on 3.10 pip ended in "No matching distribution found for transformers" instead
+    of naming the Python. Each Python minor lcbench admits must be one the installed transformers
+    (which CI resolves within the pin) admits too; so must the scaffolded plugins' requirement."""
+    import tomllib
+    from importlib.metadata import metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    repo = Path(__file__).resolve().parents[1]
+    ours = SpecifierSet(tomllib.loads((repo / "pyproject.toml").read_text())["project"]["requires-python"])
+    theirs = SpecifierSet(metadata("transformers")["Requires-Python"] or "")
+    minors = [f"3.{m}" for m in range(8, 20)]
+    assert [v for v in minors if v in ours and v not in theirs] == []
+    for kind in ("method", "task"):
+        template = (repo / "lcbench" / "scaffold" / "templates" / kind / "pyproject.toml.j2").read_text()
+        line = next(x for x in template.splitlines() if x.startswith("requires-python"))
+        assert SpecifierSet(line.split("=", 1)[1].strip().strip('"')) == ours
