@@ -211,3 +211,27 @@ def test_registered_models_refuse_model_args_they_do_not_read(tmp_path):
                 "--task", "niah", "--limit", "1", "--output-path", str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not read --model-args gguf_file" in " ".join(proc.stderr.split())
+
+
+def test_a_checkpoint_needing_a_missing_package_exits_2_naming_it(tmp_path):
+    """Gemma-3n instruct checkpoints load as Gemma3nForConditionalGeneration, whose vision tower needs
+    timm: without it transformers raises ImportError while building the model, which ended in a
+    traceback (exit 1). Now exit 2 with transformers' own words (`pip install timm`)."""
+    import importlib.util
+
+    import transformers as T
+    from safetensors.torch import save_file
+
+    from lcbench.models.families import family
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here: the checkpoint would load")
+    tok = tiny_tokenizer()
+    folder = tmp_path / "gemma3n"
+    T.Gemma3nConfig(text_config={**tiny_config_kwargs(tok), **family("gemma3n-text").overrides}).save_pretrained(folder)
+    save_file({"unused": torch.zeros(1)}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(folder)
+    proc = _cli("run", "--model", str(folder), "--method", "full", "--task", "niah", "--limit", "1",
+                "--output-path", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "pip install timm" in " ".join(proc.stderr.split())

@@ -174,6 +174,13 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
             f"Fix: pass a local folder with config.json and weights, a reachable hub id, or a registered "
             f"name (`lcbench ls models`)."
         ) from None
+    except ImportError as exc:  # transformers' requires_backends: timm, sentencepiece, tiktoken, ...
+        raise UserError(f"model '{name_or_path}' needs a package that is not installed: {' '.join(str(exc).split())} "
+                        f"Fix: install the package named above, then run again.") from None
+    except ValueError as exc:  # a tokenizer or checkpoint transformers cannot build as it is
+        raise UserError(f"could not load model '{name_or_path}': {' '.join(str(exc).split())[:600]} Fix: check the "
+                        f"checkpoint's files and --model-args (a tokenizer may need sentencepiece, tiktoken or "
+                        f"protobuf installed).") from None
     if not args.get("device_map"):  # a device_map has placed the weights already
         model.to(device)
     model.eval()
