@@ -31,7 +31,8 @@ def _as_parts(messages: list[dict]) -> list[dict]:
 
 def _keeps_probe(tokenizer: Any, messages: list[dict]) -> bool:
     try:
-        return _PROBE in tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _PROBE in tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                       enable_thinking=False)
     except Exception:  # jinja's TemplateError, or a template indexing a string as a dict
         return False
 
@@ -77,9 +78,16 @@ def chat_text(tokenizer: Any, messages: list[dict], **template_kwargs: Any) -> s
     """``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` with each
     string content given in the form the template reads (:func:`content_form`). A template that
     raises on these messages (its ``raise_exception``: roles that must alternate, no system role) is
-    a :class:`UserError` carrying the template's own words."""
+    a :class:`UserError` carrying the template's own words.
+
+    ``enable_thinking=False`` unless the caller says otherwise, as kvpress's pipeline renders every
+    prompt (``kvpress/pipeline.py``, ``enable_thinking: bool = False``): a reasoning model's template
+    (Qwen3, GLM-4.5, SmolLM3) then opens the answer with an empty thinking block, and the model
+    answers within the task's ``max_new_tokens`` instead of spending them on its reasoning. Templates
+    that do not read the variable render as before."""
     from jinja2 import TemplateError
 
+    template_kwargs.setdefault("enable_thinking", False)
     if content_form(tokenizer) == "parts":
         messages = _as_parts(messages)
     try:

@@ -235,3 +235,21 @@ def test_a_checkpoint_needing_a_missing_package_exits_2_naming_it(tmp_path):
                 "--output-path", str(tmp_path / "out"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "pip install timm" in " ".join(proc.stderr.split())
+
+
+def test_reasoning_templates_render_with_thinking_off():
+    """A Qwen3-style template thinks unless ``enable_thinking`` is false; lcbench renders every
+    prompt with it false (kvpress's pipeline default), so the answer starts after an empty thinking
+    block rather than with the model's reasoning eating the task's max_new_tokens."""
+    from lcbench.engine.prompt import render
+    from lcbench.tasks.sample import Sample, Turn
+
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = CHAT_TEMPLATE + ("{% if add_generation_prompt and enable_thinking is defined and "
+                                         "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}")
+    sample = Sample("s", "Read the following text carefully.", [Turn(question=" Answer:", answers=["x"], max_new_tokens=4, scorer="exact")])
+    p = render(tok, sample, sample.context, False)
+    assert (p.context_text + p.turn_texts[0]).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    plain = render(tiny_tokenizer(), sample, sample.context, False)  # a template without the switch: unchanged
+    assert plain.context_text + plain.turn_texts[0] == tiny_tokenizer().apply_chat_template(
+        [{"role": "user", "content": sample.context + " Answer:"}], tokenize=False, add_generation_prompt=True)

@@ -59,7 +59,7 @@ def template_parts(tokenizer) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None) is None:
         return "", "\n"
     content, mark = "dummy context", "\n" + "#" * len("dummy context")
-    text = chat_text(tokenizer, [{"role": "user", "content": content + mark}], enable_thinking=False)
+    text = chat_text(tokenizer, [{"role": "user", "content": content + mark}])
     before, suffix = text.split(mark)
     return before.split(content)[0], suffix
 
