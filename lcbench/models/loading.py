@@ -9,6 +9,7 @@ accepts (a hub id or a local folder); ``--model-args`` passes ``dtype``, ``attn_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +85,16 @@ def resolve_device(device: str | None) -> str:
     if parsed.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
         raise UserError(f"--device {device} was requested but no XPU is available. Fix: --device cpu.")
     return device
+
+
+def gguf_location(name_or_path: str, kw: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``--model path/to/model.gguf``: from_pretrained takes a GGUF as ``gguf_file`` inside its folder
+    (transformers dequantizes it), so a path to the file itself becomes (its folder, gguf_file=name);
+    anything else is returned as it is."""
+    if name_or_path.endswith(".gguf") and Path(name_or_path).is_file() and not kw.get("gguf_file"):
+        gguf = Path(name_or_path).resolve()
+        return str(gguf.parent), {**kw, "gguf_file": gguf.name}
+    return name_or_path, kw
 
 
 def read_config(name_or_path: str, kw: dict[str, Any]):
@@ -162,6 +173,8 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
 
     dtype = resolve_dtype(args.get("dtype"), device)
     kw = {k: args[k] for k in ("gguf_file", "revision", "trust_remote_code", "local_files_only") if args.get(k) is not None}
+    source = name_or_path
+    name_or_path, kw = gguf_location(name_or_path, kw)
     try:
         cfg = read_config(name_or_path, kw)
         refuse_before_loading(name_or_path, cfg)
@@ -184,7 +197,7 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
     if not args.get("device_map"):  # a device_map has placed the weights already
         model.to(device)
     model.eval()
-    return LoadedModel(model, tokenizer, name_or_path, name_or_path, {"dtype": str(dtype).replace("torch.", "")})
+    return LoadedModel(model, tokenizer, source, source, {"dtype": str(dtype).replace("torch.", "")})
 
 
 def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
