@@ -177,21 +177,21 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
     name_or_path, kw = gguf_location(name_or_path, kw)
     try:
         cfg = read_config(name_or_path, kw)
-        refuse_before_loading(name_or_path, cfg)
-        auto = auto_class(name_or_path, cfg)
+        refuse_before_loading(source, cfg)
+        auto = auto_class(source, cfg)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
         model = auto.from_pretrained(name_or_path, dtype=dtype, **kw, **device_placement(args, device))
     except OSError as exc:
         raise UserError(
-            f"could not load model '{name_or_path}': {str(exc).splitlines()[0]} "
+            f"could not load model '{source}': {str(exc).splitlines()[0]} "
             f"Fix: pass a local folder with config.json and weights, a reachable hub id, or a registered "
             f"name (`lcbench ls models`)."
         ) from None
     except ImportError as exc:  # transformers' requires_backends: timm, sentencepiece, tiktoken, ...
-        raise UserError(f"model '{name_or_path}' needs a package that is not installed: {' '.join(str(exc).split())} "
+        raise UserError(f"model '{source}' needs a package that is not installed: {' '.join(str(exc).split())} "
                         f"Fix: install the package named above, then run again.") from None
     except ValueError as exc:  # a tokenizer or checkpoint transformers cannot build as it is
-        raise UserError(f"could not load model '{name_or_path}': {' '.join(str(exc).split())[:600]} Fix: check the "
+        raise UserError(f"could not load model '{source}': {' '.join(str(exc).split())[:600]} Fix: check the "
                         f"checkpoint's files and --model-args (a tokenizer may need sentencepiece, tiktoken or "
                         f"protobuf installed).") from None
     if not args.get("device_map"):  # a device_map has placed the weights already
@@ -218,8 +218,8 @@ def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
 
 def refuse_unused_args(name: str, loader, args: dict[str, Any]) -> None:
     """A registered loader that lists the ``--model-args`` it reads (``loader.model_args``) refuses
-    the others set away from their defaults (``args`` are resolved): ``--model-args dtype=bfloat16`` on the float32 tiny model would be recorded in the
-    spec (and the run id) while the run used float32. The engine reads ``attn_implementation`` for
+    the others set away from their defaults (``args`` are resolved): a model argument it ignored
+    would be recorded in the spec (and the run id) as if the run had used it. The engine reads ``attn_implementation`` for
     every model; a plugin's loader that lists nothing is handed every argument, as before."""
     honoured = getattr(loader, "model_args", None)
     if honoured is None:
