@@ -270,3 +270,32 @@ def test_a_gguf_file_path_is_read_as_gguf_file_of_its_folder():
     cfg = read_config(folder, kw)
     assert cfg.model_type == "llama" and cfg.num_hidden_layers == 30 and cfg.hidden_size == 576
     assert gguf_location("HuggingFaceTB/SmolLM2-135M-Instruct", {}) == ("HuggingFaceTB/SmolLM2-135M-Instruct", {})
+
+
+def test_a_checkpoint_with_its_own_code_needs_trust_remote_code_and_then_runs(tmp_path):
+    """A folder whose config maps to its own modules (auto_map): without trust_remote_code exit 2
+    naming the switch; with it the model's code (here a Llama subclass, attention through
+    transformers' interface) runs under lcbench and snapkv reaches its ratio."""
+    from lcbench.models.tiny import tiny_llama
+
+    folder = tmp_path / "own-code"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "configuration_mini.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass MiniConfig(LlamaConfig):\n    model_type = 'lcbench_mini'\n")
+    (folder / "modeling_mini.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_mini import MiniConfig\n\n\n"
+        "class MiniForCausalLM(LlamaForCausalLM):\n    config_class = MiniConfig\n")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="lcbench_mini", architectures=["MiniForCausalLM"],
+               auto_map={"AutoConfig": "configuration_mini.MiniConfig",
+                         "AutoModelForCausalLM": "modeling_mini.MiniForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    run = ["run", "--model", str(folder), "--method", "snapkv", "--ratio", "0.5", "--task", "niah", "--task-args",
+           "lengths=300,depths=50,max_new_tokens=4", "--limit", "1", "--output-path", str(tmp_path / "out")]
+    refused = _cli(*run)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "pass --model-args trust_remote_code=true" in " ".join(refused.stderr.split())
+    trusted = _cli(*run, "--model-args", "trust_remote_code=true")
+    assert trusted.returncode == 0, trusted.stderr[-2000:]
+    assert _records(tmp_path / "out")["snapkv"][0]["measured"]["achieved_ratio"] > 0.45

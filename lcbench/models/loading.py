@@ -111,10 +111,15 @@ def read_config(name_or_path: str, kw: dict[str, Any]):
     except ValueError as exc:
         import transformers
 
-        fix = ("transformers reads only some GGUF architectures: pass the model's safetensors checkpoint "
-               "instead" if kw.get("gguf_file") else
-               f"a model type newer than this transformers needs a newer one (pip install -U '{transformers_pin()}'); "
-               f"a repository with its own model code needs --model-args trust_remote_code=true")
+        if "trust_remote_code" in str(exc):
+            fix = ("the repository ships its own model code: read it, then pass --model-args trust_remote_code=true "
+                   "to run it")
+        elif kw.get("gguf_file"):
+            fix = "transformers reads only some GGUF architectures: pass the model's safetensors checkpoint instead"
+        else:
+            fix = (f"a model type newer than this transformers needs a newer one (pip install -U "
+                   f"'{transformers_pin()}'); a repository with its own model code needs --model-args "
+                   f"trust_remote_code=true")
         raise UserError(f"model '{name_or_path}': transformers {transformers.__version__} cannot read its config: "
                         f"{str(exc).splitlines()[0]} Fix: {fix}.") from None
 
