@@ -16,8 +16,6 @@ ones included; ``false`` only context and question tokens (the cache then grows 
 gone). Every KV head drops the same token, so multi-turn mode's crop stays rectangular.
 """
 
-import torch
-
 from ...engine.attention import grouped_scores
 from ...params import Param
 from ..base import Needs
