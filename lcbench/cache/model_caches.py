@@ -13,20 +13,23 @@ per turn, back to the state the last question left) hold for it as for Qwen3-Nex
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from transformers.cache_utils import Cache
 
 from .kvcache import KVCache
 
-_MODEL_CACHES: dict[str, type[KVCache]] = {}  # model_type -> cache class, filled below
-
 
 def cache_class(model) -> type[KVCache]:
     """The cache class the engine builds for ``model``: :class:`KVCache`, or the subclass that is
-    also the model's own cache type."""
+    also the model's own cache type (built on first use: importing a model's code at import time
+    would cost every CLI command the seconds of loading transformers' modeling code)."""
     cfg = getattr(model, "config", None)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    return _MODEL_CACHES.get(getattr(text, "model_type", ""), KVCache)
+    build = _MODEL_CACHES.get(getattr(text, "model_type", ""))
+    return build() if build is not None else KVCache
 
 
 def cache_for(model, num_layers: int) -> KVCache:
@@ -48,12 +51,10 @@ def transformers_cache(model):
     return DynamicCache(config=model.config) if keeps_state(model.config) else DynamicCache()
 
 
-try:
+@functools.cache
+def minimax_cache() -> type[KVCache]:
+    """:class:`KVCache` that MiniMax accepts; its linear cache is a recurrent layer's state."""
     from transformers.models.minimax.modeling_minimax import MiniMaxCache
-except ImportError:  # a transformers without MiniMax: nothing to adapt
-    MiniMaxCache = None
-
-if MiniMaxCache is not None:
 
     class MiniMaxKVCache(KVCache, MiniMaxCache):
         """:class:`KVCache` that MiniMax accepts; its linear cache is a recurrent layer's state."""
@@ -79,4 +80,8 @@ if MiniMaxCache is not None:
             layer.update_recurrent_state(linear_cache, 0)
             layer.has_previous_state[0] = True
 
-    _MODEL_CACHES["minimax"] = MiniMaxKVCache
+    return MiniMaxKVCache
+
+
+# model_type -> the cache class its model accepts (built on first use)
+_MODEL_CACHES: dict[str, Callable[[], type[KVCache]]] = {"minimax": minimax_cache}
