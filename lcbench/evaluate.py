@@ -25,7 +25,7 @@ from .engine.runner import Engine, EngineConfig
 from .engine.loglik import produce as loglik_produce
 from .engine.shared_prefill import PrefillMemo, budget_bytes, share_refusal
 from .methods.base import Needs
-from .errors import CompressionShortfall, RunAborted, UserError, signal_number
+from .errors import CompressionShortfall, RunAborted, RunFailed, UserError, signal_number
 from .methods.chain import Chain, chain_ratio, compresses_nothing, resolve_chain
 from .models.loading import (
     MODEL_PARAMS,
@@ -413,11 +413,33 @@ def ending(run: OpenRun):
         _end(run.store, FAILED, f"disk full: {exc}")
         raise disk_full_error(run.folder, exc, _count(run.store)) from None
     except BaseException as exc:
+        if out_of_memory(exc):
+            _end(run.store, FAILED, f"out of memory: {exc}")
+            raise out_of_memory_error(run, exc) from None
         _end(run.store, FAILED, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
         if (run.fresh and isinstance(exc, UserError) and not isinstance(exc, CompressionShortfall)
                 and not _count(run.store)):
             _remove_fresh(run.folder)  # bad input found only once the first sample ran: leave no folder behind
         raise
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """A sample needed more memory than the device has: torch's ``OutOfMemoryError`` (CUDA, XPU),
+    the CPU allocator's and MPS's RuntimeError, or Python's MemoryError."""
+    if isinstance(exc, MemoryError) or isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def out_of_memory_error(run: OpenRun, exc: BaseException) -> RunFailed:
+    """What a run that ran out of memory says: where, what is kept, how to go on (exit 1)."""
+    detail = " ".join(str(exc).split())
+    detail = detail.split("DefaultCPUAllocator: ", 1)[-1][:300]
+    return RunFailed(f"out of memory on {run.spec.device or 'the device'}: {detail}. {_count(run.store)} records are "
+                     f"kept in '{run.folder}'. Fix: re-run the same command with --batch-size 1 (one row at a time) or "
+                     f"--prefill-chunk 4096 (prefill in pieces) to resume it; shorter task lengths, --model-args "
+                     f"dtype=bfloat16 or --model-args device_map=auto (over several GPUs) start a new run.")
 
 
 def spec_payload(spec: RunSpec, engine: Engine) -> dict[str, Any]:

@@ -259,6 +259,25 @@ def test_a_full_disk_is_a_clear_error_and_resuming_after_freeing_space_completes
     assert len(keys) == 3 == len(set(keys)) and _state(folder)["state"] == "complete"
 
 
+def test_running_out_of_memory_exits_1_saying_what_is_kept_and_how_to_resume(tmp_path):
+    """A sample that needs more memory than the process may have (here a 4 GB address-space limit:
+    eager attention's mask over the 80000-token sample alone is 6.4 GB; on a GPU, torch's
+    OutOfMemoryError) ended in a traceback. Now exit 1 naming the memory, the records kept and the fixes; status failed."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+
+    out = tmp_path / "out"
+    run = ["run", "--model", "tiny-random-llama", "--model-args", "attn_implementation=eager", "--task", "niah",
+           "--task-args", "lengths=300;80000,depths=50,haystack=filler,max_new_tokens=4", "--output-path", str(out)]
+    proc = subprocess.run(_cmd(*run), env=ENV, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    err = flat(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "out of memory on cpu" in err and "1 records are kept" in err and "--prefill-chunk 4096" in err
+    folder = next(out.glob("*/spec.json")).parent
+    assert _state(folder)["state"] == "failed" and "out of memory" in _state(folder)["error"]
+    assert [r["sample_id"] for r in _records(folder)] == ["niah-L300-D50"]
+
+
 def test_a_crashed_run_exits_1_and_is_marked_failed(tmp_path):
     """A fault injected into the engine (a real process, the real entry point): exit 1, status failed."""
     out = tmp_path / "out"
