@@ -41,3 +41,15 @@ class RunAborted(KeyboardInterrupt):
 def signal_number(exc: BaseException) -> int:
     """The signal behind a KeyboardInterrupt (SIGINT unless it came from the SIGTERM handler)."""
     return int(getattr(exc, "signum", signal.SIGINT))
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """The work needed more memory than the device has: torch's ``OutOfMemoryError`` (CUDA, XPU),
+    the CPU allocator's and MPS's RuntimeError, or Python's MemoryError."""
+    import torch
+
+    if isinstance(exc, MemoryError) or isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("can't allocate memory", "cannot allocate memory", "out of memory"))

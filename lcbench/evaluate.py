@@ -25,7 +25,7 @@ from .engine.runner import Engine, EngineConfig
 from .engine.loglik import produce as loglik_produce
 from .engine.shared_prefill import PrefillMemo, budget_bytes, share_refusal
 from .methods.base import Needs
-from .errors import CompressionShortfall, RunAborted, RunFailed, UserError, signal_number
+from .errors import CompressionShortfall, RunAborted, RunFailed, UserError, out_of_memory, signal_number
 from .methods.chain import Chain, chain_ratio, compresses_nothing, resolve_chain
 from .models.loading import (
     MODEL_PARAMS,
@@ -421,15 +421,6 @@ def ending(run: OpenRun):
                 and not _count(run.store)):
             _remove_fresh(run.folder)  # bad input found only once the first sample ran: leave no folder behind
         raise
-
-
-def out_of_memory(exc: BaseException) -> bool:
-    """A sample needed more memory than the device has: torch's ``OutOfMemoryError`` (CUDA, XPU),
-    the CPU allocator's and MPS's RuntimeError, or Python's MemoryError."""
-    if isinstance(exc, MemoryError) or isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def out_of_memory_error(run: OpenRun, exc: BaseException) -> RunFailed:

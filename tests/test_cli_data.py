@@ -278,6 +278,21 @@ def test_running_out_of_memory_exits_1_saying_what_is_kept_and_how_to_resume(tmp
     assert [r["sample_id"] for r in _records(folder)] == ["niah-L300-D50"]
 
 
+def test_what_counts_as_out_of_memory():
+    """The errors torch raises when memory runs out, on each device, and one that is a plain crash
+    (which keeps its traceback). Loading a model that does not fit is exit 2 (checked by hand: the
+    default model under a 2.2 GB address-space limit, "does not fit in the memory of cpu")."""
+    import torch
+
+    from lcbench.errors import out_of_memory
+
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"))
+    assert out_of_memory(RuntimeError("unable to mmap 538090408 bytes from file <x>: Cannot allocate memory (12)"))
+    assert out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 1 GB)")) and out_of_memory(MemoryError())
+    assert not out_of_memory(RuntimeError("shape mismatch")) and not out_of_memory(ValueError("out of memory"))
+
+
 def test_a_crashed_run_exits_1_and_is_marked_failed(tmp_path):
     """A fault injected into the engine (a real process, the real entry point): exit 1, status failed."""
     out = tmp_path / "out"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, out_of_memory
 from ..params import Param, ParamSet
 from ..registry import Registry
 from ..spec import DEFAULT_MODEL  # the run declaration holds the default model's name
@@ -205,6 +205,13 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
     return LoadedModel(model, tokenizer, source, source, {"dtype": str(dtype).replace("torch.", "")})
 
 
+def does_not_fit(source: str, device: str, exc: BaseException) -> UserError:
+    """Loading ran out of memory (exit 2: nothing was written, the model chosen is what is too big)."""
+    spread = "" if torch.device(device).type == "cpu" else ", --model-args device_map=auto (over several GPUs)"
+    return UserError(f"model '{source}' does not fit in the memory of {device}: {' '.join(str(exc).split())[:300]} "
+                     f"Fix: --model-args dtype=bfloat16 (half of float32){spread}, or a smaller model.")
+
+
 def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
     """``from_pretrained``'s ``device_map`` for ``--model-args device_map=...`` (accelerate),
     refused with a clear error off CUDA or without accelerate."""
@@ -243,12 +250,17 @@ def load_model(name: str, model_args: dict[str, str] | None, device: str | None 
     attention as ``dense_attention`` says); models never import the engine."""
     device = resolve_device(device)
     args = MODEL_PARAMS.resolve(model_args or {}, f"model '{name}'")
-    if name in MODELS:
-        loader = MODELS.get(name)
-        refuse_unused_args(name, loader, args)
-        loaded = loader(args, device)
-    else:
-        loaded = load_pretrained(name, args, device)
+    try:
+        if name in MODELS:
+            loader = MODELS.get(name)
+            refuse_unused_args(name, loader, args)
+            loaded = loader(args, device)
+        else:
+            loaded = load_pretrained(name, args, device)
+    except (RuntimeError, MemoryError) as exc:
+        if not out_of_memory(exc):
+            raise
+        raise does_not_fit(name, device, exc) from None
     if loaded.tokenizer.pad_token_id is None:
         loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
     loaded.dense_attention = args.get("attn_implementation") or "sdpa"
