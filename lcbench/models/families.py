@@ -252,6 +252,15 @@ FAMILIES: tuple[Family, ...] = (
     Family("minimax-m3-vl-text", "MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", features="MoE"),
     Family("param2moe", "Param2MoeConfig", "Glm4MoeForCausalLM", features="MoE (loaded as GLM-4-MoE)"),
     Family("sarvam-moe", "SarvamMoEConfig", "Glm4MoeForCausalLM", features="MoE (loaded as GLM-4-MoE)"),
+    Family("cohere-compass-text", "CohereCompassTextConfig", "CohereCompassForCausalLM",
+           {**_ALT, "rope_parameters": {kind: {"rope_type": "default", "rope_theta": 10000.0}
+                                        for kind in ("full_attention", "sliding_attention")}},
+           "alternating window, rotary per layer kind"),
+    Family("axk1", "AXK1Config", "AXK1ForCausalLM", {**_MLA_Q, **_MLA_MOE, "head_dim": 8}, "MLA (low-rank queries), MoE"),
+    Family("zamba", "ZambaConfig", "ZambaForCausalLM",
+           {"num_hidden_layers": 3, "attn_layer_period": 2, "attn_layer_offset": 1, "attention_head_dim": 32,
+            "n_mamba_heads": 2, "mamba_d_state": 8, "mamba_dt_rank": 8, "num_key_value_heads": 4, "head_dim": None},
+           "hybrid: Mamba layers, one shared attention block"),
     Family("biogpt", "BioGptConfig", "BioGptForCausalLM", features="learned positions"),
     Family("ctrl", "CTRLConfig", "CTRLLMHeadModel", features="sinusoidal positions"),
     # refused, each with its reason (the survey's clean refusals)
