@@ -31,7 +31,7 @@ REFUSED = {"falcon-alibi": "ALiBi", "mamba": "no attention layer",
            "deepseek-v3.2": "indexed_attention", "dory": "calls attention more than once per layer",
            "glm-moe-dsa": "indexed_attention", "hy-v4": "indexed_attention",
            "bloom": "attention with its own code", "mpt": "attention with its own code",
-           "deepseek-v4": "compressed_attention", "axk2": "indexed_attention", "inkling-text": "position_bias",
+           "deepseek-v4": "compressed_attention", "axk2": "indexed_attention", "qwen4-exp-text": "indexed_attention", "inkling-text": "position_bias",
            "hrm-text": "attention with its own code", "xglm": "attention with its own code",
            "openai-gpt": "attention with its own code"}
 WINDOWED = [f.name for f in FAMILIES if f.overrides.get("sliding_window")]
