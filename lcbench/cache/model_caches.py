@@ -53,7 +53,7 @@ def transformers_cache(model):
 
 @functools.cache
 def minimax_cache() -> type[KVCache]:
-    """:class:`KVCache` that MiniMax accepts; its linear cache is a recurrent layer's state."""
+    """The class below, made once (importing MiniMax's modeling code when first needed)."""
     from transformers.models.minimax.modeling_minimax import MiniMaxCache
 
     class MiniMaxKVCache(KVCache, MiniMaxCache):

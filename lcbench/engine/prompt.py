@@ -28,10 +28,6 @@ def uses_chat(tokenizer, sample: Sample) -> bool:
     return bool(sample.chat and getattr(tokenizer, "chat_template", None))
 
 
-def _chat_text(tokenizer, messages: list[dict]) -> str:
-    return chat_text(tokenizer, messages)
-
-
 def _messages(sample: Sample, turn_count: int, gold_history: bool, context: str, question: str) -> list[dict]:
     msgs: list[dict] = []
     if sample.system is not None:
@@ -52,22 +48,22 @@ def render(tokenizer, sample: Sample, context: str, multi_turn: bool) -> Rendere
     """Render ``sample`` with ``context`` (the possibly compressed context part)."""
     turns = sample.turns
     if uses_chat(tokenizer, sample):
-        marked = _chat_text(tokenizer, _messages(sample, 1, True, context + _SPLIT, turns[0].question))
+        marked = chat_text(tokenizer, _messages(sample, 1, True, context + _SPLIT, turns[0].question))
         if marked.count(_SPLIT) != 1:
             raise UserError("the model's chat template altered the prompt so the context could not be located; "
                             "run the task with chat disabled (--task-args chat=false) or fix the template")
         context_text, _, _ = marked.partition(_SPLIT)
-        full_first = _chat_text(tokenizer, _messages(sample, 1, True, context, turns[0].question))
+        full_first = chat_text(tokenizer, _messages(sample, 1, True, context, turns[0].question))
         if not multi_turn:
             texts = []
             for t in turns:
-                full = _chat_text(tokenizer, _messages(sample, 1, True, context, t.question))
+                full = chat_text(tokenizer, _messages(sample, 1, True, context, t.question))
                 texts.append(full[len(context_text):] + t.answer_prefix)
         else:
             texts = [full_first[len(context_text):] + turns[0].answer_prefix]
             previous = full_first + turns[0].answer_prefix
             for k in range(1, len(turns)):
-                full = _chat_text(tokenizer, _messages(sample, k + 1, True, context, turns[0].question))
+                full = chat_text(tokenizer, _messages(sample, k + 1, True, context, turns[0].question))
                 if not full.startswith(previous[: len(previous) - len(turns[k - 1].answer_prefix)]):
                     raise UserError("the chat template does not render conversations as growing prefixes; "
                                     "multi-turn mode needs that (try --task-args mode=multi_request)")

@@ -185,7 +185,8 @@ def load_pretrained(name_or_path: str, args: dict[str, Any], device: str) -> Loa
         refuse_before_loading(source, cfg)
         auto = auto_class(source, cfg)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
-        model = auto.from_pretrained(name_or_path, dtype=dtype, **kw, **device_placement(args, device))
+        config = {} if cfg is None else {"config": cfg}  # read once, above
+        model = auto.from_pretrained(name_or_path, dtype=dtype, **config, **kw, **device_placement(args, device))
     except OSError as exc:
         raise UserError(
             f"could not load model '{source}': {str(exc).splitlines()[0]} "
@@ -231,8 +232,9 @@ def device_placement(args: dict[str, Any], device: str) -> dict[str, Any]:
 def refuse_unused_args(name: str, loader, args: dict[str, Any]) -> None:
     """A registered loader that lists the ``--model-args`` it reads (``loader.model_args``) refuses
     the others set away from their defaults (``args`` are resolved): a model argument it ignored
-    would be recorded in the spec (and the run id) as if the run had used it. The engine reads ``attn_implementation`` for
-    every model; a plugin's loader that lists nothing is handed every argument, as before."""
+    would be recorded in the spec (and the run id) as if the run had used it. The engine reads
+    ``attn_implementation`` for every model; a plugin's loader that lists nothing is handed every
+    argument, as before."""
     honoured = getattr(loader, "model_args", None)
     if honoured is None:
         return
